@@ -1,0 +1,1 @@
+"""Target and draft model definitions (pure-functional Flax Linen)."""

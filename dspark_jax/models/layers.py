@@ -1,0 +1,99 @@
+"""Layers shared by target and draft models: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP.
+
+Numerics: normalisation, RoPE tables, attention logits and softmax run in fp32; matmuls run
+in the compute dtype. Every parameter carries logical axis names (see `dspark_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models.config import RopeConfig
+
+Dtype = jnp.dtype
+
+
+def param_init(scale: float = 0.02):
+    return nn.initializers.normal(stddev=scale)
+
+
+class RMSNorm(nn.Module):
+    """y = w * cast(x * rsqrt(mean(x^2) + eps)), normalised in fp32 (HF Llama/Qwen3 order)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """fp32 cos/sin tables [..., head_dim] for integer positions [...] (rotate-half layout)."""
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., D]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, D] by cos/sin [B, T, D] (computed in fp32, returned in x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lengths: jax.Array
+) -> jax.Array:
+    """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s).
+
+    q: [B, T, N, D]; k, v: [B, S, K, D]; q_positions: [B, T] int32; kv_lengths: [B] int32.
+    Query t of row b sees slot s iff s <= q_positions[b, t] and s < kv_lengths[b].
+    Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a finite (unused) output.
+    """
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, G, D]
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+    visible = (slots[None, None, :] <= q_positions[:, :, None]) & (
+        slots[None, None, :] < kv_lengths[:, None, None]
+    )  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, i = self.hidden_size, self.intermediate_size
+        init = nn.with_logical_partitioning(param_init(), ("embed", "mlp"))
+        w_gate = self.param("gate_proj", init, (h, i), self.param_dtype).astype(self.dtype)
+        w_up = self.param("up_proj", init, (h, i), self.param_dtype).astype(self.dtype)
+        w_down = self.param(
+            "down_proj", nn.with_logical_partitioning(param_init(), ("mlp", "embed")), (i, h), self.param_dtype
+        ).astype(self.dtype)
+        gate = jnp.einsum("btd,df->btf", x, w_gate)  # [B, T, I]
+        up = jnp.einsum("btd,df->btf", x, w_up)  # [B, T, I]
+        return jnp.einsum("btf,fd->btd", nn.silu(gate) * up, w_down)  # [B, T, H]

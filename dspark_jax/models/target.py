@@ -1,0 +1,209 @@
+"""The target model: a config, a params pytree, a tokenizer, and pure functions over them.
+
+`load_target` reads a transformers directory or a GGUF file. All methods take `params` as
+an explicit argument, so `jax.jit(target.forward)` and `jax.grad` compose over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
+
+from dspark_jax.checkpoints.safetensors_io import CheckpointError
+from dspark_jax.checkpoints.store import hf_store
+from dspark_jax.checkpoints.target_weights import check_store, gguf_bindings, hf_bindings, place
+from dspark_jax.models.config import ModelConfig, from_hf_config
+from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
+from dspark_jax.models.transformer import Decoder
+from dspark_jax.sharding import named_sharding
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> tuple[Any, Any]:
+    """(ShapeDtypeStruct pytree, logical PartitionSpec pytree) of the params, without memory."""
+    module = Decoder(config, dtype, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), tokens, tokens, jnp.ones((1,), jnp.int32))["params"]
+    )
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def _param_shardings(config: ModelConfig, dtype, mesh: Mesh | None):
+    shapes, specs = abstract_params(config, dtype)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return shapes, jax.tree.map(lambda _: device, shapes)
+    return shapes, jax.tree.map(
+        lambda spec, s: named_sharding(mesh, tuple(spec), s.shape),
+        specs,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+    """A loaded target model. `params` is a plain pytree of jax.Arrays."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    dtype: Any = jnp.bfloat16
+    mesh: Mesh | None = None
+
+    @functools.cached_property
+    def module(self) -> Decoder:
+        return Decoder(self.config, self.dtype, self.dtype, self.mesh)
+
+    def forward(self, params, input_ids: jax.Array, *, hidden_layers: Sequence[int] = ()):
+        """Full causal forward.
+
+        input_ids: int32 [B, T]. Returns (logits fp32 [B, T, V], last_hidden [B, T, H] after the
+        final norm, layer_hiddens [B, T, len(hidden_layers), H]: raw outputs of the given decoder
+        layers, -1 meaning the embedding output).
+        """
+        b, t = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        lengths = jnp.full((b,), t, jnp.int32)
+        hidden, taps, _ = self.module.apply(
+            {"params": params}, input_ids, positions, lengths, hidden_layers=tuple(hidden_layers)
+        )
+        return self.logits(params, hidden), hidden, taps
+
+    def logits(self, params, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [..., V] from final-normed hidden states [..., H]."""
+        return self.module.apply({"params": params}, hidden, method=Decoder.logits)
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty KV cache with room for `max_length` positions per sequence."""
+        cache = KVCache.create(self.config, batch_size, max_length, self.dtype)
+        if self.mesh is None:
+            return cache
+        kv = named_sharding(self.mesh, CACHE_AXES, cache.k.shape)
+        return KVCache(
+            k=jax.device_put(cache.k, kv),
+            v=jax.device_put(cache.v, kv),
+            lengths=jax.device_put(cache.lengths, named_sharding(self.mesh, ("batch",), cache.lengths.shape)),
+        )
+
+    def extend(
+        self,
+        params,
+        cache: KVCache,
+        tokens: jax.Array,
+        num_new: jax.Array,
+        *,
+        hidden_layers: Sequence[int] = (),
+        last_only: bool = False,
+    ):
+        """Appends tokens to each sequence's cache and runs them (prefill and verify steps).
+
+        tokens: int32 [B, Q], row b holding num_new[b] real tokens then padding; num_new: int32
+        [B] (0 leaves a sequence untouched). Token q of row b gets position cache.lengths[b] + q.
+        Returns (logits, last_hidden [B, Q, H], layer_hiddens [B, Q, n, H], new cache). logits is
+        fp32 [B, Q, V], or [B, V] at each row's last new token if `last_only` (for prefill).
+        Rows of padding carry unspecified values. The cache must have room:
+        cache.lengths + num_new <= cache.max_length.
+        """
+        b, q = tokens.shape
+        offsets = jnp.arange(q, dtype=jnp.int32)
+        positions = cache.lengths[:, None] + offsets  # [B, Q]
+        num_new = num_new.astype(jnp.int32)
+        slots = jnp.where(offsets[None, :] < num_new[:, None], positions, cache.max_length)
+        kv_lengths = cache.lengths + num_new
+        hidden, taps, (k, v) = self.module.apply(
+            {"params": params},
+            tokens,
+            positions,
+            kv_lengths,
+            kv=(cache.k, cache.v),
+            write_slots=slots,
+            hidden_layers=tuple(hidden_layers),
+        )
+        if last_only:
+            last = jnp.maximum(num_new - 1, 0)
+            logits = self.logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+        else:
+            logits = self.logits(params, hidden)
+        return logits, hidden, taps, KVCache(k=k, v=v, lengths=kv_lengths)
+
+    @staticmethod
+    def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:
+        """Shortens each sequence's cache to `lengths` [B] (e.g. after rejected draft tokens)."""
+        return cache.rollback(lengths)
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None):
+        """A target with random weights (sharded at creation when a mesh is given)."""
+        dtype = jnp.dtype(dtype)
+        module = Decoder(config, dtype, dtype)
+        shapes, shardings = _param_shardings(config, dtype, mesh)
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        init = jax.jit(
+            lambda key: nn.unbox(module.init(key, tokens, tokens, jnp.ones((1,), jnp.int32))["params"]),
+            out_shardings=shardings,
+        )
+        return cls(config, init(jax.random.key(seed)), tokenizer, dtype, mesh)
+
+
+def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Target:
+    """Loads a target from a transformers directory (config.json + safetensors) or a .gguf file.
+
+    With a mesh, each parameter is created directly with its NamedSharding and every device
+    reads only its own block from disk.
+    """
+    dtype = jnp.dtype(dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected a transformers checkpoint directory)")
+        with open(config_path) as f:
+            try:
+                config = from_hf_config(json.load(f), config_path)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+        store = hf_store(path)
+        shapes, shardings = _param_shardings(config, dtype, mesh)
+        bindings = hf_bindings(config, shapes, store)
+        ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        tokenizer = _hf_tokenizer(path)
+    elif path.endswith(".gguf"):
+        from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
+
+        ckpt = GGUFCheckpoint(path)
+        config = ckpt.config()
+        store = ckpt.store(config)
+        shapes, shardings = _param_shardings(config, dtype, mesh)
+        bindings = gguf_bindings(config, shapes)
+        ignorable = ("rope_freqs.weight",)
+        tokenizer = ckpt.tokenizer()
+    else:
+        raise CheckpointError(f"{path}: expected a transformers checkpoint directory or a .gguf file")
+    check_store(bindings, store, path, ignorable)
+    flat_shardings = {b.path: _lookup(shardings, b.path) for b in bindings}
+    params = place(bindings, store, flat_shardings, dtype)
+    return Target(config, params, tokenizer, dtype, mesh)
+
+
+def _lookup(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _hf_tokenizer(path: str):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
