@@ -1,0 +1,1 @@
+"""Checkpoint formats: transformers safetensors directories and GGUF files."""
