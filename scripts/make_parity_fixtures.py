@@ -1,0 +1,200 @@
+"""Writes the golden fixtures of tests/fixtures/ with transformers' PyTorch models.
+
+Runs under any Python that has torch, transformers (>= 5.17), gguf and accelerate; on
+machines where jax needs Python 3.12 but torch only ships for 3.11, use a separate 3.11
+environment:
+
+    python3.11 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 transformers==5.17.0 gguf accelerate
+    /tmp/ref/bin/python scripts/make_parity_fixtures.py --smollm2-gguf PATH.gguf --smollm2-tokenizer DIR
+
+Outputs:
+- tests/fixtures/tiny/<name>/: a random tiny Qwen3 or Llama checkpoint (config.json +
+  safetensors, one of them sharded with an index) and golden.npz with input ids, fp32 and bf16
+  logits, final-normed hidden states, and the raw output of every decoder layer;
+- tests/fixtures/smollm2_golden.npz: SmolLM2-135M-Instruct (GGUF, dequantized by
+  transformers) on a fixed ChatML prompt: top-20 logits per position and logsumexp, plus the
+  greedy answer to "What is the capital of France?";
+- tests/fixtures/smollm2_tokenizer.json: token ids of sample strings and a rendered chat from
+  the reference tokenizer.json, to check the tokenizer built from GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+
+TINY = {
+    # GQA, explicit head_dim (32 != 64 / 4), untied head.
+    "qwen3_gqa_untied": dict(
+        cls="Qwen3",
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=160, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+    ),
+    # Multi-head attention, tied head.
+    "qwen3_mha_tied": dict(
+        cls="Qwen3",
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, vocab_size=128, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
+    ),
+    # GQA with Llama 3.1 RoPE scaling (a short original context so that scaling bites), untied.
+    "llama_gqa_llama3rope": dict(
+        cls="Llama",
+        hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=144, tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+        },
+        rms_norm_eps=1e-5,
+    ),
+    # Tied head, saved as several shards with model.safetensors.index.json.
+    "llama_tied_sharded": dict(
+        cls="Llama",
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, vocab_size=96, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+        max_shard_size="40KB",
+    ),
+}
+
+SMOLLM2_PROMPT = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Explain in two sentences why the sky is blue."},
+    {"role": "assistant", "content": "Sunlight scatters off air molecules; blue light scatters most."},
+    {"role": "user", "content": "And at sunset? Answer in 12 words or fewer."},
+]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+TOKENIZER_SAMPLES = [
+    "Hello, world!",
+    "The year 2024 had 366 days; pi is 3.14159.",
+    "  leading spaces\tand tabs\nnew lines\n\n",
+    "def f(x):\n    return x ** 2  # square",
+    "Ünïcödé — naïve café, 東京, emoji 🙂",
+    "<|im_start|>user\nspecial tokens inside text<|im_end|>",
+]
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights with healthy activations: N(0, 1/fan_in) matrices, N(1, 0.1) norm scales."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+
+
+def layer_outputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, final-normed hidden, raw output of every decoder layer [L, B, T, H])."""
+    captured = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+        for layer in model.model.layers
+    ]
+    try:
+        out = model(input_ids=input_ids, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits.detach(), out.hidden_states[-1].detach(), torch.stack(captured)
+
+
+def as_f32(t: torch.Tensor) -> np.ndarray:
+    return t.float().numpy()
+
+
+def make_tiny(name: str, spec: dict, seed: int) -> None:
+    spec = dict(spec)
+    cls = spec.pop("cls")
+    shard = spec.pop("max_shard_size", None)
+    config = getattr(transformers, f"{cls}Config")(**spec)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).float().eval()
+    randomize(model, seed)
+    out_dir = os.path.join(FIXTURES, "tiny", name)
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):
+        os.remove(os.path.join(out_dir, f))
+    model.save_pretrained(out_dir, max_shard_size=shard) if shard else model.save_pretrained(out_dir)
+    gen = torch.Generator().manual_seed(seed + 1)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12), generator=gen)
+    with torch.no_grad():
+        logits32, last32, layers32 = layer_outputs(model, input_ids)
+        model_bf16 = model.to(torch.bfloat16)
+        logits16, last16, layers16 = layer_outputs(model_bf16, input_ids)
+    np.savez_compressed(
+        os.path.join(out_dir, "golden.npz"),
+        input_ids=input_ids.numpy().astype(np.int32),
+        logits_fp32=as_f32(logits32),
+        last_hidden_fp32=as_f32(last32),
+        layers_fp32=as_f32(layers32),
+        logits_bf16=as_f32(logits16),
+        last_hidden_bf16=as_f32(last16),
+        layers_bf16=as_f32(layers16),
+    )
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {out_dir}")
+
+
+def make_smollm2(gguf_path: str, tokenizer_dir: str) -> None:
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    ).eval()
+    prompt_ids = tok.apply_chat_template(SMOLLM2_PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    france_ids = tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids])).logits[0].float()
+        top = torch.topk(logits, 20, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        generated = model.generate(
+            torch.tensor([france_ids]), max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id
+        )[0, len(france_ids):]
+    answer = tok.decode(generated, skip_special_tokens=True)
+    print(f"smollm2 greedy answer: {answer!r}")
+    np.savez_compressed(
+        os.path.join(FIXTURES, "smollm2_golden.npz"),
+        prompt_ids=np.asarray(prompt_ids, np.int32),
+        top_ids=top.indices.numpy().astype(np.int32),
+        top_logits=top.values.numpy(),
+        logsumexp=lse.numpy(),
+        france_ids=np.asarray(france_ids, np.int32),
+        france_greedy=generated.numpy().astype(np.int32),
+    )
+    samples = {
+        "texts": TOKENIZER_SAMPLES,
+        "ids": [tok.encode(t, add_special_tokens=False) for t in TOKENIZER_SAMPLES],
+        "chat": SMOLLM2_PROMPT,
+        "chat_rendered": tok.apply_chat_template(SMOLLM2_PROMPT, add_generation_prompt=True, tokenize=False),
+        "chat_ids": prompt_ids,
+        "france_answer": answer,
+    }
+    with open(os.path.join(FIXTURES, "smollm2_tokenizer.json"), "w") as f:
+        json.dump(samples, f, indent=1, ensure_ascii=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2-gguf", help="SmolLM2-135M-Instruct GGUF (python -m dspark_jax fetch-smollm2 prints it)")
+    parser.add_argument("--smollm2-tokenizer", help="directory with SmolLM2's reference tokenizer.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for seed, (name, spec) in enumerate(TINY.items()):
+        make_tiny(name, spec, seed=100 * seed)
+    if args.smollm2_gguf and args.smollm2_tokenizer:
+        make_smollm2(args.smollm2_gguf, args.smollm2_tokenizer)
+
+
+if __name__ == "__main__":
+    main()
