@@ -30,7 +30,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "act_vocab": ("tensor",),
     "cache_seq": None,
     # parameters
-    "layers": None,
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "heads": ("tensor",),

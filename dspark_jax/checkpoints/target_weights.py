@@ -1,8 +1,7 @@
 """Binding decoder parameters to checkpoint tensors, checking them, and placing them on devices.
 
 A `Binding` says where one parameter of `dspark_jax.models.transformer.Decoder` comes from:
-the checkpoint tensor name (one per layer for stacked layer weights), the shape that tensor
-must have, and how its layout maps to ours (Linear weights are [out, in] on disk and
+the checkpoint tensor name, the shape that tensor must have, and how its layout maps to ours (Linear weights are [out, in] on disk and
 input-major here, e.g. q_proj [H, N, D]). `read` produces any rectangular block of the
 parameter from only the rows of the stored tensors it needs, which is what lets each device
 read only its own shard (`jax.make_array_from_callback`).
@@ -27,22 +26,15 @@ Path = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class Binding:
     path: Path  # key path in the params pytree
-    names: tuple[str, ...]  # stored tensor, or one per layer if `stacked`
-    stored_shape: tuple[int, ...]  # shape each stored tensor must have
-    shape: tuple[int, ...]  # our parameter's shape ([L, ...] if stacked)
+    name: str  # checkpoint tensor name
+    stored_shape: tuple[int, ...]  # shape the stored tensor must have
+    shape: tuple[int, ...]  # our parameter's shape
     n_in: int | None = None  # None: same layout; k: Linear whose first k dims (ours) are its input
-    stacked: bool = False
 
     def read(self, store: Store, index: tuple[slice, ...]) -> np.ndarray:
         """The block `param[index]` as a numpy array, in the stored dtype or float32."""
         bounds = [s.indices(n)[:2] for s, n in zip(index, self.shape)]
-        if not self.stacked:
-            return self._read_one(store[self.names[0]], bounds)
-        (l0, l1), rest = bounds[0], bounds[1:]
-        return np.stack([self._read_one(store[self.names[l]], rest) for l in range(l0, l1)])
-
-    def _read_one(self, tensor, bounds: list[tuple[int, int]]) -> np.ndarray:
-        shape = self.shape[1:] if self.stacked else self.shape
+        tensor, shape = store[self.name], self.shape
         rest = tuple(slice(a, b) for a, b in bounds[1:])
         if self.n_in is None:
             return tensor.read_rows(*bounds[0])[(slice(None),) + rest]
@@ -105,8 +97,8 @@ _GGUF_NAMES: dict[Path, str] = {
     ("layers", "mlp", "down_proj"): "blk.{i}.ffn_down.weight",
 }
 
-# Stored (transformers-layout) shape and our n_in for each parameter.
 def _layouts(c: ModelConfig) -> dict[Path, tuple[tuple[int, ...], int | None]]:
+    """Stored (transformers-layout) shape and our n_in for each generic parameter path."""
     h, n, k, d, i, v = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
     return {
         ("embed_tokens",): ((v, h), None),
@@ -127,16 +119,21 @@ def _layouts(c: ModelConfig) -> dict[Path, tuple[tuple[int, ...], int | None]]:
 
 
 def target_bindings(config: ModelConfig, abstract_params: Any, names: dict[Path, str]) -> list[Binding]:
-    """One Binding per leaf of `abstract_params` (shapes from `jax.eval_shape` of init)."""
+    """One Binding per leaf of `abstract_params` (shapes from `jax.eval_shape` of init).
+
+    `names` maps generic paths (("layers", "mlp", "up_proj"), ...) to checkpoint name
+    templates in which "{i}" stands for the layer number.
+    """
     layouts = _layouts(config)
     bindings = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         path = tuple(k.key for k in key_path)
-        stored_shape, n_in = layouts[path]
-        stacked = path[0] == "layers"
-        template = names[path]
-        tensor_names = tuple(template.format(i=l) for l in range(config.num_layers)) if stacked else (template,)
-        bindings.append(Binding(path, tensor_names, stored_shape, tuple(leaf.shape), n_in, stacked))
+        layer = None
+        generic = path
+        if path[0].startswith("layers_"):
+            layer, generic = int(path[0].removeprefix("layers_")), ("layers",) + path[1:]
+        stored_shape, n_in = layouts[generic]
+        bindings.append(Binding(path, names[generic].format(i=layer), stored_shape, tuple(leaf.shape), n_in))
     return bindings
 
 
@@ -152,18 +149,15 @@ def gguf_bindings(config: ModelConfig, abstract_params: Any) -> list[Binding]:
 def check_store(bindings: Sequence[Binding], store: Store, source: str, ignorable: Sequence[str] = ()) -> None:
     """Raises one CheckpointError listing every missing, mis-shaped and unexpected tensor."""
     problems = []
-    wanted = set()
     for b in bindings:
-        for name in b.names:
-            wanted.add(name)
-            if name not in store:
-                problems.append(f"missing tensor {name!r} (expected shape {b.stored_shape})")
-            elif store[name].shape != b.stored_shape:
-                problems.append(
-                    f"tensor {name!r} in {store[name].file} has shape {store[name].shape}, "
-                    f"expected {b.stored_shape}"
-                )
-    for name in sorted(set(store) - wanted - set(ignorable)):
+        if b.name not in store:
+            problems.append(f"missing tensor {b.name!r} (expected shape {b.stored_shape})")
+        elif store[b.name].shape != b.stored_shape:
+            problems.append(
+                f"tensor {b.name!r} in {store[b.name].file} has shape {store[b.name].shape}, "
+                f"expected {b.stored_shape}"
+            )
+    for name in sorted(set(store) - {b.name for b in bindings} - set(ignorable)):
         if not name.endswith("rotary_emb.inv_freq"):
             problems.append(f"unexpected tensor {name!r} in {store[name].file}")
     if problems:

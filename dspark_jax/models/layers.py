@@ -58,22 +58,23 @@ def causal_attention(
 ) -> jax.Array:
     """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s).
 
-    q: [B, T, N, D]; k, v: [B, S, K, D]; q_positions: [B, T] int32; kv_lengths: [B] int32.
-    Query t of row b sees slot s iff s <= q_positions[b, t] and s < kv_lengths[b].
-    Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a finite (unused) output.
+    q: [B, T, N, D]; k, v: [B, K, S, D] (head-major, the KV-cache layout); q_positions: [B, T]
+    int32; kv_lengths: [B] int32. Query t of row b sees slot s iff s <= q_positions[b, t] and
+    s < kv_lengths[b]. Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a
+    finite (unused) output.
     """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, G, D]
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * (d**-0.5)
-    slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+    slots = jnp.arange(k.shape[2], dtype=jnp.int32)
     visible = (slots[None, None, :] <= q_positions[:, :, None]) & (
         slots[None, None, :] < kv_lengths[:, None, None]
     )  # [B, T, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
 
 

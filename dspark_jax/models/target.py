@@ -87,7 +87,7 @@ class Target:
         cache = KVCache.create(self.config, batch_size, max_length, self.dtype)
         if self.mesh is None:
             return cache
-        kv = named_sharding(self.mesh, CACHE_AXES, cache.k.shape)
+        kv = named_sharding(self.mesh, CACHE_AXES, cache.k[0].shape)
         return KVCache(
             k=jax.device_put(cache.k, kv),
             v=jax.device_put(cache.v, kv),
@@ -119,12 +119,12 @@ class Target:
         num_new = num_new.astype(jnp.int32)
         slots = jnp.where(offsets[None, :] < num_new[:, None], positions, cache.max_length)
         kv_lengths = cache.lengths + num_new
-        hidden, taps, (k, v) = self.module.apply(
+        hidden, taps, layers = self.module.apply(
             {"params": params},
             tokens,
             positions,
             kv_lengths,
-            kv=(cache.k, cache.v),
+            kv=cache.layers,
             write_slots=slots,
             hidden_layers=tuple(hidden_layers),
         )
@@ -133,6 +133,7 @@ class Target:
             logits = self.logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
         else:
             logits = self.logits(params, hidden)
+        k, v = zip(*layers)
         return logits, hidden, taps, KVCache(k=k, v=v, lengths=kv_lengths)
 
     @staticmethod
