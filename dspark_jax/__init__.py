@@ -1,5 +1,11 @@
 """dspark_jax: DSpark speculative decoding (drafters, training, evaluation, serving) in JAX."""
 
+import os
+
+# transformers serves only tokenizers and chat templates here; its advice that PyTorch is
+# missing does not apply.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.models.target import Target, load_target
