@@ -38,7 +38,7 @@ def test_blockwise_reads_equal_full_tensor_slices():
     store = hf_store(tiny_path(NAME))
     shapes, _ = abstract_params(target.config, np.float32)
     rng = np.random.default_rng(0)
-    for b in hf_bindings(target.config, shapes, store):
+    for b in hf_bindings(shapes, store):
         full = b.read(store, tuple(slice(None) for _ in b.shape))
         for _ in range(5):
             index = []

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
+from dspark_jax.checkpoints.binding import check_store, place
 from dspark_jax.checkpoints.safetensors_io import CheckpointError
 from dspark_jax.checkpoints.store import hf_store
-from dspark_jax.checkpoints.target_weights import check_store, gguf_bindings, hf_bindings, place
+from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
 from dspark_jax.models.config import ModelConfig, from_hf_config
 from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
 from dspark_jax.models.transformer import Decoder
@@ -175,7 +176,7 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None)
                 raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
         store = hf_store(path)
         shapes, shardings = _param_shardings(config, dtype, mesh)
-        bindings = hf_bindings(config, shapes, store)
+        bindings = hf_bindings(shapes, store)
         ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
         tokenizer = _hf_tokenizer(path)
     elif path.endswith(".gguf"):
@@ -185,7 +186,7 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None)
         config = ckpt.config()
         store = ckpt.store(config)
         shapes, shardings = _param_shardings(config, dtype, mesh)
-        bindings = gguf_bindings(config, shapes)
+        bindings = gguf_bindings(shapes)
         ignorable = ("rope_freqs.weight",)
         tokenizer = ckpt.tokenizer()
     else:
