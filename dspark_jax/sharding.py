@@ -37,6 +37,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,
+    "features": None,  # concatenated tapped target features (draft fc input)
+    "markov": None,  # Markov-head rank
 }
 
 

@@ -24,6 +24,7 @@ _ARCHITECTURES = {
     "Qwen3Model": "qwen3",
 }
 _MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3"}
+_CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 class ConfigError(ValueError):
@@ -197,3 +198,37 @@ def from_hf_config(cfg: Mapping[str, Any], source: str = "config.json") -> Model
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """A transformers (v5) config dict describing `config` (inverse of `from_hf_config`)."""
+    rope: dict[str, Any] = {"rope_type": config.rope.rope_type, "rope_theta": config.rope.theta}
+    if config.rope.rope_type == "llama3":
+        rope.update(
+            factor=config.rope.factor,
+            low_freq_factor=config.rope.low_freq_factor,
+            high_freq_factor=config.rope.high_freq_factor,
+            original_max_position_embeddings=config.rope.original_max_position_embeddings,
+        )
+    elif config.rope.rope_type != "default":
+        raise ConfigError(f"rope_type {config.rope.rope_type!r} has no transformers config form")
+    eos = list(config.eos_token_ids)
+    return {
+        "architectures": [_CAUSAL_LM[config.family]],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "attention_bias": False,
+        "hidden_act": "silu",
+    }

@@ -45,11 +45,11 @@ def rope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [B, T, N, D] by cos/sin [B, T, D] (computed in fp32, returned in x's dtype)."""
+    """Rotates heads x [..., N, D] by cos/sin [..., D] (in fp32, returned in x's dtype)."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = x32 * cos[..., None, :] + rotated * sin[..., None, :]
     return out.astype(x.dtype)
 
 
@@ -78,6 +78,15 @@ def causal_attention(
     return out.reshape(b, t, n, d)
 
 
+def lm_logits(hidden: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+    """fp32 logits [..., V] of final-normed hidden [..., H]: hidden @ lm_head [H, V], or
+    hidden @ embed.T [V, H] for tied embeddings (lm_head None)."""
+    hidden_dtype = hidden.dtype
+    if lm_head is None:
+        return jnp.einsum("...d,vd->...v", hidden, embed.astype(hidden_dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden_dtype), preferred_element_type=jnp.float32)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -95,6 +104,6 @@ class MLP(nn.Module):
         w_down = self.param(
             "down_proj", nn.with_logical_partitioning(param_init(), ("mlp", "embed")), (i, h), self.param_dtype
         ).astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, w_gate)  # [B, T, I]
-        up = jnp.einsum("btd,df->btf", x, w_up)  # [B, T, I]
-        return jnp.einsum("btf,fd->btd", nn.silu(gate) * up, w_down)  # [B, T, H]
+        gate = jnp.einsum("...d,df->...f", x, w_gate)  # [..., I]
+        up = jnp.einsum("...d,df->...f", x, w_up)  # [..., I]
+        return jnp.einsum("...f,fd->...d", nn.silu(gate) * up, w_down)  # [..., H]

@@ -32,48 +32,57 @@ from jax.sharding import Mesh
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache
-from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, causal_attention, param_init, rope_cos_sin
+from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, causal_attention, lm_logits, param_init, rope_cos_sin
 from dspark_jax.sharding import constrain
 
 
-class SelfAttention(nn.Module):
-    """GQA self-attention with optional per-head q/k RMSNorm (Qwen3) and RoPE."""
+class Attention(nn.Module):
+    """GQA attention projections with optional per-head q/k RMSNorm (Qwen3) and RoPE.
+
+    The attention pattern is the caller's: target layers attend causally over their cache,
+    draft layers attend over injected context plus their block. Inputs have any leading dims
+    [...]; `in_features` defaults to the hidden size (Eagle3 feeds 2H).
+    """
 
     config: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
-    mesh: Mesh | None = None
+    in_features: int | None = None
 
-    @nn.compact
-    def __call__(self, x, cos, sin, positions, kv_lengths, kv: LayerCache | None, write_slots):
+    def setup(self):
         cfg = self.config
-        h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        f, h = self.in_features or cfg.hidden_size, cfg.hidden_size
+        n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def weight(name, shape, axes):
-            init = nn.with_logical_partitioning(param_init(), axes)
-            return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+            return self.param(name, nn.with_logical_partitioning(param_init(), axes), shape, self.param_dtype)
 
-        wq = weight("q_proj", (h, n, d), ("embed", "heads", "head_dim"))
-        wk = weight("k_proj", (h, k, d), ("embed", "kv_heads", "head_dim"))
-        wv = weight("v_proj", (h, k, d), ("embed", "kv_heads", "head_dim"))
-        wo = weight("o_proj", (n, d, h), ("heads", "head_dim", "embed"))
-
-        q = jnp.einsum("btd,dnh->btnh", x, wq)  # [B, T, N, D]
-        k_new = jnp.einsum("btd,dkh->btkh", x, wk)  # [B, T, K, D]
-        v_new = jnp.einsum("btd,dkh->btkh", x, wv)  # [B, T, K, D]
+        self.q_proj = weight("q_proj", (f, n, d), ("embed", "heads", "head_dim"))
+        self.k_proj = weight("k_proj", (f, k, d), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = weight("v_proj", (f, k, d), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = weight("o_proj", (n, d, h), ("heads", "head_dim", "embed"))
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-            k_new = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k_new)
-        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh)
-        k_new = apply_rope(k_new, cos, sin)
+            self.q_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
+            self.k_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
-        if kv is None:
-            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, K, T, D]
-            out = causal_attention(q, heads_major(k_new), heads_major(v_new), positions, kv_lengths)
-        else:
-            kv = (write_cache(kv[0], write_slots, k_new), write_cache(kv[1], write_slots, v_new))
-            out = causal_attention(q, kv[0], kv[1], positions, kv_lengths)
-        return jnp.einsum("btnh,nhd->btd", out, wo), kv  # [B, T, H]
+    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [..., F] -> rotated queries [..., N, D]; cos/sin [..., D]."""
+        q = jnp.einsum("...f,fnh->...nh", x, self.q_proj.astype(self.dtype))
+        if self.config.qk_norm:
+            q = self.q_norm(q)
+        return apply_rope(q, cos, sin)
+
+    def key_value(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [..., F] -> (rotated keys, values), each [..., K, D]."""
+        k = jnp.einsum("...f,fkh->...kh", x, self.k_proj.astype(self.dtype))
+        v = jnp.einsum("...f,fkh->...kh", x, self.v_proj.astype(self.dtype))
+        if self.config.qk_norm:
+            k = self.k_norm(k)
+        return apply_rope(k, cos, sin), v
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        """Attention output [..., N, D] -> [..., H]."""
+        return jnp.einsum("...nh,nhd->...d", attended, self.o_proj.astype(self.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -89,10 +98,17 @@ class DecoderLayer(nn.Module):
         """x [B, T, H] -> (x [B, T, H], updated kv of this layer)."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attn_out, kv = SelfAttention(cfg, self.dtype, self.param_dtype, self.mesh, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, positions, kv_lengths, kv, write_slots
-        )
-        x = x + attn_out
+        attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
+        xn = norm("input_layernorm")(x)
+        q = constrain(attn.query(xn, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh)  # [B, T, N, D]
+        k_new, v_new = attn.key_value(xn, cos, sin)  # [B, T, K, D]
+        if kv is None:
+            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, K, T, D]
+            out = causal_attention(q, heads_major(k_new), heads_major(v_new), positions, kv_lengths)
+        else:
+            kv = (write_cache(kv[0], write_slots, k_new), write_cache(kv[1], write_slots, v_new))
+            out = causal_attention(q, kv[0], kv[1], positions, kv_lengths)
+        x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm("post_attention_layernorm")(x))
         return constrain(x, ("batch", "seq", "act_embed"), self.mesh), kv
@@ -164,11 +180,8 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits [..., V] from final-normed hidden states [..., H]."""
-        if self.config.tie_word_embeddings:
-            w = self.embed_tokens.astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+        lm_head = None if self.config.tie_word_embeddings else self.lm_head
+        return lm_logits(hidden, self.embed_tokens, lm_head)
 
 
 def _check_layer_ids(hidden_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:

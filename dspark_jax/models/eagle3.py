@@ -1,0 +1,176 @@
+"""Eagle3 drafter: one decoder layer run autoregressively on its own output (reference section 5).
+
+Inputs at position t: g_t = fc(F_t) (the concatenated tapped target features, no norm) and
+the embedding of the *next* token x_{t+1}. The layer computes
+    a = [input_layernorm(embed(x)); hidden_norm(g)]          [..., 2H]
+    h = g + o_proj(attention(a))                              (q, k, v all from a)
+    out = h + mlp(post_attention_layernorm(h))
+and `out` is both the next step's g and, through `norm` and the LM head, the logits of the
+token after x. Drafting from an anchor a (the last committed token): the pair (F_{a-1}, x_a)
+gives slot 0's logits; slot j's token is fed back with the previous output at position a+j-1.
+
+Training-time test (TTT) unrolls this gamma times over a whole sequence at once: step k at
+position t feeds step k-1's output with token x_{t+k+1} at RoPE position t+k, and attends to
+step 0's keys at positions <= t plus the keys of steps 1..k at the same t. This is exactly
+what inference computes for the chain that starts at anchor t+1.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.decoding.sampling import SamplingParams, probabilities
+from dspark_jax.models.draft_config import DraftConfig
+from dspark_jax.models.kv_cache import LayerCache
+from dspark_jax.models.kv_cache import write_slots as write_cache
+from dspark_jax.models.layers import MLP, RMSNorm, causal_attention, lm_logits, param_init, rope_cos_sin
+from dspark_jax.models.transformer import Attention
+
+
+class Eagle3Layer(nn.Module):
+    config: DraftConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    def setup(self):
+        cfg = self.config.layers
+        norm = lambda: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
+        self.hidden_norm, self.input_layernorm, self.post_attention_layernorm = norm(), norm(), norm()
+        self.self_attn = Attention(cfg, self.dtype, self.param_dtype, in_features=2 * cfg.hidden_size)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
+
+    def qkv(self, g: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
+        """g, emb: [..., H] -> (q [..., N, D], k [..., K, D], v [..., K, D])."""
+        a = jnp.concatenate([self.input_layernorm(emb), self.hidden_norm(g)], axis=-1)  # [..., 2H]
+        return (self.self_attn.query(a, cos, sin), *self.self_attn.key_value(a, cos, sin))
+
+    def finish(self, g: jax.Array, attended: jax.Array) -> jax.Array:
+        """Residual, o_proj and MLP: g [..., H], attended [..., N, D] -> out [..., H]."""
+        h = g + self.self_attn.output(attended)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Drafter(nn.Module):
+    """Parameters: fc, layers_0, norm. Embedding and LM head are the target's (arguments)."""
+
+    config: DraftConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.fc = self.param("fc", nn.with_logical_partitioning(param_init(), ("features", "embed")),
+                             (c.feature_size, c.layers.hidden_size), self.param_dtype)
+        self.layers_0 = Eagle3Layer(c, self.dtype, self.param_dtype)
+        self.norm = RMSNorm(c.layers.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def _rope(self, positions: jax.Array):
+        return rope_cos_sin(positions, self.config.layers.rope, self.config.layers.head_dim)
+
+    def project(self, features: jax.Array) -> jax.Array:
+        """g = fc(features): [..., L_t * H] -> [..., H]."""
+        return jnp.einsum("...f,fh->...h", features.astype(self.dtype), self.fc.astype(self.dtype))
+
+    def logits(self, embed, lm_head, out: jax.Array) -> jax.Array:
+        """fp32 logits [..., V] of layer outputs [..., H]."""
+        return lm_logits(self.norm(out), embed, lm_head)
+
+    def ttt(self, embed, features: jax.Array, tokens: jax.Array) -> jax.Array:
+        """Training-time-test unroll over whole sequences.
+
+        features: [B, S, L_t * H] tapped target features; tokens: [B, S] the sequence. Returns
+        the layer outputs [G, B, S, H] of steps k = 0..G-1; step k at position t predicts token
+        t + k + 2 (feed them to `logits`). Rows near the end see padding tokens (id 0) and must
+        be masked by the loss.
+        """
+        c = self.config
+        b, s = tokens.shape
+        t = jnp.arange(s, dtype=jnp.int32)
+        g = self.project(features)  # [B, S, H]
+        layer = self.layers_0
+        outs, diag_k, diag_v = [], [], []
+        k0 = v0 = None
+        for k in range(c.block_size):
+            shifted = jnp.pad(tokens, ((0, 0), (0, k + 1)))[:, k + 1 :]  # x_{t+k+1}, 0 past the end
+            emb = jnp.take(embed, shifted, axis=0).astype(self.dtype)
+            q, kk, vv = layer.qkv(g, emb, *self._rope(jnp.broadcast_to(t + k, (b, s))))
+            if k == 0:
+                k0, v0 = kk.transpose(0, 2, 1, 3), vv.transpose(0, 2, 1, 3)  # [B, K, S, D]
+            else:
+                diag_k.append(kk)
+                diag_v.append(vv)
+            g = layer.finish(g, _ttt_attention(q, k0, v0, diag_k, diag_v))
+            outs.append(g)
+        return jnp.stack(outs)
+
+    def extend(self, embed, kv: LayerCache, lengths, features, next_ids, num_new):
+        """Appends (F_t, x_{t+1}) pairs to the draft cache at positions lengths + q.
+
+        features: [B, Q, L_t * H]; next_ids: [B, Q] the token after each feature's position;
+        num_new: [B] valid rows. Returns (outputs [B, Q, H], updated kv).
+        """
+        q_len = features.shape[1]
+        positions = lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)  # [B, Q]
+        slots = jnp.where(jnp.arange(q_len)[None, :] < num_new[:, None], positions, kv[0].shape[2])
+        g = self.project(features)
+        emb = jnp.take(embed, next_ids, axis=0).astype(self.dtype)
+        q, k_new, v_new = self.layers_0.qkv(g, emb, *self._rope(positions))
+        kv = (write_cache(kv[0], slots, k_new), write_cache(kv[1], slots, v_new))
+        attended = causal_attention(q, kv[0], kv[1], positions, lengths + num_new)
+        return self.layers_0.finish(g, attended), kv
+
+    def step(self, embed, kv: LayerCache, g, token, position):
+        """One recurrent step: g [B, H] previous output, token [B] at position [B] -> (out [B, H], kv)."""
+        emb = jnp.take(embed, token, axis=0).astype(self.dtype)[:, None]
+        q, k_new, v_new = self.layers_0.qkv(g[:, None], emb, *self._rope(position[:, None]))
+        kv = (write_cache(kv[0], position[:, None], k_new), write_cache(kv[1], position[:, None], v_new))
+        attended = causal_attention(q, kv[0], kv[1], position[:, None], position + 1)
+        return self.layers_0.finish(g[:, None], attended)[:, 0], kv
+
+    def chain(self, embed, lm_head, kv: LayerCache, out, start, key, sampling: SamplingParams, forced=None):
+        """gamma autoregressive slots from the output `out` [B, H] of the pair at start - 1.
+
+        Slot j's token is sampled from probabilities(logits_j, sampling) (or taken from forced
+        [B, G], teacher forcing) and fed back at position start + j. Returns (tokens [B, G],
+        probs [B, G, V] fp32, logits [B, G, V] fp32, kv with the slots' entries past `start`).
+        """
+        g_len = self.config.block_size
+
+        def slot(mdl, carry, xs):
+            out, kv = carry
+            j, k, forced_j = xs
+            logits = mdl.logits(embed, lm_head, out)  # [B, V]
+            probs = probabilities(logits, sampling)
+            if forced is None:
+                token = jnp.argmax(probs, -1) if sampling.greedy else jax.random.categorical(k, jnp.log(probs), -1)
+            else:
+                token = forced_j
+            token = token.astype(jnp.int32)
+            out, kv = mdl.step(embed, kv, out, token, start + j)
+            return (out, kv), (token, probs, logits)
+
+        forced_xs = jnp.zeros((g_len, out.shape[0]), jnp.int32) if forced is None else forced.swapaxes(0, 1)
+        xs = (jnp.arange(g_len, dtype=jnp.int32), jax.random.split(key, g_len), forced_xs)
+        scan = nn.scan(slot, variable_broadcast="params", split_rngs={"params": False})
+        (_, kv), (tokens, probs, logits) = scan(self, (out, kv), xs)
+        return tokens.swapaxes(0, 1), probs.swapaxes(0, 1), logits.swapaxes(0, 1), kv
+
+
+def _ttt_attention(q, k0, v0, diag_k, diag_v):
+    """q [B, S, Nh, D] over step-0 keys k0/v0 [B, K, S, D] at positions <= t and, at the same t,
+    the keys of later steps diag_k/diag_v (lists of [B, S, K, D]). Returns [B, S, Nh, D]."""
+    b, s, nh, d = q.shape
+    kv_heads = k0.shape[1]
+    qg = q.reshape(b, s, kv_heads, nh // kv_heads, d)  # [B, S, K, R, D]
+    causal = jnp.einsum("btkrd,bksd->bkrts", qg, k0, preferred_element_type=jnp.float32)
+    pos = jnp.arange(s)
+    causal = jnp.where((pos[None, :] <= pos[:, None])[None, None, None], causal, -jnp.inf)
+    diag = [jnp.einsum("btkrd,btkd->bkrt", qg, k, preferred_element_type=jnp.float32)[..., None] for k in diag_k]
+    logits = jnp.concatenate([causal] + diag, axis=-1) * (d**-0.5)  # [B, K, R, S, S + steps]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v0.dtype)
+    out = jnp.einsum("bkrts,bksd->btkrd", probs[..., :s], v0)
+    for i, v in enumerate(diag_v):
+        out = out + jnp.einsum("bkrt,btkd->btkrd", probs[..., s + i], v)
+    return out.reshape(b, s, nh, d)
