@@ -18,7 +18,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from dspark_jax.checkpoints.binding import NameTable, bindings_for, check_store, place, to_stored
 from dspark_jax.checkpoints.safetensors_io import CheckpointError, save_file
-from dspark_jax.checkpoints.store import hf_store
+from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import layer_table
 from dspark_jax.models.draft import FROZEN, Draft, abstract_module_params
 from dspark_jax.models.draft_config import DraftConfig, draft_from_hf, draft_to_hf
@@ -83,14 +83,7 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
     raises an error naming it and the expected shape.
     """
     dtype = jnp.dtype(dtype)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{path}: no config.json (expected a DeepSpec draft directory)")
-    with open(config_path) as f:
-        try:
-            config = draft_from_hf(json.load(f), config_path)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+    config = draft_from_hf(*read_config_json(path, "a DeepSpec draft directory"))
     store = hf_store(path)
     shapes, specs = abstract_module_params(config, dtype)
     bindings = bindings_for({**shapes, **_frozen_shapes(config, dtype)}, _table(config))

@@ -32,6 +32,19 @@ class StoredTensor:
 Store = dict[str, StoredTensor]
 
 
+def read_config_json(directory: str, expected: str) -> tuple[dict, str]:
+    """(The parsed config.json of a checkpoint directory, its path); `expected` names the kind
+    of directory in the error when the file is missing."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no config.json (expected {expected})")
+    with open(path) as f:
+        try:
+            return json.load(f), path
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
 def _safetensors_entries(f: SafetensorsFile, names: list[str]) -> Store:
     def reader(name):
         return lambda start, stop: np.asarray(f.array(name)[start:stop])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -19,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
 from dspark_jax.checkpoints.binding import check_store, place
 from dspark_jax.checkpoints.safetensors_io import CheckpointError
-from dspark_jax.checkpoints.store import hf_store
+from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
 from dspark_jax.models.config import ModelConfig, from_hf_config
 from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
@@ -166,14 +165,7 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
     if os.path.isdir(path):
-        config_path = os.path.join(path, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{path}: no config.json (expected a transformers checkpoint directory)")
-        with open(config_path) as f:
-            try:
-                config = from_hf_config(json.load(f), config_path)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+        config = from_hf_config(*read_config_json(path, "a transformers checkpoint directory"))
         store = hf_store(path)
         shapes, shardings = _param_shardings(config, dtype, mesh)
         bindings = hf_bindings(shapes, store)
