@@ -28,6 +28,7 @@ from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.dspark import BlockDrafter
 from dspark_jax.models.eagle3 import Eagle3Drafter
 from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.layers import random_params
 
 FROZEN = ("embed_tokens", "lm_head")
 
@@ -214,13 +215,11 @@ class Draft:
         """A draft with freshly initialised weights; embedding/LM head shared with `target`
         when given, else random too."""
         dtype = jnp.dtype(dtype)
-        module = draft_module(config, dtype)
-        own = nn.unbox(jax.jit(lambda k: module.init(k, method=_init_all)["params"])(jax.random.key(seed)))
+        shapes, _ = abstract_module_params(config, dtype)
         if target is not None:
             frozen = {k: target.params[k] for k in FROZEN if k in target.params}
         else:
             v, h = config.layers.vocab_size, config.layers.hidden_size
-            k1, k2 = jax.random.split(jax.random.key(seed + 1))
-            frozen = {"embed_tokens": (0.02 * jax.random.normal(k1, (v, h))).astype(dtype),
-                      "lm_head": (0.02 * jax.random.normal(k2, (h, v))).astype(dtype)}
-        return cls(config, {**own, **frozen}, dtype, mesh)
+            frozen = random_params({"embed_tokens": jax.ShapeDtypeStruct((v, h), dtype),
+                                    "lm_head": jax.ShapeDtypeStruct((h, v), dtype)}, jax.random.key(seed + 1))
+        return cls(config, {**random_params(shapes, jax.random.key(seed)), **frozen}, dtype, mesh)

@@ -6,6 +6,8 @@ in the compute dtype. Every parameter carries logical axis names (see `dspark_ja
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,35 @@ Dtype = jnp.dtype
 
 def param_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
+
+
+def random_params(abstract, key: jax.Array, shardings=None):
+    """Parameters for an abstract pytree (ShapeDtypeStructs) with the modules' initialisers:
+    norm scales 1, biases 0, everything else N(0, 0.02).
+
+    Leaves are drawn by small programs compiled once per (kind, shape, dtype, sharding), far
+    cheaper than tracing a whole model's `init`; with `shardings` (a matching pytree) every
+    leaf is created already sharded.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    shardings = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
+    out = []
+    for i, ((path, leaf), sharding) in enumerate(zip(leaves, shardings)):
+        kind = {"scale": "ones", "bias": "zeros"}.get(path[-1].key, "normal")
+        out.append(_creator(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), sharding)(jax.random.fold_in(key, i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _creator(kind: str, shape: tuple[int, ...], dtype, sharding):
+    def create(key):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return jax.jit(create, out_shardings=sharding)
 
 
 class RMSNorm(nn.Module):

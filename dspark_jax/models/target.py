@@ -22,6 +22,7 @@ from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
 from dspark_jax.models.config import ModelConfig, from_hf_config
 from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
+from dspark_jax.models.layers import random_params
 from dspark_jax.models.transformer import Decoder
 from dspark_jax.sharding import named_sharding
 
@@ -145,14 +146,8 @@ class Target:
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None):
         """A target with random weights (sharded at creation when a mesh is given)."""
         dtype = jnp.dtype(dtype)
-        module = Decoder(config, dtype, dtype)
         shapes, shardings = _param_shardings(config, dtype, mesh)
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        init = jax.jit(
-            lambda key: nn.unbox(module.init(key, tokens, tokens, jnp.ones((1,), jnp.int32))["params"]),
-            out_shardings=shardings,
-        )
-        return cls(config, init(jax.random.key(seed)), tokenizer, dtype, mesh)
+        return cls(config, random_params(shapes, jax.random.key(seed), shardings), tokenizer, dtype, mesh)
 
 
 def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Target:
