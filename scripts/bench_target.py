@@ -21,47 +21,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from dspark_jax import Target
 from dspark_jax.models.presets import preset
+from dspark_jax.timing import log, timed, timed_chain
 
 DECODE_STEPS = 16  # decode steps per timed program
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def timed(fn, *, warmup: int = 3, reps: int = 7, iters: int = 10) -> float:
-    """Median seconds per call of fn() (fn must block on its result); the first call compiles."""
-    start = time.perf_counter()
-    fn()
-    log(f"  first call {time.perf_counter() - start:.1f} s")
-    for _ in range(warmup - 1):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples)
-
-
-def timed_chain(program, carry, iters: int) -> float:
-    """Median seconds per call of a program whose (donated) output is its next input."""
-    state = [carry]
-
-    def call():
-        state[0] = program(state[0])
-        jax.block_until_ready(state[0])
-
-    return timed(call, iters=iters)
 
 
 def copy_bandwidth(gib: float) -> float:

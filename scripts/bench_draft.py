@@ -1,0 +1,109 @@
+"""Cost of DSpark's sequential heads: DSpark vs DFlash draft steps, against a full round.
+
+    python scripts/bench_draft.py --preset qwen3-4b --batch 128 --block-sizes 4 8 12 16
+
+For each block size gamma, on random bf16 weights of the released recipe shapes (5 draft
+layers over the target's layers [1, 9, 17, 25, 33] for Qwen3-4B):
+- draft step: `Draft.propose` (append gamma + 1 verified feature rows to the draft cache, the
+  parallel block pass, then sampling at T = 1: DSpark's Markov + confidence scan, or DFlash's
+  independent slots);
+- verify step: the target's `Target.extend` of gamma + 1 tokens per sequence;
+each timed as 8 steps of one jitted loop, every step against the same `--context`. The
+sequential heads' overhead is the DSpark-minus-DFlash draft time, reported in ms and as a
+share of a DSpark round (draft + verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax import Draft, Target
+from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.models.presets import preset
+from dspark_jax.timing import log, timed_chain
+
+STEPS = 8  # steps per timed program
+
+
+def layer_ids(num_layers: int) -> tuple[int, ...]:
+    """Five tapped layers spread like the reference's [1, 9, 17, 25, 33] for 36 layers."""
+    return tuple(1 + round(i * (num_layers - 4) / 4) for i in range(5))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen3-4b")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 12, 16])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    target_config = preset(args.preset)
+    target = Target.random(target_config, dtype="bfloat16")
+    b, ctx = args.batch, args.context
+    sampling = SamplingParams(temperature=1.0)
+    rows = []
+    for gamma in args.block_sizes:
+        q = gamma + 1  # verified rows per round after a full acceptance
+        capacity = ctx + q + 8
+        times = {}
+        for algorithm in ("dspark", "dflash"):
+            config = draft_config_for_target(target_config, algorithm, layer_ids(target_config.num_layers),
+                                             block_size=gamma, mask_token_id=target_config.vocab_size - 1)
+            draft = Draft.random(config, target=target, seed=1)
+            features = jax.random.normal(jax.random.key(2), (b, q, config.feature_size), jnp.bfloat16)
+            next_ids = jnp.zeros((b, q), jnp.int32)
+            num_new = jnp.full((b,), q, jnp.int32)
+
+            @functools.partial(jax.jit, donate_argnums=1)
+            def draft_steps(params, cache, key, draft=draft, features=features, next_ids=next_ids, num_new=num_new):
+                def step(i, carry):
+                    cache, tokens = carry
+                    prop, new = draft.propose(params, cache, features, next_ids, num_new, tokens[:, -1],
+                                              jax.random.fold_in(key, i), sampling)
+                    return new.rollback(cache.lengths), prop.tokens
+
+                return jax.lax.fori_loop(0, STEPS, step, (cache, jnp.zeros((b, gamma), jnp.int32)))
+
+            cache = draft.init_cache(b, capacity).replace(lengths=jnp.full((b,), ctx - q, jnp.int32))
+            log(f"gamma {gamma} {algorithm} draft step")
+            run = lambda carry, draft=draft, f=draft_steps: f(draft.params, carry[0], jax.random.key(3))
+            times[algorithm] = timed_chain(run, (cache, None), iters=1, reps=5) / STEPS
+
+        @functools.partial(jax.jit, donate_argnums=1)
+        def verify_steps(params, cache, tokens):
+            def step(_, cache):
+                _, _, _, new = target.extend(params, cache, tokens, jnp.full((b,), q, jnp.int32))
+                return new.rollback(cache.lengths)
+
+            return jax.lax.fori_loop(0, STEPS, step, cache)
+
+        tcache = target.init_cache(b, capacity).replace(lengths=jnp.full((b,), ctx, jnp.int32))
+        tokens = jax.random.randint(jax.random.key(4), (b, q), 0, target_config.vocab_size, jnp.int32)
+        log(f"gamma {gamma} verify step")
+        verify = timed_chain(lambda cache: verify_steps(target.params, cache, tokens), tcache, iters=1, reps=5) / STEPS
+        overhead = times["dspark"] - times["dflash"]
+        rows.append(dict(gamma=gamma, batch=b, context=ctx, dspark_draft_ms=times["dspark"] * 1e3,
+                         dflash_draft_ms=times["dflash"] * 1e3, verify_ms=verify * 1e3, overhead_ms=overhead * 1e3,
+                         overhead_of_round=overhead / (times["dspark"] + verify)))
+        log(f"gamma {gamma}: " + json.dumps(rows[-1]))  # each row as soon as it is measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    print(f"\n{args.preset} target, batch {b}, context {ctx}, device {jax.devices()[0].device_kind}")
+    print(f"{'gamma':>5} {'DSpark draft ms':>16} {'DFlash draft ms':>16} {'verify ms':>10} {'heads ms':>9} {'of round':>9}")
+    for r in rows:
+        print(f"{r['gamma']:>5} {r['dspark_draft_ms']:>16.3f} {r['dflash_draft_ms']:>16.3f} {r['verify_ms']:>10.3f} "
+              f"{r['overhead_ms']:>9.3f} {r['overhead_of_round']:>8.2%}")
+
+
+if __name__ == "__main__":
+    main()
