@@ -14,31 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
 from dspark_jax.decoding.sampling import SamplingParams, sample
 from dspark_jax.models.target import Target
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """The next power of two >= max(n, minimum): padded sizes that bound recompilation."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_total: int, max_new_tokens: int) -> None:
-    if not prompts:
-        raise ValueError("no prompts given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        if len(p) + max_new_tokens > max_total:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the model's context of {max_total} positions"
-            )
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
 def generate_autoregressive(
@@ -55,12 +33,7 @@ def generate_autoregressive(
     cfg = target.config
     check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
     stop_ids = tuple(cfg.eos_token_ids if stop_ids is None else stop_ids)
-    lengths = [len(p) for p in prompts]
-    batch, prompt_len = bucket(len(prompts), 1), bucket(max(lengths))
-    tokens = np.zeros((batch, prompt_len), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    lengths = np.asarray(lengths + [0] * (batch - len(prompts)), np.int32)
+    tokens, lengths = pad_prompts(prompts)
     out, counts = _ar_loop(
         target,
         target.params if params is None else params,
@@ -68,7 +41,7 @@ def generate_autoregressive(
         jnp.asarray(lengths),
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
-        cache_length=bucket(prompt_len + max_new_tokens),
+        cache_length=bucket(tokens.shape[1] + max_new_tokens),
         sampling=sampling,
         stop_ids=stop_ids,
     )

@@ -174,14 +174,33 @@ class Draft:
     def _eagle3_extend(self, params, cache, features, next_ids, num_new):
         return self._apply(params, Eagle3Drafter.extend, cache.layers[0], cache.lengths, features, next_ids, num_new)
 
+    def extend_context(self, params, cache: KVCache, features, next_ids, num_new) -> KVCache:
+        """Appends verified positions to the draft cache without drafting (prompt prefill).
+
+        Arguments as in `propose`; features [B, Q, L_t * H] of positions cache.lengths + q.
+        """
+        num_new = num_new.astype(jnp.int32)
+        if self.config.algorithm == "eagle3":
+            _, kv = self._eagle3_extend(params, cache, features, next_ids, num_new)
+            return KVCache(k=(kv[0],), v=(kv[1],), lengths=cache.lengths + num_new)
+        b, q_len = features.shape[:2]
+        positions = cache.lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)
+        slots = jnp.where(jnp.arange(q_len)[None, :] < num_new[:, None], positions, cache.max_length)
+        no_blocks = jnp.zeros((b, 0), jnp.int32)  # a backbone pass over zero blocks only writes context K/V
+        _, layers = self._apply(params, BlockDrafter.backbone, features, positions, no_blocks, no_blocks,
+                                no_blocks > 0, no_blocks, cache.layers, slots)
+        k, v = zip(*layers)
+        return KVCache(k=k, v=v, lengths=cache.lengths + num_new)
+
     def propose(self, params, cache: KVCache, features, next_ids, num_new, anchor_ids, key, sampling: SamplingParams):
         """Extends the draft cache by verified positions, then drafts one block per sequence.
 
         features: [B, Q, L_t * H] target features of positions cache.lengths[b] + q, valid for
         q < num_new[b]; next_ids: [B, Q] the committed token after each of those positions
         (Eagle3 pairs them; block drafters ignore them); anchor_ids: [B] the last committed
-        token, at position cache.lengths + num_new. Returns (Proposal, cache holding the
-        context up to the anchor).
+        token, at position cache.lengths + num_new. Eagle3 drafts from the output of the last
+        new pair, whose next_id is the anchor, so it needs num_new >= 1 (rows with 0 draft
+        garbage). Returns (Proposal, cache holding the context up to the anchor).
         """
         c = self.config
         num_new = num_new.astype(jnp.int32)

@@ -49,6 +49,7 @@ class DraftConfig:
     confidence_head: bool = False
     confidence_with_markov: bool = False
     step_loss_decay: float = 0.8
+    target_model_name_or_path: str | None = None
     # The config.json this came from, written back with the fields above (not compared).
     hf_json: str = dataclasses.field(default="{}", compare=False)
 
@@ -112,6 +113,7 @@ def draft_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> DraftC
         layers=layers,
         target_layer_ids=tuple(int(i) for i in need("target_layer_ids")),
         num_target_layers=int(need("num_target_layers")),
+        target_model_name_or_path=cfg.get("target_model_name_or_path"),
         hf_json=json.dumps(dict(cfg), sort_keys=True),
     )
     if kind == "eagle3":
@@ -147,6 +149,8 @@ def draft_to_hf(config: DraftConfig) -> dict[str, Any]:
         target_layer_ids=list(config.target_layer_ids),
         num_target_layers=config.num_target_layers,
     )
+    if config.target_model_name_or_path is not None:
+        out["target_model_name_or_path"] = config.target_model_name_or_path
     if config.algorithm == "eagle3":
         out.update(ttt_length=config.block_size, step_loss_decay=config.step_loss_decay,
                    draft_num_hidden_layers=config.layers.num_layers)
@@ -176,6 +180,7 @@ def draft_config_for_target(
     markov_head_type: str = "vanilla",
     confidence_with_markov: bool = True,
     step_loss_decay: float = 0.8,
+    target_model_name_or_path: str | None = None,
 ) -> DraftConfig:
     """A new draft for `target`, with the reference recipe's defaults (5 layers, 1 for Eagle3).
 
@@ -187,7 +192,8 @@ def draft_config_for_target(
     base = to_hf_config(target)
     base.update(num_hidden_layers=num_layers, tie_word_embeddings=False)
     common = dict(layers=layers, target_layer_ids=tuple(target_layer_ids), num_target_layers=target.num_layers,
-                  block_size=block_size, hf_json=json.dumps(base, sort_keys=True))
+                  block_size=block_size, target_model_name_or_path=target_model_name_or_path,
+                  hf_json=json.dumps(base, sort_keys=True))
     if algorithm == "eagle3":
         return DraftConfig(algorithm="eagle3", step_loss_decay=step_loss_decay, **common)
     dspark = algorithm == "dspark"

@@ -34,7 +34,8 @@ def make_draft(target):
     def make(algorithm, head="vanilla"):
         ids = (0, 1, 2) if algorithm == "eagle3" else (-1, 1)
         config = draft_config_for_target(target.config, algorithm, ids, block_size=5, mask_token_id=159,
-                                         markov_rank=16, markov_head_type=head)
+                                         markov_rank=16, markov_head_type=head,
+                                         target_model_name_or_path="tests/fixtures/tiny/" + TARGET)
         return Draft.random(config, target=target, seed=4)
 
     return make
@@ -77,6 +78,7 @@ def test_saved_names_and_config_follow_deepspec(tmp_path, target, make_draft):
     assert (cfg["markov_rank"], cfg["markov_head_type"], cfg["enable_confidence_head"]) == (16, "vanilla", True)
     assert cfg["target_layer_ids"] == [-1, 1] and cfg["num_target_layers"] == 3 and cfg["block_size"] == 5
     assert cfg["tie_word_embeddings"] is False and cfg["confidence_head_with_markov"] is True
+    assert cfg["target_model_name_or_path"] == "tests/fixtures/tiny/" + TARGET
 
 
 @pytest.fixture

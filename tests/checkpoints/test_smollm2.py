@@ -7,16 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from dspark_jax import load_target
-from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 from dspark_jax.decoding.autoregressive import generate_autoregressive
 from dspark_jax.decoding.sampling import SamplingParams
 from tests.helpers import FIXTURES
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_target(smollm2_gguf(), dtype="float32")
 
 
 @pytest.fixture(scope="module")

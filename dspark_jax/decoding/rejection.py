@@ -1,0 +1,46 @@
+"""Speculative rejection sampling over a batch of chains with per-sequence verify lengths.
+
+Sequence b verifies draft tokens d_1..d_L (L = lengths[b] <= gamma) drawn from q_1..q_L.
+The target's distributions p_0..p_L come from verifying [anchor, d_1..d_L]: p_{j} is the
+target's distribution for the token after d_j (p_0 after the anchor). Draft token d_{j+1} is
+accepted with probability min(1, p_j(d) / q_{j+1}(d)); A is the length of the accepted prefix;
+the next token is drawn from the residual norm(max(p_A - q_{A+1}, 0)) if A < L, else from
+p_L (the bonus token). Every draw uses the given fp32 distributions, so the committed
+sequence is distributed exactly as the target's own samples (greedy included: one-hot p and q
+accept exactly the tokens the target's argmax would emit).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Verdict(NamedTuple):
+    accepted: jax.Array  # [B] int32, A: number of accepted draft tokens (<= lengths)
+    next_token: jax.Array  # [B] int32, the residual or bonus token after them
+
+
+def verify(key: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
+    """draft_tokens: [B, G] int32; q: [B, G, V] fp32 draft distributions of d_1..d_G;
+    p: [B, G + 1, V] fp32 target distributions p_0..p_G; lengths: [B] int32 in [0, G].
+    Entries beyond a sequence's length are ignored.
+    """
+    b, g = draft_tokens.shape
+    k_accept, k_next = jax.random.split(key)
+    p_d = jnp.take_along_axis(p[:, :g], draft_tokens[..., None], axis=-1)[..., 0]  # p_{j}(d_{j+1}) [B, G]
+    q_d = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]  # [B, G]
+    u = jax.random.uniform(k_accept, (b, g), jnp.float32)
+    # u < p/q without dividing (q_d > 0 for every sampled token; u in [0, 1) so ratio >= 1 accepts).
+    ok = (u * q_d < p_d) & (jnp.arange(g)[None, :] < lengths[:, None])
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # leading accepts
+    p_next = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
+    q_next = jnp.take_along_axis(q, jnp.minimum(accepted, g - 1)[:, None, None], axis=1)[:, 0]
+    rejected = accepted < lengths
+    residual = jnp.where(rejected[:, None], jnp.maximum(p_next - q_next, 0.0), p_next)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
+    next_token = jax.random.categorical(k_next, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return Verdict(accepted.astype(jnp.int32), next_token)

@@ -1,0 +1,131 @@
+"""Verify-length schedulers: how many of each sequence's draft tokens the target checks.
+
+A scheduler maps the draft's confidence logits [B, G] (logit of slot j's conditional
+acceptance given slots < j accepted) and the active mask [B] to verify lengths [B] in [0, G].
+Every scheduler here is non-anticipating: whether slot j is verified depends only on
+information available before slot j's token was drawn, so speculative decoding stays exact.
+
+- `PrefixScheduler`: the paper's Algorithm 1. Prefix survival a_{r,j} = prod_{i<=j} sigmoid(
+  c_{r,i} / T_i) (T from Sequential Temperature Scaling, 1 by default); candidates are admitted
+  in descending a, a batch of B verify tokens running at SPS(B) steps/s, as long as the
+  expected throughput tau * SPS(B) keeps rising; the first drop stops the search. (Without
+  that early stop the search peeks at later slots, whose confidence depends on earlier
+  sampled tokens, and biases the output: the paper's Appendix A. `early_stop=False` exists
+  only to demonstrate that bias.)
+- `AsyncPrefixScheduler`: the paper's section 5.2. The token budget K comes from an
+  unconstrained (global maximum) search over confidences of two rounds earlier; the current
+  round admits its K most confident candidates. K is fixed before this round's tokens exist,
+  so the global search is safe.
+- `ThresholdScheduler`: verify up to the first slot whose sigmoid(c_j) is below a threshold
+  (the static baseline of the paper's Figure 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def survival(conf_logits: jax.Array, temperatures: Sequence[float] | None) -> jax.Array:
+    """Prefix survival a [B, G] = cumulative product of sigmoid(c_j / T_j)."""
+    c = conf_logits.astype(jnp.float32)
+    if temperatures is not None:
+        c = c / jnp.asarray(temperatures, jnp.float32)[: c.shape[1]]
+    return jnp.cumprod(jax.nn.sigmoid(c), axis=1)
+
+
+def _sps_at(sps: jax.Array, batch_tokens: jax.Array) -> jax.Array:
+    """SPS(B) from a table indexed by B - 1 (the last entry for larger B)."""
+    return sps[jnp.clip(batch_tokens - 1, 0, sps.shape[0] - 1)]
+
+
+def _admission_order(a: jax.Array, active: jax.Array):
+    """Flattened candidates sorted by descending survival (ties: earlier slot first).
+
+    Returns (order [B*G] into the flattened [B, G], sorted survival, valid mask).
+    """
+    b, g = a.shape
+    a = jnp.where(active[:, None], a, 0.0)
+    slot = jnp.broadcast_to(jnp.arange(g), (b, g)).reshape(-1)
+    order = jnp.lexsort((slot, -a.reshape(-1)))  # primary key last: -a, then slot
+    a_sorted = a.reshape(-1)[order]
+    return order, a_sorted, a_sorted > 0
+
+
+def _throughputs(a_sorted, valid, active, sps) -> jax.Array:
+    """Expected throughput after admitting 0, 1, ..., B*G candidates in order: [B*G + 1]."""
+    r = jnp.sum(active).astype(jnp.float32)
+    n = a_sorted.shape[0]
+    tau = r + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(valid, a_sorted, 0.0))])
+    tokens = jnp.sum(active) + jnp.arange(n + 1)
+    theta = tau * _sps_at(sps, tokens)
+    return jnp.where(jnp.concatenate([jnp.ones(1, bool), valid]), theta, -jnp.inf)
+
+
+def _lengths(order, admitted_sorted, shape) -> jax.Array:
+    """Per-sequence count of admitted candidates (a prefix of its slots, by construction)."""
+    admitted = jnp.zeros(order.shape, bool).at[order].set(admitted_sorted)
+    return jnp.sum(admitted.reshape(shape), axis=1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixScheduler:
+    """Algorithm 1 over a profiled table: sps[B - 1] = target steps per second at B verify tokens."""
+
+    sps: tuple[float, ...]
+    temperatures: tuple[float, ...] | None = None
+    early_stop: bool = True
+
+    def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
+        a = survival(conf_logits, self.temperatures)
+        order, a_sorted, valid = _admission_order(a, active)
+        theta = _throughputs(a_sorted, valid, active, jnp.asarray(self.sps, jnp.float32))
+        if self.early_stop:
+            rising = theta[1:] > theta[:-1]
+            count = jnp.sum(jnp.cumprod(rising.astype(jnp.int32)))  # admit until the first drop
+        else:
+            count = jnp.argmax(theta)  # global maximum: looks at later slots (biased)
+        return _lengths(order, jnp.arange(order.shape[0]) < count, a.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncPrefixScheduler:
+    """Budget from confidences two rounds old, then top-K of the current candidates.
+
+    Stateful across rounds: `init_state(batch, gamma)` then `(lengths, state) = step(...)`.
+    """
+
+    sps: tuple[float, ...]
+    temperatures: tuple[float, ...] | None = None
+
+    def init_state(self, batch: int, gamma: int) -> tuple[jax.Array, jax.Array]:
+        """No history yet: budgets from an all-confident past (verify everything)."""
+        full = jnp.full((batch, gamma), 30.0, jnp.float32)  # sigmoid(30) ~ 1
+        return full, full
+
+    def step(self, conf_logits, active, state):
+        older, old = state
+        sps = jnp.asarray(self.sps, jnp.float32)
+        _, past_sorted, past_valid = _admission_order(survival(older, self.temperatures), active)
+        budget = jnp.argmax(_throughputs(past_sorted, past_valid, active, sps))
+        order, _, valid = _admission_order(survival(conf_logits, self.temperatures), active)
+        admitted = (jnp.arange(order.shape[0]) < budget) & valid
+        return _lengths(order, admitted, conf_logits.shape), (old, conf_logits.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdScheduler:
+    """Verify slots up to (excluding) the first with sigmoid(c_j / T_j) < threshold."""
+
+    threshold: float
+    temperatures: tuple[float, ...] | None = None
+
+    def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
+        c = conf_logits.astype(jnp.float32)
+        if self.temperatures is not None:
+            c = c / jnp.asarray(self.temperatures, jnp.float32)[: c.shape[1]]
+        ok = jax.nn.sigmoid(c) >= self.threshold
+        return jnp.where(active, jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1), 0).astype(jnp.int32)

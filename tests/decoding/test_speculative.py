@@ -1,0 +1,178 @@
+"""Speculative decoding is lossless: exact at temperature 0, in distribution otherwise."""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dspark_jax import Draft, Target, generate
+from dspark_jax.decoding.sampling import SamplingParams, probabilities
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.models.config import ModelConfig
+from dspark_jax.models.draft_config import draft_config_for_target
+
+V = 8  # a small vocabulary: random drafts overlap the target enough to accept often
+TINY = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+                   num_kv_heads=2, head_dim=8, eos_token_ids=(7,), max_position_embeddings=256)
+# A scheduler that verifies 0 to gamma tokens depending on confidence (steeply falling SPS).
+SCHEDULER = PrefixScheduler(sps=tuple(0.8 ** i for i in range(64)))
+DRAFTERS = [("dspark", None), ("dspark", SCHEDULER), ("dspark", AsyncPrefixScheduler(SCHEDULER.sps)),
+            ("dflash", None), ("eagle3", None)]
+
+
+def scaled(params, factor):
+    """Random N(0, 0.02) weights scaled up, so that models have peaked, varied distributions."""
+    return jax.tree.map(lambda x: x * factor if x.ndim > 1 else x, params)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_target():
+    t = Target.random(TINY, seed=1, dtype="float32")
+    return Target(TINY, scaled(t.params, 20), None, jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_draft(algorithm):
+    target = tiny_target()
+    ids = (0, 1, 2, 3) if algorithm == "eagle3" else (-1, 1, 3)
+    config = draft_config_for_target(TINY, algorithm, ids, block_size=4, mask_token_id=6, markov_rank=4)
+    d = Draft.random(config, target=target, seed=2, dtype="float32")
+    own = {k: v for k, v in d.params.items() if k not in ("embed_tokens", "lm_head")}
+    return Draft(config, {**scaled(own, 10), "embed_tokens": d.params["embed_tokens"], "lm_head": d.params["lm_head"]},
+                 jnp.float32)
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 1, 2, 0, 3], [3], [5, 5], [7, 1], [2, 2, 2], [0, 1, 0], [6, 6, 6, 6]]
+
+
+@pytest.mark.parametrize("algorithm,scheduler", DRAFTERS)
+def test_greedy_equals_autoregressive(algorithm, scheduler):
+    target, draft = tiny_target(), tiny_draft(algorithm)
+    ar = generate(target, None, PROMPTS, max_new_tokens=20, temperature=0.0)
+    spec = generate(target, draft, PROMPTS, max_new_tokens=20, temperature=0.0, scheduler=scheduler)
+    assert spec.tokens == ar.tokens
+    assert any(t[-1] == 7 for t in ar.tokens) and any(len(t) == 20 for t in ar.tokens)  # both endings occur
+    for tokens, verified, accepted in zip(spec.tokens, spec.verify_lengths, spec.accepted_lengths):
+        assert len(verified) == len(accepted) >= 1
+        assert all(0 <= a <= v <= 4 for v, a in zip(verified, accepted))
+        assert sum(accepted) + len(accepted) >= len(tokens) - 1  # a round commits at most accepted + 1
+
+
+def test_greedy_drafts_are_accepted_somewhere():
+    """The equality above is not vacuous: some rounds accept draft tokens."""
+    spec = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0)
+    assert sum(map(sum, spec.accepted_lengths)) > 0
+
+
+def exact_joint(target, prompt, n_tokens, sampling):
+    """P(x_1..x_n | prompt) for every sequence of n tokens, by enumeration: [V] * n."""
+    forward = jax.jit(target.forward)
+    probs = np.zeros((V,) * n_tokens)
+    for seq in itertools.product(range(V), repeat=n_tokens - 1):
+        ids = np.asarray([prompt + list(seq)], np.int32)
+        logits, _, _ = forward(target.params, ids)
+        p = np.asarray(probabilities(logits[0], sampling), np.float64)  # [T, V]
+        prob = np.prod([p[len(prompt) - 1 + i, t] for i, t in enumerate(seq)])
+        probs[seq] = prob * p[-1]
+    return probs
+
+
+@functools.lru_cache(maxsize=None)
+def joint(temperature, top_p):
+    return exact_joint(tiny_target(), [1, 2, 3], 3, SamplingParams(temperature, 0, top_p))
+
+
+N_SAMPLES = 8192
+
+
+def chi_square(counts, expected):
+    """Pearson chi-square with cells of expected count < 5 pooled; returns (p-value, dof)."""
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    assert counts[expected == 0].sum() == 0, "a sequence of probability 0 was generated"
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum())[1], keep.sum() - 1
+
+
+def test_statistical_power():
+    """Power of the test below: at alpha = 1e-3 with N = 8192 draws, a sampler whose output
+    distribution is off by a chi-square distance sum((p' - p)^2 / p) of 0.02 (e.g. every
+    probability 15% too high or too low on alternating cells) is caught with probability > 0.99."""
+    expected = joint(1.0, 1.0).reshape(-1) * N_SAMPLES
+    dof = int((expected >= 5).sum())
+    critical = stats.chi2.ppf(1 - 1e-3, dof)
+    power = 1 - stats.ncx2.cdf(critical, dof, N_SAMPLES * 0.02)
+    assert power > 0.99, power
+
+
+@pytest.mark.parametrize("algorithm,scheduler", DRAFTERS)
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.9)])
+def test_sampled_output_matches_target_distribution(algorithm, scheduler, temperature, top_p):
+    """The first three generated tokens of 8192 independent samples of one prompt follow the
+    target's exact joint distribution (chi-square, alpha = 1e-3)."""
+    result = generate(tiny_target(), tiny_draft(algorithm), [[1, 2, 3]] * N_SAMPLES, max_new_tokens=3,
+                      temperature=temperature, top_p=top_p, seed=5, scheduler=scheduler, stop_ids=())
+    outs = np.asarray(result.tokens)
+    counts = np.bincount(outs[:, 0] * V * V + outs[:, 1] * V + outs[:, 2], minlength=V**3)
+    p_value, _ = chi_square(counts, joint(temperature, top_p).reshape(-1) * N_SAMPLES)
+    assert p_value > 1e-3, p_value
+    assert sum(map(sum, result.accepted_lengths)) > 0.2 * N_SAMPLES  # the drafts did get accepted
+
+
+def test_seeds_and_independent_rows():
+    target, draft = tiny_target(), tiny_draft("dspark")
+    a = generate(target, draft, PROMPTS, max_new_tokens=10, seed=3, stop_ids=())
+    b = generate(target, draft, PROMPTS, max_new_tokens=10, seed=3, stop_ids=())
+    c = generate(target, draft, PROMPTS, max_new_tokens=10, seed=4, stop_ids=())
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    same = generate(target, draft, [[1, 2]] * 8, max_new_tokens=10, seed=3, stop_ids=())
+    assert len({tuple(t) for t in same.tokens}) > 1
+
+
+def test_bad_input():
+    target, draft = tiny_target(), tiny_draft("dspark")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(target, draft, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(target, draft, [[1] * 250], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(target, draft, [[1]], max_new_tokens=4, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        generate(target, draft, [[1]], max_new_tokens=4, temperature=-1.0)
+    with pytest.raises(ValueError, match="a scheduler needs a draft with a confidence head"):
+        generate(target, tiny_draft("dflash"), [[1]], max_new_tokens=4, scheduler=SCHEDULER)
+    other = ModelConfig(family="qwen3", vocab_size=12, hidden_size=32, intermediate_size=48, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=8)
+    bad_vocab = Draft.random(draft_config_for_target(other, "dflash", (0, 1), block_size=4, mask_token_id=11),
+                             dtype="float32")
+    with pytest.raises(ValueError, match="vocabulary 12 != target's 8"):
+        generate(target, bad_vocab, [[1]], max_new_tokens=4)
+    deeper = dataclasses.replace(TINY, num_layers=8)
+    bad_layers = Draft.random(draft_config_for_target(deeper, "dflash", (0, 6), block_size=4, mask_token_id=6),
+                              dtype="float32")
+    with pytest.raises(ValueError, match=r"tapped layers \[0, 6\] of a 8-layer target"):
+        generate(target, bad_layers, [[1]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("algorithm,with_scheduler", [("dspark", False), ("dspark", True), ("dflash", False),
+                                                      ("eagle3", False)])
+def test_smollm2_greedy_equals_autoregressive(smollm2, algorithm, with_scheduler):
+    """Real weights and chat prompts, with a random draft of each kind (shared embedding)."""
+    tok = smollm2.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+               for m in ("What is the capital of France?", "Compute 12 * 7 and explain briefly.")]
+    config = draft_config_for_target(smollm2.config, algorithm, (1, 8, 15, 22, 28),
+                                     mask_token_id=smollm2.config.vocab_size - 1)
+    draft = Draft.random(config, target=smollm2, seed=0, dtype="float32")
+    scheduler = PrefixScheduler(tuple(0.9 ** i for i in range(64))) if with_scheduler else None
+    ar = generate(smollm2, None, prompts, max_new_tokens=24, temperature=0.0)
+    spec = generate(smollm2, draft, prompts, max_new_tokens=24, temperature=0.0, scheduler=scheduler)
+    assert spec.tokens == ar.tokens
+    assert tok.decode(ar.tokens[0], skip_special_tokens=True) == "The capital of France is Paris."
