@@ -28,12 +28,15 @@ class GenerationResult:
     Per speculative round of prompt i: verify_lengths[i][r] draft tokens were sent to the
     target and accepted_lengths[i][r] of them accepted; the round committed accepted + 1
     tokens (the residual or bonus token), or just the accepted ones when one was a stop token
-    or max_new_tokens cut the round short. Both are empty for autoregressive decoding.
+    or max_new_tokens cut the round short. confidence_logits[i] is [rounds, gamma], the
+    draft's confidence logits of each round (zeros without a confidence head). All are empty
+    for autoregressive decoding.
     """
 
     tokens: list[list[int]]
     verify_lengths: list[list[int]]
     accepted_lengths: list[list[int]]
+    confidence_logits: list[np.ndarray]
 
     @property
     def acceptance_length(self) -> float:
@@ -90,22 +93,25 @@ def generate(
         tokens = generate_autoregressive(
             target, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids
         )
-        return GenerationResult(tokens, [[] for _ in tokens], [[] for _ in tokens])
+        return GenerationResult(tokens, [[] for _ in tokens], [[] for _ in tokens],
+                                [np.zeros((0, 0), np.float32) for _ in tokens])
     check_draft(target, draft)
     if scheduler is not None and not draft.config.confidence_head:
         raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
     gamma = draft.config.block_size
     check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings - gamma - 1, max_new_tokens)
     tokens, lengths = pad_prompts(prompts)
-    out, count, verify_lengths, accepted, rounds = speculative_loop(
+    out, count, verify_lengths, accepted, confidences, rounds = speculative_loop(
         target, draft, target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, cache_length=bucket(tokens.shape[1] + max_new_tokens + 2 * gamma + 2),
         sampling=sampling, stop_ids=stop_ids, scheduler=scheduler,
     )
-    out, count, verify_lengths, accepted, rounds = map(np.asarray, (out, count, verify_lengths, accepted, rounds))
+    out, count, verify_lengths, accepted, confidences, rounds = map(
+        np.asarray, (out, count, verify_lengths, accepted, confidences, rounds))
     n = len(prompts)
     return GenerationResult(
         tokens=[out[i, : count[i]].tolist() for i in range(n)],
         verify_lengths=[verify_lengths[i, : rounds[i]].tolist() for i in range(n)],
         accepted_lengths=[accepted[i, : rounds[i]].tolist() for i in range(n)],
+        confidence_logits=[confidences[i, : rounds[i]] for i in range(n)],
     )

@@ -44,6 +44,7 @@ class _State(NamedTuple):
     row_rounds: jax.Array  # [B] rounds each sequence took part in
     verify_lengths: jax.Array  # [B, N] per round: draft tokens sent to the target
     accepted: jax.Array  # [B, N] per round: draft tokens accepted
+    confidences: jax.Array  # [B, N, G] per round: the draft's confidence logits
     scheduler_state: Any
     key: jax.Array
 
@@ -63,8 +64,8 @@ def speculative_loop(
     """tokens [B, T] right-padded prompts, lengths [B] (0 = padding row).
 
     Returns (generated [B, N + G + 1], count [B], verify_lengths [B, N], accepted [B, N],
-    rounds [B]) with N = max_new_tokens: row b took part in rounds 0..rounds[b]-1 (a
-    sequence is active from the first round until it finishes).
+    confidence logits [B, N, G], rounds [B]) with N = max_new_tokens: row b took part in
+    rounds 0..rounds[b]-1 (a sequence is active from the first round until it finishes).
     """
     b = tokens.shape[0]
     g = draft.config.block_size
@@ -96,6 +97,7 @@ def speculative_loop(
         done=~live | is_stop(first) | (count >= max_new_tokens), rounds=jnp.zeros((), jnp.int32),
         row_rounds=jnp.zeros((b,), jnp.int32),
         verify_lengths=jnp.zeros((b, max_new_tokens), jnp.int32), accepted=jnp.zeros((b, max_new_tokens), jnp.int32),
+        confidences=jnp.zeros((b, max_new_tokens, g), jnp.float32),
         scheduler_state=scheduler.init_state(b, g) if isinstance(scheduler, AsyncPrefixScheduler) else (),
         key=key,
     )
@@ -150,8 +152,9 @@ def speculative_loop(
             anchor=jnp.where(active, verdict.next_token, s.anchor),
             out=out, count=count, done=done, rounds=r + 1, row_rounds=s.row_rounds + active.astype(jnp.int32),
             verify_lengths=verify_lengths, accepted=accepted_log,
+            confidences=s.confidences.at[:, r].set(prop.confidence),
             scheduler_state=sched_state, key=key,
         )
 
     final = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.rounds < max_new_tokens), round_, state)
-    return final.out, final.count, final.verify_lengths, final.accepted, final.row_rounds
+    return final.out, final.count, final.verify_lengths, final.accepted, final.confidences, final.row_rounds

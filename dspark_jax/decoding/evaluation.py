@@ -1,0 +1,91 @@
+"""The reference evaluation protocol: prompt sets, and acceptance statistics of generations.
+
+Prompt files hold one JSON object per line with "turns" (DeepSpec's format); only the first
+user turn is used, rendered with the tokenizer's chat template (generation prompt added, no
+system turn of our own). Each set is capped as in the reference (gsm8k and math500 500,
+aime25 30, humaneval 164, mbpp 256, livecodebench 500, mt-bench 80, alpaca 500,
+arena-hard 500); a longer file is shuffled with random.Random(980406) before capping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Sequence
+
+import numpy as np
+
+from dspark_jax.decoding.generate import GenerationResult
+
+CAPS = {"gsm8k": 500, "math500": 500, "aime25": 30, "humaneval": 164, "mbpp": 256, "livecodebench": 500,
+        "mt-bench": 80, "alpaca": 500, "arena-hard": 500}
+SEED = 980406
+
+
+def load_prompts(path: str, cap: int | None = None) -> list[str]:
+    """First user turns of a prompt file (malformed lines name the file and line)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    cap = CAPS.get(name) if cap is None else cap
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                turns = json.loads(line)["turns"]
+                if not turns or not isinstance(turns[0], str):
+                    raise ValueError("'turns' must be a non-empty list of strings")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{number}: not a prompt record ({e})") from e
+            prompts.append(turns[0])
+    if cap is not None and len(prompts) > cap:
+        random.Random(SEED).shuffle(prompts)
+        prompts = prompts[:cap]
+    return prompts
+
+
+def chat_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of single-turn chats ending in the assistant's generation prompt."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in prompts]
+
+
+def acceptance_stats(result: GenerationResult, gamma: int) -> dict:
+    """Reference metrics over all rounds of all sequences.
+
+    tau: tokens committed per round (bonus included); mean_verified: draft tokens sent to the
+    target per round; verify_rate: committed / (verified + rounds); accept_rate[j]: rounds
+    accepting more than j drafts over rounds verifying more than j (prefix survival);
+    conditional[j]: accept_rate[j] / accept_rate[j - 1], the acceptance of slot j given all
+    earlier slots were accepted (the paper's Figure 2).
+    """
+    verified = np.concatenate([np.asarray(v, int) for v in result.verify_lengths]) if result.verify_lengths else []
+    accepted = np.concatenate([np.asarray(a, int) for a in result.accepted_lengths]) if result.accepted_lengths else []
+    rounds = len(accepted)
+    committed = sum(max(len(t) - 1, 0) for t, a in zip(result.tokens, result.accepted_lengths) if len(a))
+    slot = np.arange(gamma)
+    reached = (accepted[:, None] > slot).sum(0) if rounds else np.zeros(gamma)
+    offered = (verified[:, None] > slot).sum(0) if rounds else np.zeros(gamma)
+    accept_rate = np.where(offered > 0, reached / np.maximum(offered, 1), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 where no round got that far
+        conditional = accept_rate / np.concatenate([[1.0], accept_rate[:-1]])
+    return {
+        "rounds": int(rounds),
+        "generated_tokens": int(sum(len(t) for t in result.tokens)),
+        "tau": committed / rounds if rounds else float("nan"),
+        "mean_verified": float(np.mean(verified)) if rounds else float("nan"),
+        "verify_rate": committed / (float(np.sum(verified)) + rounds) if rounds else float("nan"),
+        "accept_rate": accept_rate.tolist(),
+        "conditional_acceptance": conditional.tolist(),
+    }
+
+
+def merge_results(results: Sequence[GenerationResult]) -> GenerationResult:
+    """One GenerationResult from several batches."""
+    return GenerationResult(
+        tokens=[t for r in results for t in r.tokens],
+        verify_lengths=[v for r in results for v in r.verify_lengths],
+        accepted_lengths=[a for r in results for a in r.accepted_lengths],
+        confidence_logits=[c for r in results for c in r.confidence_logits],
+    )

@@ -1,0 +1,59 @@
+"""Evaluation statistics on hand-made results, prompt files, and eval.py end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dspark_jax.decoding.evaluation import acceptance_stats, load_prompts
+from dspark_jax.decoding.generate import GenerationResult
+
+
+def test_acceptance_stats_by_hand():
+    result = GenerationResult(
+        tokens=[[1] * 9, [2] * 4, [3]],  # 8 and 3 tokens committed over rounds; the third had none
+        verify_lengths=[[3, 3, 3], [3, 1], []],
+        accepted_lengths=[[3, 0, 2], [2, 0], []],
+        confidence_logits=[np.zeros((3, 3)), np.zeros((2, 3)), np.zeros((0, 3))],
+    )
+    s = acceptance_stats(result, gamma=3)
+    assert s["rounds"] == 5 and s["generated_tokens"] == 14
+    assert s["tau"] == pytest.approx(11 / 5)
+    assert s["mean_verified"] == pytest.approx(13 / 5)
+    assert s["verify_rate"] == pytest.approx(11 / (13 + 5))
+    # slot 1: accepted in 3 of 5 offered rounds; slot 2: 3 of 4 offered; slot 3: 1 of 4
+    np.testing.assert_allclose(s["accept_rate"], [3 / 5, 3 / 4, 1 / 4])
+    np.testing.assert_allclose(s["conditional_acceptance"], [3 / 5, (3 / 4) / (3 / 5), (1 / 4) / (3 / 4)])
+
+
+def test_load_prompts(tmp_path):
+    path = tmp_path / "aime25.jsonl"
+    path.write_text("\n".join(json.dumps({"turns": [f"question {i}", "follow-up"]}) for i in range(40)) + "\n")
+    prompts = load_prompts(str(path))
+    assert len(prompts) == 30 and len(set(prompts)) == 30  # the aime25 cap, after a seeded shuffle
+    assert prompts == load_prompts(str(path))
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"turns": ["ok"]}\n{"text": "no turns"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: not a prompt record"):
+        load_prompts(str(bad))
+
+
+def test_eval_script_end_to_end(tmp_path):
+    import eval as eval_script
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny.jsonl").write_text("\n".join(json.dumps({"turns": [q]}) for q in
+                                               ["What is 2 + 2?", "Name a color."]) + "\n")
+    out = tmp_path / "r.json"
+    eval_script.main(["--draft", "random:dspark", "--data-dir", str(data), "--max-new-tokens", "8",
+                      "--batch-size", "2", "--dtype", "float32", "--threshold-sweep", "0.5",
+                      "--calibration-dir", str(tmp_path / "cal"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    entry = report["datasets"]["tiny"]
+    s = entry["speculative"]
+    assert entry["prompts"] == 2 and s["rounds"] >= 2 and s["tau"] >= 1.0
+    assert all(0 <= a <= 1 for a in s["accept_rate"] if a == a)
+    assert entry["autoregressive"]["tokens_per_s"] > 0 and entry["speedup"] > 0
+    assert len(entry["calibration"]["ece"]) == 7
+    assert entry["threshold_sweep"][0]["threshold"] == 0.5
