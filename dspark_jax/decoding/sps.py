@@ -1,0 +1,70 @@
+"""Profiled verify-step throughput SPS(B): target steps per second at B verify tokens.
+
+The scheduler needs the target's cost of one verify step as a function of the total number
+of tokens B it checks across the batch. `profile_sps` measures it on the current device for
+a given concurrency R (R sequences against a cache of `context` positions each): it times
+`Target.extend` with q = 1..gamma+1 tokens per sequence, so B = R * q, and interpolates
+linearly in B between those points. Tables are saved as JSON
+{"device", "concurrency", "context", "gamma", "measured": {B: steps/s}, "sps": [SPS(1), ...]}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.timing import timed_chain
+
+
+def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
+    """SPS(B) for B = 1..max_tokens, linear between measured B, flat outside them."""
+    xs = np.asarray(sorted(measured), float)
+    ys = np.asarray([measured[int(x)] for x in xs], float)
+    return np.interp(np.arange(1, max_tokens + 1), xs, ys).tolist()
+
+
+def profile_sps(target, *, concurrency: int, context: int, gamma: int, steps: int = 8, reps: int = 5) -> dict:
+    """Measures verify steps/s for q = 1..gamma+1 tokens per sequence (see the module doc)."""
+    r = concurrency
+    capacity = context + gamma + 2
+    measured = {}
+    for q in range(1, gamma + 2):
+        tokens = jax.random.randint(jax.random.key(q), (r, q), 0, target.config.vocab_size, jnp.int32)
+
+        @functools.partial(jax.jit, donate_argnums=1)
+        def verify_steps(params, cache, tokens=tokens, q=q):
+            def step(_, cache):
+                _, _, _, new = target.extend(params, cache, tokens, jnp.full((r,), q, jnp.int32))
+                return new.rollback(cache.lengths)
+
+            return jax.lax.fori_loop(0, steps, step, cache)
+
+        cache = target.init_cache(r, capacity).replace(lengths=jnp.full((r,), context, jnp.int32))
+        seconds = timed_chain(lambda c: verify_steps(target.params, c), cache, iters=1, reps=reps) / steps
+        measured[r * q] = 1.0 / seconds
+    return {
+        "device": jax.devices()[0].device_kind,
+        "concurrency": r,
+        "context": context,
+        "gamma": gamma,
+        "measured": {str(b): v for b, v in measured.items()},
+        "sps": interpolate(measured, r * (gamma + 1)),
+    }
+
+
+def save_table(table: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+
+
+def load_table(path: str) -> dict:
+    """A saved SPS table; raises a ValueError naming the file if it is not one."""
+    with open(path) as f:
+        table = json.load(f)
+    if not isinstance(table.get("sps"), list) or not table["sps"]:
+        raise ValueError(f"{path}: not an SPS table (no 'sps' list)")
+    return table

@@ -1,0 +1,51 @@
+"""Scheduler simulation and SPS tables."""
+
+import numpy as np
+import pytest
+
+from dspark_jax.decoding.generate import GenerationResult
+from dspark_jax.decoding.simulate import Trace, simulate, throughput, trace_from_result
+from dspark_jax.decoding.sps import interpolate, profile_sps
+
+
+def test_throughput_by_hand():
+    # Request 0 verifies 2 tokens (1 accepted), request 1 verifies none (3 would have been).
+    sps = [1.0, 0.5, 0.4, 0.3]
+    assert throughput(np.asarray([[2, 0]]), np.asarray([[1, 3]]), sps) == pytest.approx((1 + 0 + 2) * 0.3)
+
+
+def test_interpolate():
+    assert interpolate({2: 10.0, 6: 2.0}, 7) == [10.0, 10.0, 8.0, 6.0, 4.0, 2.0, 2.0]
+
+
+def synthetic_trace(n, rng, gamma=6):
+    """Calibrated confidences: the head reports the true conditional acceptance s_j."""
+    s = rng.beta(5, 2, size=(n, gamma))
+    accepted = np.sum(np.cumprod(rng.uniform(size=(n, gamma)) < s, axis=1), axis=1)
+    return Trace(np.log(s / (1 - s)).astype(np.float32), accepted.astype(np.int32))
+
+
+def test_simulated_scheduler_beats_no_speculation():
+    trace = synthetic_trace(4096, np.random.default_rng(0))
+    sps = [1.0 / (1 + 0.02 * b) for b in range(1, 2048)]  # step time grows with verify tokens
+    for r in (1, 8, 64):
+        out = simulate(trace, sps, r)
+        assert out["fixed"][0] == out["no_speculation"] == pytest.approx(r * sps[r - 1])
+        assert out["prefix"] > out["no_speculation"] and out["async"] > out["no_speculation"]
+        assert out["prefix"] >= 0.97 * out["best_fixed"], out
+
+
+def test_trace_from_result_needs_full_verification():
+    conf = [np.zeros((3, 2), np.float32)]
+    trace = trace_from_result(GenerationResult([[1] * 6], [[2, 2, 2]], [[1, 2, 0]], conf))
+    np.testing.assert_array_equal(trace.accepted, [1, 2])
+    with pytest.raises(ValueError, match="verified every draft token"):
+        trace_from_result(GenerationResult([[1] * 6], [[2, 1, 2]], [[1, 0, 0]], conf))
+
+
+def test_profile_sps_on_a_tiny_target():
+    from tests.decoding.test_speculative import tiny_target
+
+    table = profile_sps(tiny_target(), concurrency=2, context=16, gamma=3, steps=2, reps=2)
+    assert sorted(map(int, table["measured"])) == [2, 4, 6, 8]
+    assert len(table["sps"]) == 8 and all(v > 0 for v in table["sps"])
