@@ -102,6 +102,27 @@ def speculative_loop(
         key=key,
     )
 
+    # With a scheduler, the verify pass runs at the smallest width (a power of two, or G + 1)
+    # that holds every row's 1 + L tokens, so shorter verification is also cheaper.
+    widths = [g + 1] if scheduler is None else sorted({min(1 << i, g + 1) for i in range(1, (g + 1).bit_length() + 1)})
+
+    def verify_at(width):
+        def run(args):
+            cache, candidates, num_new = args
+            logits, _, vtaps, cache = target.extend(target_params, cache, candidates[:, :width], num_new,
+                                                    hidden_layers=taps)
+            pad = ((0, 0), (0, g + 1 - width))
+            return jnp.pad(logits, pad + ((0, 0),)), jnp.pad(vtaps, pad + ((0, 0), (0, 0))), cache
+
+        return run
+
+    def verify_step(cache, candidates, num_new):
+        """(logits [B, G + 1, V], taps [B, G + 1, n, H], cache) of the verified tokens."""
+        if len(widths) == 1:
+            return verify_at(widths[0])((cache, candidates, num_new))
+        branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(num_new))
+        return jax.lax.switch(branch, [verify_at(w) for w in widths], (cache, candidates, num_new))
+
     def round_(s: _State) -> _State:
         key, k_draft, k_verify = jax.random.split(s.key, 3)
         active = ~s.done
@@ -118,9 +139,7 @@ def speculative_loop(
 
         start = s.target_cache.lengths  # anchor positions
         candidates = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)  # [B, G + 1]
-        logits, _, vtaps, tcache = target.extend(
-            target_params, s.target_cache, candidates, jnp.where(active, length + 1, 0), hidden_layers=taps
-        )
+        logits, vtaps, tcache = verify_step(s.target_cache, candidates, jnp.where(active, length + 1, 0))
         verdict = verify(k_verify, prop.tokens, prop.probs, probabilities(logits, sampling), length)
         accepted = verdict.accepted
         slot = jnp.arange(g)
