@@ -85,13 +85,3 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None) -> j
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))
-
-
-def tree_shardings(logical_specs: Any, abstract: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree, from a matching pytree of logical PartitionSpecs."""
-    return jax.tree.map(
-        lambda spec, leaf: named_sharding(mesh, tuple(spec), leaf.shape),
-        logical_specs,
-        abstract,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )

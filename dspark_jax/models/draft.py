@@ -81,11 +81,6 @@ class Draft:
         own = {k: v for k, v in params.items() if k not in FROZEN}
         return own, params["embed_tokens"], params.get("lm_head")
 
-    @staticmethod
-    def trainable_mask(params) -> Any:
-        """A pytree of bools: False for the frozen embedding and LM head."""
-        return {k: jax.tree.map(lambda _: k not in FROZEN, v) for k, v in params.items()}
-
     def _apply(self, params, method, *args, **kwargs):
         """module.apply of `method` with the module's params; the embedding goes first."""
         own, embed, _ = self.split(params)
