@@ -180,7 +180,8 @@ class ConfidenceHead(nn.Module):
     def __call__(self, h: jax.Array, e: jax.Array | None) -> jax.Array:
         f = h if e is None else jnp.concatenate([h, e.astype(h.dtype)], axis=-1)
         proj = nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
-                        kernel_init=nn.with_logical_partitioning(param_init(), ("embed", None)))
+                        kernel_init=nn.with_logical_partitioning(param_init(), ("embed", None)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
         return proj(f)[..., 0].astype(jnp.float32)
 
 

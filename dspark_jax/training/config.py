@@ -1,0 +1,144 @@
+"""Training recipes: one frozen dataclass, written as a Python file per recipe.
+
+A recipe file (`configs/<name>.py`) defines `config = TrainConfig(...)`; `load_config` runs it
+and applies `--set key=value` overrides, each value parsed as the field's type. Unknown keys
+and unparsable values raise a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import runpy
+import typing
+
+from dspark_jax.models.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Drafter (the reference recipe's defaults).
+    algorithm: str = "dspark"  # dspark | dflash | eagle3
+    target: str = "demo"  # checkpoint dir or .gguf | "smollm2" (the cached GGUF) | "preset:<name>" (random) | "demo"
+    target_layer_ids: tuple[int, ...] = (1, 9, 17, 25, 33)
+    num_draft_layers: int = 0  # 0 = 5 for block drafters, 1 for Eagle3
+    block_size: int = 7
+    mask_token_id: int = -1  # -1 = the last vocabulary row
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    confidence_with_markov: bool = True
+    # Data.
+    train_files: tuple[str, ...] = ()
+    chat_template: str = "auto"  # auto | qwen | chatml | llama3 | gemma | gemma4
+    max_length: int = 4096
+    min_loss_tokens: int = 14
+    data_seed: int = 42
+    target_mode: str = "online"  # online (target runs in the train step) | offline (read cache_dir)
+    cache_dir: str = ""
+    # Demo data (target = "demo"): sequences the demo target samples itself.
+    demo_sequences: int = 256
+    demo_prompt_length: int = 8
+    # Losses.
+    num_anchors: int = 512
+    loss_decay_gamma: float = 4.0
+    ce_alpha: float = 0.1
+    tv_alpha: float = 0.9
+    confidence_alpha: float = 1.0
+    step_loss_decay: float = 0.8
+    # Optimisation.
+    learning_rate: float = 6e-4
+    warmup_ratio: float = 0.04
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 512  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per accumulation micro-step, across all devices
+    num_epochs: int = 10
+    max_steps: int = 0  # 0 = num_epochs over the data
+    seed: int = 42
+    dtype: str = "bfloat16"  # compute dtype; master weights and Adam state are fp32
+    target_dtype: str = "bfloat16"
+    # Mesh (data x fsdp x tensor must equal the device count).
+    mesh_data: int = -1  # -1 = all devices not used by fsdp and tensor
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    # Output.
+    output_dir: str = "runs/demo"
+    log_every: int = 10
+    save_every: int = 3000
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        choices = {
+            "algorithm": ("dspark", "dflash", "eagle3"),
+            "target_mode": ("online", "offline"),
+            "chat_template": ("auto", "qwen", "chatml", "llama3", "gemma", "gemma4"),
+            "markov_head_type": ("vanilla", "gated", "rnn"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
+        for key in ("global_batch_size", "micro_batch_size", "max_length", "block_size", "num_anchors", "log_every",
+                    "save_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"config key 'global_batch_size' ({self.global_batch_size}) must be a multiple of "
+                              f"'micro_batch_size' ({self.micro_batch_size})")
+        if self.target_mode == "offline" and not self.cache_dir:
+            raise ConfigError("config key 'cache_dir' must be set when target_mode is 'offline'")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+    def total_steps(self, num_sequences: int) -> int:
+        """Optimizer steps: max_steps, else num_epochs passes over the data."""
+        if self.max_steps:
+            return self.max_steps
+        return max(1, self.num_epochs * math.floor(num_sequences / self.global_batch_size))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def _parse(key: str, kind, text: str):
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1")
+        if origin is tuple:
+            item = typing.get_args(kind)[0]
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            return tuple(item(p.strip()) for p in parts)
+        return kind(text)
+    except ValueError as e:
+        raise ConfigError(f"--set {key}={text}: {e}") from None
+
+
+def override(config: TrainConfig, assignments: typing.Sequence[str]) -> TrainConfig:
+    """config with `key=value` assignments applied (values parsed as the field's type)."""
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {assignment!r}: expected key=value")
+        if key not in hints:
+            raise ConfigError(f"--set {key}: unknown config key; known keys: {', '.join(sorted(hints))}")
+        changes[key] = _parse(key, hints[key], text)
+    return dataclasses.replace(config, **changes)
+
+
+def load_config(path: str, assignments: typing.Sequence[str] = ()) -> TrainConfig:
+    """The `config` a recipe file defines, with overrides applied."""
+    namespace = runpy.run_path(path)
+    config = namespace.get("config")
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path}: a recipe must define `config = TrainConfig(...)`")
+    return override(config, assignments)

@@ -1,0 +1,172 @@
+"""Training losses and metrics of the drafters (reference sections 4 and 5.2).
+
+Block drafters (DSpark, DFlash): N anchors per sequence, each scoring a block of gamma slots
+teacher-forced on the dataset tokens. Slot j of the block at anchor a predicts token a+1+j;
+its target distribution is the target's own next-token distribution at position a+j
+(softmax of the frozen LM head over the target's final hidden state). Per slot:
+    ce   = -log softmax(D)[y]                               (D: draft logits after the Markov bias)
+    tv   = sum_v |softmax(D) - softmax(Z)|                  (the full L1 norm, 2 x TV)
+    conf = BCE(c, alpha*),  alpha* = clip(1 - tv / 2, 0, 1) (soft label, no gradient)
+weighted by w_j = eval_mask_j * exp(-j / loss_decay_gamma), and each term is normalised by the
+sum of weights over the whole micro-batch (the reference's global denominator).
+
+Eagle3: the training-time-test unroll; step k at position t is trained with a soft cross-
+entropy against the target distribution at t+k+1, masked by the loss mask shifted k places,
+normalised by the sequence length, and the steps are weighted by step_loss_decay^k.
+
+Every function returns (loss, metrics) where metrics maps a name to a (numerator, denominator)
+pair, so logging windows, micro-steps and devices aggregate as sum(num) / sum(den).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models.layers import lm_logits
+
+EPS = 1e-6
+
+
+class LossWeights(NamedTuple):
+    ce: float = 0.1
+    tv: float = 0.9
+    confidence: float = 1.0
+    decay_gamma: float = 4.0  # w_j = exp(-j / decay_gamma)
+
+
+def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
+    """Anchors for block training (reference 4.5).
+
+    loss_mask: [B, S] bool. Candidates are positions a with loss_mask[a] and loss_mask[a + 1];
+    min(num_anchors, #candidates) of them are drawn uniformly without replacement, sorted
+    ascending, and the rest of the N slots are dummy anchors (position 0, keep False).
+    Returns (anchors [B, N] int32, keep [B, N] bool).
+    """
+    b, s = loss_mask.shape
+    candidate = jnp.pad(loss_mask[:, :-1] & loss_mask[:, 1:], ((0, 0), (0, 1)))  # [B, S]
+    draw = jnp.where(candidate, jax.random.uniform(key, (b, s)), 2.0)
+    n = min(num_anchors, s)
+    chosen = jnp.argsort(draw, axis=1)[:, :n].astype(jnp.int32)  # [B, n]
+    keep = jnp.take_along_axis(candidate, chosen, axis=1)
+    chosen = jnp.sort(jnp.where(keep, chosen, s), axis=1)  # valid ascending, dummies last
+    keep = chosen < s
+    anchors = jnp.where(keep, chosen, 0)
+    pad = num_anchors - n
+    return jnp.pad(anchors, ((0, 0), (0, pad))), jnp.pad(keep, ((0, 0), (0, pad)))
+
+
+def frozen_head(params) -> tuple[jax.Array, jax.Array | None]:
+    """The target's embedding [V, H] and LM head [H, V] (None when tied) inside draft params."""
+    return params["embed_tokens"], params.get("lm_head")
+
+
+def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights):
+    """Loss and metrics of one micro-batch for a DSpark/DFlash drafter.
+
+    batch: input_ids [B, S] int32, loss_mask [B, S] bool, lengths [B] int32, features
+    [B, S, L_t * H] and last_hidden [B, S, H] (the target's final-normed hidden states).
+    """
+    cfg = draft.config
+    ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
+    s, g = ids.shape[1], cfg.block_size
+    anchors, keep = sample_anchors(key, mask, cfg.num_anchors)  # [B, N]
+    logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, N, G, V], [B, N, G]
+
+    j = jnp.arange(g)
+    label_pos = anchors[:, :, None] + 1 + j  # [B, N, G]
+    inside = label_pos < lengths[:, None, None]
+    label_pos = jnp.minimum(label_pos, s - 1)
+    labels = jnp.take_along_axis(ids[:, None, :], label_pos, axis=2)
+    supervised = jnp.take_along_axis(mask[:, None, :], label_pos, axis=2) & inside & keep[:, :, None]
+    eval_mask = jnp.cumprod(supervised.astype(jnp.float32), axis=-1)  # contiguous from slot 0
+    w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, N, G]
+
+    aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, N, G, H]
+    target_logits = lm_logits(aligned, *frozen_head(params))  # [B, N, G, V]
+
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, N, G]
+    l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, N, G]
+    alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
+
+    den = jnp.sum(w)
+    loss_ce, loss_tv = jnp.sum(w * ce) / (den + EPS), jnp.sum(w * l1) / (den + EPS)
+    loss = weights.ce * loss_ce
+    if weights.tv:
+        loss = loss + weights.tv * loss_tv
+    metrics = {"ce_loss": (jnp.sum(w * ce), den), "l1_loss": (jnp.sum(w * l1), den)}
+    if cfg.confidence_head:
+        bce = jnp.maximum(conf, 0) - conf * alpha + jnp.log1p(jnp.exp(-jnp.abs(conf)))
+        loss_conf = jnp.sum(w * bce) / (den + EPS)
+        loss = loss + weights.confidence * loss_conf
+        predicted = jax.nn.sigmoid(conf)
+        metrics["confidence_loss"] = (jnp.sum(w * bce), den)
+        metrics["confidence_abs_error"] = (jnp.sum(eval_mask * jnp.abs(predicted - alpha)), jnp.sum(eval_mask))
+        metrics["confidence_bias"] = (jnp.sum(eval_mask * (predicted - alpha)), jnp.sum(eval_mask))
+        survive_pred = jnp.cumprod(predicted, axis=-1) * eval_mask
+        survive_true = jnp.cumprod(alpha, axis=-1) * eval_mask
+        metrics["confidence_cumprod_bias"] = (jnp.sum(survive_pred - survive_true), jnp.sum(eval_mask))
+    metrics.update(_acceptance_metrics(alpha, eval_mask, keep.astype(jnp.float32)))
+    metrics["valid_anchors"] = (jnp.sum(keep), jnp.asarray(ids.shape[0], jnp.float32))
+    metrics["block_supervised_tokens"] = (jnp.sum(eval_mask), jnp.sum(keep))
+    metrics["loss"] = (loss, jnp.ones((), jnp.float32))
+    return loss, metrics
+
+
+def _acceptance_metrics(alpha: jax.Array, mask: jax.Array, starts: jax.Array) -> dict:
+    """accept_rate@j and tau_probabilistic from analytic acceptance rates.
+
+    alpha, mask: [..., G] (slot j of a block or TTT step j at a position); starts: [...]
+    weight of each block (1 for a real block). tau = 1 + sum_j prod_{j' <= j} alpha_j' mask_j'.
+    """
+    metrics = {}
+    for j in range(alpha.shape[-1]):
+        metrics[f"accept_rate@{j}"] = (jnp.sum(alpha[..., j] * mask[..., j]), jnp.sum(mask[..., j]))
+    survive = jnp.cumprod(alpha * mask, axis=-1)
+    metrics["tau_probabilistic"] = (jnp.sum(starts * (1.0 + jnp.sum(survive, axis=-1))), jnp.sum(starts))
+    return metrics
+
+
+def eagle3_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights):
+    """Loss and metrics of one micro-batch for an Eagle3 drafter (reference 5.2). `key` unused."""
+    del key, weights
+    cfg = draft.config
+    ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
+    b, s = ids.shape
+    g = cfg.block_size
+    outs = draft.ttt_forward(params, batch["features"], ids)  # [G, B, S, H]
+    logits = draft.logits(params, outs)  # [G, B, S, V]
+    target_logp = jax.nn.log_softmax(lm_logits(batch["last_hidden"], *frozen_head(params)), axis=-1)  # [B, S, V]
+    t = jnp.arange(s)
+    valid = t[None, :] < lengths[:, None]
+    m0 = mask & valid & (t[None, :] != lengths[:, None] - 1)  # [B, S]
+    uniform = jnp.full_like(target_logp[:, :1], -jnp.log(target_logp.shape[-1]))
+
+    loss = jnp.zeros((), jnp.float32)
+    alphas, masks, metrics = [], [], {}
+    for k in range(g):
+        shift = k + 1
+        p_logp = jnp.concatenate([target_logp[:, shift:]] + [uniform] * shift, axis=1)  # P_{t+k+1}: [B, S, V]
+        m_k = jnp.pad(m0[:, k:], ((0, 0), (0, k))).astype(jnp.float32)  # m0[t + k]
+        logp = jax.nn.log_softmax(logits[k], axis=-1)
+        p = jnp.exp(p_logp)
+        soft_ce = -jnp.sum(p * logp, axis=-1)  # [B, S]
+        step_loss = jnp.mean(jnp.sum(m_k * soft_ce, axis=1) / lengths)
+        loss = loss + cfg.step_loss_decay**k * step_loss
+        alpha = jnp.clip(1.0 - 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - p), axis=-1), 0.0, 1.0)
+        label = jnp.pad(ids[:, k + 2 :], ((0, 0), (0, k + 2)))  # x_{t+k+2}
+        hit = (jnp.argmax(logits[k], axis=-1) == label).astype(jnp.float32)
+        metrics[f"ploss_{k}"] = (jnp.sum(m_k * soft_ce), jnp.sum(m_k))
+        metrics[f"accuracy@{k}"] = (jnp.sum(m_k * hit), jnp.sum(m_k))
+        alphas.append(jax.lax.stop_gradient(alpha))
+        masks.append(m_k)
+    metrics.update(_acceptance_metrics(jnp.stack(alphas, -1), jnp.stack(masks, -1), m0.astype(jnp.float32)))
+    metrics["loss"] = (loss, jnp.ones((), jnp.float32))
+    return loss, metrics
+
+
+def loss_fn(algorithm: str):
+    return eagle3_loss if algorithm == "eagle3" else block_loss

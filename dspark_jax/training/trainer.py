@@ -1,0 +1,264 @@
+"""The training run: target, draft, data, sharded train step, logging and checkpoints.
+
+`train(config)` runs (or resumes) a recipe end to end:
+- the mesh (data x fsdp x tensor) over all devices, the target on it (frozen), a fresh draft
+  whose trainable weights are fp32 masters sharded by their logical axes;
+- micro-batches from the grain pipeline over tokenised conversations (online mode, the target
+  computes features inside the step) or over a target cache (offline mode);
+- `<output_dir>/metrics.jsonl` (one JSON object per logging step), TensorBoard events under
+  `<output_dir>/tensorboard`, a progress bar with ETA;
+- orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
+  under `<output_dir>/checkpoints` (async, keep-N); a run restarts from the latest one, and
+  the result is bit-identical to an uninterrupted run;
+- the trained draft exported in DeepSpec's format to `<output_dir>/draft` at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from dspark_jax.checkpoints.deepspec import save_draft
+from dspark_jax.data.conversations import Counts, load_examples
+from dspark_jax.data.pipeline import accumulation_batch, micro_batches
+from dspark_jax.data.target_cache import TargetCache, write_target_cache
+from dspark_jax.models.draft import Draft, abstract_module_params
+from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.sharding import make_mesh, named_sharding
+from dspark_jax.timing import log
+from dspark_jax.training.config import TrainConfig
+from dspark_jax.training.events import EventWriter
+from dspark_jax.training.losses import LossWeights
+from dspark_jax.training.optim import make_optimizer
+from dspark_jax.training.step import batch_shardings, make_train_step
+
+
+def build_mesh(config: TrainConfig, devices=None):
+    devices = list(jax.devices() if devices is None else devices)
+    data = config.mesh_data if config.mesh_data > 0 else len(devices) // (config.mesh_fsdp * config.mesh_tensor)
+    return make_mesh(data, config.mesh_fsdp, config.mesh_tensor, devices)
+
+
+def build_target(config: TrainConfig, mesh):
+    """The frozen target a recipe names (see TrainConfig.target)."""
+    from dspark_jax.models.target import Target, load_target
+
+    if config.target == "demo":
+        from dspark_jax.training.demo import demo_target
+
+        return demo_target(dtype=config.target_dtype, mesh=mesh)
+    if config.target.startswith("preset:"):
+        from dspark_jax.models.presets import preset
+
+        return Target.random(preset(config.target.removeprefix("preset:")), dtype=config.target_dtype, mesh=mesh)
+    path = config.target
+    if path == "smollm2":
+        from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+
+        path = smollm2_gguf()
+    return load_target(path, dtype=config.target_dtype, mesh=mesh)
+
+
+def build_draft_config(config: TrainConfig, target):
+    mask_token = config.mask_token_id if config.mask_token_id >= 0 else target.config.vocab_size - 1
+    return draft_config_for_target(
+        target.config, config.algorithm, config.target_layer_ids, num_layers=config.num_draft_layers or None,
+        block_size=config.block_size, mask_token_id=mask_token, num_anchors=config.num_anchors,
+        markov_rank=config.markov_rank, markov_head_type=config.markov_head_type,
+        confidence_with_markov=config.confidence_with_markov, step_loss_decay=config.step_loss_decay,
+        target_model_name_or_path=config.target,
+    )
+
+
+def training_examples(config: TrainConfig, target) -> list[dict]:
+    """Tokenised conversations of the recipe's files (or the demo target's own samples)."""
+    if config.target == "demo" and not config.train_files:
+        from dspark_jax.training.demo import demo_examples
+
+        return demo_examples(target, count=config.demo_sequences, prompt_length=config.demo_prompt_length,
+                             max_length=config.max_length, seed=config.data_seed)
+    if target.tokenizer is None:
+        raise ValueError(f"target {config.target!r} has no tokenizer to render {list(config.train_files)}")
+    counts = Counts()
+    examples = load_examples(config.train_files, target.tokenizer, template=config.chat_template,
+                             max_length=config.max_length, min_loss_tokens=config.min_loss_tokens, counts=counts)
+    log(f"data: {counts.summary()}")
+    return examples
+
+
+def cache_expectations(config: TrainConfig, target) -> dict:
+    """Manifest entries a target cache must have to train this recipe."""
+    return {"target_layer_ids": list(config.target_layer_ids), "hidden_size": target.config.hidden_size,
+            "target_model_name_or_path": config.target, "max_length": config.max_length}
+
+
+def prepare_cache(config: TrainConfig, *, batch_size: int = 8) -> dict:
+    """Writes the recipe's offline target cache to config.cache_dir; returns its manifest."""
+    target = build_target(config, None)
+    examples = training_examples(config, target)
+    meta = {**cache_expectations(config, target), "source_jsonl_paths": list(config.train_files),
+            "chat_template": config.chat_template, "min_loss_tokens": config.min_loss_tokens}
+    manifest = write_target_cache(target, examples, config.cache_dir, layer_ids=config.target_layer_ids,
+                                  batch_size=batch_size, metadata=meta)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    log(f"cache {config.cache_dir}: {len(examples)} sequences, {tokens} tokens, "
+        f"{manifest['bytes_per_token']} bytes/token")
+    return manifest
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds (see `setup`)."""
+
+    config: TrainConfig
+    mesh: object
+    target: object
+    draft: Draft  # compute-dtype drafter; its params are passed explicitly
+    frozen: dict
+    dataset: object
+    num_sequences: int
+    total_steps: int
+    step_fn: object
+    state: dict
+
+    def export(self, path: str) -> None:
+        """Writes the current draft (bf16) in DeepSpec's format."""
+        params = {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.state["params"]), **self.frozen}
+        save_draft(dataclasses.replace(self.draft, params=params), path)
+
+
+def setup(config: TrainConfig, devices=None) -> Run:
+    mesh = build_mesh(config, devices)
+    target = build_target(config, mesh)
+    draft_config = build_draft_config(config, target)
+    if config.target_mode == "offline":
+        source = TargetCache(config.cache_dir)
+        source.check(cache_expectations(config, target))
+    else:
+        source = training_examples(config, target)
+    hosts = jax.process_count()
+    dataset = micro_batches(source, batch_size=config.micro_batch_size // hosts, max_length=config.max_length,
+                            seed=config.data_seed, host_index=jax.process_index(), host_count=hosts)
+    total = config.total_steps(len(source))
+    optimizer, schedule = make_optimizer(config, total)
+
+    master = Draft.random(draft_config, target=target, seed=config.seed, dtype="float32")
+    own, _, _ = Draft.split(master.params)
+    frozen = {k: target.params[k] for k in ("embed_tokens", "lm_head") if k in target.params}
+    _, specs = abstract_module_params(draft_config)
+    shardings = jax.tree.map(lambda s, x: named_sharding(mesh, tuple(s), x.shape), specs, own,
+                             is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    own = jax.device_put(own, shardings)
+    replicated = named_sharding(mesh, (), ())
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, own),
+                                          shardings, transform_non_params=lambda _: replicated)
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": own,
+        "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(own),
+        "key": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), named_sharding(mesh, (None,), (2,))),
+    }
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    draft = Draft(draft_config, None, jnp.dtype(config.dtype), mesh)
+    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
+               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma))
+    step = make_train_step(draft, optimizer, schedule, weights,
+                           target=target if config.target_mode == "online" else None, state_shardings=state_shardings)
+    step_fn = jax.jit(step, donate_argnums=0)
+    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, step_fn, state)
+
+
+def _checkpointer(config: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(config.output_dir, "checkpoints")), options=options)
+
+
+def _restore(run: Run, manager: ocp.CheckpointManager) -> int:
+    """Loads the latest checkpoint into run.state; returns its step (0 if none)."""
+    latest = manager.latest_step()
+    if latest is None:
+        return 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+    restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                               data=ocp.args.JsonRestore()))
+    want = {"micro_batch_size": run.config.micro_batch_size, "accumulation": run.config.accumulation_steps,
+            "processes": jax.process_count()}
+    have = {k: restored["data"].get(k) for k in want}
+    if have != want:
+        raise ValueError(f"checkpoint step {latest} was written with {have}, this run has {want}: "
+                         "resuming would change the data order")
+    run.state = restored["state"]
+    return latest
+
+
+def _device_batch(run: Run, step: int) -> tuple[dict, int]:
+    """Step `step`'s global batch on the mesh, and this host's supervised-token count."""
+    local = accumulation_batch(run.dataset, step, run.config.accumulation_steps)
+    shardings = batch_shardings(run.mesh, local)
+    batch = jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, x), shardings, local)
+    return batch, int(local["loss_mask"].sum())
+
+
+def _summarise(window: dict) -> dict:
+    return {name: float(num) / float(den) if den else 0.0 for name, (num, den) in window.items()}
+
+
+def train(config: TrainConfig, *, devices=None, stop_at: int | None = None) -> Run:
+    """Trains (resuming from the latest checkpoint in output_dir). stop_at: end the process's
+    work after that many total steps without a final save (what a kill leaves behind)."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    run = setup(config, devices)
+    manager = _checkpointer(config)
+    start = _restore(run, manager)
+    with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
+        f.write(config.to_json())
+    is_main = jax.process_index() == 0
+    metrics_file = open(os.path.join(config.output_dir, "metrics.jsonl"), "a") if is_main else None
+    events = EventWriter(os.path.join(config.output_dir, "tensorboard")) if is_main else None
+    log(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
+        f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
+        f"mesh {dict(run.mesh.shape)}, starting at step {start}")
+    end = run.total_steps if stop_at is None else min(stop_at, run.total_steps)
+    window, tokens, clock = None, 0, time.perf_counter()
+    bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    for step in range(start, end):
+        batch, supervised = _device_batch(run, step)
+        run.state, metrics = run.step_fn(run.state, run.frozen, run.target.params, batch)
+        tokens += supervised
+        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+        done = step + 1
+        if done % config.log_every == 0 or done == run.total_steps:
+            row = {"step": done, **_summarise(jax.device_get(window))}
+            elapsed = time.perf_counter() - clock
+            row["supervised_tokens_per_s"] = tokens / elapsed
+            window, tokens, clock = None, 0, time.perf_counter()
+            if is_main:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                events.scalars(done, {k: v for k, v in row.items() if k != "step"})
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tau=f"{row['tau_probabilistic']:.3f}")
+        bar.update(1)
+        if done % config.save_every == 0 or done == run.total_steps:
+            manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(run.state),
+                data=ocp.args.JsonSave({"next_micro_batch": done * config.accumulation_steps,
+                                        "micro_batch_size": config.micro_batch_size,
+                                        "accumulation": config.accumulation_steps,
+                                        "processes": jax.process_count()})))
+            if is_main:
+                run.export(os.path.join(config.output_dir, "draft"))
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if is_main:
+        metrics_file.close()
+        events.close()
+    return run
