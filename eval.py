@@ -27,15 +27,14 @@ from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.evaluation import SEED, acceptance_stats, chat_ids, load_prompts, merge_results
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler
 from dspark_jax.decoding.simulate import trace_from_result
-from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 
 
 def make_draft(spec: str, target, dtype: str):
     """A DeepSpec directory, or random:<dspark|dflash|eagle3> (random weights, for pipeline checks)."""
     if spec.startswith("random:"):
         algorithm = spec.split(":", 1)[1]
-        n = target.config.num_layers
-        ids = tuple(1 + round(i * (n - 3) / 4) for i in range(5))
+        ids = spread_layer_ids(target.config.num_layers)
         config = draft_config_for_target(target.config, algorithm, ids, mask_token_id=target.config.vocab_size - 1)
         return Draft.random(config, target=target, dtype=dtype)
     return load_draft(spec, target=target, dtype=dtype)

@@ -4,6 +4,7 @@
   fetch-smollm2   download the SmolLM2 GGUF into the cache and print its path
   profile-sps     measure the target's verify steps/s per token batch size (a scheduler table)
   simulate        replay a recorded trace (eval.py --save-trace) against SPS tables
+  regenerate      answer the user turns of a conversation file with the target (training data)
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def _simulate(args) -> None:
               f"{out['async']:>10.1f}  (L={out['best_fixed_length']})")
 
 
+def _regenerate(args) -> None:
+    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+    from dspark_jax.data.regenerate import regenerate_file
+    from dspark_jax.models.target import load_target
+
+    target = load_target(smollm2_gguf() if args.model == "smollm2" else args.model, dtype=args.dtype)
+    counts = regenerate_file(target, args.input, args.output, chunk=args.chunk, limit=args.limit, seed=args.seed,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, batch_size=args.batch_size)
+    print(f"{args.output}: {counts.summary()}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dspark_jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +113,20 @@ def main(argv=None) -> None:
     sim.add_argument("--concurrency", type=int, nargs="+", required=True)
     sim.add_argument("--sps", nargs="+", required=True, help="one SPS table per concurrency, in the same order")
     sim.set_defaults(func=_simulate)
+    regen = sub.add_parser("regenerate", help="answer the user turns of a JSONL file with the target")
+    regen.add_argument("--model", required=True, help="checkpoint directory or .gguf file, or 'smollm2'")
+    regen.add_argument("--input", required=True, help="JSONL conversations or DeepSpec {\"turns\": [...]} prompts")
+    regen.add_argument("--output", required=True, help="JSONL of {\"messages\": [...]}; a rerun continues it")
+    regen.add_argument("--max-new-tokens", type=int, default=1024)
+    regen.add_argument("--temperature", type=float, default=0.7)
+    regen.add_argument("--top-p", type=float, default=0.8)
+    regen.add_argument("--top-k", type=int, default=20)
+    regen.add_argument("--batch-size", type=int, default=32)
+    regen.add_argument("--chunk", type=int, default=256, help="conversations per appended chunk")
+    regen.add_argument("--limit", type=int, help="only the first N conversations")
+    regen.add_argument("--seed", type=int, default=0)
+    regen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    regen.set_defaults(func=_regenerate)
     args = parser.parse_args(argv)
     if args.command == "simulate" and len(args.sps) != len(args.concurrency):
         parser.error("simulate: give one --sps table per --concurrency value")

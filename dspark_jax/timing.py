@@ -6,6 +6,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def log(msg: str) -> None:
@@ -37,3 +38,12 @@ def timed_chain(program, carry, iters: int, reps: int = 7) -> float:
         jax.block_until_ready(state[0])
 
     return timed(call, iters=iters, reps=reps, warmup=2)
+
+
+def matmul_rate(n: int) -> float:
+    """bf16 FLOP/s of an n x n x n matrix product on random data."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())

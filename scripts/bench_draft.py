@@ -24,16 +24,11 @@ import jax.numpy as jnp
 
 from dspark_jax import Draft, Target
 from dspark_jax.decoding.sampling import SamplingParams
-from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 from dspark_jax.models.presets import preset
 from dspark_jax.timing import log, timed_chain
 
 STEPS = 8  # steps per timed program
-
-
-def layer_ids(num_layers: int) -> tuple[int, ...]:
-    """Five tapped layers spread like the reference's [1, 9, 17, 25, 33] for 36 layers."""
-    return tuple(1 + round(i * (num_layers - 4) / 4) for i in range(5))
 
 
 def main() -> None:
@@ -55,7 +50,7 @@ def main() -> None:
         capacity = ctx + q + 8
         times = {}
         for algorithm in ("dspark", "dflash"):
-            config = draft_config_for_target(target_config, algorithm, layer_ids(target_config.num_layers),
+            config = draft_config_for_target(target_config, algorithm, spread_layer_ids(target_config.num_layers),
                                              block_size=gamma, mask_token_id=target_config.vocab_size - 1)
             draft = Draft.random(config, target=target, seed=1)
             features = jax.random.normal(jax.random.key(2), (b, q, config.feature_size), jnp.bfloat16)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from dspark_jax import Target
 from dspark_jax.models.presets import preset
-from dspark_jax.timing import log, timed, timed_chain
+from dspark_jax.timing import log, matmul_rate, timed, timed_chain
 
 DECODE_STEPS = 16  # decode steps per timed program
 
@@ -38,15 +38,6 @@ def copy_bandwidth(gib: float) -> float:
     bump = jax.jit(lambda a: a + 1.0)
     seconds = timed(lambda: bump(x).block_until_ready())
     return 2 * x.nbytes / seconds
-
-
-def matmul_rate(n: int) -> float:
-    """bf16 FLOP/s of an n x n x n matrix product on random data."""
-    k1, k2 = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
-    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
 
 def fill_cache(target: Target, batch: int, capacity: int, length: int):

@@ -75,7 +75,7 @@ def make_train_step(draft, optimizer: optax.GradientTransformation, schedule, we
 
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": (optax.global_norm(grads), jnp.ones(())),
+        metrics = {**metrics, "grad_norm": (optax.tree.norm(grads), jnp.ones(())),
                    "lr": (schedule(state["step"]), jnp.ones(()))}
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "key": state["key"]}
         if state_shardings is not None:

@@ -42,7 +42,7 @@ def random_sps(rng, n):
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_prefix_scheduler_matches_algorithm1(early_stop):
     rng = np.random.default_rng(0)
-    for trial in range(40):
+    for trial in range(20):
         r, g = rng.integers(1, 9), rng.integers(1, 8)
         conf = rng.normal(1.0, 2.0, (r, g)).astype(np.float32)
         active = rng.uniform(size=r) < 0.85

@@ -1,0 +1,5 @@
+"""DeepSpec's dflash recipe for qwen3_14b (see dspark_jax/training/recipes.py)."""
+
+from dspark_jax.training.recipes import reference_recipe
+
+config = reference_recipe("dflash", "qwen3_14b")

@@ -1,0 +1,141 @@
+"""Training throughput of the Qwen3-4B DSpark recipe shape on one GPU, in both target modes.
+
+    python scripts/bench_train.py --modes offline online
+
+One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
+supervised draft tokens), random bf16 target weights (step time does not depend on them),
+fp32 master weights and AdamW state, bf16 compute. For each mode it reports:
+- the whole train step (`make_train_step`, `--accumulation` micro-steps per AdamW update),
+  per micro-step, its first-call compile time, supervised draft tokens/s, peak memory;
+- the split: draft forward (backbone), + LM head and losses, + backward, AdamW update, and
+  online the target forward, each timed as its own jitted function;
+- FLOPs of one micro-step's forward + backward as XLA counts them, and MFU against the
+  measured bf16 matmul rate (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax import Draft, Target
+from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
+from dspark_jax.models.presets import preset
+from dspark_jax.timing import log, matmul_rate, timed, timed_chain
+from dspark_jax.training.config import TrainConfig
+from dspark_jax.training.losses import LossWeights, block_loss, sample_anchors
+from dspark_jax.training.optim import make_optimizer
+from dspark_jax.training.step import make_train_step, target_features
+
+DATASHEET_FLOPS = 989e12  # H100 SXM dense bf16
+
+
+def flops_of(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen3-4b")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--anchors", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=96, help="unsupervised tokens at the start of the sequence")
+    parser.add_argument("--accumulation", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    target = Target.random(preset(args.preset), dtype="bfloat16")
+    tc = target.config
+    layers = spread_layer_ids(tc.num_layers)
+    config = draft_config_for_target(tc, "dspark", layers, block_size=7, mask_token_id=tc.vocab_size - 1,
+                                     num_anchors=args.anchors)
+    master = Draft.random(config, target=target, seed=0, dtype="float32")
+    own, _, _ = Draft.split(master.params)
+    frozen = {k: target.params[k] for k in ("embed_tokens", "lm_head") if k in target.params}
+    draft = Draft(config, None, jnp.bfloat16)
+    recipe = TrainConfig(target="preset:" + args.preset)
+    optimizer, schedule = make_optimizer(recipe, total_steps=1000)
+    weights = LossWeights()
+    s, a = args.seq, args.accumulation
+    keys = jax.random.split(jax.random.key(1), 3)
+    ids = jax.random.randint(keys[0], (1, s), 0, tc.vocab_size - 1)
+    micro = {"input_ids": ids, "loss_mask": (jnp.arange(s) >= args.prompt)[None], "lengths": jnp.full((1,), s)}
+    features, last = jax.jit(lambda p, x: target_features(target, p, x, layers))(target.params, ids)
+    offline_micro = {**micro, "features": features, "last_hidden": last}
+    trainable_params = sum(x.size for x in jax.tree.leaves(own))
+    log(f"{args.preset} DSpark draft: {trainable_params / 1e6:.0f}M trainable parameters, S={s}, "
+        f"{args.anchors} anchors, accumulation {a}")
+    matmul = matmul_rate(args.matmul_size)
+    log(f"bf16 matmul {args.matmul_size}^3: {matmul / 1e12:.0f} TFLOP/s")
+
+    def loss(trainable, batch):
+        return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen}, batch,
+                          jax.random.key(0), weights)
+
+    results = {"device": jax.devices()[0].device_kind, "matmul_flops": matmul, "seq": s, "anchors": args.anchors,
+               "trainable_params": trainable_params, "accumulation": a, "modes": {}}
+    split = {
+        "draft_forward": jax.jit(lambda p, b: draft.block_forward(
+            jax.tree.map(lambda x: x.astype(jnp.bfloat16), {**p, **frozen}), b["features"], b["input_ids"],
+            *sample_anchors(jax.random.key(0), b["loss_mask"], args.anchors))[2]),
+        "forward_and_loss": jax.jit(lambda p, b: loss(p, b)[0]),
+        "forward_and_backward": jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0])),
+    }
+    times = {}
+    for name, fn in split.items():
+        log(name)
+        times[name] = timed(lambda fn=fn: jax.block_until_ready(fn(own, offline_micro)), reps=5, iters=3)
+    grads = split["forward_and_backward"](own, offline_micro)[1]
+    supervised = int(np.asarray(jax.jit(lambda b: loss(own, b)[1]["block_supervised_tokens"][0])(offline_micro)))
+    opt_state = optimizer.init(own)
+    update = jax.jit(lambda g, st, p: optimizer.update(g, st, p))
+    log("optimizer")
+    times["optimizer"] = timed(lambda: jax.block_until_ready(update(grads, opt_state, own)), reps=5, iters=3)
+    log("target forward")
+    feats = jax.jit(lambda p, x: target_features(target, p, x, layers))
+    times["target_forward"] = timed(lambda: jax.block_until_ready(feats(target.params, ids)), reps=5, iters=3)
+    step_flops = flops_of(jax.value_and_grad(lambda p, b: loss(p, b)[0]), own, offline_micro)
+    target_flops = flops_of(lambda p, x: target_features(target, p, x, layers), target.params, ids)
+    results.update(split_ms={k: v * 1e3 for k, v in times.items()}, supervised_tokens=supervised,
+                   draft_step_flops=step_flops, target_forward_flops=target_flops)
+
+    for mode in args.modes:
+        batch = offline_micro if mode == "offline" else micro
+        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
+        step = jax.jit(make_train_step(draft, optimizer, schedule, weights,
+                                       target=target if mode == "online" else None), donate_argnums=0)
+        state = {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, own),
+                 "opt_state": optimizer.init(own), "key": jax.random.key_data(jax.random.key(0))}
+        log(f"{mode} train step")
+        per_step = timed_chain(lambda st: step(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
+        per_micro = per_step / a
+        flops = step_flops + (target_flops if mode == "online" else 0.0)
+        row = {"micro_step_ms": per_micro * 1e3, "tokens_per_s": supervised / per_micro,
+               "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
+               "peak_gib": jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30}
+        results["modes"][mode] = row
+        log(f"{mode}: {json.dumps(row)}")
+
+    print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors ({supervised} supervised draft tokens), "
+          f"device {results['device']}")
+    print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
+    print(f"FLOPs per micro-step: draft fwd+bwd {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
+    print(f"{'mode':8} {'ms/seq':>8} {'tokens/s':>10} {'MFU(meas)':>10} {'MFU(989T)':>10} {'peak GiB':>9}")
+    for mode, row in results["modes"].items():
+        print(f"{mode:8} {row['micro_step_ms']:8.1f} {row['tokens_per_s']:10.0f} {row['mfu_measured']:10.1%} "
+              f"{row['mfu_datasheet']:10.1%} {row['peak_gib']:9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

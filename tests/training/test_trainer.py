@@ -1,0 +1,94 @@
+"""The trainer end to end on the demo target: sharding invariance, exact resume, online vs
+offline target features, export, and the demo recipe's learning curve."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dspark_jax import load_draft
+from dspark_jax.data.target_cache import CacheError
+from dspark_jax.training.config import load_config
+from dspark_jax.training.trainer import prepare_cache, setup, train
+
+SMALL = ["demo_sequences=64", "max_length=32", "num_anchors=8", "global_batch_size=16", "micro_batch_size=8",
+         "log_every=1", "save_every=1000"]
+
+
+def small_config(tmp_path, name, *extra):
+    return load_config("configs/demo_tiny.py", SMALL + [f"output_dir={tmp_path / name}", *extra])
+
+
+def metrics(config) -> list[dict]:
+    with open(os.path.join(config.output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_eight_devices_match_one_device(tmp_path, algorithm):
+    """data=2, fsdp=2, tensor=2 vs a single device: the same 20-step loss trajectory in fp32."""
+    extra = [f"algorithm={algorithm}", "max_steps=20"]
+    one = small_config(tmp_path, "one", *extra, "mesh_data=1")
+    eight = small_config(tmp_path, "eight", *extra, "mesh_data=2", "mesh_fsdp=2", "mesh_tensor=2")
+    train(one, devices=jax.devices()[:1])
+    run = train(eight)
+    assert dict(run.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    a, b = np.array([m["loss"] for m in metrics(one)]), np.array([m["loss"] for m in metrics(eight)])
+    assert len(a) == len(b) == 20
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert a[-1] < a[0]
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    straight = small_config(tmp_path, "straight", "max_steps=6", "save_every=3")
+    killed = small_config(tmp_path, "killed", "max_steps=6", "save_every=3")
+    reference = train(straight, devices=jax.devices()[:1])
+    train(killed, devices=jax.devices()[:1], stop_at=5)  # dies after step 5; the last checkpoint is step 3
+    assert sorted(os.listdir(os.path.join(killed.output_dir, "checkpoints"))) == ["3"]
+    resumed = train(killed, devices=jax.devices()[:1])
+    for x, y in zip(jax.tree.leaves(reference.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [m["step"] for m in metrics(killed)]
+    assert steps == [1, 2, 3, 4, 5, 4, 5, 6]  # steps 4-5 were redone after the restart
+
+
+def test_online_and_offline_targets_give_the_same_loss(tmp_path):
+    """A bf16 target: the cache stores exactly the features the online step computes."""
+    common = ["target_dtype=bfloat16", "max_steps=2"]
+    online = small_config(tmp_path, "online", *common)
+    offline = small_config(tmp_path, "offline", *common, "target_mode=offline", f"cache_dir={tmp_path / 'cache'}")
+    manifest = prepare_cache(offline)
+    assert manifest["num_samples"] == 64 and manifest["bytes_per_token"] == 4 + 2 + 2 * 3 * 64 + 2 * 64
+    train(online, devices=jax.devices()[:1])
+    train(offline, devices=jax.devices()[:1])
+    a, b = metrics(online), metrics(offline)
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+        assert x["tau_probabilistic"] == pytest.approx(y["tau_probabilistic"], rel=1e-6)
+
+
+def test_cache_built_for_another_config_is_refused(tmp_path):
+    config = small_config(tmp_path, "c", "target_mode=offline", f"cache_dir={tmp_path / 'cache'}")
+    prepare_cache(config)
+    other = small_config(tmp_path, "c", "target_mode=offline", f"cache_dir={tmp_path / 'cache'}",
+                         "target_layer_ids=0,2")
+    with pytest.raises(CacheError, match=r"manifest.json: target_layer_ids is \[0, 1, 2\] but the config needs \[0, 2\]"):
+        setup(other, devices=jax.devices()[:1])
+
+
+def test_demo_recipe_learns_and_exports_a_loadable_draft(tmp_path):
+    config = load_config("configs/demo_tiny.py", ["max_steps=120", f"output_dir={tmp_path / 'demo'}"])
+    run = train(config, devices=jax.devices()[:1])
+    rows = metrics(config)
+    first, last = rows[0]["tau_probabilistic"], rows[-1]["tau_probabilistic"]
+    assert last > first + 0.3, (first, last)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    draft = load_draft(os.path.join(config.output_dir, "draft"), target=run.target, dtype="bfloat16")
+    exported = jax.tree.map(lambda p: np.asarray(p.astype(np.float32)), run.state["params"])
+    for key, value in exported.items():
+        for x, y in zip(jax.tree.leaves(value), jax.tree.leaves(draft.params[key])):
+            np.testing.assert_array_equal(np.asarray(x, np.float32).astype("bfloat16").astype(np.float32),
+                                          np.asarray(y, np.float32))
+    assert os.listdir(os.path.join(config.output_dir, "tensorboard"))
