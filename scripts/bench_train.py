@@ -9,8 +9,10 @@ fp32 master weights and AdamW state, bf16 compute. For each mode it reports:
   per micro-step, its first-call compile time, supervised draft tokens/s, peak memory;
 - the split: draft forward (backbone), + LM head and losses, + backward, AdamW update, and
   online the target forward, each timed as its own jitted function;
-- FLOPs of one micro-step's forward + backward as XLA counts them, and MFU against the
-  measured bf16 matmul rate (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
+- model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
+  analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
+  (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
+`--skip-split` times only the train steps, so their first call is a cold compile.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dspark_jax import Draft, Target
 from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
@@ -34,10 +35,25 @@ from dspark_jax.training.step import make_train_step, target_features
 DATASHEET_FLOPS = 989e12  # H100 SXM dense bf16
 
 
-def flops_of(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
+def train_flops(config, s: int, t: int) -> tuple[float, float]:
+    """(draft, target) model FLOPs of one micro-step: S context positions, T block slots.
+
+    Every matmul counts 2 FLOPs per multiply-add; weights that train cost 3x their forward
+    (forward, input gradient, weight gradient), the frozen LM head 2x (no weight gradient),
+    the target's logits for the losses and the fc over context features (inputs need no
+    gradient) as noted. Attention counts the visible keys only: on average half the context
+    (anchors are uniform) plus the block.
+    """
+    c = config.layers
+    h, q, kv, i, v, g = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, \
+        c.vocab_size, config.block_size
+    layer = 2 * t * (h * q + q * h + 3 * h * i) + 2 * (t + s) * h * 2 * kv
+    attention = 2 * 2 * t * q * (s / 2 + g)
+    draft = 3 * (c.num_layers * (layer + attention) + 2 * t * config.markov_rank * v) + 2 * (2 * s * config.feature_size * h)
+    draft += 2 * (2 * t * h * v) + 2 * t * h * v  # draft LM head (fwd + input grad), target logits (fwd)
+    # Draft layers copy the target's dimensions; the target's forward (no logits needed):
+    target = config.num_target_layers * (2 * s * (h * q + q * h + 2 * h * kv + 3 * h * i) + 2 * 2 * s * q * s / 2)
+    return float(draft), float(target)
 
 
 def main() -> None:
@@ -49,6 +65,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
     parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -82,59 +99,72 @@ def main() -> None:
 
     results = {"device": jax.devices()[0].device_kind, "matmul_flops": matmul, "seq": s, "anchors": args.anchors,
                "trainable_params": trainable_params, "accumulation": a, "modes": {}}
-    split = {
-        "draft_forward": jax.jit(lambda p, b: draft.block_forward(
-            jax.tree.map(lambda x: x.astype(jnp.bfloat16), {**p, **frozen}), b["features"], b["input_ids"],
-            *sample_anchors(jax.random.key(0), b["loss_mask"], args.anchors))[2]),
-        "forward_and_loss": jax.jit(lambda p, b: loss(p, b)[0]),
-        "forward_and_backward": jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0])),
-    }
-    times = {}
-    for name, fn in split.items():
-        log(name)
-        times[name] = timed(lambda fn=fn: jax.block_until_ready(fn(own, offline_micro)), reps=5, iters=3)
-    grads = split["forward_and_backward"](own, offline_micro)[1]
-    supervised = int(np.asarray(jax.jit(lambda b: loss(own, b)[1]["block_supervised_tokens"][0])(offline_micro)))
-    opt_state = optimizer.init(own)
-    update = jax.jit(lambda g, st, p: optimizer.update(g, st, p))
-    log("optimizer")
-    times["optimizer"] = timed(lambda: jax.block_until_ready(update(grads, opt_state, own)), reps=5, iters=3)
-    log("target forward")
-    feats = jax.jit(lambda p, x: target_features(target, p, x, layers))
-    times["target_forward"] = timed(lambda: jax.block_until_ready(feats(target.params, ids)), reps=5, iters=3)
-    step_flops = flops_of(jax.value_and_grad(lambda p, b: loss(p, b)[0]), own, offline_micro)
-    target_flops = flops_of(lambda p, x: target_features(target, p, x, layers), target.params, ids)
-    results.update(split_ms={k: v * 1e3 for k, v in times.items()}, supervised_tokens=supervised,
-                   draft_step_flops=step_flops, target_forward_flops=target_flops)
+    step_flops, target_flops = train_flops(config, s, args.anchors * config.block_size)
+    results.update(draft_step_flops=step_flops, target_forward_flops=target_flops)
+    if not args.skip_split:
+        results["split_ms"] = time_split(draft, own, frozen, loss, optimizer, target, layers, offline_micro, args.anchors)
 
     for mode in args.modes:
         batch = offline_micro if mode == "offline" else micro
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
         step = jax.jit(make_train_step(draft, optimizer, schedule, weights,
                                        target=target if mode == "online" else None), donate_argnums=0)
-        state = {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, own),
-                 "opt_state": optimizer.init(own), "key": jax.random.key_data(jax.random.key(0))}
+        state = optimizer_state(optimizer, own)
         log(f"{mode} train step")
         per_step = timed_chain(lambda st: step(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
         per_micro = per_step / a
+        _, metrics = step(optimizer_state(optimizer, own), frozen, target.params, stacked)
+        supervised = float(metrics["block_supervised_tokens"][0]) / a
         flops = step_flops + (target_flops if mode == "online" else 0.0)
-        row = {"micro_step_ms": per_micro * 1e3, "tokens_per_s": supervised / per_micro,
+        row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised, "tokens_per_s": supervised / per_micro,
                "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
-               "peak_gib": jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30}
+               "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
         results["modes"][mode] = row
         log(f"{mode}: {json.dumps(row)}")
 
-    print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors ({supervised} supervised draft tokens), "
-          f"device {results['device']}")
-    print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
-    print(f"FLOPs per micro-step: draft fwd+bwd {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
-    print(f"{'mode':8} {'ms/seq':>8} {'tokens/s':>10} {'MFU(meas)':>10} {'MFU(989T)':>10} {'peak GiB':>9}")
+    print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors, device {results['device']}")
+    if "split_ms" in results:
+        print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
+    print(f"model FLOPs per micro-step: draft {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
+    print(f"{'mode':8} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} {'MFU(989T)':>10} "
+          f"{'peak GiB':>9}")
     for mode, row in results["modes"].items():
-        print(f"{mode:8} {row['micro_step_ms']:8.1f} {row['tokens_per_s']:10.0f} {row['mfu_measured']:10.1%} "
-              f"{row['mfu_datasheet']:10.1%} {row['peak_gib']:9.1f}")
+        print(f"{mode:8} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
+              f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['peak_gib']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def optimizer_state(optimizer, own) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, own), "opt_state": optimizer.init(own),
+            "key": jax.random.key_data(jax.random.key(0))}
+
+
+def time_split(draft, own, frozen, loss, optimizer, target, layers, batch, anchors) -> dict:
+    """ms of: draft forward (backbone), forward + LM head and losses, + backward, the AdamW
+    update, and the target forward, each its own jitted function on one micro-batch."""
+    cast = lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), {**p, **frozen})
+    fns = {
+        "draft_forward": jax.jit(lambda p, b: draft.block_forward(
+            cast(p), b["features"], b["input_ids"], *sample_anchors(jax.random.key(0), b["loss_mask"], anchors))[2]),
+        "forward_and_loss": jax.jit(lambda p, b: loss(p, b)[0]),
+        "forward_and_backward": jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0])),
+    }
+    times = {}
+    for name, fn in fns.items():
+        log(name)
+        times[name] = timed(lambda fn=fn: jax.block_until_ready(fn(own, batch)), reps=5, iters=3)
+    grads = fns["forward_and_backward"](own, batch)[1]
+    opt_state = optimizer.init(own)
+    update = jax.jit(lambda g, st, p: optimizer.update(g, st, p))
+    log("optimizer")
+    times["optimizer"] = timed(lambda: jax.block_until_ready(update(grads, opt_state, own)), reps=5, iters=3)
+    log("target forward")
+    feats = jax.jit(lambda p, x: target_features(target, p, x, layers))
+    times["target_forward"] = timed(lambda: jax.block_until_ready(feats(target.params, batch["input_ids"])),
+                                    reps=5, iters=3)
+    return {k: v * 1e3 for k, v in times.items()}
 
 
 if __name__ == "__main__":
