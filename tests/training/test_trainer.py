@@ -28,12 +28,14 @@ def metrics(config) -> list[dict]:
 
 @pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
 def test_eight_devices_match_one_device(tmp_path, algorithm):
-    """data=2, fsdp=2, tensor=2 vs a single device: the same 20-step loss trajectory in fp32."""
+    """data=2, fsdp=2, tensor=2 vs a single device: the same 20-step loss trajectory in fp32
+    (both on the 8 CPU devices of tests/conftest.py, whatever the default backend)."""
     extra = [f"algorithm={algorithm}", "max_steps=20"]
     one = small_config(tmp_path, "one", *extra, "mesh_data=1")
     eight = small_config(tmp_path, "eight", *extra, "mesh_data=2", "mesh_fsdp=2", "mesh_tensor=2")
-    train(one, devices=jax.devices()[:1])
-    run = train(eight)
+    cpus = jax.devices("cpu")
+    train(one, devices=cpus[:1])
+    run = train(eight, devices=cpus)
     assert dict(run.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     a, b = np.array([m["loss"] for m in metrics(one)]), np.array([m["loss"] for m in metrics(eight)])
     assert len(a) == len(b) == 20
