@@ -109,6 +109,21 @@ def causal_attention(
     return out.reshape(b, t, n, d)
 
 
+def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Causal attention of a cache-free forward over positions 0..T-1.
+
+    q: [B, T, N, D]; k, v: [B, T, K, D] (token-major); lengths: [B] (T in a full forward).
+    On GPU in bf16/fp16 this is cuDNN's fused flash attention, which never materialises the
+    [T, T] scores; elsewhere it is `causal_attention`. Rows past a sequence's length hold
+    padding and are unused either way (causality keeps them out of real rows).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    b, t = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, lengths)
+
+
 def lm_logits(hidden: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
     """fp32 logits [..., V] of final-normed hidden [..., H]: hidden @ lm_head [H, V], or
     hidden @ embed.T [V, H] for tied embeddings (lm_head None)."""

@@ -32,7 +32,9 @@ from jax.sharding import Mesh
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache
-from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, causal_attention, lm_logits, param_init, rope_cos_sin
+from dspark_jax.models.layers import (
+    MLP, RMSNorm, apply_rope, causal_attention, lm_logits, param_init, rope_cos_sin, sequence_attention,
+)
 from dspark_jax.sharding import constrain
 
 
@@ -102,9 +104,8 @@ class DecoderLayer(nn.Module):
         xn = norm("input_layernorm")(x)
         q = constrain(attn.query(xn, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh)  # [B, T, N, D]
         k_new, v_new = attn.key_value(xn, cos, sin)  # [B, T, K, D]
-        if kv is None:
-            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, K, T, D]
-            out = causal_attention(q, heads_major(k_new), heads_major(v_new), positions, kv_lengths)
+        if kv is None:  # cache-free forward: positions are 0..T-1
+            out = sequence_attention(q, k_new, v_new, kv_lengths)
         else:
             kv = (write_cache(kv[0], write_slots, k_new), write_cache(kv[1], write_slots, v_new))
             out = causal_attention(q, kv[0], kv[1], positions, kv_lengths)
@@ -155,7 +156,8 @@ class Decoder(nn.Module):
         """Runs the decoder stack.
 
         tokens, positions: [B, T] int32; kv_lengths: [B] valid key slots after this call
-        (T for a cache-free forward); kv: per-layer (k, v) caches [B, K, S, D], or None;
+        (T for a cache-free forward, whose positions must be 0..T-1); kv: per-layer (k, v) caches
+        [B, K, S, D], or None;
         write_slots: [B, T] cache slots of the new tokens (slot >= S drops a padded token).
         Returns (last_hidden [B, T, H] after the final norm, layer_hiddens
         [B, T, len(hidden_layers), H], updated per-layer caches or None).
