@@ -176,12 +176,12 @@ def setup(config: TrainConfig, devices=None) -> Run:
     return Run(config, mesh, target, draft, frozen, dataset, len(source), total, step_fn, state)
 
 
-def _checkpointer(config: TrainConfig) -> ocp.CheckpointManager:
+def checkpointer(config: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(config.output_dir, "checkpoints")), options=options)
 
 
-def _restore(run: Run, manager: ocp.CheckpointManager) -> int:
+def restore(run: Run, manager: ocp.CheckpointManager) -> int:
     """Loads the latest checkpoint into run.state; returns its step (0 if none)."""
     latest = manager.latest_step()
     if latest is None:
@@ -211,13 +211,12 @@ def _summarise(window: dict) -> dict:
     return {name: float(num) / float(den) if den else 0.0 for name, (num, den) in window.items()}
 
 
-def train(config: TrainConfig, *, devices=None, stop_at: int | None = None) -> Run:
-    """Trains (resuming from the latest checkpoint in output_dir). stop_at: end the process's
-    work after that many total steps without a final save (what a kill leaves behind)."""
+def train(config: TrainConfig, *, devices=None) -> Run:
+    """Trains, resuming from the latest checkpoint in output_dir."""
     os.makedirs(config.output_dir, exist_ok=True)
     run = setup(config, devices)
-    manager = _checkpointer(config)
-    start = _restore(run, manager)
+    manager = checkpointer(config)
+    start = restore(run, manager)
     with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
         f.write(config.to_json())
     is_main = jax.process_index() == 0
@@ -226,10 +225,9 @@ def train(config: TrainConfig, *, devices=None, stop_at: int | None = None) -> R
     log(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
         f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
         f"mesh {dict(run.mesh.shape)}, starting at step {start}")
-    end = run.total_steps if stop_at is None else min(stop_at, run.total_steps)
     window, tokens, clock = None, 0, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
-    for step in range(start, end):
+    for step in range(start, run.total_steps):
         batch, supervised = _device_batch(run, step)
         run.state, metrics = run.step_fn(run.state, run.frozen, run.target.params, batch)
         tokens += supervised

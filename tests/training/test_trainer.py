@@ -3,6 +3,10 @@ offline target features, export, and the demo recipe's learning curve."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -11,7 +15,7 @@ import pytest
 from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
 from dspark_jax.training.config import load_config
-from dspark_jax.training.trainer import prepare_cache, setup, train
+from dspark_jax.training.trainer import checkpointer, prepare_cache, restore, setup, train
 
 SMALL = ["demo_sequences=64", "max_length=32", "num_anchors=8", "global_batch_size=16", "micro_batch_size=8",
          "log_every=1", "save_every=1000"]
@@ -43,17 +47,40 @@ def test_eight_devices_match_one_device(tmp_path, algorithm):
     assert a[-1] < a[0]
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
-    straight = small_config(tmp_path, "straight", "max_steps=6", "save_every=3")
-    killed = small_config(tmp_path, "killed", "max_steps=6", "save_every=3")
-    reference = train(straight, devices=jax.devices()[:1])
-    train(killed, devices=jax.devices()[:1], stop_at=5)  # dies after step 5; the last checkpoint is step 3
-    assert sorted(os.listdir(os.path.join(killed.output_dir, "checkpoints"))) == ["3"]
-    resumed = train(killed, devices=jax.devices()[:1])
-    for x, y in zip(jax.tree.leaves(reference.state), jax.tree.leaves(resumed.state)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+def final_state(config) -> dict:
+    run = setup(config, devices=jax.devices("cpu")[:1])
+    assert restore(run, checkpointer(config)) == config.max_steps
+    return run.state
+
+
+def test_sigkilled_run_resumes_bit_identical(tmp_path):
+    """train.py killed with SIGKILL mid-run, then rerun, ends bit-identical to an uninterrupted
+    train.py run (both in fresh processes with the same environment)."""
+    extra = ["max_steps=120", "save_every=20", "log_every=5"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS from tests/conftest.py are inherited
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+
+    def command(config):
+        return [sys.executable, "train.py", "--config", "configs/demo_tiny.py", "--set", *SMALL, *extra,
+                f"output_dir={config.output_dir}"]
+
+    straight, killed = small_config(tmp_path, "straight", *extra), small_config(tmp_path, "killed", *extra)
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command(straight), check=True, **quiet)
+    first = subprocess.Popen(command(killed), **quiet)
+    log = os.path.join(killed.output_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(log) and any(json.loads(line)["step"] >= 50 for line in open(log))):
+        assert first.poll() is None and time.time() < deadline, "the first run ended before it could be killed"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert metrics(killed)[-1]["step"] < 120
+    subprocess.run(command(killed), check=True, **quiet)
     steps = [m["step"] for m in metrics(killed)]
-    assert steps == [1, 2, 3, 4, 5, 4, 5, 6]  # steps 4-5 were redone after the restart
+    assert steps[-1] == 120 and steps != sorted(set(steps))  # the rerun redid the steps after its checkpoint
+    for x, y in zip(jax.tree.leaves(final_state(straight)), jax.tree.leaves(final_state(killed))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_online_and_offline_targets_give_the_same_loss(tmp_path):
