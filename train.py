@@ -35,7 +35,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.prepare_cache:
-        prepare_cache(config)
+        if jax.process_index() == 0:  # one writer; the other hosts read the cache when training
+            prepare_cache(config)
         return 0
     run = train(config)
     print(f"trained {run.total_steps} steps; draft in {config.output_dir}/draft, metrics in "

@@ -1,6 +1,6 @@
 """CPU demo: a DSpark drafter for the tiny demo target, on sequences the target samples itself.
 
-    python train.py --config configs/demo_tiny.py      # a few minutes on a laptop CPU
+    python train.py --config configs/demo_tiny.py      # about a minute on 2 CPU cores
 """
 
 from dspark_jax.training.config import TrainConfig

@@ -54,8 +54,10 @@ def regenerate_file(target, input_path: str, output_path: str, *, chunk: int = 2
     conversations = [m for _, m in read_jsonl(input_path, counts)][:limit]
     written = 0
     if os.path.exists(output_path):
-        with open(output_path) as f:
-            written = sum(1 for line in f if line.strip())
+        with open(output_path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)  # drop a line cut short by a crash
+            written = data[: data.rfind(b"\n") + 1].count(b"\n")
         log(f"{output_path}: {written} conversations already written, continuing")
     for start in range(written, len(conversations), chunk):
         answered = answer_turns(target, conversations[start : start + chunk], seed=seed + start, **sampling)

@@ -120,9 +120,12 @@ class TargetCache:
         self.features = len(self.manifest["target_layer_ids"]) * self.manifest["hidden_size"]
 
     def check(self, expected: dict) -> None:
-        """Raises a CacheError naming the manifest key that disagrees with the training config."""
+        """Raises a CacheError naming the manifest key that disagrees with the training config.
+        Targets compare by their last path component ("Qwen/Qwen3-4B" = "/models/Qwen3-4B")."""
         for key, want in expected.items():
             have = self.manifest.get(key)
+            if key == "target_model_name_or_path" and have and want:
+                have, want = (os.path.basename(os.path.normpath(x)) for x in (have, want))
             if have != want:
                 raise CacheError(f"{self.directory}/manifest.json: {key} is {have!r} but the config needs {want!r}")
 

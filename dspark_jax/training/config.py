@@ -39,7 +39,8 @@ class TrainConfig:
     # Demo data (target = "demo"): sequences the demo target samples itself.
     demo_sequences: int = 256
     demo_prompt_length: int = 8
-    # Losses.
+    # Losses. The three alphas weight DSpark's terms; DFlash trains on cross-entropy alone and
+    # Eagle3 on its TTT loss, as in the reference.
     num_anchors: int = 512
     loss_decay_gamma: float = 4.0
     ce_alpha: float = 0.1

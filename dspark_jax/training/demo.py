@@ -5,7 +5,7 @@ head is scaled up so its next-token distributions are peaked, as a trained model
 random head at the usual 0.02 scale predicts nearly uniform tokens, which any draft matches
 from the start). Its training data are sequences it samples itself at T = 1 from random
 prompts with this project's decoding code, supervised after the prompt, the way DeepSpec
-regenerates answers with the target. Everything runs on CPU in seconds.
+regenerates answers with the target. The whole demo runs on a CPU in about a minute.
 """
 
 from __future__ import annotations

@@ -159,8 +159,9 @@ def eagle3_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights
         alpha = jnp.clip(1.0 - 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - p), axis=-1), 0.0, 1.0)
         label = jnp.pad(ids[:, k + 2 :], ((0, 0), (0, k + 2)))  # x_{t+k+2}
         hit = (jnp.argmax(logits[k], axis=-1) == label).astype(jnp.float32)
+        labelled = m_k * (t[None, :] + k + 2 < lengths[:, None])  # the last masked row predicts past the end
         metrics[f"ploss_{k}"] = (jnp.sum(m_k * soft_ce), jnp.sum(m_k))
-        metrics[f"accuracy@{k}"] = (jnp.sum(m_k * hit), jnp.sum(m_k))
+        metrics[f"accuracy@{k}"] = (jnp.sum(labelled * hit), jnp.sum(labelled))
         alphas.append(jax.lax.stop_gradient(alpha))
         masks.append(m_k)
     metrics.update(_acceptance_metrics(jnp.stack(alphas, -1), jnp.stack(masks, -1), m0.astype(jnp.float32)))

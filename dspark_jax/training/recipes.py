@@ -3,7 +3,9 @@
 Each `configs/<algorithm>_<target>.py` file is one call of `reference_recipe` or
 `smollm2_recipe`. Reference targets are named by their Hugging Face id; point `target` at a
 local copy of the weights (`--set target=/path/to/Qwen3-4B`), and `train_files` at the
-regenerated training conversations (`python -m dspark_jax regenerate ...`).
+regenerated training conversations (`python -m dspark_jax regenerate ...`). The reference
+recipes assume 8 accelerators with one sequence each per micro-step (`micro_batch_size=8`); on
+fewer, lower it (`--set micro_batch_size=1`): 512 sequences per update stay 512.
 """
 
 from __future__ import annotations

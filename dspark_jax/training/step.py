@@ -76,6 +76,7 @@ def make_train_step(draft, optimizer: optax.GradientTransformation, schedule, we
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**metrics, "grad_norm": (optax.tree.norm(grads), jnp.ones(())),
+                   "loss_tokens": (jnp.sum(batch["loss_mask"]).astype(jnp.float32), jnp.ones(())),
                    "lr": (schedule(state["step"]), jnp.ones(()))}
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "key": state["key"]}
         if state_shardings is not None:

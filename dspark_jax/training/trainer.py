@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
@@ -30,6 +31,7 @@ from dspark_jax.checkpoints.deepspec import save_draft
 from dspark_jax.data.conversations import Counts, load_examples
 from dspark_jax.data.pipeline import accumulation_batch, micro_batches
 from dspark_jax.data.target_cache import TargetCache, write_target_cache
+from dspark_jax.models.config import ConfigError
 from dspark_jax.models.draft import Draft, abstract_module_params
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.sharding import make_mesh, named_sharding
@@ -130,9 +132,14 @@ class Run:
     state: dict
 
     def export(self, path: str) -> None:
-        """Writes the current draft (bf16) in DeepSpec's format."""
-        params = {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.state["params"]), **self.frozen}
-        save_draft(dataclasses.replace(self.draft, params=params), path)
+        """Writes the current draft (bf16) in DeepSpec's format. Every process must call it
+        (parameters sharded across hosts are gathered first); process 0 writes."""
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.state["params"])
+        frozen = self.frozen
+        if jax.process_count() > 1:
+            params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+        if jax.process_index() == 0:
+            save_draft(dataclasses.replace(self.draft, params={**params, **frozen}), path)
 
 
 def setup(config: TrainConfig, devices=None) -> Run:
@@ -145,6 +152,9 @@ def setup(config: TrainConfig, devices=None) -> Run:
     else:
         source = training_examples(config, target)
     hosts = jax.process_count()
+    if config.micro_batch_size % hosts:
+        raise ConfigError(f"config key 'micro_batch_size' ({config.micro_batch_size}) must be a multiple of the "
+                          f"number of hosts ({hosts})")
     dataset = micro_batches(source, batch_size=config.micro_batch_size // hosts, max_length=config.max_length,
                             seed=config.data_seed, host_index=jax.process_index(), host_count=hosts)
     total = config.total_steps(len(source))
@@ -181,6 +191,14 @@ def checkpointer(config: TrainConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(os.path.join(config.output_dir, "checkpoints")), options=options)
 
 
+def data_signature(run: Run) -> dict:
+    """What fixes the data order and the schedule; a resumed run must match it."""
+    c = run.config
+    return {"micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation_steps,
+            "processes": jax.process_count(), "sequences": run.num_sequences, "data_seed": c.data_seed,
+            "max_length": c.max_length, "total_steps": run.total_steps}
+
+
 def restore(run: Run, manager: ocp.CheckpointManager) -> int:
     """Loads the latest checkpoint into run.state; returns its step (0 if none)."""
     latest = manager.latest_step()
@@ -189,22 +207,22 @@ def restore(run: Run, manager: ocp.CheckpointManager) -> int:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
     restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                data=ocp.args.JsonRestore()))
-    want = {"micro_batch_size": run.config.micro_batch_size, "accumulation": run.config.accumulation_steps,
-            "processes": jax.process_count()}
+    want = data_signature(run)
     have = {k: restored["data"].get(k) for k in want}
     if have != want:
         raise ValueError(f"checkpoint step {latest} was written with {have}, this run has {want}: "
-                         "resuming would change the data order")
+                         "resuming would change the data order or the schedule (use a new output_dir)")
     run.state = restored["state"]
     return latest
 
 
-def _device_batch(run: Run, step: int) -> tuple[dict, int]:
-    """Step `step`'s global batch on the mesh, and this host's supervised-token count."""
-    local = accumulation_batch(run.dataset, step, run.config.accumulation_steps)
-    shardings = batch_shardings(run.mesh, local)
-    batch = jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, x), shardings, local)
-    return batch, int(local["loss_mask"].sum())
+def _device_batch(run: Run, step: int) -> dict:
+    """Step `step`'s global batch on the mesh, assembled from every host's share."""
+    local = accumulation_batch(run.dataset, step, run.config.accumulation_steps)  # [A, b_local, ...]
+    hosts = jax.process_count()
+    shapes = {k: (x.shape[0], x.shape[1] * hosts) + x.shape[2:] for k, x in local.items()}
+    shardings = batch_shardings(run.mesh, {k: jax.ShapeDtypeStruct(v, local[k].dtype) for k, v in shapes.items()})
+    return {k: jax.make_array_from_process_local_data(shardings[k], x, shapes[k]) for k, x in local.items()}
 
 
 def _summarise(window: dict) -> dict:
@@ -225,19 +243,17 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     log(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
         f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
         f"mesh {dict(run.mesh.shape)}, starting at step {start}")
-    window, tokens, clock = None, 0, time.perf_counter()
+    window, clock = None, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     for step in range(start, run.total_steps):
-        batch, supervised = _device_batch(run, step)
-        run.state, metrics = run.step_fn(run.state, run.frozen, run.target.params, batch)
-        tokens += supervised
+        run.state, metrics = run.step_fn(run.state, run.frozen, run.target.params, _device_batch(run, step))
         window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
         done = step + 1
         if done % config.log_every == 0 or done == run.total_steps:
-            row = {"step": done, **_summarise(jax.device_get(window))}
-            elapsed = time.perf_counter() - clock
-            row["supervised_tokens_per_s"] = tokens / elapsed
-            window, tokens, clock = None, 0, time.perf_counter()
+            window = jax.device_get(window)
+            row = {"step": done, **_summarise({k: v for k, v in window.items() if k != "loss_tokens"})}
+            row["loss_tokens_per_s"] = float(window["loss_tokens"][0]) / (time.perf_counter() - clock)
+            window, clock = None, time.perf_counter()
             if is_main:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -248,11 +264,8 @@ def train(config: TrainConfig, *, devices=None) -> Run:
             manager.save(done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(run.state),
                 data=ocp.args.JsonSave({"next_micro_batch": done * config.accumulation_steps,
-                                        "micro_batch_size": config.micro_batch_size,
-                                        "accumulation": config.accumulation_steps,
-                                        "processes": jax.process_count()})))
-            if is_main:
-                run.export(os.path.join(config.output_dir, "draft"))
+                                        **data_signature(run)})))
+            run.export(os.path.join(config.output_dir, "draft"))
     bar.close()
     manager.wait_until_finished()
     manager.close()

@@ -140,7 +140,9 @@ def test_regenerate_answers_with_the_target_and_resumes(smollm2, tmp_path):
     out = str(tmp_path / "answers.jsonl")
     options = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, batch_size=2)
     regenerate_file(smollm2, prompts, out, chunk=1, limit=1, **options)
-    regenerate_file(smollm2, prompts, out, chunk=1, **options)  # continues after the first conversation
+    with open(out, "a") as f:
+        f.write('{"messages": [{"role": "us')  # a crash in the middle of the next line
+    regenerate_file(smollm2, prompts, out, chunk=1, **options)  # drops that line, continues after the first
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 2
     for row in rows:
