@@ -76,7 +76,7 @@ def main() -> None:
                                      num_anchors=args.anchors)
     master = Draft.random(config, target=target, seed=0, dtype="float32")
     own, _, _ = Draft.split(master.params)
-    frozen = {k: target.params[k] for k in ("embed_tokens", "lm_head") if k in target.params}
+    frozen = Draft.frozen(master.params)
     draft = Draft(config, None, jnp.bfloat16)
     recipe = TrainConfig(target="preset:" + args.preset)
     optimizer, schedule = make_optimizer(recipe, total_steps=1000)

@@ -91,7 +91,7 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
     frozen = {}
     if target is not None:
         _check_target(config, target, path)
-        frozen = {k: target.params[k] for k in FROZEN if k in target.params}
+        frozen = Draft.frozen(target.params)
         _warn_if_frozen_differ(store, target, path)
         bindings = [b for b in bindings if b.path[0] not in FROZEN]
 

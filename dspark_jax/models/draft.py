@@ -81,6 +81,11 @@ class Draft:
         own = {k: v for k, v in params.items() if k not in FROZEN}
         return own, params["embed_tokens"], params.get("lm_head")
 
+    @staticmethod
+    def frozen(params) -> dict:
+        """The target's arrays inside draft params: embed_tokens, and lm_head unless tied."""
+        return {k: params[k] for k in FROZEN if k in params}
+
     def _apply(self, params, method, *args, **kwargs):
         """module.apply of `method` with the module's params; the embedding goes first."""
         own, embed, _ = self.split(params)
@@ -231,7 +236,7 @@ class Draft:
         dtype = jnp.dtype(dtype)
         shapes, _ = abstract_module_params(config, dtype)
         if target is not None:
-            frozen = {k: target.params[k] for k in FROZEN if k in target.params}
+            frozen = cls.frozen(target.params)
         else:
             v, h = config.layers.vocab_size, config.layers.hidden_size
             frozen = random_params({"embed_tokens": jax.ShapeDtypeStruct((v, h), dtype),

@@ -162,7 +162,7 @@ def setup(config: TrainConfig, devices=None) -> Run:
 
     master = Draft.random(draft_config, target=target, seed=config.seed, dtype="float32")
     own, _, _ = Draft.split(master.params)
-    frozen = {k: target.params[k] for k in ("embed_tokens", "lm_head") if k in target.params}
+    frozen = Draft.frozen(master.params)  # the target's own arrays
     _, specs = abstract_module_params(draft_config)
     shardings = jax.tree.map(lambda s, x: named_sharding(mesh, tuple(s), x.shape), specs, own,
                              is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))

@@ -99,7 +99,7 @@ def test_block_loss_and_gradient_match_float64_reference(algorithm, weights):
     key = jax.random.key(7)
     anchors, keep = (np.asarray(x) for x in sample_anchors(key, batch["loss_mask"], N))
     own, _, _ = Draft.split(draft.params)
-    frozen = {k: draft.params[k] for k in ("embed_tokens", "lm_head")}
+    frozen = Draft.frozen(draft.params)
 
     def ours(trainable):
         return block_loss(draft, {**trainable, **frozen}, batch, key, weights)
@@ -135,7 +135,7 @@ def test_dummy_blocks_contribute_nothing_and_stay_finite():
     np.testing.assert_array_equal(np.asarray(keep).sum(1), [1, 1])
     np.testing.assert_array_equal(np.asarray(anchors)[:, 0], [10, 10])
     own, _, _ = Draft.split(draft.params)
-    frozen = {k: draft.params[k] for k in ("embed_tokens", "lm_head")}
+    frozen = Draft.frozen(draft.params)
     objective = lambda t: block_loss(draft, {**t, **frozen}, batch, jax.random.key(0), LossWeights())[0]
     loss, grads = jax.jit(jax.value_and_grad(objective))(own)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
@@ -202,7 +202,7 @@ def test_eagle3_loss_and_gradient_match_reference():
     draft = make_draft("eagle3")
     batch = make_batch(draft)
     own, _, _ = Draft.split(draft.params)
-    frozen = {k: draft.params[k] for k in ("embed_tokens", "lm_head")}
+    frozen = Draft.frozen(draft.params)
     decay = draft.config.step_loss_decay
     weights = LossWeights()
 
