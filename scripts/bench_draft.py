@@ -16,17 +16,16 @@ share of a DSpark round (draft + verify).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 import jax
-import jax.numpy as jnp
 
 from dspark_jax import Draft, Target
 from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.decoding.step_times import draft_seconds, verify_seconds
 from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 from dspark_jax.models.presets import preset
-from dspark_jax.timing import log, timed_chain
+from dspark_jax.timing import log
 
 STEPS = 8  # steps per timed program
 
@@ -47,43 +46,15 @@ def main() -> None:
     rows = []
     for gamma in args.block_sizes:
         q = gamma + 1  # verified rows per round after a full acceptance
-        capacity = ctx + q + 8
         times = {}
         for algorithm in ("dspark", "dflash"):
             config = draft_config_for_target(target_config, algorithm, spread_layer_ids(target_config.num_layers),
                                              block_size=gamma, mask_token_id=target_config.vocab_size - 1)
             draft = Draft.random(config, target=target, seed=1)
-            features = jax.random.normal(jax.random.key(2), (b, q, config.feature_size), jnp.bfloat16)
-            next_ids = jnp.zeros((b, q), jnp.int32)
-            num_new = jnp.full((b,), q, jnp.int32)
-
-            @functools.partial(jax.jit, donate_argnums=1)
-            def draft_steps(params, cache, key, draft=draft, features=features, next_ids=next_ids, num_new=num_new):
-                def step(i, carry):
-                    cache, tokens = carry
-                    prop, new = draft.propose(params, cache, features, next_ids, num_new, tokens[:, -1],
-                                              jax.random.fold_in(key, i), sampling)
-                    return new.rollback(cache.lengths), prop.tokens
-
-                return jax.lax.fori_loop(0, STEPS, step, (cache, jnp.zeros((b, gamma), jnp.int32)))
-
-            cache = draft.init_cache(b, capacity).replace(lengths=jnp.full((b,), ctx - q, jnp.int32))
             log(f"gamma {gamma} {algorithm} draft step")
-            run = lambda carry, draft=draft, f=draft_steps: f(draft.params, carry[0], jax.random.key(3))
-            times[algorithm] = timed_chain(run, (cache, None), iters=1, reps=5) / STEPS
-
-        @functools.partial(jax.jit, donate_argnums=1)
-        def verify_steps(params, cache, tokens):
-            def step(_, cache):
-                _, _, _, new = target.extend(params, cache, tokens, jnp.full((b,), q, jnp.int32))
-                return new.rollback(cache.lengths)
-
-            return jax.lax.fori_loop(0, STEPS, step, cache)
-
-        tcache = target.init_cache(b, capacity).replace(lengths=jnp.full((b,), ctx, jnp.int32))
-        tokens = jax.random.randint(jax.random.key(4), (b, q), 0, target_config.vocab_size, jnp.int32)
+            times[algorithm] = draft_seconds(draft, batch=b, context=ctx, sampling=sampling, steps=STEPS)
         log(f"gamma {gamma} verify step")
-        verify = timed_chain(lambda cache: verify_steps(target.params, cache, tokens), tcache, iters=1, reps=5) / STEPS
+        verify = verify_seconds(target, batch=b, tokens=q, context=ctx, steps=STEPS)
         overhead = times["dspark"] - times["dflash"]
         rows.append(dict(gamma=gamma, batch=b, context=ctx, dspark_draft_ms=times["dspark"] * 1e3,
                          dflash_draft_ms=times["dflash"] * 1e3, verify_ms=verify * 1e3, overhead_ms=overhead * 1e3,

@@ -10,14 +10,12 @@ linearly in B between those points. Tables are saved as JSON
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.timing import timed_chain
+from dspark_jax.decoding.step_times import verify_seconds
 
 
 def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
@@ -30,22 +28,8 @@ def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
 def profile_sps(target, *, concurrency: int, context: int, gamma: int, steps: int = 8, reps: int = 5) -> dict:
     """Measures verify steps/s for q = 1..gamma+1 tokens per sequence (see the module doc)."""
     r = concurrency
-    capacity = context + gamma + 2
-    measured = {}
-    for q in range(1, gamma + 2):
-        tokens = jax.random.randint(jax.random.key(q), (r, q), 0, target.config.vocab_size, jnp.int32)
-
-        @functools.partial(jax.jit, donate_argnums=1)
-        def verify_steps(params, cache, tokens=tokens, q=q):
-            def step(_, cache):
-                _, _, _, new = target.extend(params, cache, tokens, jnp.full((r,), q, jnp.int32))
-                return new.rollback(cache.lengths)
-
-            return jax.lax.fori_loop(0, steps, step, cache)
-
-        cache = target.init_cache(r, capacity).replace(lengths=jnp.full((r,), context, jnp.int32))
-        seconds = timed_chain(lambda c: verify_steps(target.params, c), cache, iters=1, reps=reps) / steps
-        measured[r * q] = 1.0 / seconds
+    measured = {r * q: 1.0 / verify_seconds(target, batch=r, tokens=q, context=context, steps=steps, reps=reps)
+                for q in range(1, gamma + 2)}
     return {
         "device": jax.devices()[0].device_kind,
         "concurrency": r,
