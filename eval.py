@@ -19,25 +19,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
-from dspark_jax import Draft, generate, load_draft, load_target
+import jax
+
+from dspark_jax import load_target
 from dspark_jax.decoding import calibration
-from dspark_jax.decoding.batching import bucket
-from dspark_jax.decoding.evaluation import SEED, acceptance_stats, chat_ids, load_prompts, merge_results
+from dspark_jax.decoding.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
+                                           timed_generate)
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler
 from dspark_jax.decoding.simulate import trace_from_result
-from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
-
-
-def make_draft(spec: str, target, dtype: str):
-    """A DeepSpec directory, or random:<dspark|dflash|eagle3> (random weights, for pipeline checks)."""
-    if spec.startswith("random:"):
-        algorithm = spec.split(":", 1)[1]
-        ids = spread_layer_ids(target.config.num_layers)
-        config = draft_config_for_target(target.config, algorithm, ids, mask_token_id=target.config.vocab_size - 1)
-        return Draft.random(config, target=target, dtype=dtype)
-    return load_draft(spec, target=target, dtype=dtype)
 
 
 def make_scheduler(spec: str, temperatures):
@@ -55,34 +45,30 @@ def make_scheduler(spec: str, temperatures):
 
 
 def run(target, draft, prompts, args, scheduler=None):
-    """(merged GenerationResult, seconds) over batches; the first batch of each shape is run
-    once untimed so compilation is not counted."""
-    seen, results, seconds = set(), [], 0.0
-    for i in range(0, len(prompts), args.batch_size):
-        batch = prompts[i : i + args.batch_size]
-        call = lambda: generate(target, draft, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=SEED + i, scheduler=scheduler)
-        shape = (bucket(len(batch), 1), bucket(max(map(len, batch))))
-        if shape not in seen:
-            seen.add(shape)
-            call()
-        start = time.perf_counter()
-        results.append(call())
-        seconds += time.perf_counter() - start
-    return merge_results(results), seconds
+    """(merged GenerationResult, seconds), compilation excluded."""
+    return timed_generate(target, draft, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, scheduler=scheduler)
 
 
 def calibration_report(result, temperatures, directory, name):
+    """Per-position ECE, AUROC and Brier of the raw confidences and, with STS temperatures,
+    of the scaled ones too (keys suffixed _sts); reliability diagrams of both."""
     try:
         logits, label, mask = calibration.survival_records(*_records(result))
     except ValueError as e:  # e.g. every sequence finished in one round
         return {"rounds": 0, "note": str(e)}
-    pred = calibration.predicted_survival(logits, temperatures)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-        calibration.reliability_diagram(pred, label, mask, os.path.join(directory, f"{name}_reliability.png"), name)
-    return {"rounds": int(len(logits)), "ece": calibration.ece(pred, label, mask).tolist(),
-            "auroc": calibration.auroc(pred, label, mask).tolist(), "brier": calibration.brier(pred, label, mask).tolist()}
+    report = {"rounds": int(len(logits))}
+    for suffix, temps in [("", None)] + ([("_sts", temperatures)] if temperatures else []):
+        pred = calibration.predicted_survival(logits, temps)
+        report.update({f"ece{suffix}": calibration.ece(pred, label, mask).tolist(),
+                       f"auroc{suffix}": calibration.auroc(pred, label, mask).tolist(),
+                       f"brier{suffix}": calibration.brier(pred, label, mask).tolist()})
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            title = f"{name}, {'after STS' if suffix else 'raw confidence'}"
+            path = os.path.join(directory, f"{name}{suffix}_reliability.png")
+            calibration.reliability_diagram(pred, label, mask, path, title)
+    return report
 
 
 def main(argv=None) -> None:
@@ -114,7 +100,7 @@ def main(argv=None) -> None:
     target = load_target(args.target or smollm2_gguf(), dtype=args.dtype)
     if target.tokenizer is None:
         sys.exit("the target has no tokenizer to render prompts with")
-    draft = make_draft(args.draft, target, args.dtype)
+    draft = draft_from_spec(args.draft, target, args.dtype)
     draft_dir = None if args.draft.startswith("random:") else args.draft
     temperatures = None
     if args.sts == "auto" and draft_dir:
@@ -124,8 +110,9 @@ def main(argv=None) -> None:
     scheduler = make_scheduler(args.scheduler, temperatures)
     gamma = draft.config.block_size
     names = args.datasets or sorted(f[:-6] for f in os.listdir(args.data_dir) if f.endswith(".jsonl"))
-    report = {"target": args.target or "SmolLM2-135M-Instruct", "draft": args.draft, "algorithm": draft.config.algorithm,
-              "gamma": gamma, "temperature": args.temperature, "scheduler": args.scheduler,
+    report = {"device": jax.devices()[0].device_kind, "target": args.target or "SmolLM2-135M-Instruct",
+              "draft": args.draft, "algorithm": draft.config.algorithm, "gamma": gamma,
+              "temperature": args.temperature, "scheduler": args.scheduler,
               "sts_temperatures": list(temperatures) if temperatures else None, "datasets": {}}
     sts_records, all_results = [], []
     for name in names:
@@ -158,7 +145,8 @@ def main(argv=None) -> None:
         report["datasets"][name] = entry
     if args.save_sts and sts_records and draft_dir:
         logits, label, mask = calibration.survival_records(*_records(merge_results(sts_records)))
-        report["saved_sts"] = calibration.save_sts(draft_dir, calibration.fit_sts(logits, label, mask))
+        temps = calibration.fit_sts(logits, label, mask)
+        report["saved_sts"] = {"path": calibration.save_sts(draft_dir, temps), "temperatures": temps.tolist()}
     if args.save_trace:
         trace_from_result(merge_results(all_results)).save(args.save_trace)
         report["trace"] = args.save_trace

@@ -12,15 +12,31 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from typing import Sequence
 
 import numpy as np
 
-from dspark_jax.decoding.generate import GenerationResult
+from dspark_jax.decoding.batching import bucket
+from dspark_jax.checkpoints.deepspec import load_draft
+from dspark_jax.decoding.generate import GenerationResult, generate
+from dspark_jax.models.draft import Draft
+from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 
 CAPS = {"gsm8k": 500, "math500": 500, "aime25": 30, "humaneval": 164, "mbpp": 256, "livecodebench": 500,
         "mt-bench": 80, "alpaca": 500, "arena-hard": 500}
 SEED = 980406
+
+
+def draft_from_spec(spec: str, target, dtype: str) -> Draft:
+    """A DeepSpec draft directory, or random:<dspark|dflash|eagle3> (random weights over the
+    target's spread layers, for pipeline checks)."""
+    if spec.startswith("random:"):
+        algorithm = spec.split(":", 1)[1]
+        ids = spread_layer_ids(target.config.num_layers)
+        config = draft_config_for_target(target.config, algorithm, ids, mask_token_id=target.config.vocab_size - 1)
+        return Draft.random(config, target=target, dtype=dtype)
+    return load_draft(spec, target=target, dtype=dtype)
 
 
 def load_prompts(path: str, cap: int | None = None) -> list[str]:
@@ -89,3 +105,22 @@ def merge_results(results: Sequence[GenerationResult]) -> GenerationResult:
         accepted_lengths=[a for r in results for a in r.accepted_lengths],
         confidence_logits=[c for r in results for c in r.confidence_logits],
     )
+
+
+def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_size: int, **kwargs
+                   ) -> tuple[GenerationResult, float]:
+    """`generate` over consecutive batches of prompts: (merged result, seconds). Batch i is
+    seeded SEED + i; the first batch of each padded shape runs once untimed beforehand, so
+    compilation is not counted. kwargs go to `generate`."""
+    seen, results, seconds = set(), [], 0.0
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        call = lambda: generate(target, draft, batch, seed=SEED + i, **kwargs)
+        shape = (bucket(len(batch), 1), bucket(max(map(len, batch))))
+        if shape not in seen:
+            seen.add(shape)
+            call()
+        start = time.perf_counter()
+        results.append(call())
+        seconds += time.perf_counter() - start
+    return merge_results(results), seconds

@@ -46,8 +46,11 @@ def test_eval_script_end_to_end(tmp_path):
     (data / "tiny.jsonl").write_text("\n".join(json.dumps({"turns": [q]}) for q in
                                                ["What is 2 + 2?", "Name a color."]) + "\n")
     out = tmp_path / "r.json"
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "sts.json").write_text(json.dumps({"temperatures": [1.0] * 7}))  # scaling by 1 changes nothing
     eval_script.main(["--draft", "random:dspark", "--data-dir", str(data), "--max-new-tokens", "8",
-                      "--batch-size", "2", "--dtype", "float32", "--threshold-sweep", "0.5",
+                      "--batch-size", "2", "--dtype", "float32", "--threshold-sweep", "0.5", "--sts", str(sts),
                       "--calibration-dir", str(tmp_path / "cal"), "--save-trace", str(tmp_path / "t.npz"),
                       "--out", str(out)])
     report = json.loads(out.read_text())
@@ -56,7 +59,11 @@ def test_eval_script_end_to_end(tmp_path):
     assert entry["prompts"] == 2 and s["rounds"] >= 2 and s["tau"] >= 1.0
     assert all(0 <= a <= 1 for a in s["accept_rate"] if a == a)
     assert entry["autoregressive"]["tokens_per_s"] > 0 and entry["speedup"] > 0
-    assert len(entry["calibration"]["ece"]) == 7
+    cal = entry["calibration"]
+    assert len(cal["ece"]) == 7 and report["sts_temperatures"] == [1.0] * 7
+    for metric in ("ece", "auroc", "brier"):
+        np.testing.assert_array_equal(cal[metric], cal[f"{metric}_sts"])
+    assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["tiny_reliability.png", "tiny_sts_reliability.png"]
     assert entry["threshold_sweep"][0]["threshold"] == 0.5
     from dspark_jax.decoding.simulate import Trace
 
