@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The SmolLM2 study (scripts/repro_smollm2.py) on a remote GPU machine that takes at most
+# 64 MiB of files per job and keeps files outside the job's folder while it stays up between
+# back-to-back jobs. The 98 MB GGUF therefore travels in two halves, one per job.
+#
+#   bash scripts/remote_repro_smollm2.sh prepare DATA_DIR   # here, once: .repro/{a,b,data}, wheels in .whl
+#   job 1, sending .repro/a:                  bash scripts/remote_repro_smollm2.sh receive
+#   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR
+#
+# `run` stops the pipeline after STAGE_SECONDS (default 560), so a job ends inside a 10-minute
+# limit, and the next `run` continues where it stopped (it prints "every stage done" at the
+# end). Each `run` packs the results, the logs and the regenerated training data into
+# RESULTS_DIR/results.tgz; unpack that into runs/repro_smollm2 here and write the page with
+# `python scripts/repro_smollm2.py report`. The machine needs jax with CUDA, flax, optax,
+# orbax, transformers and matplotlib; grain, its array-record and portpicker, and gguf come as
+# wheels (prepare downloads them for CPython 3.12 on x86-64 Linux).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REMOTE=${REMOTE_DIR:-$HOME/repro}
+PART=smollm2.gguf.part
+
+case "${1:-}" in
+prepare)
+    data=${2:?usage: prepare DATA_DIR (with train/ and eval/ prompt sets)}
+    mkdir -p .repro/a .repro/b .whl
+    grep -qsx '/.repro/' .git/info/exclude || echo /.repro/ >> .git/info/exclude
+    grep -qsx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
+    gguf=$(.venv/bin/python -m dspark_jax fetch-smollm2)
+    split -n 2 -d "$gguf" ".repro/$PART"
+    mv ".repro/${PART}00" .repro/a/ && mv ".repro/${PART}01" .repro/b/
+    sha256sum < "$gguf" | cut -d' ' -f1 > .repro/b/sha256
+    rm -rf .repro/data && mkdir .repro/data && cp -r "$data/train" "$data/eval" .repro/data/
+    rm -f .repro/data/train/*_raw.jsonl  # unused by the study; keeps the job small
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 gguf==0.19.0
+    du -sh .repro/a .repro/b .repro/data .whl
+    ;;
+receive)
+    mkdir -p "$REMOTE" && cp ".repro/a/${PART}00" "$REMOTE/"
+    echo "first half in $REMOTE"
+    ;;
+run)
+    results=${2:?usage: run RESULTS_DIR}
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    gguf=$REMOTE/smollm2.gguf
+    if [ ! -f "$gguf" ]; then
+        [ -f "$REMOTE/${PART}00" ] || { echo "no first half in $REMOTE: run 'receive' in the job before" >&2; exit 1; }
+        cat "$REMOTE/${PART}00" ".repro/b/${PART}01" > "$gguf.tmp"
+        [ "$(sha256sum < "$gguf.tmp" | cut -d' ' -f1)" = "$(cat .repro/b/sha256)" ] \
+            || { echo "the joined GGUF does not match its checksum" >&2; exit 1; }
+        mv "$gguf.tmp" "$gguf"
+    fi
+    status=0
+    timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \
+        --work "$REMOTE/work" || status=$?
+    [ $status -eq 124 ] && echo "stopped after ${STAGE_SECONDS:-560} s; run again to continue"
+    ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs train_smollm2.jsonl )
+    exit $status
+    ;;
+*)
+    sed -n 2,17p "$0"
+    exit 2
+    ;;
+esac

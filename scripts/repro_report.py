@@ -1,0 +1,220 @@
+"""docs/results.md from the results folder of `scripts/repro_smollm2.py run`.
+
+    python scripts/repro_smollm2.py report [--work runs/repro_smollm2] [--docs docs]
+
+Copies the result files the page cites into <docs>/results/ and draws two figures there:
+per-position conditional acceptance per eval set, and the training curves. Every number on
+the page is read from those files; the page names the command and device behind each table.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+
+ALGORITHMS = ("dspark", "dflash", "eagle3")
+NAMES = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle3"}
+TEMPERATURES = ("1.0", "0.0")
+ANALYSIS = "## Analysis"  # from this heading on, the page is written by hand and kept
+
+
+def load(results: str, name: str):
+    with open(os.path.join(results, name)) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tau_table(evals: dict) -> tuple[list[str], dict]:
+    """Rows of the Table-1 analogue for one temperature, and the mean tau per drafter."""
+    datasets = list(evals["dspark"]["datasets"])
+    taus = {a: [evals[a]["datasets"][d]["speculative"]["tau"] for d in datasets] for a in ALGORITHMS}
+    rows = []
+    for i, d in enumerate(datasets):
+        t = {a: taus[a][i] for a in ALGORITHMS}
+        n = evals["dspark"]["datasets"][d]["prompts"]
+        rows.append(f"| {d} | {n} | " + " | ".join(f"{t[a]:.3f}" for a in ALGORITHMS)
+                    + f" | {t['dspark'] / t['dflash']:.3f} | {t['dspark'] / t['eagle3']:.3f} |")
+    mean = {a: float(np.mean(taus[a])) for a in ALGORITHMS}
+    rows.append("| **mean** | | " + " | ".join(f"**{mean[a]:.3f}**" for a in ALGORITHMS)
+                + f" | **{mean['dspark'] / mean['dflash']:.3f}** | **{mean['dspark'] / mean['eagle3']:.3f}** |")
+    return rows, mean
+
+
+def acceptance_figure(evals: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(evals["dspark"]["datasets"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(2.8 * len(datasets), 2.8), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for a in ALGORITHMS:
+            cond = evals[a]["datasets"][d]["speculative"]["conditional_acceptance"]
+            ax.plot(range(1, len(cond) + 1), cond, "o-", ms=3, label=NAMES[a])
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("draft position", fontsize=8)
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("P(accept | earlier accepted)", fontsize=8)
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_figure(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for a, rows in curves.items():
+        ax.plot([r["step"] for r in rows], [r["tau_probabilistic"] for r in rows], label=NAMES[a])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("expected tau on training batches")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(values, digits: int = 3) -> str:
+    return " | ".join("n/a" if v is None or v != v else f"{v:.{digits}f}" for v in values)
+
+
+def write_report(results: str, docs: str) -> str:
+    out_dir = os.path.join(docs, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    commands = load(results, "commands.json")
+    split = load(results, "split.json")
+    evals = {t: {a: load(results, f"eval_{a}_T{t}.json") for a in ALGORITHMS} for t in TEMPERATURES}
+    curves = {a: read_jsonl(os.path.join(results, f"train_{a}.jsonl")) for a in ALGORITHMS}
+    configs = {a: load(results, f"train_{a}_config.json") for a in ALGORITHMS}
+    sts = load(results, "sts_fit.json")
+    speed = load(results, "speed.json")
+    simulation = load(results, "simulation.json")
+    for name in ["commands.json", "split.json", "sts_fit.json", "speed.json", "simulation.json",
+                 *[f"eval_{a}_T{t}.json" for a in ALGORITHMS for t in TEMPERATURES],
+                 *[f"train_{a}.jsonl" for a in ALGORITHMS], *[f"train_{a}_config.json" for a in ALGORITHMS],
+                 *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))]]:
+        shutil.copy(os.path.join(results, name), out_dir)
+    for png in glob.glob(os.path.join(results, "calibration", "*.png")):
+        shutil.copy(png, out_dir)
+    acceptance_figure(evals["1.0"], os.path.join(out_dir, "acceptance.png"))
+    training_figure(curves, os.path.join(out_dir, "training.png"))
+    device = speed["device"]
+    gamma = evals["1.0"]["dspark"]["gamma"]
+    c = configs["dspark"]
+    steps = {a: curves[a][-1]["step"] for a in ALGORITHMS}
+
+    lines = [
+        "# Results: DSpark vs DFlash vs Eagle3 drafters for SmolLM2-135M-Instruct",
+        "",
+        f"Every number below comes from one run of `python scripts/repro_smollm2.py run` on one {device}, "
+        "written into this page by `python scripts/repro_smollm2.py report`; the raw files are in "
+        "[results/](results/). The exact command behind each table is in results/commands.json.",
+        "",
+        "## Setup",
+        "",
+        f"- Training prompts: {', '.join(split['sets'])} from the shared prompt sets, shuffled; "
+        f"{split['heldout_prompts']} held out for STS, {split['train_prompts']} answered by SmolLM2 itself "
+        "(`python -m dspark_jax regenerate`, T=0.7, top-p 0.8, top-k 20).",
+        f"- One budget for the three drafters: {steps['dspark']} optimizer steps of {c['global_batch_size']} "
+        f"sequences ({c['num_epochs']} epochs, max length {c['max_length']}), AdamW {c['learning_rate']}, "
+        f"{c['warmup_ratio']:.0%} warmup then cosine, {c['num_anchors']} anchors, block {c['block_size']}; "
+        "5 draft layers for DSpark and DFlash, 1 for Eagle3 (TTT 7); the target runs inside the train step.",
+        f"- Evaluation: the first user turn of each prompt set (n of them, in the reference's seeded order), "
+        f"chat template, chain drafting, gamma {gamma}, every draft token verified.",
+        "",
+        "## Acceptance length tau (the paper's Table 1)",
+        "",
+        "tau counts the tokens committed per verify round, bonus token included.",
+        "",
+    ]
+    for t in TEMPERATURES:
+        rows, _ = tau_table(evals[t])
+        lines += [f"T = {t} (`{commands[f'eval_dspark_T{t}']}`)", "",
+                  "| dataset | n | DSpark | DFlash | Eagle3 | DSpark/DFlash | DSpark/Eagle3 |",
+                  "|---|---|---|---|---|---|---|", *rows, ""]
+    lines += ["## Per-position acceptance", "",
+              "Conditional acceptance of draft position j given positions 1..j-1 were accepted, T = 1.0:", "",
+              "![conditional acceptance](results/acceptance.png)", "",
+              "| drafter | " + " | ".join(f"pos {j + 1}" for j in range(gamma)) + " |",
+              "|---|" + "---|" * gamma]
+    for a in ALGORITHMS:
+        cond = np.nanmean([e["speculative"]["conditional_acceptance"] for e in evals["1.0"][a]["datasets"].values()], 0)
+        lines.append(f"| {NAMES[a]} (mean over sets) | {fmt(cond)} |")
+    lines += ["", "Training curves (expected tau on the training batches, from the drafters' own probabilities):", "",
+              "![training curves](results/training.png)", "",
+              "| drafter | final loss | final expected tau | " + " | ".join(f"acc@{j}" for j in range(gamma)) + " |",
+              "|---|---|---|" + "---|" * gamma]
+    for a in ALGORITHMS:
+        last = curves[a][-1]
+        lines.append(f"| {NAMES[a]} | {last['loss']:.4f} | {last['tau_probabilistic']:.3f} | "
+                     f"{fmt([last.get(f'accept_rate@{j}') for j in range(gamma)])} |")
+
+    held = sts["datasets"]["heldout"]
+    lines += ["", "## Calibration of DSpark's confidence head, before and after STS", "",
+              f"STS temperatures fitted on all held-out rounds and saved beside the draft: "
+              f"{', '.join(f'{t:.2f}' for t in sts['saved_sts']['temperatures'])}.", "",
+              f"Held-out split ({held['prompts']} prompts; fitted on even-numbered sequences, measured on the odd "
+              f"ones; `{commands['sts']}`):", "",
+              "| ECE per position | " + " | ".join(f"pos {j + 1}" for j in range(gamma)) + " |",
+              "|---|" + "---|" * gamma,
+              f"| before STS | {fmt(held['sts']['ece_before'])} |",
+              f"| after STS | {fmt(held['sts']['ece_after'])} |", "",
+              "Eval sets at T = 1.0 with the saved temperatures (prompts the fit never saw), mean over sets:", "",
+              "| metric | " + " | ".join(f"pos {j + 1}" for j in range(gamma)) + " |",
+              "|---|" + "---|" * gamma]
+    cal = [e["calibration"] for e in evals["1.0"]["dspark"]["datasets"].values() if e["calibration"].get("rounds")]
+    for key, label in [("ece", "ECE before"), ("ece_sts", "ECE after"), ("auroc", "AUROC before"),
+                       ("auroc_sts", "AUROC after"), ("brier", "Brier before"), ("brier_sts", "Brier after")]:
+        if cal and key in cal[0]:
+            lines.append(f"| {label} | {fmt(np.nanmean([x[key] for x in cal], 0))} |")
+    lines += ["", "Reliability diagrams: " + ", ".join(
+        f"[{os.path.basename(p)}](results/{os.path.basename(p)})"
+        for p in sorted(glob.glob(os.path.join(results, "calibration", "*.png")))) + ".", ""]
+
+    lines += ["## End-to-end speed", "",
+              f"`{commands['speed']}`: {speed['num_prompts']} mt-bench prompts, {speed['max_new_tokens']} new tokens, "
+              f"T = {speed['temperature']}, {device}. Ideal = tau x T_AR / (T_draft + T_verify) from step times "
+              "measured at the same batch size and mean context.", "",
+              "| batch | decoder | tokens/s | speedup | ideal | tau | T_draft ms | T_verify ms | T_AR ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b, e in speed["batches"].items():
+        ar = e["autoregressive"]
+        lines.append(f"| {b} | AR | {ar['tokens_per_s']:.1f} | 1.00 | | | | | {ar['step_ms']:.3f} |")
+        for a, d in e["drafts"].items():
+            lines.append(f"| {b} | {NAMES.get(a, a)} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | "
+                         f"{d['ideal_speedup']:.2f} | {d['tau']:.2f} | {d['draft_ms']:.3f} | {d['verify_ms']:.3f} | "
+                         f"{ar['step_ms']:.3f} |")
+
+    lines += ["", "## Scheduler in simulation", "",
+              f"DSpark's T = 1.0 rounds ({simulation['rounds']} of them, every draft token verified) replayed against "
+              f"SPS tables measured on the {device} (`{commands['profile_sps']}`); tokens/s of the target-verify "
+              "steps.", "",
+              "| concurrency | no speculation | best fixed length | Algorithm 1 | async (2 steps old) | "
+              "Algorithm 1 / best fixed |", "|---|---|---|---|---|---|"]
+    for r in simulation["rows"]:
+        lines.append(f"| {r['concurrency']} | {r['no_speculation']:.1f} | {r['best_fixed']:.1f} "
+                     f"(L={r['best_fixed_length']}) | {r['prefix']:.1f} | {r['async']:.1f} | "
+                     f"{r['prefix'] / r['best_fixed']:.3f} |")
+    path = os.path.join(docs, "results.md")
+    analysis = ""  # the hand-written part of an earlier page survives a rewrite
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if ANALYSIS in old:
+            analysis = old[old.index(ANALYSIS):]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n\n" + analysis)
+    return path

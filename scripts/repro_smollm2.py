@@ -1,0 +1,260 @@
+"""The paper's drafter comparison, reproduced on SmolLM2-135M-Instruct from data to report.
+
+    python scripts/repro_smollm2.py run --data ../shared/data       # every stage (a GPU run)
+    python scripts/repro_smollm2.py report                           # docs/results.md from the results
+
+`run` goes through the stages below in order. Each skips what is already done (regenerated
+chunks, a finished training, an evaluation file) and training resumes from its last
+checkpoint, so rerunning the same command after an interruption continues where it stopped.
+Everything lands under --work (default runs/repro_smollm2): results/ holds every number the
+report uses, logs/ the output of every command, results/commands.json the commands.
+
+  split       pool the training prompt sets of --data/train (gsm8k_train, lbpp, swe-bench,
+              aime24), shuffle, hold --heldout of them out for STS
+  regenerate  SmolLM2 answers the training prompts (T=0.7, top-p 0.8, top-k 20), so the
+              drafts learn the distribution they will be verified against
+  train       DSpark, DFlash and Eagle3 from configs/*_smollm2.py, one budget for all three:
+              the same conversations, epochs, batch, sequence length and LR schedule
+  sts         DSpark over the held-out prompts with every draft token verified; STS fitted on
+              those rounds and saved beside the draft (eval.py --fit-sts --save-sts)
+  evaluate    eval.py over every prompt set of --data/eval at T=1 and T=0 for each drafter
+              (the AR baseline runs with DSpark); DSpark at T=1 also writes reliability
+              diagrams and the trace for the scheduler simulation
+  speed       scripts/bench_e2e.py: AR against each drafter at batch 1 and 32
+  schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
+              simulated on DSpark's trace against each
+
+`--scale smoke` runs every stage on a few prompts and steps (a CPU check of the pipeline).
+scripts/remote_repro_smollm2.sh runs the study on a remote GPU machine that takes at most
+64 MiB per job (the GGUF travels in two halves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+ALGORITHMS = ("dspark", "dflash", "eagle3")
+TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    heldout: int  # training prompts kept out of training, for STS
+    regen_limit: int  # training prompts answered (0 = all)
+    regen_new_tokens: int
+    regen_batch: int
+    train: tuple[str, ...]  # recipe overrides shared by the three drafters
+    datasets: tuple[str, ...]  # eval sets (empty = every file in --data/eval)
+    eval_limit: int  # prompts per eval set
+    eval_new_tokens: int
+    eval_batch: int
+    speed_prompts: int
+    speed_batches: tuple[int, ...]
+    speed_new_tokens: int
+    concurrency: tuple[int, ...]
+    sps_context: int
+    dtype: str
+
+
+SCALES = {
+    # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64.
+    # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
+    "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=256,
+                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40"), datasets=(),
+                  eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
+                  speed_new_tokens=256,
+                  concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), sps_context=1024, dtype="bfloat16"),
+    "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
+                   train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
+                          "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4"),
+                   datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
+                   speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), sps_context=64, dtype="float32"),
+}
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args, self.scale = args, SCALES[args.scale]
+        self.work = os.path.abspath(args.work)
+        self.results = os.path.join(self.work, "results")
+        for sub in ("results", "logs", "prompts", "heldout", "runs"):
+            os.makedirs(os.path.join(self.work, sub), exist_ok=True)
+        self.commands_path = os.path.join(self.results, "commands.json")
+        self.commands = json.load(open(self.commands_path)) if os.path.exists(self.commands_path) else {}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.work, *parts)
+
+    def draft_dir(self, algorithm: str) -> str:
+        return self.path("runs", algorithm, "draft")
+
+    def target_args(self) -> list[str]:
+        return ["--target", self.args.target] if self.args.target else []
+
+    def command(self, name: str, argv: list[str]) -> None:
+        """Runs argv (python prepended) from the repository root, output to logs/<name>.log;
+        a failure stops the pipeline with the log's tail."""
+        argv = [sys.executable, *argv]
+        self.commands[name] = shlex.join(argv)
+        with open(self.commands_path, "w") as f:
+            json.dump(self.commands, f, indent=1)
+        log_path = self.path("logs", f"{name}.log")
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(argv)}", flush=True)
+        start = time.perf_counter()
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": self.path("jax_cache")}  # shared by the stages
+        with open(log_path, "a") as log:
+            code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            sys.exit(f"{name} failed (exit {code}); the end of {log_path}:\n{tail}")
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+    # Stages ---------------------------------------------------------------------------------
+
+    def split(self) -> None:
+        train, heldout = self.path("prompts", "train.jsonl"), self.path("heldout", "heldout.jsonl")
+        if os.path.exists(train):
+            return
+        records = []
+        for name in TRAIN_SETS:
+            with open(os.path.join(self.args.data, "train", f"{name}.jsonl")) as f:
+                records += [line for line in f if line.strip()]
+        random.Random(0).shuffle(records)
+        held, rest = records[: self.scale.heldout], records[self.scale.heldout :]
+        if self.scale.regen_limit:
+            rest = rest[: self.scale.regen_limit]
+        with open(heldout, "w") as f:
+            f.writelines(held)
+        with open(train + ".tmp", "w") as f:
+            f.writelines(rest)
+        os.replace(train + ".tmp", train)
+        with open(os.path.join(self.results, "split.json"), "w") as f:
+            json.dump({"sets": TRAIN_SETS, "train_prompts": len(rest), "heldout_prompts": len(held)}, f, indent=1)
+
+    def regenerate(self) -> None:
+        s = self.scale
+        self.command("regenerate", ["-m", "dspark_jax", "regenerate", "--model", self.args.target or "smollm2",
+                                    "--input", self.path("prompts", "train.jsonl"),
+                                    "--output", self.path("train_smollm2.jsonl"), "--max-new-tokens",
+                                    str(s.regen_new_tokens), "--batch-size", str(s.regen_batch), "--dtype", s.dtype])
+
+    def train(self) -> None:
+        for algorithm in ALGORITHMS:
+            done = self.path("runs", algorithm, "DONE")
+            if os.path.exists(done):
+                continue
+            out = self.path("runs", algorithm)
+            overrides = [f"target={self.args.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
+                         f"output_dir={out}", f"dtype={self.scale.dtype}", f"target_dtype={self.scale.dtype}",
+                         *self.scale.train]
+            self.command(f"train_{algorithm}", ["train.py", "--config", f"configs/{algorithm}_smollm2.py", "--set",
+                                                *overrides])
+            shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(self.results, f"train_{algorithm}.jsonl"))
+            shutil.copy(os.path.join(out, "train_config.json"),
+                        os.path.join(self.results, f"train_{algorithm}_config.json"))
+            open(done, "w").close()
+
+    def once(self, name: str, out: str, argv: list[str]) -> None:
+        """Runs a command that writes `out` (it is given out + ".tmp", renamed when the command
+        succeeds), unless `out` exists."""
+        if not os.path.exists(out):
+            self.command(name, [out + ".tmp" if a == out else a for a in argv])
+            os.replace(out + ".tmp", out)
+
+    def eval_args(self, algorithm: str, data_dir: str, limit: int, out: str, *extra: str) -> list[str]:
+        s = self.scale
+        return ["eval.py", *self.target_args(), "--draft", self.draft_dir(algorithm), "--data-dir", data_dir,
+                "--limit", str(limit), "--max-new-tokens", str(s.eval_new_tokens), "--batch-size",
+                str(s.eval_batch), "--dtype", s.dtype, "--out", out, *extra]
+
+    def sts(self) -> None:
+        out = os.path.join(self.results, "sts_fit.json")
+        self.once("sts", out, self.eval_args("dspark", self.path("heldout"), self.scale.heldout, out, "--sts", "none",
+                                             "--fit-sts", "--save-sts", "--no-ar-baseline"))
+
+    def evaluate(self) -> None:
+        datasets = ["--datasets", *self.scale.datasets] if self.scale.datasets else []
+        for temperature in ("1.0", "0.0"):
+            for algorithm in ALGORITHMS:
+                name = f"eval_{algorithm}_T{temperature}"
+                extra = ["--temperature", temperature, *datasets]
+                if algorithm != "dspark":
+                    extra.append("--no-ar-baseline")
+                elif temperature == "1.0":
+                    extra += ["--calibration-dir", os.path.join(self.results, "calibration"),
+                              "--save-trace", os.path.join(self.results, "trace_dspark.npz")]
+                out = os.path.join(self.results, f"{name}.json")
+                data_dir = os.path.join(self.args.data, "eval")
+                self.once(name, out, self.eval_args(algorithm, data_dir, self.scale.eval_limit, out, *extra))
+
+    def speed(self) -> None:
+        s, out = self.scale, os.path.join(self.results, "speed.json")
+        self.once("speed", out, ["scripts/bench_e2e.py", *self.target_args(), "--draft",
+                                 *[f"{a}={self.draft_dir(a)}" for a in ALGORITHMS],
+                                 "--prompts", os.path.join(self.args.data, "eval", "mt-bench.jsonl"),
+                                 "--num-prompts", str(s.speed_prompts), "--batch-sizes", *map(str, s.speed_batches),
+                                 "--max-new-tokens", str(s.speed_new_tokens), "--dtype", s.dtype, "--out", out])
+
+    def schedule(self) -> None:
+        out = os.path.join(self.results, "simulation.json")
+        if os.path.exists(out):
+            return
+        s = self.scale
+        pattern = os.path.join(self.results, "sps_r{concurrency}.json")
+        missing = [r for r in s.concurrency if not os.path.exists(pattern.format(concurrency=r))]
+        if missing:
+            model = ["--model", self.args.target] if self.args.target else []
+            self.command("profile_sps", ["-m", "dspark_jax", "profile-sps", *model, "--concurrency", *map(str, missing),
+                                         "--context", str(s.sps_context), "--gamma", "7", "--dtype", s.dtype,
+                                         "--out", pattern])
+        from dspark_jax.decoding.calibration import load_sts
+        from dspark_jax.decoding.simulate import Trace, simulate
+        from dspark_jax.decoding.sps import load_table
+
+        trace = Trace.load(os.path.join(self.results, "trace_dspark.npz"))
+        temperatures = load_sts(self.draft_dir("dspark"))
+        rows = [simulate(trace, load_table(pattern.format(concurrency=r))["sps"], r, temperatures)
+                for r in s.concurrency]
+        with open(out, "w") as f:
+            json.dump({"rounds": len(trace.accepted), "sts_temperatures": temperatures, "rows": rows}, f, indent=1)
+
+    def run(self) -> None:
+        for stage in (self.split, self.regenerate, self.train, self.sts, self.evaluate, self.speed, self.schedule):
+            print(f"[{time.strftime('%H:%M:%S')}] stage {stage.__name__}", flush=True)
+            stage()
+        print(f"every stage done; results in {self.results}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="every stage, skipping what is done")
+    run.add_argument("--data", required=True, help="folder with train/ and eval/ prompt sets")
+    run.add_argument("--target", help="the SmolLM2 .gguf (default: the cached download)")
+    run.add_argument("--work", default="runs/repro_smollm2")
+    run.add_argument("--scale", default="full", choices=sorted(SCALES))
+    report = sub.add_parser("report", help="write docs/results.md from a finished run's results")
+    report.add_argument("--work", default="runs/repro_smollm2")
+    report.add_argument("--docs", default="docs")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        Pipeline(args).run()
+    else:
+        from repro_report import write_report
+
+        write_report(os.path.join(args.work, "results"), args.docs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The SmolLM2 reproduction pipeline: the prompt split, and the report written from results."""
+
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+import repro_report  # noqa: E402
+import repro_smollm2  # noqa: E402
+
+GAMMA = 7
+
+
+def test_split_holds_out_disjoint_prompts(tmp_path):
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    expected = set()
+    for name in repro_smollm2.TRAIN_SETS:
+        lines = [json.dumps({"turns": [f"{name} question {i}"]}) for i in range(5)]
+        expected |= set(lines)
+        (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank line is skipped
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path / "data"), target=None)
+    pipeline = repro_smollm2.Pipeline(args)
+    pipeline.split()
+    train = (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines()
+    held = (tmp_path / "work" / "heldout" / "heldout.jsonl").read_text().splitlines()
+    smoke = repro_smollm2.SCALES["smoke"]
+    assert len(held) == smoke.heldout and len(train) == smoke.regen_limit
+    assert not set(held) & set(train) and set(held) | set(train) <= expected
+    assert json.loads((tmp_path / "work" / "results" / "split.json").read_text())["train_prompts"] == len(train)
+    pipeline.split()  # done: a rerun keeps the split
+    assert (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines() == train
+
+
+def _eval(tau: dict, cond: list, calibration=None, **extra) -> dict:
+    datasets = {d: {"prompts": 4, "speculative": {"tau": t, "conditional_acceptance": cond},
+                    **({"calibration": calibration} if calibration else {})} for d, t in tau.items()}
+    return {"gamma": GAMMA, "datasets": datasets, **extra}
+
+
+def _write_results(results):
+    results.mkdir(parents=True)
+    (results / "calibration").mkdir()
+    (results / "calibration" / "gsm8k_reliability.png").write_bytes(b"png")
+    w = lambda name, obj: (results / name).write_text(json.dumps(obj))
+    commands = {f"eval_dspark_T{t}": f"eval {t}" for t in repro_report.TEMPERATURES}
+    w("commands.json", {**commands, "sts": "eval sts", "speed": "bench", "profile_sps": "profile"})
+    w("split.json", {"sets": ["gsm8k_train"], "train_prompts": 90, "heldout_prompts": 10})
+    cal = {"rounds": 5, "ece": [0.2] * GAMMA, "ece_sts": [0.1] * GAMMA}
+    taus = {"dspark": (3.0, 6.0), "dflash": (2.5, 4.0), "eagle3": (2.0, 3.0)}  # per dataset: gsm8k, mbpp
+    for a, (t1, t2) in taus.items():
+        for t in repro_report.TEMPERATURES:
+            w(f"eval_{a}_T{t}.json", _eval({"gsm8k": t1, "mbpp": t2}, [0.5] * GAMMA, cal if a == "dspark" else None))
+        (results / f"train_{a}.jsonl").write_text(
+            "\n".join(json.dumps({"step": s, "loss": 1.0 / s, "tau_probabilistic": s / 10}) for s in (1, 2)))
+        w(f"train_{a}_config.json", {"global_batch_size": 64, "num_epochs": 2, "max_length": 1024,
+                                     "learning_rate": 6e-4, "warmup_ratio": 0.04, "num_anchors": 512, "block_size": 7})
+    w("sts_fit.json", {"saved_sts": {"temperatures": [1.5] * GAMMA},
+                       "datasets": {"heldout": {"prompts": 10, "sts": {"ece_before": [0.3] * GAMMA,
+                                                                       "ece_after": [0.05] * GAMMA}}}})
+    w("speed.json", {"device": "Test GPU", "num_prompts": 4, "max_new_tokens": 8, "temperature": 1.0, "batches": {
+        "1": {"autoregressive": {"tokens_per_s": 100.0, "step_ms": 2.0},
+              "drafts": {"dspark": {"tokens_per_s": 250.0, "speedup": 2.5, "ideal_speedup": 3.0, "tau": 4.5,
+                                    "draft_ms": 1.0, "verify_ms": 2.0}}}}})
+    w("sps_r1.json", {"sps": [1.0]})
+    w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
+                                                   "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
+
+
+def test_report_tables_hold_the_results(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    # DSpark/DFlash and DSpark/Eagle3 per set, and of the mean tau (4.5 / 3.25, 4.5 / 2.5)
+    assert "| gsm8k | 4 | 3.000 | 2.500 | 2.000 | 1.200 | 1.500 |" in page
+    assert "| mbpp | 4 | 6.000 | 4.000 | 3.000 | 1.500 | 2.000 |" in page
+    assert "| **mean** | | **4.500** | **3.250** | **2.500** | **1.385** | **1.800** |" in page
+    assert "| before STS | " + " | ".join(["0.300"] * GAMMA) + " |" in page
+    assert "| after STS | " + " | ".join(["0.050"] * GAMMA) + " |" in page
+    assert "| ECE after | " + " | ".join(["0.100"] * GAMMA) + " |" in page
+    assert "| 1 | DSpark | 250.0 | 2.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
+    assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
+    assert "2 optimizer steps of 64 sequences" in page
+    for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed.json", "sps_r1.json"):
+        assert (docs / "results" / name).exists()
+    # a rewrite keeps the hand-written analysis
+    with open(docs / "results.md", "a") as f:
+        f.write("## Analysis\n\nDSpark wins because...\n")
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert page.count("## Analysis") == 1 and page.endswith("DSpark wins because...\n")
+
+
+def test_report_names_a_missing_result(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results)
+    os.remove(results / "speed.json")
+    with pytest.raises(FileNotFoundError, match="speed.json"):
+        repro_report.write_report(str(results), str(tmp_path / "docs"))
