@@ -11,7 +11,8 @@
 # limit, and the next `run` continues where it stopped (it prints "every stage done" at the
 # end). Each `run` packs the results, the logs and the regenerated training data into
 # RESULTS_DIR/results.tgz; unpack that into runs/repro_smollm2 here and write the page with
-# `python scripts/repro_smollm2.py report`. The machine needs jax with CUDA, flax, optax,
+# `python scripts/repro_smollm2.py report`. If the machine was lost on the way, copying the
+# last results.tgz to .repro/seed.tgz lets a fresh machine start from the regenerated data. The machine needs jax with CUDA, flax, optax,
 # orbax, transformers and matplotlib; grain, its array-record and portpicker, and gguf come as
 # wheels (prepare downloads them for CPython 3.12 on x86-64 Linux).
 set -euo pipefail
@@ -42,7 +43,7 @@ receive)
     ;;
 run)
     results=${2:?usage: run RESULTS_DIR}
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     gguf=$REMOTE/smollm2.gguf
     if [ ! -f "$gguf" ]; then
@@ -52,15 +53,20 @@ run)
             || { echo "the joined GGUF does not match its checksum" >&2; exit 1; }
         mv "$gguf.tmp" "$gguf"
     fi
+    if [ -f .repro/seed.tgz ] && [ ! -d "$REMOTE/work" ]; then
+        mkdir -p "$REMOTE/work/results"
+        tar xzf .repro/seed.tgz -C "$REMOTE/work" prompts heldout train_smollm2.jsonl results/split.json
+    fi
     status=0
     timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \
         --work "$REMOTE/work" || status=$?
     [ $status -eq 124 ] && echo "stopped after ${STAGE_SECONDS:-560} s; run again to continue"
-    ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs train_smollm2.jsonl )
+    ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs prompts heldout \
+        train_smollm2.jsonl )
     exit $status
     ;;
 *)
-    sed -n 2,17p "$0"
+    sed -n 2,19p "$0"
     exit 2
     ;;
 esac
