@@ -87,6 +87,13 @@ def training_figure(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
+def mean_over_sets(rows) -> np.ndarray:
+    """Per-position mean over eval sets, NaN where no set reached a position."""
+    rows = np.asarray(rows, float)
+    counts = np.sum(~np.isnan(rows), 0)
+    return np.where(counts > 0, np.nansum(rows, 0) / np.maximum(counts, 1), np.nan)
+
+
 def fmt(values, digits: int = 3) -> str:
     return " | ".join("n/a" if v is None or v != v else f"{v:.{digits}f}" for v in values)
 
@@ -121,15 +128,17 @@ def write_report(results: str, docs: str) -> str:
         "",
         f"Every number below comes from one run of `python scripts/repro_smollm2.py run` on one {device}, "
         "written into this page by `python scripts/repro_smollm2.py report`; the raw files are in "
-        "[results/](results/). The exact command behind each table is in results/commands.json.",
+        "[results/](results/). Commands are shown from the repository root, with $WORK, $DATA and $GGUF "
+        "standing for the run's --work, --data and --target; results/commands.json lists them all.",
         "",
         "## Setup",
         "",
-        f"- Training prompts: {', '.join(split['sets'])} from the shared prompt sets, shuffled; "
+        f"- Training prompts: the {', '.join(split['sets'])} sets of $DATA/train, shuffled; "
         f"{split['heldout_prompts']} held out for STS, {split['train_prompts']} answered by SmolLM2 itself "
         "(`python -m dspark_jax regenerate`, T=0.7, top-p 0.8, top-k 20).",
         f"- One budget for the three drafters: {steps['dspark']} optimizer steps of {c['global_batch_size']} "
-        f"sequences ({c['num_epochs']} epochs, max length {c['max_length']}), AdamW {c['learning_rate']}, "
+        f"sequences ({'' if c.get('max_steps') else str(c['num_epochs']) + ' epochs, '}max length "
+        f"{c['max_length']}), AdamW {c['learning_rate']}, "
         f"{c['warmup_ratio']:.0%} warmup then cosine, {c['num_anchors']} anchors, block {c['block_size']}; "
         "5 draft layers for DSpark and DFlash, 1 for Eagle3 (TTT 7); the target runs inside the train step.",
         f"- Evaluation: the first user turn of each prompt set (n of them, in the reference's seeded order), "
@@ -151,7 +160,8 @@ def write_report(results: str, docs: str) -> str:
               "| drafter | " + " | ".join(f"pos {j + 1}" for j in range(gamma)) + " |",
               "|---|" + "---|" * gamma]
     for a in ALGORITHMS:
-        cond = np.nanmean([e["speculative"]["conditional_acceptance"] for e in evals["1.0"][a]["datasets"].values()], 0)
+        sets = evals["1.0"][a]["datasets"].values()
+        cond = mean_over_sets([e["speculative"]["conditional_acceptance"] for e in sets])
         lines.append(f"| {NAMES[a]} (mean over sets) | {fmt(cond)} |")
     lines += ["", "Training curves (expected tau on the training batches, from the drafters' own probabilities):", "",
               "![training curves](results/training.png)", "",
@@ -179,7 +189,7 @@ def write_report(results: str, docs: str) -> str:
     for key, label in [("ece", "ECE before"), ("ece_sts", "ECE after"), ("auroc", "AUROC before"),
                        ("auroc_sts", "AUROC after"), ("brier", "Brier before"), ("brier_sts", "Brier after")]:
         if cal and key in cal[0]:
-            lines.append(f"| {label} | {fmt(np.nanmean([x[key] for x in cal], 0))} |")
+            lines.append(f"| {label} | {fmt(mean_over_sets([x[key] for x in cal]))} |")
     lines += ["", "Reliability diagrams: " + ", ".join(
         f"[{os.path.basename(p)}](results/{os.path.basename(p)})"
         for p in sorted(glob.glob(os.path.join(results, "calibration", "*.png")))) + ".", ""]

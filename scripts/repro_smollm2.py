@@ -101,11 +101,27 @@ class Pipeline:
     def target_args(self) -> list[str]:
         return ["--target", self.args.target] if self.args.target else []
 
-    def command(self, name: str, argv: list[str]) -> None:
+    def shown(self, argv: list[str]) -> str:
+        """A command as the report prints it: `python`, and $WORK, $DATA and $GGUF for --work,
+        --data and --target."""
+        folders = {self.work: "$WORK", os.path.abspath(self.args.data): "$DATA", self.args.data: "$DATA"}
+        if self.args.target:
+            folders[self.args.target] = "$GGUF"
+
+        def token(arg: str) -> str:
+            for real, name in folders.items():
+                if arg.startswith(real + os.sep) or arg == real:
+                    return name + shlex.quote(arg[len(real):]) if " " in arg else name + arg[len(real):]
+            return shlex.quote(arg)
+
+        return " ".join(["python", *map(token, argv)])
+
+    def command(self, name: str, argv: list[str], out: str | None = None) -> None:
         """Runs argv (python prepended) from the repository root, output to logs/<name>.log;
-        a failure stops the pipeline with the log's tail."""
+        a failure stops the pipeline with the log's tail. With `out`, the command is recorded
+        writing there, though it is given out + ".tmp" (see `once`)."""
+        self.commands[name] = self.shown([out if out and a == out + ".tmp" else a for a in argv])
         argv = [sys.executable, *argv]
-        self.commands[name] = shlex.join(argv)
         with open(self.commands_path, "w") as f:
             json.dump(self.commands, f, indent=1)
         log_path = self.path("logs", f"{name}.log")
@@ -169,7 +185,7 @@ class Pipeline:
         """Runs a command that writes `out` (it is given out + ".tmp", renamed when the command
         succeeds), unless `out` exists."""
         if not os.path.exists(out):
-            self.command(name, [out + ".tmp" if a == out else a for a in argv])
+            self.command(name, [out + ".tmp" if a == out else a for a in argv], out)
             os.replace(out + ".tmp", out)
 
     def eval_args(self, algorithm: str, data_dir: str, limit: int, out: str, *extra: str) -> list[str]:

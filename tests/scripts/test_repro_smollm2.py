@@ -31,6 +31,9 @@ def test_split_holds_out_disjoint_prompts(tmp_path):
     assert len(held) == smoke.heldout and len(train) == smoke.regen_limit
     assert not set(held) & set(train) and set(held) | set(train) <= expected
     assert json.loads((tmp_path / "work" / "results" / "split.json").read_text())["train_prompts"] == len(train)
+    out = str(tmp_path / "work" / "results" / "x.json")
+    assert pipeline.shown(["eval.py", "--data-dir", str(data), "--out", out, "--title", "a b"]) == \
+        "python eval.py --data-dir $DATA/train --out $WORK/results/x.json --title 'a b'"
     pipeline.split()  # done: a rerun keeps the split
     assert (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines() == train
 
