@@ -5,16 +5,18 @@
 #
 #   bash scripts/remote_repro_smollm2.sh prepare DATA_DIR   # here, once: .repro/{a,b,data}, wheels in .whl
 #   job 1, sending .repro/a:                  bash scripts/remote_repro_smollm2.sh receive
-#   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR
+#   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR [ARGS]
 #
-# `run` stops the pipeline after STAGE_SECONDS (default 560), so a job ends inside a 10-minute
-# limit, and the next `run` continues where it stopped (it prints "every stage done" at the
-# end). Each `run` packs the results, the logs and the regenerated training data into
-# RESULTS_DIR/results.tgz; unpack that into runs/repro_smollm2 here and write the page with
+# ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4). `run` stops the
+# pipeline after STAGE_SECONDS (default 560), so a job ends inside a 10-minute limit, and the
+# next `run` continues where it stopped (it prints "every stage done" at the end). Each `run`
+# packs the results, the logs and the regenerated training data into RESULTS_DIR/results.tgz;
+# unpack that into runs/repro_smollm2 here and write the page with
 # `python scripts/repro_smollm2.py report`. If the machine was lost on the way, copying the
-# last results.tgz to .repro/seed.tgz lets a fresh machine start from the regenerated data. The machine needs jax with CUDA, flax, optax,
-# orbax, transformers and matplotlib; grain, its array-record and portpicker, and gguf come as
-# wheels (prepare downloads them for CPython 3.12 on x86-64 Linux).
+# last results.tgz to .repro/seed.tgz lets a fresh machine start from the regenerated data.
+# The machine needs jax with CUDA, flax, optax, orbax, transformers and matplotlib; grain, its
+# array-record and portpicker, and gguf come as wheels (prepare downloads them for CPython
+# 3.12 on x86-64 Linux).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REMOTE=${REMOTE_DIR:-$HOME/repro}
@@ -59,14 +61,14 @@ run)
     fi
     status=0
     timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \
-        --work "$REMOTE/work" || status=$?
+        --work "$REMOTE/work" "${@:3}" || status=$?
     [ $status -eq 124 ] && echo "stopped after ${STAGE_SECONDS:-560} s; run again to continue"
     ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs prompts heldout \
         train_smollm2.jsonl )
     exit $status
     ;;
 *)
-    sed -n 2,19p "$0"
+    sed -n 2,21p "$0"
     exit 2
     ;;
 esac

@@ -173,7 +173,7 @@ class Pipeline:
             out = self.path("runs", algorithm)
             overrides = [f"target={self.args.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
                          f"output_dir={out}", f"dtype={self.scale.dtype}", f"target_dtype={self.scale.dtype}",
-                         *self.scale.train]
+                         *self.scale.train, *self.args.train_set]
             self.command(f"train_{algorithm}", ["train.py", "--config", f"configs/{algorithm}_smollm2.py", "--set",
                                                 *overrides])
             shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(self.results, f"train_{algorithm}.jsonl"))
@@ -260,6 +260,8 @@ def main(argv=None) -> None:
     run.add_argument("--target", help="the SmolLM2 .gguf (default: the cached download)")
     run.add_argument("--work", default="runs/repro_smollm2")
     run.add_argument("--scale", default="full", choices=sorted(SCALES))
+    run.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="recipe overrides for all three drafters (e.g. num_epochs=4), after the scale's")
     report = sub.add_parser("report", help="write docs/results.md from a finished run's results")
     report.add_argument("--work", default="runs/repro_smollm2")
     report.add_argument("--docs", default="docs")

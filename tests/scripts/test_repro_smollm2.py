@@ -22,7 +22,8 @@ def test_split_holds_out_disjoint_prompts(tmp_path):
         lines = [json.dumps({"turns": [f"{name} question {i}"]}) for i in range(5)]
         expected |= set(lines)
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank line is skipped
-    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path / "data"), target=None)
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path / "data"), target=None,
+                           train_set=[])
     pipeline = repro_smollm2.Pipeline(args)
     pipeline.split()
     train = (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines()
