@@ -68,7 +68,7 @@ run)
     exit $status
     ;;
 *)
-    sed -n 2,21p "$0"
+    sed -n '/^set -euo/q;2,$p' "$0"
     exit 2
     ;;
 esac
