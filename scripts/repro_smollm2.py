@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -109,10 +110,9 @@ class Pipeline:
             folders[self.args.target] = "$GGUF"
 
         def token(arg: str) -> str:
-            for real, name in folders.items():
-                if arg.startswith(real + os.sep) or arg == real:
-                    return name + shlex.quote(arg[len(real):]) if " " in arg else name + arg[len(real):]
-            return shlex.quote(arg)
+            for real, name in folders.items():  # also inside key=value arguments
+                arg = re.sub(re.escape(real) + r"(?=/|$)", lambda _: name, arg)
+            return arg if re.fullmatch(r"[\w@%+=:,./${}-]+", arg) else '"' + arg.replace('"', '\\"') + '"'
 
         return " ".join(["python", *map(token, argv)])
 

@@ -33,8 +33,15 @@ def test_split_holds_out_disjoint_prompts(tmp_path):
     assert not set(held) & set(train) and set(held) | set(train) <= expected
     assert json.loads((tmp_path / "work" / "results" / "split.json").read_text())["train_prompts"] == len(train)
     out = str(tmp_path / "work" / "results" / "x.json")
-    assert pipeline.shown(["eval.py", "--data-dir", str(data), "--out", out, "--title", "a b"]) == \
-        "python eval.py --data-dir $DATA/train --out $WORK/results/x.json --title 'a b'"
+    shown = pipeline.shown(["eval.py", "--data-dir", str(data), "--out", out, f"dspark={tmp_path}/work/runs",
+                            "--title", "a b"])
+    assert shown == 'python eval.py --data-dir $DATA/train --out $WORK/results/x.json dspark=$WORK/runs --title "a b"'
+    pipeline.command("probe", ["-c", "print('ran')"])
+    assert (tmp_path / "work" / "logs" / "probe.log").read_text() == "ran\n"
+    assert json.loads((tmp_path / "work" / "results" / "commands.json").read_text())["probe"] == \
+        'python -c "print(\'ran\')"'
+    with pytest.raises(SystemExit, match="fails failed"):
+        pipeline.command("fails", ["-c", "raise SystemExit(3)"])
     pipeline.split()  # done: a rerun keeps the split
     assert (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines() == train
 
