@@ -52,9 +52,10 @@ def main() -> None:
                                              block_size=gamma, mask_token_id=target_config.vocab_size - 1)
             draft = Draft.random(config, target=target, seed=1)
             log(f"gamma {gamma} {algorithm} draft step")
-            times[algorithm] = draft_seconds(draft, batch=b, context=ctx, sampling=sampling, steps=STEPS)
+            times[algorithm] = draft_seconds(draft, batch=b, context=ctx, capacity=ctx + q + 8, sampling=sampling,
+                                             steps=STEPS)
         log(f"gamma {gamma} verify step")
-        verify = verify_seconds(target, batch=b, tokens=q, context=ctx, steps=STEPS)
+        verify = verify_seconds(target, batch=b, tokens=q, context=ctx, capacity=ctx + q + 8, steps=STEPS)
         overhead = times["dspark"] - times["dflash"]
         rows.append(dict(gamma=gamma, batch=b, context=ctx, dspark_draft_ms=times["dspark"] * 1e3,
                          dflash_draft_ms=times["dflash"] * 1e3, verify_ms=verify * 1e3, overhead_ms=overhead * 1e3,

@@ -6,9 +6,11 @@
 For each batch size b, the first --num-prompts prompts (chat template applied) are generated b
 at a time, compilation excluded (`timed_generate`), with plain decoding and with every draft;
 tokens/s counts generated tokens. Beside each measured speedup is the ideal one,
-tau * T_AR / (T_draft + T_verify): tau from the same run, and step times measured at batch b
-and the run's mean context (prompt plus half the new tokens) with `step_times`: T_AR one
-decode step, T_verify a target step over gamma + 1 tokens, T_draft one `Draft.propose`. The
+tau * T_AR / (T_draft + T_verify): tau from the same run, and step times measured with
+`step_times` at batch b, the run's mean context (prompt plus half the new tokens) and the
+cache capacity the loops allocate for the median batch (AR and speculative loops size their
+caches differently): T_AR one decode step, T_verify a target step over gamma + 1 tokens,
+T_draft one `Draft.propose`. The
 ideal leaves out what a real round adds: sampling and rejection, cache bookkeeping, the
 stop/length checks of the loop, and, at b > 1, rows that finished early but still ride along
 until the whole batch is done.
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 
 from dspark_jax import load_target
+from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.evaluation import acceptance_stats, chat_ids, draft_from_spec, load_prompts, timed_generate
 from dspark_jax.decoding.sampling import SamplingParams
 from dspark_jax.decoding.step_times import draft_seconds, verify_seconds
@@ -64,7 +67,10 @@ def main(argv=None) -> None:
         ar, ar_seconds = timed_generate(target, None, prompts, batch_size=b, **kwargs)
         ar_tokens = sum(map(len, ar.tokens))
         context = int(np.mean([len(x) for x in prompts]) + args.max_new_tokens // 2)
-        t_ar = verify_seconds(target, batch=b, tokens=1, context=context)
+        widths = sorted(bucket(max(map(len, prompts[i : i + b]))) for i in range(0, len(prompts), b))
+        width = widths[len(widths) // 2]  # padded prompt width of the median batch
+        t_ar = verify_seconds(target, batch=b, tokens=1, context=context,
+                              capacity=bucket(width + args.max_new_tokens))  # as generate_autoregressive
         entry = {"context": context, "autoregressive": {"tokens_per_s": ar_tokens / ar_seconds,
                                                         "step_ms": t_ar * 1e3}, "drafts": {}}
         for name, draft in loaded.items():
@@ -72,8 +78,9 @@ def main(argv=None) -> None:
             result, seconds = timed_generate(target, draft, prompts, batch_size=b, **kwargs)
             gamma = draft.config.block_size
             tau = acceptance_stats(result, gamma)["tau"]
-            t_draft = draft_seconds(draft, batch=b, context=context, sampling=sampling)
-            t_verify = verify_seconds(target, batch=b, tokens=gamma + 1, context=context)
+            capacity = bucket(width + args.max_new_tokens + 2 * gamma + 2)  # as generate's speculative loop
+            t_draft = draft_seconds(draft, batch=b, context=context, capacity=capacity, sampling=sampling)
+            t_verify = verify_seconds(target, batch=b, tokens=gamma + 1, context=context, capacity=capacity)
             tokens_per_s = sum(map(len, result.tokens)) / seconds
             speedup = tokens_per_s / entry["autoregressive"]["tokens_per_s"]
             entry["drafts"][name] = {"tokens_per_s": tokens_per_s, "speedup": speedup, "tau": tau,

@@ -28,7 +28,9 @@ def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
 def profile_sps(target, *, concurrency: int, context: int, gamma: int, steps: int = 8, reps: int = 5) -> dict:
     """Measures verify steps/s for q = 1..gamma+1 tokens per sequence (see the module doc)."""
     r = concurrency
-    measured = {r * q: 1.0 / verify_seconds(target, batch=r, tokens=q, context=context, steps=steps, reps=reps)
+    capacity = context + gamma + 2  # what a verify step of up to gamma + 1 tokens needs
+    measured = {r * q: 1.0 / verify_seconds(target, batch=r, tokens=q, context=context, capacity=capacity,
+                                            steps=steps, reps=reps)
                 for q in range(1, gamma + 2)}
     return {
         "device": jax.devices()[0].device_kind,

@@ -3,7 +3,9 @@
 Each is timed as `steps` repetitions inside one jitted loop, every repetition against the
 same cache state (the cache is rolled back after each), so the figure is the step's device
 time at a fixed context with dispatch amortised. Token values do not change the time, so
-the inputs are random; the weights are whatever the model holds.
+the inputs are random; the weights are whatever the model holds. Attention reads every slot
+of a cache, so a step's time depends on the cache's capacity as well as on the context: pass
+the capacity the decoding loop being modelled allocates.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from dspark_jax.decoding.sampling import SamplingParams
 from dspark_jax.timing import timed_chain
 
 
-def verify_seconds(target, *, batch: int, tokens: int, context: int, steps: int = 8, reps: int = 5) -> float:
+def verify_seconds(target, *, batch: int, tokens: int, context: int, capacity: int, steps: int = 8,
+                   reps: int = 5) -> float:
     """Seconds of one `Target.extend` of `tokens` tokens per sequence on `batch` sequences
-    holding `context` positions (tokens=1 is an autoregressive decode step)."""
+    holding `context` positions of a `capacity`-slot cache (tokens=1: an autoregressive
+    decode step)."""
     ids = jax.random.randint(jax.random.key(tokens), (batch, tokens), 0, target.config.vocab_size, jnp.int32)
     num_new = jnp.full((batch,), tokens, jnp.int32)
 
@@ -31,15 +35,21 @@ def verify_seconds(target, *, batch: int, tokens: int, context: int, steps: int 
 
         return jax.lax.fori_loop(0, steps, step, cache)
 
-    cache = target.init_cache(batch, context + tokens + 8).replace(lengths=jnp.full((batch,), context, jnp.int32))
+    if context + tokens > capacity:
+        raise ValueError(f"context {context} + {tokens} tokens exceed the cache capacity {capacity}")
+    cache = target.init_cache(batch, capacity).replace(lengths=jnp.full((batch,), context, jnp.int32))
     return timed_chain(lambda c: verify_steps(target.params, c), cache, iters=1, reps=reps) / steps
 
 
-def draft_seconds(draft, *, batch: int, context: int, sampling: SamplingParams, steps: int = 8, reps: int = 5) -> float:
-    """Seconds of one `Draft.propose` on `batch` sequences at `context` positions: the draft
-    cache takes gamma + 1 verified rows (a fully accepted round) and one block is drafted."""
+def draft_seconds(draft, *, batch: int, context: int, capacity: int, sampling: SamplingParams, steps: int = 8,
+                  reps: int = 5) -> float:
+    """Seconds of one `Draft.propose` on `batch` sequences at `context` positions of a
+    `capacity`-slot cache: the cache takes gamma + 1 verified rows (a fully accepted round)
+    and one block is drafted."""
     q = draft.config.block_size + 1
-    features = jax.random.normal(jax.random.key(2), (batch, q, draft.config.feature_size), jnp.bfloat16)
+    if context + q > capacity:
+        raise ValueError(f"context {context} + {q} rows exceed the cache capacity {capacity}")
+    features = jax.random.normal(jax.random.key(2), (batch, q, draft.config.feature_size), draft.dtype)
     next_ids = jnp.zeros((batch, q), jnp.int32)
     num_new = jnp.full((batch,), q, jnp.int32)
 
@@ -53,6 +63,6 @@ def draft_seconds(draft, *, batch: int, context: int, sampling: SamplingParams, 
 
         return jax.lax.fori_loop(0, steps, step, (cache, jnp.zeros((batch, q - 1), jnp.int32)))
 
-    cache = draft.init_cache(batch, context + q + 8).replace(lengths=jnp.full((batch,), context - q, jnp.int32))
+    cache = draft.init_cache(batch, capacity).replace(lengths=jnp.full((batch,), context - q, jnp.int32))
     run = lambda carry: draft_steps(draft.params, carry[0], jax.random.key(3))
     return timed_chain(run, (cache, None), iters=1, reps=reps) / steps
