@@ -12,12 +12,15 @@
 # next `run` continues where it stopped (it prints "every stage done" at the end). Each `run`
 # packs the results, the logs and the regenerated training data into RESULTS_DIR/results.tgz;
 # unpack that into runs/repro_smollm2 here and write the page with
-# `python scripts/repro_smollm2.py report`. If the machine was lost on the way, copying the
-# last results.tgz to .repro/seed.tgz lets a fresh machine start from the regenerated data.
+# `python scripts/repro_smollm2.py report`. A planned stop exits with 124, "every stage done"
+# with 0. If the machine was lost on the way, copy the last results.tgz to .repro/seed.tgz and
+# send it along: a fresh machine (after `receive` again) starts from the regenerated data.
+# .repro/b, .repro/data, .whl and the repository come to about 60 MB, a seed adds about 5.
 # The machine needs jax with CUDA, flax, optax, orbax, transformers and matplotlib; grain, its
 # array-record and portpicker, and gguf come as wheels (prepare downloads them for CPython
 # 3.12 on x86-64 Linux).
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 REMOTE=${REMOTE_DIR:-$HOME/repro}
 PART=smollm2.gguf.part
@@ -44,7 +47,7 @@ receive)
     echo "first half in $REMOTE"
     ;;
 run)
-    results=${2:?usage: run RESULTS_DIR}
+    results=$(cd "$CALLER" && mkdir -p "${2:?usage: run RESULTS_DIR}" && cd "$2" && pwd)
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     gguf=$REMOTE/smollm2.gguf
@@ -56,8 +59,11 @@ run)
         mv "$gguf.tmp" "$gguf"
     fi
     if [ -f .repro/seed.tgz ] && [ ! -d "$REMOTE/work" ]; then
+        seed=$(mktemp -d) && tar xzf .repro/seed.tgz -C "$seed"
         mkdir -p "$REMOTE/work/results"
-        tar xzf .repro/seed.tgz -C "$REMOTE/work" prompts heldout train_smollm2.jsonl results/split.json
+        for f in prompts heldout train_smollm2.jsonl results/split.json; do  # whatever the seed holds of them
+            if [ -e "$seed/$f" ]; then cp -r "$seed/$f" "$REMOTE/work/$f"; fi
+        done
     fi
     status=0
     timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \

@@ -27,9 +27,12 @@ def load(results: str, name: str):
         return json.load(f)
 
 
-def read_jsonl(path: str) -> list[dict]:
+def training_curve(path: str) -> list[dict]:
+    """metrics.jsonl rows by step; a resumed run logs the steps after its last checkpoint
+    again, and the later row of a step wins."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = {row["step"]: row for row in map(json.loads, filter(str.strip, f))}
+    return [rows[step] for step in sorted(rows)]
 
 
 def tau_table(evals: dict) -> tuple[list[str], dict]:
@@ -104,7 +107,7 @@ def write_report(results: str, docs: str) -> str:
     commands = load(results, "commands.json")
     split = load(results, "split.json")
     evals = {t: {a: load(results, f"eval_{a}_T{t}.json") for a in ALGORITHMS} for t in TEMPERATURES}
-    curves = {a: read_jsonl(os.path.join(results, f"train_{a}.jsonl")) for a in ALGORITHMS}
+    curves = {a: training_curve(os.path.join(results, f"train_{a}.jsonl")) for a in ALGORITHMS}
     configs = {a: load(results, f"train_{a}_config.json") for a in ALGORITHMS}
     sts = load(results, "sts_fit.json")
     speed = load(results, "speed.json")
@@ -122,6 +125,8 @@ def write_report(results: str, docs: str) -> str:
     gamma = evals["1.0"]["dspark"]["gamma"]
     c = configs["dspark"]
     steps = {a: curves[a][-1]["step"] for a in ALGORITHMS}
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"the drafters were trained for different numbers of steps: {steps}")
 
     lines = [
         "# Results: DSpark vs DFlash vs Eagle3 drafters for SmolLM2-135M-Instruct",
@@ -141,8 +146,8 @@ def write_report(results: str, docs: str) -> str:
         f"{c['max_length']}), AdamW {c['learning_rate']}, "
         f"{c['warmup_ratio']:.0%} warmup then cosine, {c['num_anchors']} anchors, block {c['block_size']}; "
         "5 draft layers for DSpark and DFlash, 1 for Eagle3 (TTT 7); the target runs inside the train step.",
-        f"- Evaluation: the first user turn of each prompt set (n of them, in the reference's seeded order), "
-        f"chat template, chain drafting, gamma {gamma}, every draft token verified.",
+        f"- Evaluation: the first user turn of n prompts per set (picked by the reference's seeded shuffle "
+        f"when a set holds more), chat template, chain drafting, gamma {gamma}, every draft token verified.",
         "",
         "## Acceptance length tau (the paper's Table 1)",
         "",
@@ -165,7 +170,8 @@ def write_report(results: str, docs: str) -> str:
         lines.append(f"| {NAMES[a]} (mean over sets) | {fmt(cond)} |")
     lines += ["", "Training curves (expected tau on the training batches, from the drafters' own probabilities):", "",
               "![training curves](results/training.png)", "",
-              "| drafter | final loss | final expected tau | " + " | ".join(f"acc@{j}" for j in range(gamma)) + " |",
+              "| drafter | final loss | final expected tau | " + " | ".join(f"accept@{j + 1}" for j in range(gamma))
+              + " |",
               "|---|---|---|" + "---|" * gamma]
     for a in ALGORITHMS:
         last = curves[a][-1]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -45,6 +46,9 @@ import time
 
 ALGORITHMS = ("dspark", "dflash", "eagle3")
 TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
+# Results of the stages after training (globs under results/).
+STALE_AFTER_TRAINING = ("sts_fit.json", "eval_*.json", "speed.json", "simulation.json", "trace_dspark.npz",
+                        "calibration")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,7 +90,9 @@ SCALES = {
 class Pipeline:
     def __init__(self, args):
         self.args, self.scale = args, SCALES[args.scale]
-        self.work = os.path.abspath(args.work)
+        # Absolute, since every command runs from the repository root.
+        self.work, self.data = os.path.abspath(args.work), os.path.abspath(args.data)
+        self.target = os.path.abspath(args.target) if args.target else None
         self.results = os.path.join(self.work, "results")
         for sub in ("results", "logs", "prompts", "heldout", "runs"):
             os.makedirs(os.path.join(self.work, sub), exist_ok=True)
@@ -100,14 +106,12 @@ class Pipeline:
         return self.path("runs", algorithm, "draft")
 
     def target_args(self) -> list[str]:
-        return ["--target", self.args.target] if self.args.target else []
+        return ["--target", self.target] if self.target else []
 
     def shown(self, argv: list[str]) -> str:
         """A command as the report prints it: `python`, and $WORK, $DATA and $GGUF for --work,
         --data and --target."""
-        folders = {self.work: "$WORK", os.path.abspath(self.args.data): "$DATA", self.args.data: "$DATA"}
-        if self.args.target:
-            folders[self.args.target] = "$GGUF"
+        folders = {self.work: "$WORK", self.data: "$DATA", **({self.target: "$GGUF"} if self.target else {})}
 
         def token(arg: str) -> str:
             for real, name in folders.items():  # also inside key=value arguments
@@ -116,14 +120,15 @@ class Pipeline:
 
         return " ".join(["python", *map(token, argv)])
 
-    def command(self, name: str, argv: list[str], out: str | None = None) -> None:
+    def command(self, name: str, argv: list[str], record: list[str] | None = None) -> None:
         """Runs argv (python prepended) from the repository root, output to logs/<name>.log;
-        a failure stops the pipeline with the log's tail. With `out`, the command is recorded
-        writing there, though it is given out + ".tmp" (see `once`)."""
-        self.commands[name] = self.shown([out if out and a == out + ".tmp" else a for a in argv])
-        argv = [sys.executable, *argv]
-        with open(self.commands_path, "w") as f:
+        a failure stops the pipeline with the log's tail. `record` (default argv) is the
+        command results/commands.json keeps for the report."""
+        self.commands[name] = self.shown(argv if record is None else record)
+        with open(self.commands_path + ".tmp", "w") as f:
             json.dump(self.commands, f, indent=1)
+        os.replace(self.commands_path + ".tmp", self.commands_path)
+        argv = [sys.executable, *argv]
         log_path = self.path("logs", f"{name}.log")
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(argv)}", flush=True)
         start = time.perf_counter()
@@ -144,7 +149,7 @@ class Pipeline:
             return
         records = []
         for name in TRAIN_SETS:
-            with open(os.path.join(self.args.data, "train", f"{name}.jsonl")) as f:
+            with open(os.path.join(self.data, "train", f"{name}.jsonl")) as f:
                 records += [line for line in f if line.strip()]
         random.Random(0).shuffle(records)
         held, rest = records[: self.scale.heldout], records[self.scale.heldout :]
@@ -160,32 +165,46 @@ class Pipeline:
 
     def regenerate(self) -> None:
         s = self.scale
-        self.command("regenerate", ["-m", "dspark_jax", "regenerate", "--model", self.args.target or "smollm2",
+        self.command("regenerate", ["-m", "dspark_jax", "regenerate", "--model", self.target or "smollm2",
                                     "--input", self.path("prompts", "train.jsonl"),
                                     "--output", self.path("train_smollm2.jsonl"), "--max-new-tokens",
                                     str(s.regen_new_tokens), "--batch-size", str(s.regen_batch), "--dtype", s.dtype])
 
     def train(self) -> None:
+        """Trains each drafter not yet done (DONE records its overrides: a finished drafter
+        trained with other ones is an error, not a silent mix of budgets). Training anything
+        makes the later stages' results stale, so they are removed."""
+        trained = False
         for algorithm in ALGORITHMS:
-            done = self.path("runs", algorithm, "DONE")
-            if os.path.exists(done):
-                continue
             out = self.path("runs", algorithm)
-            overrides = [f"target={self.args.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
+            overrides = [f"target={self.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
                          f"output_dir={out}", f"dtype={self.scale.dtype}", f"target_dtype={self.scale.dtype}",
                          *self.scale.train, *self.args.train_set]
+            done = os.path.join(out, "DONE")
+            if os.path.exists(done):
+                with open(done) as f:
+                    if json.load(f) != overrides:
+                        sys.exit(f"{out} was trained with other settings than {overrides}; remove {self.work}/runs "
+                                 "to retrain all three drafters on one budget")
+                continue
             self.command(f"train_{algorithm}", ["train.py", "--config", f"configs/{algorithm}_smollm2.py", "--set",
                                                 *overrides])
             shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(self.results, f"train_{algorithm}.jsonl"))
             shutil.copy(os.path.join(out, "train_config.json"),
                         os.path.join(self.results, f"train_{algorithm}_config.json"))
-            open(done, "w").close()
+            with open(done, "w") as f:
+                json.dump(overrides, f)
+            trained = True
+        if trained:
+            for name in STALE_AFTER_TRAINING:
+                for path in glob.glob(os.path.join(self.results, name)):
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     def once(self, name: str, out: str, argv: list[str]) -> None:
         """Runs a command that writes `out` (it is given out + ".tmp", renamed when the command
         succeeds), unless `out` exists."""
         if not os.path.exists(out):
-            self.command(name, [out + ".tmp" if a == out else a for a in argv], out)
+            self.command(name, [out + ".tmp" if a == out else a for a in argv], record=argv)
             os.replace(out + ".tmp", out)
 
     def eval_args(self, algorithm: str, data_dir: str, limit: int, out: str, *extra: str) -> list[str]:
@@ -196,6 +215,8 @@ class Pipeline:
 
     def sts(self) -> None:
         out = os.path.join(self.results, "sts_fit.json")
+        if not os.path.exists(os.path.join(self.draft_dir("dspark"), "sts.json")) and os.path.exists(out):
+            os.remove(out)  # the fit belongs beside the draft
         self.once("sts", out, self.eval_args("dspark", self.path("heldout"), self.scale.heldout, out, "--sts", "none",
                                              "--fit-sts", "--save-sts", "--no-ar-baseline"))
 
@@ -211,14 +232,14 @@ class Pipeline:
                     extra += ["--calibration-dir", os.path.join(self.results, "calibration"),
                               "--save-trace", os.path.join(self.results, "trace_dspark.npz")]
                 out = os.path.join(self.results, f"{name}.json")
-                data_dir = os.path.join(self.args.data, "eval")
+                data_dir = os.path.join(self.data, "eval")
                 self.once(name, out, self.eval_args(algorithm, data_dir, self.scale.eval_limit, out, *extra))
 
     def speed(self) -> None:
         s, out = self.scale, os.path.join(self.results, "speed.json")
         self.once("speed", out, ["scripts/bench_e2e.py", *self.target_args(), "--draft",
                                  *[f"{a}={self.draft_dir(a)}" for a in ALGORITHMS],
-                                 "--prompts", os.path.join(self.args.data, "eval", "mt-bench.jsonl"),
+                                 "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"),
                                  "--num-prompts", str(s.speed_prompts), "--batch-sizes", *map(str, s.speed_batches),
                                  "--max-new-tokens", str(s.speed_new_tokens), "--dtype", s.dtype, "--out", out])
 
@@ -229,11 +250,14 @@ class Pipeline:
         s = self.scale
         pattern = os.path.join(self.results, "sps_r{concurrency}.json")
         missing = [r for r in s.concurrency if not os.path.exists(pattern.format(concurrency=r))]
-        if missing:
-            model = ["--model", self.args.target] if self.args.target else []
-            self.command("profile_sps", ["-m", "dspark_jax", "profile-sps", *model, "--concurrency", *map(str, missing),
-                                         "--context", str(s.sps_context), "--gamma", "7", "--dtype", s.dtype,
-                                         "--out", pattern])
+        model = ["--model", self.target] if self.target else []
+
+        def profile(concurrency) -> list[str]:
+            return ["-m", "dspark_jax", "profile-sps", *model, "--concurrency", *map(str, concurrency),
+                    "--context", str(s.sps_context), "--gamma", "7", "--dtype", s.dtype, "--out", pattern]
+
+        if missing:  # the report cites the command for every table
+            self.command("profile_sps", profile(missing), record=profile(s.concurrency))
         from dspark_jax.decoding.calibration import load_sts
         from dspark_jax.decoding.simulate import Trace, simulate
         from dspark_jax.decoding.sps import load_table

@@ -110,3 +110,41 @@ def test_report_names_a_missing_result(tmp_path):
     os.remove(results / "speed.json")
     with pytest.raises(FileNotFoundError, match="speed.json"):
         repro_report.write_report(str(results), str(tmp_path / "docs"))
+
+
+def test_report_training_rows_after_a_resume(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results)
+    with open(results / "train_dspark.jsonl", "a") as f:  # step 2 logged again after a resume
+        f.write("\n" + json.dumps({"step": 2, "loss": 0.25, "tau_probabilistic": 0.9}))
+    page = open(repro_report.write_report(str(results), str(tmp_path / "docs"))).read()
+    assert "| DSpark | 0.2500 | 0.900 |" in page and "| DFlash | 0.5000 | 0.200 |" in page
+    with open(results / "train_dflash.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"step": 3, "loss": 0.1, "tau_probabilistic": 0.3}))
+    with pytest.raises(ValueError, match="different numbers of steps"):
+        repro_report.write_report(str(results), str(tmp_path / "docs"))
+
+
+def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[])
+    pipeline = repro_smollm2.Pipeline(args)
+    ran = []
+
+    def fake_train(name, argv, record=None):  # stands in for train.py: writes what a run leaves
+        ran.append(name)
+        out = next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir="))
+        for file in ("metrics.jsonl", "train_config.json"):
+            (tmp_path / "work" / "runs" / os.path.basename(out)).mkdir(exist_ok=True)
+            open(os.path.join(out, file), "w").close()
+
+    pipeline.command = fake_train
+    stale = tmp_path / "work" / "results" / "eval_dspark_T1.0.json"
+    stale.write_text("{}")
+    pipeline.train()
+    assert ran == ["train_dspark", "train_dflash", "train_eagle3"] and not stale.exists()
+    stale.write_text("{}")
+    pipeline.train()  # all done: nothing runs, nothing is removed
+    assert ran == ["train_dspark", "train_dflash", "train_eagle3"] and stale.exists()
+    pipeline.args.train_set = ["num_epochs=4"]
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        pipeline.train()
