@@ -97,7 +97,10 @@ class Pipeline:
         for sub in ("results", "logs", "prompts", "heldout", "runs"):
             os.makedirs(os.path.join(self.work, sub), exist_ok=True)
         self.commands_path = os.path.join(self.results, "commands.json")
-        self.commands = json.load(open(self.commands_path)) if os.path.exists(self.commands_path) else {}
+        self.commands = {}
+        if os.path.exists(self.commands_path):
+            with open(self.commands_path) as f:
+                self.commands = json.load(f)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.work, *parts)
