@@ -87,6 +87,11 @@ SCALES = {
 }
 
 
+def _lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
 class Pipeline:
     def __init__(self, args):
         self.args, self.scale = args, SCALES[args.scale]
@@ -167,10 +172,12 @@ class Pipeline:
             json.dump({"sets": TRAIN_SETS, "train_prompts": len(rest), "heldout_prompts": len(held)}, f, indent=1)
 
     def regenerate(self) -> None:
-        s = self.scale
+        s, out = self.scale, self.path("train_smollm2.jsonl")
+        if os.path.exists(out) and _lines(out) == _lines(self.path("prompts", "train.jsonl")):
+            return  # every conversation answered (an unfinished file is continued by the command)
         self.command("regenerate", ["-m", "dspark_jax", "regenerate", "--model", self.target or "smollm2",
                                     "--input", self.path("prompts", "train.jsonl"),
-                                    "--output", self.path("train_smollm2.jsonl"), "--max-new-tokens",
+                                    "--output", out, "--max-new-tokens",
                                     str(s.regen_new_tokens), "--batch-size", str(s.regen_batch), "--dtype", s.dtype])
 
     def train(self) -> None:
