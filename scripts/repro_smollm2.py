@@ -10,7 +10,7 @@ Everything lands under --work (default runs/repro_smollm2): results/ holds every
 report uses, logs/ the output of every command, results/commands.json the commands.
 
   split       pool the training prompt sets of --data/train (gsm8k_train, lbpp, swe-bench,
-              aime24), shuffle, hold --heldout of them out for STS
+              aime24) without the longest prompts, shuffle, hold some out for STS
   regenerate  SmolLM2 answers the training prompts (T=0.7, top-p 0.8, top-k 20), so the
               drafts learn the distribution they will be verified against
   train       DSpark, DFlash and Eagle3 from configs/*_smollm2.py, one budget for all three:
@@ -46,6 +46,9 @@ import time
 
 ALGORITHMS = ("dspark", "dflash", "eagle3")
 TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
+# Prompt records longer than this (about 1,000 tokens) are left out: SmolLM2's context is 8,192
+# tokens, and a few swe-bench issues come close to it.
+MAX_PROMPT_CHARS = 4000
 # Results of the stages after training (globs under results/).
 STALE_AFTER_TRAINING = ("sts_fit.json", "eval_*.json", "speed.json", "simulation.json", "trace_dspark.npz",
                         "calibration")
@@ -74,7 +77,7 @@ class Scale:
 SCALES = {
     # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64.
     # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
-    "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=256,
+    "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=64,
                   train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40"), datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
@@ -155,10 +158,14 @@ class Pipeline:
         train, heldout = self.path("prompts", "train.jsonl"), self.path("heldout", "heldout.jsonl")
         if os.path.exists(train):
             return
-        records = []
+        records, too_long = [], 0
         for name in TRAIN_SETS:
             with open(os.path.join(self.data, "train", f"{name}.jsonl")) as f:
-                records += [line for line in f if line.strip()]
+                for line in filter(str.strip, f):
+                    if len(line) > MAX_PROMPT_CHARS:
+                        too_long += 1
+                    else:
+                        records.append(line)
         random.Random(0).shuffle(records)
         held, rest = records[: self.scale.heldout], records[self.scale.heldout :]
         if self.scale.regen_limit:
@@ -169,7 +176,8 @@ class Pipeline:
             f.writelines(rest)
         os.replace(train + ".tmp", train)
         with open(os.path.join(self.results, "split.json"), "w") as f:
-            json.dump({"sets": TRAIN_SETS, "train_prompts": len(rest), "heldout_prompts": len(held)}, f, indent=1)
+            json.dump({"sets": TRAIN_SETS, "train_prompts": len(rest), "heldout_prompts": len(held),
+                       "dropped_too_long": too_long}, f, indent=1)
 
     def regenerate(self) -> None:
         s, out = self.scale, self.path("train_smollm2.jsonl")
