@@ -23,11 +23,11 @@ import sys
 import jax
 
 from dspark_jax import load_target
-from dspark_jax.decoding import calibration
-from dspark_jax.decoding.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
+from dspark_jax.evaluation import calibration
+from dspark_jax.evaluation.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
                                            timed_generate)
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler
-from dspark_jax.decoding.simulate import trace_from_result
+from dspark_jax.evaluation.simulate import trace_from_result
 
 
 def make_scheduler(spec: str, temperatures):

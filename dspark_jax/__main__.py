@@ -17,8 +17,8 @@ import time
 def _generate(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
     from dspark_jax.decoding.autoregressive import generate_autoregressive
-    from dspark_jax.decoding.sampling import SamplingParams
-    from dspark_jax.models.target import load_target
+    from dspark_jax.sampling import SamplingParams
+    from dspark_jax.checkpoints.target import load_target
 
     path = args.model or smollm2_gguf()
     target = load_target(path, dtype=args.dtype)
@@ -45,9 +45,10 @@ def _fetch(args) -> None:
 
 def _profile_sps(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
-    from dspark_jax.decoding.sps import profile_sps, save_table
+    from dspark_jax.checkpoints.target import load_target
+    from dspark_jax.evaluation.sps import profile_sps, save_table
     from dspark_jax.models.presets import HF_CONFIGS, preset
-    from dspark_jax.models.target import Target, load_target
+    from dspark_jax.models.target import Target
 
     if args.model in HF_CONFIGS:
         target = Target.random(preset(args.model), dtype=args.dtype)  # weights do not change step time
@@ -61,8 +62,8 @@ def _profile_sps(args) -> None:
 
 
 def _simulate(args) -> None:
-    from dspark_jax.decoding.simulate import Trace, simulate
-    from dspark_jax.decoding.sps import load_table
+    from dspark_jax.evaluation.simulate import Trace, simulate
+    from dspark_jax.evaluation.sps import load_table
 
     trace = Trace.load(args.trace)
     print(f"{'R':>4} {'no spec':>10} {'best fixed':>12} {'prefix':>10} {'async':>10}  (tokens/s; best fixed length)")
@@ -75,7 +76,7 @@ def _simulate(args) -> None:
 def _regenerate(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
     from dspark_jax.data.regenerate import regenerate_file
-    from dspark_jax.models.target import load_target
+    from dspark_jax.checkpoints.target import load_target
 
     target = load_target(smollm2_gguf() if args.model == "smollm2" else args.model, dtype=args.dtype)
     counts = regenerate_file(target, args.input, args.output, chunk=args.chunk, limit=args.limit, seed=args.seed,

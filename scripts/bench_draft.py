@@ -21,8 +21,8 @@ import json
 import jax
 
 from dspark_jax import Draft, Target
-from dspark_jax.decoding.sampling import SamplingParams
-from dspark_jax.decoding.step_times import draft_seconds, verify_seconds
+from dspark_jax.sampling import SamplingParams
+from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 from dspark_jax.models.presets import preset
 from dspark_jax.timing import log

@@ -27,9 +27,9 @@ import numpy as np
 
 from dspark_jax import load_target
 from dspark_jax.decoding.batching import bucket
-from dspark_jax.decoding.evaluation import acceptance_stats, chat_ids, draft_from_spec, load_prompts, timed_generate
-from dspark_jax.decoding.sampling import SamplingParams
-from dspark_jax.decoding.step_times import draft_seconds, verify_seconds
+from dspark_jax.evaluation.evaluation import acceptance_stats, chat_ids, draft_from_spec, load_prompts, timed_generate
+from dspark_jax.sampling import SamplingParams
+from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 from dspark_jax.timing import log
 
 

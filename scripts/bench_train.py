@@ -30,7 +30,8 @@ from dspark_jax.timing import log, matmul_rate, timed, timed_chain
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.losses import LossWeights, block_loss, sample_anchors
 from dspark_jax.training.optim import make_optimizer
-from dspark_jax.training.step import make_train_step, target_features
+from dspark_jax.models.target import target_features
+from dspark_jax.training.step import make_train_step
 
 DATASHEET_FLOPS = 989e12  # H100 SXM dense bf16
 

@@ -276,9 +276,9 @@ class Pipeline:
 
         if missing:  # the report cites the command for every table
             self.command("profile_sps", profile(missing), record=profile(s.concurrency))
-        from dspark_jax.decoding.calibration import load_sts
-        from dspark_jax.decoding.simulate import Trace, simulate
-        from dspark_jax.decoding.sps import load_table
+        from dspark_jax.evaluation.calibration import load_sts
+        from dspark_jax.evaluation.simulate import Trace, simulate
+        from dspark_jax.evaluation.sps import load_table
 
         trace = Trace.load(os.path.join(self.results, "trace_dspark.npz"))
         temperatures = load_sts(self.draft_dir("dspark"))

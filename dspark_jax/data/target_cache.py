@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.training.step import target_features
+from dspark_jax.models.target import target_features
 
 VERSION = 2
 INDEX = np.dtype([("sample_id", "<u8"), ("shard_id", "<u4"), ("seq_len", "<u4"), ("input_ids", "<u8"),

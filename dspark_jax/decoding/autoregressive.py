@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
-from dspark_jax.decoding.sampling import SamplingParams, sample
+from dspark_jax.sampling import SamplingParams, sample
 from dspark_jax.models.target import Target
 
 

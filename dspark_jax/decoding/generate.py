@@ -17,7 +17,7 @@ import numpy as np
 
 from dspark_jax.decoding.autoregressive import generate_autoregressive
 from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.decoding.speculative import speculative_loop
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.sampling import SamplingParams, probabilities, sample
+from dspark_jax.sampling import SamplingParams, probabilities, sample
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
 from dspark_jax.models.kv_cache import KVCache
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.dspark import BlockDrafter
 from dspark_jax.models.eagle3 import Eagle3Drafter

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.sampling import SamplingParams, probabilities
+from dspark_jax.sampling import SamplingParams, probabilities
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache

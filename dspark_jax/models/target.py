@@ -1,6 +1,6 @@
 """The target model: a config, a params pytree, a tokenizer, and pure functions over them.
 
-`load_target` reads a transformers directory or a GGUF file. All methods take `params` as
+`dspark_jax.checkpoints.target.load_target` reads one from disk. All methods take `params` as
 an explicit argument, so `jax.jit(target.forward)` and `jax.grad` compose over them.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,11 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
-from dspark_jax.checkpoints.binding import check_store, place
-from dspark_jax.checkpoints.safetensors_io import CheckpointError
-from dspark_jax.checkpoints.store import hf_store, read_config_json
-from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
-from dspark_jax.models.config import ModelConfig, from_hf_config
+from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
 from dspark_jax.models.layers import random_params
 from dspark_jax.models.transformer import Decoder
@@ -37,7 +32,7 @@ def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> tuple[Any, Any]:
     return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def _param_shardings(config: ModelConfig, dtype, mesh: Mesh | None):
+def param_shardings(config: ModelConfig, dtype, mesh: Mesh | None):
     shapes, specs = abstract_params(config, dtype)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
@@ -146,53 +141,13 @@ class Target:
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None):
         """A target with random weights (sharded at creation when a mesh is given)."""
         dtype = jnp.dtype(dtype)
-        shapes, shardings = _param_shardings(config, dtype, mesh)
+        shapes, shardings = param_shardings(config, dtype, mesh)
         return cls(config, random_params(shapes, jax.random.key(seed), shardings), tokenizer, dtype, mesh)
 
 
-def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Target:
-    """Loads a target from a transformers directory (config.json + safetensors) or a .gguf file.
-
-    With a mesh, each parameter is created directly with its NamedSharding and every device
-    reads only its own block from disk.
-    """
-    dtype = jnp.dtype(dtype)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    if os.path.isdir(path):
-        config = from_hf_config(*read_config_json(path, "a transformers checkpoint directory"))
-        store = hf_store(path)
-        shapes, shardings = _param_shardings(config, dtype, mesh)
-        bindings = hf_bindings(shapes, store)
-        ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        tokenizer = _hf_tokenizer(path)
-    elif path.endswith(".gguf"):
-        from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
-
-        ckpt = GGUFCheckpoint(path)
-        config = ckpt.config()
-        store = ckpt.store(config)
-        shapes, shardings = _param_shardings(config, dtype, mesh)
-        bindings = gguf_bindings(shapes)
-        ignorable = ("rope_freqs.weight",)
-        tokenizer = ckpt.tokenizer()
-    else:
-        raise CheckpointError(f"{path}: expected a transformers checkpoint directory or a .gguf file")
-    check_store(bindings, store, path, ignorable)
-    flat_shardings = {b.path: _lookup(shardings, b.path) for b in bindings}
-    params = place(bindings, store, flat_shardings, dtype)
-    return Target(config, params, tokenizer, dtype, mesh)
-
-
-def _lookup(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _hf_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+def target_features(target, target_params, input_ids: jax.Array, layer_ids) -> tuple[jax.Array, jax.Array]:
+    """(features [B, S, L_t * H] layer-major, last_hidden [B, S, H]) of the frozen target: what a
+    drafter trains on."""
+    _, last, taps = target.forward(target_params, input_ids, hidden_layers=tuple(layer_ids))  # taps [B, S, L_t, H]
+    b, s = input_ids.shape
+    return jax.lax.stop_gradient(taps.reshape(b, s, -1)), jax.lax.stop_gradient(last)

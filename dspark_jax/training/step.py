@@ -18,15 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dspark_jax.models.target import target_features
 from dspark_jax.sharding import named_sharding
 from dspark_jax.training.losses import LossWeights, loss_fn
-
-
-def target_features(target, target_params, input_ids: jax.Array, layer_ids) -> tuple[jax.Array, jax.Array]:
-    """(features [B, S, L_t * H] layer-major, last_hidden [B, S, H]) of the frozen target."""
-    _, last, taps = target.forward(target_params, input_ids, hidden_layers=tuple(layer_ids))  # taps [B, S, L_t, H]
-    b, s = input_ids.shape
-    return jax.lax.stop_gradient(taps.reshape(b, s, -1)), jax.lax.stop_gradient(last)
 
 
 def make_train_step(draft, optimizer: optax.GradientTransformation, schedule, weights: LossWeights, *,

@@ -51,7 +51,8 @@ def build_mesh(config: TrainConfig, devices=None):
 
 def build_target(config: TrainConfig, mesh):
     """The frozen target a recipe names (see TrainConfig.target)."""
-    from dspark_jax.models.target import Target, load_target
+    from dspark_jax.checkpoints.target import load_target
+    from dspark_jax.models.target import Target
 
     if config.target == "demo":
         from dspark_jax.training.demo import demo_target

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.autoregressive import generate_autoregressive
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from tests.helpers import FIXTURES
 
 

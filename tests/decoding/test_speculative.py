@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from dspark_jax import Draft, Target, generate
-from dspark_jax.decoding.sampling import SamplingParams, probabilities
+from dspark_jax.sampling import SamplingParams, probabilities
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft_config import draft_config_for_target

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft import Draft
 from dspark_jax.models.draft_config import draft_config_for_target

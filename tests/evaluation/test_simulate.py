@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.generate import GenerationResult
-from dspark_jax.decoding.simulate import Trace, simulate, throughput, trace_from_result
-from dspark_jax.decoding.sps import interpolate, profile_sps
+from dspark_jax.evaluation.simulate import Trace, simulate, throughput, trace_from_result
+from dspark_jax.evaluation.sps import interpolate, profile_sps
 
 
 def test_throughput_by_hand():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dspark_jax.decoding.calibration import (
+from dspark_jax.evaluation.calibration import (
     auroc,
     brier,
     ece,

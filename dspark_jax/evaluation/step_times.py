@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.timing import timed_chain
 
 

@@ -15,7 +15,7 @@ import json
 import jax
 import numpy as np
 
-from dspark_jax.decoding.step_times import verify_seconds
+from dspark_jax.evaluation.step_times import verify_seconds
 
 
 def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.evaluation import acceptance_stats, load_prompts
+from dspark_jax.evaluation.evaluation import acceptance_stats, load_prompts
 from dspark_jax.decoding.generate import GenerationResult
 
 
@@ -65,7 +65,7 @@ def test_eval_script_end_to_end(tmp_path):
         np.testing.assert_array_equal(cal[metric], cal[f"{metric}_sts"])
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["tiny_reliability.png", "tiny_sts_reliability.png"]
     assert entry["threshold_sweep"][0]["threshold"] == 0.5
-    from dspark_jax.decoding.simulate import Trace
+    from dspark_jax.evaluation.simulate import Trace
 
     trace = Trace.load(str(tmp_path / "t.npz"))
     assert trace.confidence.shape[1] == 7 and len(trace.accepted) == len(trace.confidence)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dspark_jax.decoding.sampling import SamplingParams, probabilities, sample
+from dspark_jax.sampling import SamplingParams, probabilities, sample
 
 
 def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""`load_target`: a Target from a transformers directory (config.json + safetensors) or a GGUF file."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from dspark_jax.checkpoints.binding import check_store, place
+from dspark_jax.checkpoints.safetensors_io import CheckpointError
+from dspark_jax.checkpoints.store import hf_store, read_config_json
+from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
+from dspark_jax.models.config import from_hf_config
+from dspark_jax.models.target import Target, param_shardings
+
+
+def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Target:
+    """Loads a target from a transformers directory (config.json + safetensors) or a .gguf file.
+
+    With a mesh, each parameter is created directly with its NamedSharding and every device
+    reads only its own block from disk.
+    """
+    dtype = jnp.dtype(dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if os.path.isdir(path):
+        config = from_hf_config(*read_config_json(path, "a transformers checkpoint directory"))
+        store = hf_store(path)
+        shapes, shardings = param_shardings(config, dtype, mesh)
+        bindings = hf_bindings(shapes, store)
+        ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        tokenizer = _hf_tokenizer(path)
+    elif path.endswith(".gguf"):
+        from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
+
+        ckpt = GGUFCheckpoint(path)
+        config = ckpt.config()
+        store = ckpt.store(config)
+        shapes, shardings = param_shardings(config, dtype, mesh)
+        bindings = gguf_bindings(shapes)
+        ignorable = ("rope_freqs.weight",)
+        tokenizer = ckpt.tokenizer()
+    else:
+        raise CheckpointError(f"{path}: expected a transformers checkpoint directory or a .gguf file")
+    check_store(bindings, store, path, ignorable)
+    flat_shardings = {b.path: _lookup(shardings, b.path) for b in bindings}
+    params = place(bindings, store, flat_shardings, dtype)
+    return Target(config, params, tokenizer, dtype, mesh)
+
+
+def _lookup(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _hf_tokenizer(path: str):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
