@@ -16,7 +16,7 @@ import time
 
 def _generate(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
-    from dspark_jax.decoding.autoregressive import generate_autoregressive
+    from dspark_jax.decoding.generate import generate_autoregressive
     from dspark_jax.sampling import SamplingParams
     from dspark_jax.checkpoints.target import load_target
 

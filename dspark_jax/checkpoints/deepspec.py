@@ -21,7 +21,7 @@ from dspark_jax.checkpoints.safetensors_io import CheckpointError, save_file
 from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import layer_table
 from dspark_jax.models.draft import FROZEN, Draft, abstract_module_params
-from dspark_jax.models.draft_config import DraftConfig, draft_from_hf, draft_to_hf
+from dspark_jax.models.draft_config import DraftConfig, check_draft_fits, draft_from_hf, draft_to_hf
 from dspark_jax.sharding import named_sharding
 
 _FROZEN_TABLE: NameTable = {("embed_tokens",): ("embed_tokens.weight", None), ("lm_head",): ("lm_head.weight", 1)}
@@ -61,19 +61,6 @@ def _frozen_shapes(config: DraftConfig, dtype) -> dict:
     return {"embed_tokens": jax.ShapeDtypeStruct((v, h), dtype), "lm_head": jax.ShapeDtypeStruct((h, v), dtype)}
 
 
-def _check_target(config: DraftConfig, target, source: str) -> None:
-    t, d = target.config, config.layers
-    problems = []
-    if t.vocab_size != d.vocab_size:
-        problems.append(f"vocab_size {d.vocab_size} != target's {t.vocab_size}")
-    if t.hidden_size != d.hidden_size:
-        problems.append(f"hidden_size {d.hidden_size} != target's {t.hidden_size}")
-    if t.num_layers != config.num_target_layers:
-        problems.append(f"num_target_layers {config.num_target_layers} != target's {t.num_layers} layers")
-    if problems:
-        raise CheckpointError(f"{source}: draft does not fit this target: " + "; ".join(problems))
-
-
 def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Draft:
     """Reads a DeepSpec-format draft directory.
 
@@ -90,7 +77,10 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
     check_store(bindings, store, path)
     frozen = {}
     if target is not None:
-        _check_target(config, target, path)
+        try:
+            check_draft_fits(config, target.config)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         frozen = Draft.frozen(target.params)
         _warn_if_frozen_differ(store, target, path)
         bindings = [b for b in bindings if b.path[0] not in FROZEN]

@@ -2,23 +2,25 @@
 
 Output is what the target alone would produce: token for token at temperature 0, and in
 distribution otherwise (see `dspark_jax.decoding.rejection`). Identical seeds give identical
-outputs; every row of a batch draws its own randomness, so identical prompts give
-independent samples.
+outputs; every row draws its own randomness, so identical prompts give independent samples.
+One compiled program per (batch, prompt length, cache length) bucket runs a whole generation:
+`prefill`, then `spec_round` in a `lax.while_loop` until every row is done.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.decoding.autoregressive import generate_autoregressive
 from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
+from dspark_jax.decoding.speculative import prefill, spec_round
+from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.sampling import SamplingParams
-from dspark_jax.decoding.speculative import speculative_loop
 
 
 @dataclasses.dataclass
@@ -30,7 +32,8 @@ class GenerationResult:
     tokens (the residual or bonus token), or just the accepted ones when one was a stop token
     or max_new_tokens cut the round short. confidence_logits[i] is [rounds, gamma], the
     draft's confidence logits of each round (zeros without a confidence head). All are empty
-    for autoregressive decoding.
+    for autoregressive decoding. `dspark_jax.evaluation.evaluation.acceptance_stats` turns
+    them into tau and per-position acceptance.
     """
 
     tokens: list[list[int]]
@@ -38,30 +41,24 @@ class GenerationResult:
     accepted_lengths: list[list[int]]
     confidence_logits: list[np.ndarray]
 
-    @property
-    def acceptance_length(self) -> float:
-        """tau: tokens committed per round, bonus tokens included; the first token (sampled at
-        prefill) is not counted. NaN without rounds."""
-        rounds = sum(len(r) for r in self.accepted_lengths)
-        committed = sum(max(len(t) - 1, 0) for t, r in zip(self.tokens, self.accepted_lengths) if r)
-        return committed / rounds if rounds else float("nan")
+
+def request_keys(seed, n: int, pad_to: int) -> jax.Array:
+    """PRNG keys [pad_to] of n requests: key(seed[i]) for a sequence of seeds, or n independent
+    keys derived from one integer seed."""
+    if np.ndim(seed):
+        if len(seed) != n:
+            raise ValueError(f"seed has {len(seed)} values for {n} prompts")
+        seeds = np.zeros((pad_to,), np.uint32)
+        seeds[:n] = [_check_seed(s) for s in seed]
+        return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    base = jax.random.key(_check_seed(seed))
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(pad_to, dtype=jnp.uint32))
 
 
-def check_draft(target, draft) -> None:
-    """A clear error when a draft was not built for this target."""
-    t, d = target.config, draft.config
-    problems = []
-    if d.layers.vocab_size != t.vocab_size:
-        problems.append(f"vocabulary {d.layers.vocab_size} != target's {t.vocab_size}")
-    if d.layers.hidden_size != t.hidden_size:
-        problems.append(f"hidden size {d.layers.hidden_size} != target's {t.hidden_size}")
-    if d.num_target_layers != t.num_layers or d.target_layer_ids[-1] >= t.num_layers:
-        problems.append(
-            f"tapped layers {list(d.target_layer_ids)} of a {d.num_target_layers}-layer target, "
-            f"but the target has {t.num_layers} layers"
-        )
-    if problems:
-        raise ValueError("draft does not match the target: " + "; ".join(problems))
+def _check_seed(seed) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
 
 
 def generate(
@@ -70,10 +67,10 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
+    temperature: float | Sequence[float] = 1.0,
+    top_p: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+    seed: int | Sequence[int] = 0,
     scheduler=None,
     stop_ids: Sequence[int] | None = None,
 ) -> GenerationResult:
@@ -81,37 +78,83 @@ def generate(
 
     draft=None decodes autoregressively. scheduler (a `dspark_jax.decoding.scheduler`
     object) picks per-sequence verify lengths from the draft's confidence head; None verifies
-    every draft token. Sampling (temperature 0 = greedy, top-k, top-p) is applied identically
-    to target and draft. stop_ids default to the target config's EOS ids.
+    every draft token. temperature (0 = greedy), top_p, top_k and seed are each one value for
+    every prompt or a sequence of one value per prompt; sampling is applied identically to
+    target and draft. stop_ids default to the target config's EOS ids.
     """
-    sampling = SamplingParams(temperature, top_k, top_p)
     cfg = target.config
     stop_ids = tuple(cfg.eos_token_ids if stop_ids is None else stop_ids)
-    if draft is None:
-        if scheduler is not None:
-            raise ValueError("a scheduler needs a draft")
-        tokens = generate_autoregressive(
-            target, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids
-        )
-        return GenerationResult(tokens, [[] for _ in tokens], [[] for _ in tokens],
-                                [np.zeros((0, 0), np.float32) for _ in tokens])
-    check_draft(target, draft)
-    if scheduler is not None and not draft.config.confidence_head:
-        raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
-    gamma = draft.config.block_size
-    check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings - gamma - 1, max_new_tokens)
+    gamma = 0 if draft is None else draft.config.block_size
+    if draft is None and scheduler is not None:
+        raise ValueError("a scheduler needs a draft")
+    if draft is not None:
+        check_draft_fits(draft.config, cfg)
+        if scheduler is not None and not draft.config.confidence_head:
+            raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
+    check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings - (gamma + 1 if gamma else 0), max_new_tokens)
+    n = len(prompts)
     tokens, lengths = pad_prompts(prompts)
-    out, count, verify_lengths, accepted, confidences, rounds = speculative_loop(
-        target, draft, target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, cache_length=bucket(tokens.shape[1] + max_new_tokens + 2 * gamma + 2),
-        sampling=sampling, stop_ids=stop_ids, scheduler=scheduler,
+    b = tokens.shape[0]
+    sampling = SamplingParams.rows(n, temperature=temperature, top_k=top_k, top_p=top_p, pad_to=b)
+    keys = request_keys(seed, n, b)
+    stops = np.broadcast_to(np.asarray(stop_ids, np.int32).reshape(1, -1), (b, len(stop_ids)))
+    out, count, verify_lengths, accepted, confidences, rounds = _generate(
+        target.model, None if draft is None else draft.model, scheduler, target.params,
+        None if draft is None else draft.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling, keys,
+        jnp.full((b,), max_new_tokens, jnp.int32), jnp.asarray(stops),
+        cache_length=bucket(tokens.shape[1] + max_new_tokens + 2 * gamma + 2), max_new_tokens=max_new_tokens,
     )
     out, count, verify_lengths, accepted, confidences, rounds = map(
         np.asarray, (out, count, verify_lengths, accepted, confidences, rounds))
-    n = len(prompts)
+    if draft is None:
+        rounds = np.zeros_like(rounds)  # autoregressive steps are not speculative rounds
     return GenerationResult(
         tokens=[out[i, : count[i]].tolist() for i in range(n)],
         verify_lengths=[verify_lengths[i, : rounds[i]].tolist() for i in range(n)],
         accepted_lengths=[accepted[i, : rounds[i]].tolist() for i in range(n)],
         confidence_logits=[confidences[i, : rounds[i]] for i in range(n)],
     )
+
+
+def generate_autoregressive(target, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                            sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                            stop_ids: Sequence[int] | None = None, params=None) -> list[list[int]]:
+    """Generated token ids per prompt with the target alone (prompt excluded, a final stop
+    token included): `generate` without a draft, with `params` in place of target.params."""
+    if params is not None:
+        target = dataclasses.replace(target, params=params)
+    return generate(target, None, prompts, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, stop_ids=stop_ids).tokens
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("cache_length", "max_new_tokens"))
+def _generate(target, draft, scheduler, target_params, draft_params, tokens, lengths, sampling, keys, max_new,
+              stop_ids, *, cache_length: int, max_new_tokens: int):
+    """prefill, then rounds until every row is done. Returns (generated [B, N + G + 1],
+    count [B], verify_lengths [B, N], accepted [B, N], confidence logits [B, N, G], rounds [B])
+    with N = max_new_tokens: row b took part in rounds 0..rounds[b]-1."""
+    b, n = tokens.shape[0], max_new_tokens
+    g = 0 if draft is None else draft.config.block_size
+    state, first = prefill(target, draft, scheduler, target_params, draft_params, tokens, lengths, sampling, keys,
+                           max_new, stop_ids, cache_length=cache_length)
+    out = jnp.zeros((b, n + g + 1), jnp.int32).at[:, 0].set(first)
+    logs = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n, g), jnp.float32))
+    rows = jnp.arange(b)[:, None]
+
+    def body(carry):
+        state, out, (verify_lengths, accepted, confidences), row_rounds, r = carry
+        written = state.generated
+        state, o = spec_round(target, draft, scheduler, target_params, draft_params, state)
+        slot = jnp.arange(g + 1)[None, :]
+        pos = jnp.where(slot < o.count[:, None], written[:, None] + slot, out.shape[1])  # [B, G + 1] slots of `out`
+        out = out.at[rows, pos].set(o.tokens, mode="drop")
+        logs = (verify_lengths.at[:, r].set(o.verify_length), accepted.at[:, r].set(o.accepted),
+                confidences.at[:, r].set(o.confidence))
+        return state, out, logs, row_rounds + o.active.astype(jnp.int32), r + 1
+
+    def unfinished(carry):
+        return ~jnp.all(carry[0].done) & (carry[4] < n)
+
+    carry = (state, out, logs, jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32))
+    state, out, (verify_lengths, accepted, confidences), row_rounds, _ = jax.lax.while_loop(unfinished, body, carry)
+    return out, state.generated, verify_lengths, accepted, confidences, row_rounds

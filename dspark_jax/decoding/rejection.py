@@ -17,22 +17,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.sampling import draw, fold, split
+
+# Independent random streams of one round of one row, folded into the row's key.
+DRAFT_STREAM, ACCEPT_STREAM, NEXT_STREAM = 0, 1, 2
+
 
 class Verdict(NamedTuple):
     accepted: jax.Array  # [B] int32, A: number of accepted draft tokens (<= lengths)
     next_token: jax.Array  # [B] int32, the residual or bonus token after them
 
 
-def verify(key: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
-    """draft_tokens: [B, G] int32; q: [B, G, V] fp32 draft distributions of d_1..d_G;
+def verify(keys: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
+    """keys: [B] the round's PRNG key of each sequence (or one key, split over the batch);
+    draft_tokens: [B, G] int32; q: [B, G, V] fp32 draft distributions of d_1..d_G;
     p: [B, G + 1, V] fp32 target distributions p_0..p_G; lengths: [B] int32 in [0, G].
     Entries beyond a sequence's length are ignored.
     """
     b, g = draft_tokens.shape
-    k_accept, k_next = jax.random.split(key)
+    if keys.shape == ():
+        keys = split(keys, b)
     p_d = jnp.take_along_axis(p[:, :g], draft_tokens[..., None], axis=-1)[..., 0]  # p_{j}(d_{j+1}) [B, G]
     q_d = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]  # [B, G]
-    u = jax.random.uniform(k_accept, (b, g), jnp.float32)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(fold(keys, ACCEPT_STREAM))  # [B, G]
     # u < p/q without dividing (q_d > 0 for every sampled token; u in [0, 1) so ratio >= 1 accepts).
     ok = (u * q_d < p_d) & (jnp.arange(g)[None, :] < lengths[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # leading accepts
@@ -42,5 +49,4 @@ def verify(key: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
     residual = jnp.where(rejected[:, None], jnp.maximum(p_next - q_next, 0.0), p_next)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
-    next_token = jax.random.categorical(k_next, jnp.log(residual), axis=-1).astype(jnp.int32)
-    return Verdict(accepted.astype(jnp.int32), next_token)
+    return Verdict(accepted.astype(jnp.int32), draw(fold(keys, NEXT_STREAM), residual))

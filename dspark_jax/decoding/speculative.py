@@ -1,19 +1,31 @@
-"""The jitted draft -> schedule -> verify -> accept loop of speculative decoding.
+"""Decoding one round at a time: `prefill` starts sequences, `spec_round` advances them.
 
-One compiled program per (batch, prompt, cache) bucket runs a whole generation:
+A round, for every active sequence (row) of the batch:
 
-    prefill the target on the prompts (keeping the tapped features the draft needs), sample
-    each sequence's first token, give the draft every prompt position but the last;
-    repeat until every sequence is done:
-        the draft appends its pending verified positions and proposes gamma tokens;
-        the scheduler picks each sequence's verify length L (gamma without a scheduler);
-        the target verifies [anchor, d_1..d_L] for all sequences in one cache extension;
-        rejection sampling accepts A tokens and draws the residual or bonus token;
-        the target cache rolls back to the committed length; positions anchor..anchor+A
-        become the draft's pending context, and the new token the next anchor.
+    the draft appends its pending verified positions and proposes gamma tokens;
+    the scheduler picks each row's verify length L (gamma without a scheduler);
+    the target verifies [anchor, d_1..d_L] for all rows in one cache extension;
+    rejection sampling accepts A tokens and draws the residual or bonus token;
+    the target cache rolls back to the committed length; positions anchor..anchor+A become
+    the draft's pending context, and the new token the next anchor.
 
-An accepted stop token ends its sequence without a bonus token; `max_new_tokens` truncates.
-All per-sequence state lives in one pytree (`_State`), so sequences are independent rows.
+Without a draft (plain autoregressive decoding) a round is L = 0: the target extends by the
+anchor and the next token is drawn from its distribution with the same random stream, so a
+row whose scheduler verifies nothing produces exactly the autoregressive sample.
+
+All per-sequence state lives in one pytree (`DecodeState`) whose fields lead with the batch
+axis, so rows are independent and a caller (`generate`, an engine) owns the state and runs
+rounds on it. Models and the scheduler are static arguments (hashable, without weights);
+params and the state are traced, so new weights, prompts or sampling values never recompile.
+
+Randomness: row b's draws in a round come from fold_in(request key_b, p_b), p_b the position
+of the first token the round can commit, split into a draft, an acceptance and a next-token
+stream. Anchor positions strictly increase, so a row never reuses a key (a draft discarded in
+one round cannot correlate with the next round's), and a row's draws do not depend on the
+other rows of its batch.
+
+An accepted stop token ends its sequence without a bonus token; a row stops after max_new
+tokens.
 """
 
 from __future__ import annotations
@@ -24,29 +36,41 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.rejection import verify
-from dspark_jax.sampling import SamplingParams, probabilities, sample
+from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
 from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
 
 
-class _State(NamedTuple):
+class DecodeState(NamedTuple):
     target_cache: KVCache
-    draft_cache: KVCache
+    draft_cache: KVCache | None  # None without a draft
     pending_features: jax.Array  # [B, G + 1, L_t * H] verified positions the draft has not seen
     pending_next: jax.Array  # [B, G + 1] the committed token after each of them
     pending_count: jax.Array  # [B]
     anchor: jax.Array  # [B] last committed token (not yet in the target cache)
-    out: jax.Array  # [B, N + G + 1] generated tokens
-    count: jax.Array  # [B] valid entries of out
-    done: jax.Array  # [B]
-    rounds: jax.Array  # [] rounds run so far
-    row_rounds: jax.Array  # [B] rounds each sequence took part in
-    verify_lengths: jax.Array  # [B, N] per round: draft tokens sent to the target
-    accepted: jax.Array  # [B, N] per round: draft tokens accepted
-    confidences: jax.Array  # [B, N, G] per round: the draft's confidence logits
+    generated: jax.Array  # [B] tokens committed so far
+    max_new: jax.Array  # [B] tokens to generate at most
+    done: jax.Array  # [B] bool; padding rows (empty prompts) start done
+    sampling: SamplingParams  # per-row fields [B]
+    keys: jax.Array  # [B] PRNG key of each request
+    stop_ids: jax.Array  # [B, S] int32 stop tokens of each row (-1 pads)
     scheduler_state: Any
-    key: jax.Array
+
+
+class RoundOutput(NamedTuple):
+    tokens: jax.Array  # [B, G + 1] committed tokens, the first `count` of each row valid
+    count: jax.Array  # [B] tokens committed this round (0 for rows that did not take part)
+    verify_length: jax.Array  # [B] draft tokens sent to the target
+    accepted: jax.Array  # [B] draft tokens accepted
+    confidence: jax.Array  # [B, G] the draft's confidence logits (zeros without a confidence head)
+    active: jax.Array  # [B] rows that took part
+
+
+def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    """tokens [B, ...] against each row's stop ids [B, S] -> bool [B, ...]."""
+    stops = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
+    return jnp.any(tokens[..., None] == stops, axis=-1)
 
 
 def _features(taps: jax.Array) -> jax.Array:
@@ -54,81 +78,99 @@ def _features(taps: jax.Array) -> jax.Array:
     return taps.reshape(taps.shape[:2] + (-1,))
 
 
-@functools.partial(
-    jax.jit, static_argnums=(0, 1), static_argnames=("max_new_tokens", "cache_length", "sampling", "stop_ids", "scheduler")
-)
-def speculative_loop(
-    target, draft, target_params, draft_params, tokens, lengths, key, *,
-    max_new_tokens: int, cache_length: int, sampling: SamplingParams, stop_ids: tuple[int, ...], scheduler,
-):
-    """tokens [B, T] right-padded prompts, lengths [B] (0 = padding row).
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames="cache_length")
+def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengths, sampling: SamplingParams,
+            keys, max_new, stop_ids, *, cache_length: int) -> tuple[DecodeState, jax.Array]:
+    """Starts a batch: prefills the target on the prompts and samples each first token.
 
-    Returns (generated [B, N + G + 1], count [B], verify_lengths [B, N], accepted [B, N],
-    confidence logits [B, N, G], rounds [B]) with N = max_new_tokens: row b took part in
-    rounds 0..rounds[b]-1 (a sequence is active from the first round until it finishes).
+    target, draft: a TargetModel and a DraftModel (or None); scheduler as in `spec_round`.
+    tokens [B, T] right-padded prompts, lengths [B] (0 = a padding row); sampling per-row [B];
+    keys [B] request PRNG keys; max_new [B]; stop_ids [B, S]. Returns (state, first tokens [B]).
     """
     b = tokens.shape[0]
-    g = draft.config.block_size
-    taps = draft.config.target_layer_ids
-    stops = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
-    is_stop = lambda tok: jnp.any(tok[..., None] == stops, axis=-1)
-    key, k_first = jax.random.split(key)
-
+    g = 0 if draft is None else draft.config.block_size
+    taps = () if draft is None else draft.config.target_layer_ids
     tcache = target.init_cache(b, cache_length)
-    logits, _, prompt_taps, tcache = target.extend(
-        target_params, tcache, tokens, lengths, hidden_layers=taps, last_only=True
-    )
-    first = sample(k_first, logits, sampling)  # [B]
+    logits, _, prompt_taps, tcache = target.extend(target_params, tcache, tokens, lengths, hidden_layers=taps,
+                                                   last_only=True)
+    first = draw(fold(row_keys(keys, lengths), NEXT_STREAM), probabilities(logits, sampling))  # [B]
     feats = _features(prompt_taps)  # [B, T, F]
-    # Feature t pairs with token t + 1; the last prompt position pairs with the first token.
-    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-    dcache = draft.extend_context(draft_params, draft.init_cache(b, cache_length), feats, nxt,
-                                  jnp.maximum(lengths - 1, 0))
+    if draft is None:
+        dcache = None
+    else:
+        # Feature t pairs with token t + 1; the last prompt position pairs with the first token.
+        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+        dcache = draft.extend_context(draft_params, draft.init_cache(b, cache_length), feats, nxt,
+                                      jnp.maximum(lengths - 1, 0))
     last = jnp.maximum(lengths - 1, 0)
     pending_features = jnp.zeros((b, g + 1, feats.shape[-1]), feats.dtype)
     pending_features = pending_features.at[:, 0].set(jnp.take_along_axis(feats, last[:, None, None], axis=1)[:, 0])
-    pending_next = jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(first)
     live = lengths > 0
-    out = jnp.zeros((b, max_new_tokens + g + 1), jnp.int32).at[:, 0].set(first)
-    count = live.astype(jnp.int32)
-    state = _State(
-        target_cache=tcache, draft_cache=dcache, pending_features=pending_features, pending_next=pending_next,
-        pending_count=live.astype(jnp.int32), anchor=first, out=out, count=count,
-        done=~live | is_stop(first) | (count >= max_new_tokens), rounds=jnp.zeros((), jnp.int32),
-        row_rounds=jnp.zeros((b,), jnp.int32),
-        verify_lengths=jnp.zeros((b, max_new_tokens), jnp.int32), accepted=jnp.zeros((b, max_new_tokens), jnp.int32),
-        confidences=jnp.zeros((b, max_new_tokens, g), jnp.float32),
+    generated = live.astype(jnp.int32)
+    state = DecodeState(
+        target_cache=tcache, draft_cache=dcache, pending_features=pending_features,
+        pending_next=jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(first), pending_count=generated,
+        anchor=first, generated=generated, max_new=max_new,
+        done=~live | is_stop(first, stop_ids) | (generated >= max_new),
+        sampling=sampling, keys=keys, stop_ids=stop_ids,
         scheduler_state=scheduler.init_state(b, g) if isinstance(scheduler, AsyncPrefixScheduler) else (),
-        key=key,
     )
+    return state, first
 
-    # With a scheduler, the verify pass runs at the smallest width (a power of two, or G + 1)
-    # that holds every row's 1 + L tokens, so shorter verification is also cheaper.
-    widths = [g + 1] if scheduler is None else sorted({min(1 << i, g + 1) for i in range(1, (g + 1).bit_length() + 1)})
 
-    def verify_at(width):
+def _verify_widths(gamma: int, scheduler) -> list[int]:
+    """Verify-pass widths: with a scheduler, the smallest power of two (or G + 1) that holds
+    every row's 1 + L tokens, so shorter verification is also cheaper."""
+    if scheduler is None:
+        return [gamma + 1]
+    return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
+
+
+def _verify_step(target, params, cache, candidates, num_new, taps, widths):
+    """(logits [B, G + 1, V], taps [B, G + 1, n, H], cache) of the candidates [B, G + 1]."""
+    g1 = candidates.shape[1]
+
+    def at_width(width):
         def run(args):
             cache, candidates, num_new = args
-            logits, _, vtaps, cache = target.extend(target_params, cache, candidates[:, :width], num_new,
-                                                    hidden_layers=taps)
-            pad = ((0, 0), (0, g + 1 - width))
+            logits, _, vtaps, cache = target.extend(params, cache, candidates[:, :width], num_new, hidden_layers=taps)
+            pad = ((0, 0), (0, g1 - width))
             return jnp.pad(logits, pad + ((0, 0),)), jnp.pad(vtaps, pad + ((0, 0), (0, 0))), cache
 
         return run
 
-    def verify_step(cache, candidates, num_new):
-        """(logits [B, G + 1, V], taps [B, G + 1, n, H], cache) of the verified tokens."""
-        if len(widths) == 1:
-            return verify_at(widths[0])((cache, candidates, num_new))
-        branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(num_new))
-        return jax.lax.switch(branch, [verify_at(w) for w in widths], (cache, candidates, num_new))
+    if len(widths) == 1:
+        return at_width(widths[0])((cache, candidates, num_new))
+    branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(num_new))
+    return jax.lax.switch(branch, [at_width(w) for w in widths], (cache, candidates, num_new))
 
-    def round_(s: _State) -> _State:
-        key, k_draft, k_verify = jax.random.split(s.key, 3)
-        active = ~s.done
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState
+               ) -> tuple[DecodeState, RoundOutput]:
+    """One round for every row that is not done (see the module docstring).
+
+    target, draft: a TargetModel and a DraftModel (None: plain autoregressive decoding);
+    scheduler: a `dspark_jax.decoding.scheduler` object picking verify lengths from the
+    draft's confidences, or None to verify all gamma draft tokens.
+    """
+    b = s.anchor.shape[0]
+    active = ~s.done
+    start = s.target_cache.lengths  # anchor positions
+    keys = row_keys(s.keys, start + 1)
+    sched_state = s.scheduler_state
+    if draft is None:
+        g = 0
+        logits, _, _, tcache = target.extend(target_params, s.target_cache, s.anchor[:, None], active.astype(jnp.int32))
+        drafts = jnp.zeros((b, 0), jnp.int32)
+        accepted = length = jnp.zeros((b,), jnp.int32)
+        next_token = draw(fold(keys, NEXT_STREAM), probabilities(logits[:, 0], s.sampling))
+        confidence = jnp.zeros((b, 0), jnp.float32)
+        dcache, pending_features = None, s.pending_features
+    else:
+        g = draft.config.block_size
         prop, dcache = draft.propose(draft_params, s.draft_cache, s.pending_features, s.pending_next,
-                                     s.pending_count, s.anchor, k_draft, sampling)
-        sched_state = s.scheduler_state
+                                     s.pending_count, s.anchor, fold(keys, DRAFT_STREAM), s.sampling)
         if scheduler is None:
             length = jnp.full((b,), g, jnp.int32)
         elif isinstance(scheduler, AsyncPrefixScheduler):
@@ -136,44 +178,36 @@ def speculative_loop(
         else:
             length = scheduler(prop.confidence, active)
         length = jnp.where(active, length, 0)
-
-        start = s.target_cache.lengths  # anchor positions
         candidates = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)  # [B, G + 1]
-        logits, vtaps, tcache = verify_step(s.target_cache, candidates, jnp.where(active, length + 1, 0))
-        verdict = verify(k_verify, prop.tokens, prop.probs, probabilities(logits, sampling), length)
-        accepted = verdict.accepted
-        slot = jnp.arange(g)
-        stop_drafts = is_stop(prop.tokens) & (slot[None, :] < accepted[:, None])
-        stopped = jnp.any(stop_drafts, axis=1)
-        accepted = jnp.where(stopped, jnp.argmax(stop_drafts, axis=1) + 1, accepted)  # end at the stop token
-        # Committed tokens: the accepted drafts, then the residual/bonus token unless a draft stopped.
-        commit = jnp.concatenate([prop.tokens, jnp.zeros((b, 1), jnp.int32)], axis=1)  # [B, G + 1]
-        commit = jnp.where(jnp.arange(g + 1)[None, :] == accepted[:, None], verdict.next_token[:, None], commit)
-        n_commit = accepted + (~stopped).astype(jnp.int32)
-        n_commit = jnp.where(active, jnp.minimum(n_commit, max_new_tokens - s.count), 0)
-        pos = s.count[:, None] + jnp.arange(g + 1)[None, :]  # [B, G + 1] target slots in `out`
-        write = jnp.arange(g + 1)[None, :] < n_commit[:, None]
-        rows = jnp.arange(b)[:, None]
-        out = s.out.at[rows, jnp.where(write, pos, s.out.shape[1])].set(commit, mode="drop")
-        count = s.count + n_commit
-        next_stops = is_stop(verdict.next_token) & ~stopped
-        done = s.done | (active & (stopped | next_stops | (count >= max_new_tokens)))
+        logits, vtaps, tcache = _verify_step(target, target_params, s.target_cache, candidates,
+                                             jnp.where(active, length + 1, 0), draft.config.target_layer_ids,
+                                             _verify_widths(g, scheduler))
+        verdict = verify(keys, prop.tokens, prop.probs, probabilities(logits, s.sampling), length)
+        drafts, accepted, next_token, confidence = prop.tokens, verdict.accepted, verdict.next_token, prop.confidence
+        pending_features = _features(vtaps)
 
-        r = s.rounds
-        verify_lengths = s.verify_lengths.at[:, r].set(jnp.where(active, length, 0))
-        accepted_log = s.accepted.at[:, r].set(jnp.where(active, accepted, 0))
-        return _State(
-            target_cache=tcache.rollback(start + 1 + accepted),
-            draft_cache=dcache,
-            pending_features=_features(vtaps),
-            pending_next=commit,
-            pending_count=jnp.where(active, accepted + 1, 0),
-            anchor=jnp.where(active, verdict.next_token, s.anchor),
-            out=out, count=count, done=done, rounds=r + 1, row_rounds=s.row_rounds + active.astype(jnp.int32),
-            verify_lengths=verify_lengths, accepted=accepted_log,
-            confidences=s.confidences.at[:, r].set(prop.confidence),
-            scheduler_state=sched_state, key=key,
-        )
-
-    final = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.rounds < max_new_tokens), round_, state)
-    return final.out, final.count, final.verify_lengths, final.accepted, final.confidences, final.row_rounds
+    slot = jnp.arange(g + 1)[None, :]
+    stop_drafts = is_stop(drafts, s.stop_ids) & (slot[:, :g] < accepted[:, None])
+    stopped = jnp.any(stop_drafts, axis=1)
+    first_stop = jnp.argmax(stop_drafts, axis=1) if g else accepted
+    accepted = jnp.where(stopped, first_stop + 1, accepted)  # end at the stop token
+    # Committed tokens: the accepted drafts, then the residual/bonus token unless a draft stopped.
+    commit = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)  # [B, G + 1]
+    commit = jnp.where(slot == accepted[:, None], next_token[:, None], commit)
+    count = accepted + (~stopped).astype(jnp.int32)
+    count = jnp.where(active, jnp.minimum(count, s.max_new - s.generated), 0)
+    generated = s.generated + count
+    next_stops = is_stop(next_token, s.stop_ids) & ~stopped
+    done = s.done | (active & (stopped | next_stops | (generated >= s.max_new)))
+    state = s._replace(
+        target_cache=tcache.rollback(start + 1 + accepted),
+        draft_cache=dcache,
+        pending_features=pending_features,
+        pending_next=commit,
+        pending_count=jnp.where(active, accepted + 1, 0),
+        anchor=jnp.where(active, next_token, s.anchor),
+        generated=generated,
+        done=done,
+        scheduler_state=sched_state,
+    )
+    return state, RoundOutput(commit, count, length, jnp.where(active, accepted, 0), confidence, active)

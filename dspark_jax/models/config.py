@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 FAMILIES = ("llama", "qwen3")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # see dspark_jax.models.attention
 
 # transformers `architectures[0]` / `model_type` -> our family name.
 _ARCHITECTURES = {
@@ -95,6 +96,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    attention: str = "xla"  # implementation (`dspark_jax.models.attention`): "xla" or "cudnn"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -106,6 +108,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def qk_norm(self) -> bool:

@@ -6,7 +6,7 @@ built with a target (the same jax.Arrays, so no second copy in device memory); t
 frozen in training and still written into saved checkpoints.
 
 Two ways to run a drafter:
-- scoring (`score_block`, and `block_forward` for N anchors per sequence in training): every
+- scoring (`score_block`, and `block_forward` for A anchors per sequence in training): every
   context feature is given at once and blocks are scored with teacher-forced tokens;
 - inference (`init_cache`, `propose`): a draft KV cache of context entries grows with the
   features of newly verified positions, and each call samples one block.
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dspark_jax.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams, split
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.dspark import BlockDrafter
 from dspark_jax.models.eagle3 import Eagle3Drafter
-from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.kv_cache import KVCache, new_slots
 from dspark_jax.models.layers import random_params
 
 FROZEN = ("embed_tokens", "lm_head")
@@ -64,10 +64,23 @@ def _init_all(module):
     return module.heads(embed, None, hidden, one[..., None] * jnp.ones((1, 1, c.block_size), jnp.int32))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Draft:
+def split_params(params) -> tuple[dict, jax.Array, jax.Array | None]:
+    """(module params, embedding [V, H], LM head [H, V] or None when tied to the embedding)."""
+    own = {k: v for k, v in params.items() if k not in FROZEN}
+    return own, params["embed_tokens"], params.get("lm_head")
+
+
+def frozen_params(params) -> dict:
+    """The target's arrays inside draft params: embed_tokens, and lm_head unless tied."""
+    return {k: params[k] for k in FROZEN if k in params}
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """The pure functions of a drafter, without its weights: hashable by value (config, compute
+    dtype, mesh), so it is the static argument of jitted programs while params are traced."""
+
     config: DraftConfig
-    params: Any
     dtype: Any = jnp.bfloat16
     mesh: Mesh | None = None
 
@@ -75,32 +88,21 @@ class Draft:
     def module(self) -> nn.Module:
         return draft_module(self.config, self.dtype)
 
-    @staticmethod
-    def split(params) -> tuple[dict, jax.Array, jax.Array | None]:
-        """(module params, embedding [V, H], LM head [H, V] or None when tied to the embedding)."""
-        own = {k: v for k, v in params.items() if k not in FROZEN}
-        return own, params["embed_tokens"], params.get("lm_head")
-
-    @staticmethod
-    def frozen(params) -> dict:
-        """The target's arrays inside draft params: embed_tokens, and lm_head unless tied."""
-        return {k: params[k] for k in FROZEN if k in params}
-
     def _apply(self, params, method, *args, **kwargs):
         """module.apply of `method` with the module's params; the embedding goes first."""
-        own, embed, _ = self.split(params)
+        own, embed, _ = split_params(params)
         return self.module.apply({"params": own}, embed, *args, method=method, **kwargs)
 
     # ------------------------------------------------------------------ scoring
 
     def block_forward(self, params, features, tokens, anchors, keep):
-        """DSpark/DFlash training forward: N blocks of one sequence per row, teacher-forced.
+        """DSpark/DFlash training forward: A blocks of one sequence per row, teacher-forced.
 
-        features: [B, S, L_t * H] tapped target features; tokens: [B, S]; anchors: [B, N]
-        anchor positions; keep: [B, N] (False: dummy block, scored as zeros). Block n sees
-        context rows t < anchors[n], and slot j's previous token is tokens[anchor + j].
-        Returns (draft logits [B, N, G, V] fp32, confidence logits [B, N, G] fp32, hidden
-        [B, N, G, H]).
+        features: [B, S, L_t * H] tapped target features; tokens: [B, S]; anchors: [B, A]
+        anchor positions; keep: [B, A] (False: dummy block, scored as zeros). Block a sees
+        context rows t < anchors[a], and slot j's previous token is tokens[anchor + j].
+        Returns (draft logits [B, A, G, V] fp32, confidence logits [B, A, G] fp32, hidden
+        [B, A, G, H]).
         """
         if self.config.algorithm == "eagle3":
             raise ValueError("block_forward is for DSpark/DFlash drafters; Eagle3 trains with ttt_forward")
@@ -108,12 +110,12 @@ class Draft:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), tokens.shape)
         anchor_ids = jnp.take_along_axis(tokens, anchors, axis=1)
         hidden, _ = self._apply(params, BlockDrafter.backbone, features, positions, anchors, anchor_ids, keep, anchors)
-        prev_pos = jnp.minimum(anchors[:, :, None] + jnp.arange(self.config.block_size), s - 1)  # [B, N, G]
+        prev_pos = jnp.minimum(anchors[:, :, None] + jnp.arange(self.config.block_size), s - 1)  # [B, A, G]
         prev = jnp.take_along_axis(tokens[:, None, :], prev_pos, axis=2)
         return self._heads(params, hidden, prev) + (hidden,)
 
     def _heads(self, params, hidden, prev):
-        own, embed, lm_head = self.split(params)
+        own, embed, lm_head = split_params(params)
         return self.module.apply({"params": own}, embed, lm_head, hidden, prev, method=BlockDrafter.heads)
 
     def ttt_forward(self, params, features, tokens):
@@ -122,7 +124,7 @@ class Draft:
 
     def logits(self, params, out):
         """Eagle3 logits [..., V] fp32 of layer outputs [..., H]."""
-        own, embed, lm_head = self.split(params)
+        own, embed, lm_head = split_params(params)
         return self.module.apply({"params": own}, embed, lm_head, out, method=Eagle3Drafter.logits)
 
     def score_block(self, params, context_features, context_len, anchor_ids, block_tokens, *, context_ids=None):
@@ -150,9 +152,9 @@ class Draft:
             cache = self.init_cache(b, t + c.block_size)
             out, kv = self._eagle3_extend(params, cache, context_features, nxt, context_len)
             last = jnp.take_along_axis(out, (context_len - 1)[:, None, None], axis=1)[:, 0]
-            own, embed, lm_head = self.split(params)
+            own, embed, lm_head = split_params(params)
             _, _, logits, _ = self.module.apply(
-                {"params": own}, embed, lm_head, kv, last, context_len, jax.random.key(0), SamplingParams(0.0),
+                {"params": own}, embed, lm_head, kv, last, context_len, split(jax.random.key(0), b), SamplingParams(0.0),
                 forced=block_tokens, method=Eagle3Drafter.chain,
             )
             return logits, jnp.zeros((b, c.block_size), jnp.float32)
@@ -184,50 +186,75 @@ class Draft:
             _, kv = self._eagle3_extend(params, cache, features, next_ids, num_new)
             return KVCache(k=(kv[0],), v=(kv[1],), lengths=cache.lengths + num_new)
         b, q_len = features.shape[:2]
-        positions = cache.lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)
-        slots = jnp.where(jnp.arange(q_len)[None, :] < num_new[:, None], positions, cache.max_length)
+        positions, slots = new_slots(cache.lengths, num_new, q_len, cache.max_length)
         no_blocks = jnp.zeros((b, 0), jnp.int32)  # a backbone pass over zero blocks only writes context K/V
         _, layers = self._apply(params, BlockDrafter.backbone, features, positions, no_blocks, no_blocks,
                                 no_blocks > 0, no_blocks, cache.layers, slots)
         k, v = zip(*layers)
         return KVCache(k=k, v=v, lengths=cache.lengths + num_new)
 
-    def propose(self, params, cache: KVCache, features, next_ids, num_new, anchor_ids, key, sampling: SamplingParams):
+    def propose(self, params, cache: KVCache, features, next_ids, num_new, anchor_ids, keys, sampling: SamplingParams):
         """Extends the draft cache by verified positions, then drafts one block per sequence.
 
         features: [B, Q, L_t * H] target features of positions cache.lengths[b] + q, valid for
         q < num_new[b]; next_ids: [B, Q] the committed token after each of those positions
         (Eagle3 pairs them; block drafters ignore them); anchor_ids: [B] the last committed
-        token, at position cache.lengths + num_new. Eagle3 drafts from the output of the last
+        token, at position cache.lengths + num_new; keys: [B] one PRNG key per sequence;
+        sampling: per-row parameters (`dspark_jax.sampling`). Eagle3 drafts from the output of the last
         new pair, whose next_id is the anchor, so it needs num_new >= 1 (rows with 0 draft
         garbage). Returns (Proposal, cache holding the context up to the anchor).
         """
         c = self.config
         num_new = num_new.astype(jnp.int32)
+        if keys.shape == ():  # one key for the batch: split it into one per sequence
+            keys = split(keys, num_new.shape[0])
         start = cache.lengths + num_new  # anchor positions
-        own, embed, lm_head = self.split(params)
+        own, embed, lm_head = split_params(params)
         if c.algorithm == "eagle3":
             out, kv = self._eagle3_extend(params, cache, features, next_ids, num_new)
             last = jnp.take_along_axis(out, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
             tokens, probs, _, kv = self.module.apply(
-                {"params": own}, embed, lm_head, kv, last, start, key, sampling, method=Eagle3Drafter.chain
+                {"params": own}, embed, lm_head, kv, last, start, keys, sampling, method=Eagle3Drafter.chain
             )
             zeros = jnp.zeros(tokens.shape, jnp.float32)
             return Proposal(tokens, probs, zeros), KVCache(k=(kv[0],), v=(kv[1],), lengths=start)
-        q_len = features.shape[1]
-        positions = cache.lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)
-        slots = jnp.where(jnp.arange(q_len)[None, :] < num_new[:, None], positions, cache.max_length)
+        positions, slots = new_slots(cache.lengths, num_new, features.shape[1], cache.max_length)
         hidden, layers = self.module.apply(
             {"params": own}, embed, features, positions, start[:, None], anchor_ids[:, None],
             jnp.ones(start.shape + (1,), bool), start[:, None], cache.layers, slots, method=BlockDrafter.backbone,
         )
         tokens, probs, conf = self.module.apply(
-            {"params": own}, embed, lm_head, hidden[:, 0], anchor_ids, key, sampling, method=BlockDrafter.sample
+            {"params": own}, embed, lm_head, hidden[:, 0], anchor_ids, keys, sampling, method=BlockDrafter.sample
         )
         k, v = zip(*layers)
         return Proposal(tokens, probs, conf), KVCache(k=k, v=v, lengths=start)
 
-    # ------------------------------------------------------------ construction
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Draft:
+    """A draft model: its weights (`params`) and the pure functions of its `model`, which every
+    method below is."""
+
+    config: DraftConfig
+    params: Any
+    dtype: Any = jnp.bfloat16
+    mesh: Mesh | None = None
+
+    split = staticmethod(split_params)
+    frozen = staticmethod(frozen_params)
+
+    @functools.cached_property
+    def model(self) -> DraftModel:
+        return DraftModel(self.config, self.dtype, self.mesh)
+
+    block_forward = property(lambda self: self.model.block_forward)
+    ttt_forward = property(lambda self: self.model.ttt_forward)
+    logits = property(lambda self: self.model.logits)
+    score_block = property(lambda self: self.model.score_block)
+    init_cache = property(lambda self: self.model.init_cache)
+    extend_context = property(lambda self: self.model.extend_context)
+    propose = property(lambda self: self.model.propose)
 
     @classmethod
     def random(cls, config: DraftConfig, *, target=None, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None):

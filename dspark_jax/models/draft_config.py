@@ -93,6 +93,23 @@ class DraftConfig:
         return f"{family}{'Eagle3' if self.algorithm == 'eagle3' else 'DSpark'}Model"
 
 
+def check_draft_fits(config: DraftConfig, target: ModelConfig) -> None:
+    """A ValueError naming every dimension in which a draft of this config does not fit the target."""
+    d = config.layers
+    problems = []
+    if d.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size {d.vocab_size} != target's {target.vocab_size}")
+    if d.hidden_size != target.hidden_size:
+        problems.append(f"hidden_size {d.hidden_size} != target's {target.hidden_size}")
+    if config.num_target_layers != target.num_layers or max(config.target_layer_ids) >= target.num_layers:
+        problems.append(
+            f"tapped layers {list(config.target_layer_ids)} of a {config.num_target_layers}-layer target, "
+            f"but the target has {target.num_layers} layers"
+        )
+    if problems:
+        raise ValueError("draft does not fit this target: " + "; ".join(problems))
+
+
 def draft_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> DraftConfig:
     """Parses a DeepSpec draft config.json."""
     archs = list(cfg.get("architectures") or [])

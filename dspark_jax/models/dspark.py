@@ -28,50 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling import SamplingParams, probabilities
+from dspark_jax.sampling import SamplingParams, draw, probabilities, split
+from dspark_jax.models.attention import block_attention
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache
 from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention
-
-
-def block_attention(
-    q: jax.Array,
-    k_ctx: jax.Array,
-    v_ctx: jax.Array,
-    ctx_len: jax.Array,
-    k_blk: jax.Array,
-    v_blk: jax.Array,
-    keep: jax.Array,
-) -> jax.Array:
-    """Attention of block slots over injected context plus their own block, one softmax.
-
-    q: [B, N, G, Nh, D] (N blocks of G slots); k_ctx, v_ctx: [B, K, S, D] context keys/values
-    (slot s = position s); ctx_len: [B, N], block n sees context slots s < ctx_len[b, n];
-    k_blk, v_blk: [B, N, G, K, D]; keep: [B, N], False blocks see nothing and output zeros.
-    Returns [B, N, G, Nh, D].
-    """
-    b, n, g, nh, d = q.shape
-    kv_heads = k_ctx.shape[1]
-    qg = q.reshape(b, n, g, kv_heads, nh // kv_heads, d)  # [B, N, G, K, R, D]
-    s_ctx = jnp.einsum("bnjkrd,bksd->bnkrjs", qg, k_ctx, preferred_element_type=jnp.float32)
-    s_blk = jnp.einsum("bnjkrd,bnikd->bnkrji", qg, k_blk, preferred_element_type=jnp.float32)
-    ctx_visible = jnp.arange(k_ctx.shape[2])[None, None, :] < ctx_len[:, :, None]  # [B, N, S]
-    ctx_visible = ctx_visible & keep[:, :, None]
-    blk_visible = jnp.broadcast_to(keep[:, :, None], (b, n, g))  # [B, N, G]
-    logits = jnp.concatenate([s_ctx, s_blk], axis=-1) * (d**-0.5)  # [B, N, K, R, G, S + G]
-    visible = jnp.concatenate([ctx_visible, blk_visible], axis=-1)[:, :, None, None, None, :]
-    logits = jnp.where(visible, logits, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = (probs / jnp.where(denom > 0, denom, 1.0)).astype(v_ctx.dtype)  # all-masked rows -> 0
-    s = k_ctx.shape[2]
-    out = jnp.einsum("bnkrjs,bksd->bnjkrd", probs[..., :s], v_ctx) + jnp.einsum(
-        "bnkrji,bnikd->bnjkrd", probs[..., s:], v_blk
-    )
-    return out.reshape(b, n, g, nh, d)
 
 
 class BlockDraftLayer(nn.Module):
@@ -83,27 +46,27 @@ class BlockDraftLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, blk_cs, ctx, ctx_cs, ctx_len, keep, kv: LayerCache | None, write_slots):
-        """x: [B, N, G, H] block hidden; blk_cs: RoPE (cos, sin) [B, N, G, D] of the slots.
+        """x: [B, A, G, H] block hidden; blk_cs: RoPE (cos, sin) [B, A, G, D] of the slots.
 
         ctx: [B, T, H] context rows with RoPE ctx_cs [B, T, D]. Without a cache (training,
         scoring) they are the whole context and their keys are used directly; with a cache
         (inference) they are new rows, written at write_slots [B, T] before attending.
-        ctx_len: [B, N] visible context slots per block; keep: [B, N].
-        Returns (x [B, N, G, H], updated kv or None).
+        ctx_len: [B, A] visible context slots per block; keep: [B, A].
+        Returns (x [B, A, G, H], updated kv or None).
         """
         cfg = self.config.layers
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
         xn = norm("input_layernorm")(x)
-        q = attn.query(xn, *blk_cs)  # [B, N, G, Nh, D]
-        k_blk, v_blk = attn.key_value(xn, *blk_cs)  # [B, N, G, K, D]
+        q = attn.query(xn, *blk_cs)  # [B, A, G, N, D]
+        k_blk, v_blk = attn.key_value(xn, *blk_cs)  # [B, A, G, K, D]
         k_ctx, v_ctx = attn.key_value(ctx, *ctx_cs)  # [B, T, K, D]
         if kv is None:
             k_ctx, v_ctx = k_ctx.transpose(0, 2, 1, 3), v_ctx.transpose(0, 2, 1, 3)  # [B, K, T, D]
         else:
             kv = (write_cache(kv[0], write_slots, k_ctx), write_cache(kv[1], write_slots, v_ctx))
             k_ctx, v_ctx = kv
-        out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep)
+        out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         return x + mlp(norm("post_attention_layernorm")(x)), kv
@@ -146,12 +109,12 @@ class MarkovHead(nn.Module):
 
     def bias(self, vec: jax.Array) -> jax.Array:
         """fp32 logit bias [..., V] = W2 vec."""
-        return jnp.einsum("...r,vr->...v", vec, self.markov_w2.astype(self.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...m,vm->...v", vec, self.markov_w2.astype(self.dtype), preferred_element_type=jnp.float32)
 
     def teacher_forced(self, h: jax.Array, prev: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """All slots at once from given previous tokens: h [B, N, G, H], prev [B, N, G].
+        """All slots at once from given previous tokens: h [B, A, G, H], prev [B, A, G].
 
-        Returns (bias [B, N, G, V] fp32, e(prev) [B, N, G, r]).
+        Returns (bias [B, A, G, V] fp32, e(prev) [B, A, G, r]).
         """
         e = self.embed(prev)
         if self.config.markov_head_type != "rnn":
@@ -211,19 +174,19 @@ class BlockDrafter(nn.Module):
         return self.hidden_norm(jnp.einsum("...f,fh->...h", features.astype(self.dtype), self.fc.astype(self.dtype)))
 
     def backbone(self, embed, features, ctx_positions, anchors, anchor_ids, keep, ctx_len, kv=None, write_slots=None):
-        """The parallel pass over N blocks per sequence.
+        """The parallel pass over A blocks per sequence.
 
         embed: [V, H] token embedding; features: [B, T, L_t * H] context rows at ctx_positions
-        [B, T]; anchors: [B, N] anchor positions; anchor_ids: [B, N]; keep: [B, N]; ctx_len:
-        [B, N] context slots visible to each block; kv / write_slots as in BlockDraftLayer.
-        Returns (hidden [B, N, G, H] after the final norm, updated per-layer kv or None).
+        [B, T]; anchors: [B, A] anchor positions; anchor_ids: [B, A]; keep: [B, A]; ctx_len:
+        [B, A] context slots visible to each block; kv / write_slots as in BlockDraftLayer.
+        Returns (hidden [B, A, G, H] after the final norm, updated per-layer kv or None).
         """
         c = self.config
         gamma = c.block_size
         slot = jnp.arange(gamma, dtype=jnp.int32)
         ids = jnp.where((slot == 0)[None, None, :] & keep[:, :, None], anchor_ids[:, :, None], c.mask_token_id)
-        x = jnp.take(embed, ids, axis=0).astype(self.dtype)  # [B, N, G, H]
-        blk_cs = rope_cos_sin(anchors[:, :, None] + slot, c.layers.rope, c.layers.head_dim)  # [B, N, G, D]
+        x = jnp.take(embed, ids, axis=0).astype(self.dtype)  # [B, A, G, H]
+        blk_cs = rope_cos_sin(anchors[:, :, None] + slot, c.layers.rope, c.layers.head_dim)  # [B, A, G, D]
         ctx = self.context(features)  # [B, T, H]
         ctx_cs = rope_cos_sin(ctx_positions, c.layers.rope, c.layers.head_dim)  # [B, T, D]
         new_kv = []
@@ -233,10 +196,10 @@ class BlockDrafter(nn.Module):
         return self.norm(x), None if kv is None else tuple(new_kv)
 
     def heads(self, embed, lm_head, hidden, prev):
-        """Teacher-forced heads: hidden [B, N, G, H], prev [B, N, G] previous tokens.
+        """Teacher-forced heads: hidden [B, A, G, H], prev [B, A, G] previous tokens.
 
-        Returns (draft logits D [B, N, G, V] fp32 after the Markov bias, confidence logits
-        [B, N, G] fp32, zeros without a confidence head).
+        Returns (draft logits D [B, A, G, V] fp32 after the Markov bias, confidence logits
+        [B, A, G] fp32, zeros without a confidence head).
         """
         logits = lm_logits(hidden, embed, lm_head)
         e = None
@@ -248,44 +211,39 @@ class BlockDrafter(nn.Module):
             conf = self.confidence_head(hidden, e if self.config.confidence_with_markov else None)
         return logits, conf
 
-    def sample(self, embed, lm_head, hidden, anchor_ids, key, sampling: SamplingParams):
-        """Sequential sampling of one block per sequence: hidden [B, G, H], anchor_ids [B].
+    def sample(self, embed, lm_head, hidden, anchor_ids, keys, sampling: SamplingParams):
+        """Sequential sampling of one block per sequence: hidden [B, G, H], anchor_ids [B],
+        keys [B] one PRNG key per sequence, sampling per-row parameters.
 
         Slot j's distribution is probabilities(U_j + bias(prev_j), sampling) in fp32, and the
         token is drawn from exactly that array. Returns (tokens [B, G] int32, probs [B, G, V]
         fp32, confidence logits [B, G] fp32).
         """
         c = self.config
+        slot_keys = split(keys, c.block_size)  # [B, G]
         base = lm_logits(hidden, embed, lm_head)  # [B, G, V]
         if not c.markov_rank:  # DFlash: slots are independent, sample them at once
             probs = probabilities(base, sampling)
-            return _draw(key, probs, sampling), probs, jnp.zeros(hidden.shape[:-1], jnp.float32)
+            return draw(slot_keys, probs), probs, jnp.zeros(hidden.shape[:-1], jnp.float32)
         scan = nn.scan(
             lambda mdl, carry, xs: mdl.sample_slot(carry, xs, sampling),
             variable_broadcast="params",
             split_rngs={"params": False},
         )
-        xs = (hidden.swapaxes(0, 1), base.swapaxes(0, 1), jax.random.split(key, c.block_size))
+        xs = (hidden.swapaxes(0, 1), base.swapaxes(0, 1), slot_keys.swapaxes(0, 1))
         carry = (anchor_ids, self.markov_head.initial_state(anchor_ids.shape))
         _, (tokens, probs, conf) = scan(self, carry, xs)
         return tokens.swapaxes(0, 1), probs.swapaxes(0, 1), conf.swapaxes(0, 1)
 
     def sample_slot(self, carry, xs, sampling: SamplingParams):
-        """One step of `sample`: carry (prev [B], state), xs (h [B, H], base logits [B, V], key)."""
+        """One step of `sample`: carry (prev [B], state), xs (h [B, H], base logits [B, V], keys [B])."""
         prev, state = carry
-        h, base, key = xs
+        h, base, keys = xs
         e = self.markov_head.embed(prev)
         vec, state = self.markov_head.step(h, e, state)
         probs = probabilities(base + self.markov_head.bias(vec), sampling)  # [B, V] fp32
-        token = _draw(key, probs, sampling)
+        token = draw(keys, probs)
         conf = jnp.zeros(prev.shape, jnp.float32)
         if self.config.confidence_head:
             conf = self.confidence_head(h, e if self.config.confidence_with_markov else None)
         return (token, state), (token, probs, conf)
-
-
-def _draw(key: jax.Array, probs: jax.Array, sampling: SamplingParams) -> jax.Array:
-    """int32 tokens [...] drawn from probs [..., V] (argmax when greedy)."""
-    if sampling.greedy:
-        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)

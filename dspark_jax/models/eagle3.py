@@ -21,11 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling import SamplingParams, probabilities
+from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.draft_config import DraftConfig
-from dspark_jax.models.kv_cache import LayerCache
+from dspark_jax.models.kv_cache import LayerCache, new_slots
 from dspark_jax.models.kv_cache import write_slots as write_cache
-from dspark_jax.models.layers import MLP, RMSNorm, causal_attention, lm_logits, param_init, rope_cos_sin
+from dspark_jax.models.attention import cached_attention, ttt_attention
+from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention
 
 
@@ -101,7 +102,7 @@ class Eagle3Drafter(nn.Module):
             else:
                 diag_k.append(kk)
                 diag_v.append(vv)
-            g = layer.finish(g, _ttt_attention(q, k0, v0, diag_k, diag_v))
+            g = layer.finish(g, ttt_attention(q, k0, v0, diag_k, diag_v, c.layers.attention))
             outs.append(g)
         return jnp.stack(outs)
 
@@ -111,14 +112,12 @@ class Eagle3Drafter(nn.Module):
         features: [B, Q, L_t * H]; next_ids: [B, Q] the token after each feature's position;
         num_new: [B] valid rows. Returns (outputs [B, Q, H], updated kv).
         """
-        q_len = features.shape[1]
-        positions = lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)  # [B, Q]
-        slots = jnp.where(jnp.arange(q_len)[None, :] < num_new[:, None], positions, kv[0].shape[2])
+        positions, slots = new_slots(lengths, num_new, features.shape[1], kv[0].shape[2])  # [B, Q]
         g = self.project(features)
         emb = jnp.take(embed, next_ids, axis=0).astype(self.dtype)
         q, k_new, v_new = self.layers_0.qkv(g, emb, *self._rope(positions))
         kv = (write_cache(kv[0], slots, k_new), write_cache(kv[1], slots, v_new))
-        attended = causal_attention(q, kv[0], kv[1], positions, lengths + num_new)
+        attended = cached_attention(q, kv[0], kv[1], positions, lengths + num_new, self.config.layers.attention)
         return self.layers_0.finish(g, attended), kv
 
     def step(self, embed, kv: LayerCache, g, token, position):
@@ -126,51 +125,30 @@ class Eagle3Drafter(nn.Module):
         emb = jnp.take(embed, token, axis=0).astype(self.dtype)[:, None]
         q, k_new, v_new = self.layers_0.qkv(g[:, None], emb, *self._rope(position[:, None]))
         kv = (write_cache(kv[0], position[:, None], k_new), write_cache(kv[1], position[:, None], v_new))
-        attended = causal_attention(q, kv[0], kv[1], position[:, None], position + 1)
+        attended = cached_attention(q, kv[0], kv[1], position[:, None], position + 1, self.config.layers.attention)
         return self.layers_0.finish(g[:, None], attended)[:, 0], kv
 
-    def chain(self, embed, lm_head, kv: LayerCache, out, start, key, sampling: SamplingParams, forced=None):
+    def chain(self, embed, lm_head, kv: LayerCache, out, start, keys, sampling: SamplingParams, forced=None):
         """gamma autoregressive slots from the output `out` [B, H] of the pair at start - 1.
 
-        Slot j's token is sampled from probabilities(logits_j, sampling) (or taken from forced
-        [B, G], teacher forcing) and fed back at position start + j. Returns (tokens [B, G],
+        Slot j's token is sampled from probabilities(logits_j, sampling) with keys [B] (one PRNG
+        key per sequence), or taken from forced [B, G] (teacher forcing), and fed back at
+        position start + j. Returns (tokens [B, G],
         probs [B, G, V] fp32, logits [B, G, V] fp32, kv with the slots' entries past `start`).
         """
         g_len = self.config.block_size
 
         def slot(mdl, carry, xs):
             out, kv = carry
-            j, k, forced_j = xs
+            j, slot_keys, forced_j = xs
             logits = mdl.logits(embed, lm_head, out)  # [B, V]
             probs = probabilities(logits, sampling)
-            if forced is None:
-                token = jnp.argmax(probs, -1) if sampling.greedy else jax.random.categorical(k, jnp.log(probs), -1)
-            else:
-                token = forced_j
-            token = token.astype(jnp.int32)
+            token = draw(slot_keys, probs) if forced is None else forced_j.astype(jnp.int32)
             out, kv = mdl.step(embed, kv, out, token, start + j)
             return (out, kv), (token, probs, logits)
 
         forced_xs = jnp.zeros((g_len, out.shape[0]), jnp.int32) if forced is None else forced.swapaxes(0, 1)
-        xs = (jnp.arange(g_len, dtype=jnp.int32), jax.random.split(key, g_len), forced_xs)
+        xs = (jnp.arange(g_len, dtype=jnp.int32), split(keys, g_len).swapaxes(0, 1), forced_xs)
         scan = nn.scan(slot, variable_broadcast="params", split_rngs={"params": False})
         (_, kv), (tokens, probs, logits) = scan(self, (out, kv), xs)
         return tokens.swapaxes(0, 1), probs.swapaxes(0, 1), logits.swapaxes(0, 1), kv
-
-
-def _ttt_attention(q, k0, v0, diag_k, diag_v):
-    """q [B, S, Nh, D] over step-0 keys k0/v0 [B, K, S, D] at positions <= t and, at the same t,
-    the keys of later steps diag_k/diag_v (lists of [B, S, K, D]). Returns [B, S, Nh, D]."""
-    b, s, nh, d = q.shape
-    kv_heads = k0.shape[1]
-    qg = q.reshape(b, s, kv_heads, nh // kv_heads, d)  # [B, S, K, R, D]
-    causal = jnp.einsum("btkrd,bksd->bkrts", qg, k0, preferred_element_type=jnp.float32)
-    pos = jnp.arange(s)
-    causal = jnp.where((pos[None, :] <= pos[:, None])[None, None, None], causal, -jnp.inf)
-    diag = [jnp.einsum("btkrd,btkd->bkrt", qg, k, preferred_element_type=jnp.float32)[..., None] for k in diag_k]
-    logits = jnp.concatenate([causal] + diag, axis=-1) * (d**-0.5)  # [B, K, R, S, S + steps]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v0.dtype)
-    out = jnp.einsum("bkrts,bksd->btkrd", probs[..., :s], v0)
-    for i, v in enumerate(diag_v):
-        out = out + jnp.einsum("bkrt,btkd->btkrd", probs[..., s + i], v)
-    return out.reshape(b, s, nh, d)

@@ -48,6 +48,15 @@ class KVCache:
         return self.replace(lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
 
 
+def new_slots(lengths: jax.Array, num_new: jax.Array, width: int, max_length: int) -> tuple[jax.Array, jax.Array]:
+    """Where `width` new tokens per row go: (positions [B, W] = lengths[b] + w, cache slots
+    [B, W] equal to the positions for the num_new[b] real tokens and max_length (dropped by
+    `write_slots`) for padding)."""
+    offsets = jnp.arange(width, dtype=jnp.int32)
+    positions = lengths[:, None] + offsets  # [B, W]
+    return positions, jnp.where(offsets[None, :] < num_new[:, None], positions, max_length)
+
+
 def write_slots(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """Writes new [B, T, K, D] into cache [B, K, S, D] at slots [B, T].
 

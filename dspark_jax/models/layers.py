@@ -1,7 +1,7 @@
-"""Layers shared by target and draft models: RMSNorm, RoPE, causal GQA attention, SwiGLU MLP.
+"""Layers shared by target and draft models: RMSNorm, RoPE, the LM head, SwiGLU MLP.
 
-Numerics: normalisation, RoPE tables, attention logits and softmax run in fp32; matmuls run
-in the compute dtype. Every parameter carries logical axis names (see `dspark_jax.sharding`).
+Attention lives in `dspark_jax.models.attention`. Numerics: normalisation and RoPE tables run
+in fp32; matmuls run in the compute dtype. Every parameter carries logical axis names (see `dspark_jax.sharding`).
 """
 
 from __future__ import annotations
@@ -84,53 +84,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lengths: jax.Array
-) -> jax.Array:
-    """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s).
-
-    q: [B, T, N, D]; k, v: [B, K, S, D] (head-major, the KV-cache layout); q_positions: [B, T]
-    int32; kv_lengths: [B] int32. Query t of row b sees slot s iff s <= q_positions[b, t] and
-    s < kv_lengths[b]. Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a
-    finite (unused) output.
-    """
-    b, t, n, d = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, G, D]
-    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d**-0.5)
-    slots = jnp.arange(k.shape[2], dtype=jnp.int32)
-    visible = (slots[None, None, :] <= q_positions[:, :, None]) & (
-        slots[None, None, :] < kv_lengths[:, None, None]
-    )  # [B, T, S]
-    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, n, d)
-
-
-def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Causal attention of a cache-free forward over positions 0..T-1.
-
-    q: [B, T, N, D]; k, v: [B, T, K, D] (token-major); lengths: [B] (T in a full forward).
-    On GPU in bf16/fp16 this is cuDNN's fused flash attention, which never materialises the
-    [T, T] scores; elsewhere it is `causal_attention`. Rows past a sequence's length hold
-    padding and are unused either way (causality keeps them out of real rows).
-    """
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    b, t = q.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, lengths)
-
-
 def lm_logits(hidden: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
     """fp32 logits [..., V] of final-normed hidden [..., H]: hidden @ lm_head [H, V], or
     hidden @ embed.T [V, H] for tied embeddings (lm_head None)."""
     hidden_dtype = hidden.dtype
     if lm_head is None:
-        return jnp.einsum("...d,vd->...v", hidden, embed.astype(hidden_dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden_dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,vh->...v", hidden, embed.astype(hidden_dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", hidden, lm_head.astype(hidden_dtype), preferred_element_type=jnp.float32)
 
 
 class MLP(nn.Module):
@@ -150,6 +110,6 @@ class MLP(nn.Module):
         w_down = self.param(
             "down_proj", nn.with_logical_partitioning(param_init(), ("mlp", "embed")), (i, h), self.param_dtype
         ).astype(self.dtype)
-        gate = jnp.einsum("...d,df->...f", x, w_gate)  # [..., I]
-        up = jnp.einsum("...d,df->...f", x, w_up)  # [..., I]
-        return jnp.einsum("...f,fd->...d", nn.silu(gate) * up, w_down)  # [..., H]
+        gate = jnp.einsum("...h,hi->...i", x, w_gate)  # [..., I]
+        up = jnp.einsum("...h,hi->...i", x, w_up)  # [..., I]
+        return jnp.einsum("...i,ih->...h", nn.silu(gate) * up, w_down)  # [..., H]

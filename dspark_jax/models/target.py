@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
 from dspark_jax.models.config import ModelConfig
-from dspark_jax.models.kv_cache import CACHE_AXES, KVCache
+from dspark_jax.models.kv_cache import CACHE_AXES, KVCache, new_slots
 from dspark_jax.models.layers import random_params
 from dspark_jax.models.transformer import Decoder
 from dspark_jax.sharding import named_sharding
@@ -45,13 +45,14 @@ def param_shardings(config: ModelConfig, dtype, mesh: Mesh | None):
     )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Target:
-    """A loaded target model. `params` is a plain pytree of jax.Arrays."""
+@dataclasses.dataclass(frozen=True)
+class TargetModel:
+    """The pure functions of a target, without its weights: hashable by value (config, compute
+    dtype, mesh), so it is the static argument of jitted programs while params are traced ones.
+    Two loads of the same architecture share compiled programs, and no compiled program keeps
+    weights alive."""
 
     config: ModelConfig
-    params: Any
-    tokenizer: Any = None
     dtype: Any = jnp.bfloat16
     mesh: Mesh | None = None
 
@@ -109,11 +110,8 @@ class Target:
         Rows of padding carry unspecified values. The cache must have room:
         cache.lengths + num_new <= cache.max_length.
         """
-        b, q = tokens.shape
-        offsets = jnp.arange(q, dtype=jnp.int32)
-        positions = cache.lengths[:, None] + offsets  # [B, Q]
         num_new = num_new.astype(jnp.int32)
-        slots = jnp.where(offsets[None, :] < num_new[:, None], positions, cache.max_length)
+        positions, slots = new_slots(cache.lengths, num_new, tokens.shape[1], cache.max_length)
         kv_lengths = cache.lengths + num_new
         hidden, taps, layers = self.module.apply(
             {"params": params},
@@ -136,6 +134,29 @@ class Target:
     def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:
         """Shortens each sequence's cache to `lengths` [B] (e.g. after rejected draft tokens)."""
         return cache.rollback(lengths)
+
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+    """A loaded target model: its weights (`params`, a plain pytree of jax.Arrays), tokenizer,
+    and the pure functions of its `model`, which every method below is."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    dtype: Any = jnp.bfloat16
+    mesh: Mesh | None = None
+
+    @functools.cached_property
+    def model(self) -> TargetModel:
+        return TargetModel(self.config, self.dtype, self.mesh)
+
+    forward = property(lambda self: self.model.forward)
+    logits = property(lambda self: self.model.logits)
+    init_cache = property(lambda self: self.model.init_cache)
+    extend = property(lambda self: self.model.extend)
+    rollback = property(lambda self: self.model.rollback)
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None):

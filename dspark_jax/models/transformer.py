@@ -32,9 +32,8 @@ from jax.sharding import Mesh
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache
-from dspark_jax.models.layers import (
-    MLP, RMSNorm, apply_rope, causal_attention, lm_logits, param_init, rope_cos_sin, sequence_attention,
-)
+from dspark_jax.models.attention import cached_attention, sequence_attention
+from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, lm_logits, param_init, rope_cos_sin
 from dspark_jax.sharding import constrain
 
 
@@ -69,22 +68,22 @@ class Attention(nn.Module):
 
     def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [..., F] -> rotated queries [..., N, D]; cos/sin [..., D]."""
-        q = jnp.einsum("...f,fnh->...nh", x, self.q_proj.astype(self.dtype))
+        q = jnp.einsum("...f,fnd->...nd", x, self.q_proj.astype(self.dtype))
         if self.config.qk_norm:
             q = self.q_norm(q)
         return apply_rope(q, cos, sin)
 
     def key_value(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [..., F] -> (rotated keys, values), each [..., K, D]."""
-        k = jnp.einsum("...f,fkh->...kh", x, self.k_proj.astype(self.dtype))
-        v = jnp.einsum("...f,fkh->...kh", x, self.v_proj.astype(self.dtype))
+        k = jnp.einsum("...f,fkd->...kd", x, self.k_proj.astype(self.dtype))
+        v = jnp.einsum("...f,fkd->...kd", x, self.v_proj.astype(self.dtype))
         if self.config.qk_norm:
             k = self.k_norm(k)
         return apply_rope(k, cos, sin), v
 
     def output(self, attended: jax.Array) -> jax.Array:
         """Attention output [..., N, D] -> [..., H]."""
-        return jnp.einsum("...nh,nhd->...d", attended, self.o_proj.astype(self.dtype))
+        return jnp.einsum("...nd,ndh->...h", attended, self.o_proj.astype(self.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -105,10 +104,10 @@ class DecoderLayer(nn.Module):
         q = constrain(attn.query(xn, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh)  # [B, T, N, D]
         k_new, v_new = attn.key_value(xn, cos, sin)  # [B, T, K, D]
         if kv is None:  # cache-free forward: positions are 0..T-1
-            out = sequence_attention(q, k_new, v_new, kv_lengths)
+            out = sequence_attention(q, k_new, v_new, kv_lengths, cfg.attention)
         else:
             kv = (write_cache(kv[0], write_slots, k_new), write_cache(kv[1], write_slots, v_new))
-            out = causal_attention(q, kv[0], kv[1], positions, kv_lengths)
+            out = cached_attention(q, kv[0], kv[1], positions, kv_lengths, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm("post_attention_layernorm")(x))

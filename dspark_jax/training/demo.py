@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_jax.decoding.autoregressive import generate_autoregressive
+from dspark_jax.decoding.generate import generate_autoregressive
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.models.config import from_hf_config
 from dspark_jax.models.target import Target

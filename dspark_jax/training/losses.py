@@ -43,7 +43,7 @@ def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tu
     loss_mask: [B, S] bool. Candidates are positions a with loss_mask[a] and loss_mask[a + 1];
     min(num_anchors, #candidates) of them are drawn uniformly without replacement, sorted
     ascending, and the rest of the N slots are dummy anchors (position 0, keep False).
-    Returns (anchors [B, N] int32, keep [B, N] bool).
+    Returns (anchors [B, A] int32, keep [B, A] bool).
     """
     b, s = loss_mask.shape
     candidate = jnp.pad(loss_mask[:, :-1] & loss_mask[:, 1:], ((0, 0), (0, 1)))  # [B, S]
@@ -72,24 +72,24 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     cfg = draft.config
     ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
     s, g = ids.shape[1], cfg.block_size
-    anchors, keep = sample_anchors(key, mask, cfg.num_anchors)  # [B, N]
-    logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, N, G, V], [B, N, G]
+    anchors, keep = sample_anchors(key, mask, cfg.num_anchors)  # [B, A]
+    logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, A, G, V], [B, A, G]
 
     j = jnp.arange(g)
-    label_pos = anchors[:, :, None] + 1 + j  # [B, N, G]
+    label_pos = anchors[:, :, None] + 1 + j  # [B, A, G]
     inside = label_pos < lengths[:, None, None]
     label_pos = jnp.minimum(label_pos, s - 1)
     labels = jnp.take_along_axis(ids[:, None, :], label_pos, axis=2)
     supervised = jnp.take_along_axis(mask[:, None, :], label_pos, axis=2) & inside & keep[:, :, None]
     eval_mask = jnp.cumprod(supervised.astype(jnp.float32), axis=-1)  # contiguous from slot 0
-    w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, N, G]
+    w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, A, G]
 
-    aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, N, G, H]
-    target_logits = lm_logits(aligned, *frozen_head(params))  # [B, N, G, V]
+    aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, A, G, H]
+    target_logits = lm_logits(aligned, *frozen_head(params))  # [B, A, G, V]
 
     log_p = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, N, G]
-    l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, N, G]
+    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, A, G]
+    l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, A, G]
     alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
 
     den = jnp.sum(w)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.autoregressive import generate_autoregressive
+from dspark_jax.decoding.generate import generate_autoregressive
 from dspark_jax.sampling import SamplingParams
 from tests.helpers import FIXTURES
 

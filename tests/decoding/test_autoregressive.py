@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from dspark_jax import load_target
-from dspark_jax.decoding.autoregressive import generate_autoregressive
+from dspark_jax.decoding.generate import generate_autoregressive
 from dspark_jax.sampling import SamplingParams, probabilities
 from tests.helpers import tiny_path
 

@@ -151,7 +151,7 @@ def test_bad_input():
                         num_heads=4, num_kv_heads=2, head_dim=8)
     bad_vocab = Draft.random(draft_config_for_target(other, "dflash", (0, 1), block_size=4, mask_token_id=11),
                              dtype="float32")
-    with pytest.raises(ValueError, match="vocabulary 12 != target's 8"):
+    with pytest.raises(ValueError, match="vocab_size 12 != target's 8"):
         generate(target, bad_vocab, [[1]], max_new_tokens=4)
     deeper = dataclasses.replace(TINY, num_layers=8)
     bad_layers = Draft.random(draft_config_for_target(deeper, "dflash", (0, 6), block_size=4, mask_token_id=6),

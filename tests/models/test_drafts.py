@@ -11,7 +11,7 @@ from dspark_jax.sampling import SamplingParams
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft import Draft
 from dspark_jax.models.draft_config import draft_config_for_target
-from dspark_jax.models.dspark import block_attention
+from dspark_jax.models.attention import block_attention
 from tests.helpers import max_rel_err
 from tests.models.dspark_numpy import dspark_block
 

@@ -1,0 +1,135 @@
+"""Every attention computation of the project, behind one implementation setting.
+
+Four attention patterns exist; model code calls these functions and never computes attention
+itself, so a kernel plugs in here and nowhere else:
+
+- `cached_attention`: a decoder's queries over its KV cache (prefill, decode and verify);
+- `sequence_attention`: the causal attention of a cache-free full forward (training targets);
+- `block_attention`: DSpark/DFlash block slots over injected context plus their own block;
+- `ttt_attention`: Eagle3's training-time-test unroll.
+
+`implementation` (`ModelConfig.attention`, or the caller's argument) picks the computation:
+"xla" is plain jnp (softmax in fp32, the reference every other implementation is tested
+against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
+forward in bf16/fp16 on a GPU) and XLA elsewhere. Numerics: attention logits and softmax in
+fp32, products in the inputs' dtype.
+
+Einsum letters follow the legend in `dspark_jax.models`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    return implementation
+
+
+def cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lengths: jax.Array,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s).
+
+    q: [B, T, N, D]; k, v: [B, K, S, D] (head-major, the KV-cache layout); q_positions: [B, T]
+    int32; kv_lengths: [B] int32. Query t of row b sees slot s iff s <= q_positions[b, t] and
+    s < kv_lengths[b]. Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a
+    finite (unused) output. Every implementation runs XLA here for now.
+    """
+    check_implementation(implementation)
+    b, t, n, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, R, D]
+    logits = jnp.einsum("btkrd,bksd->bkrts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    slots = jnp.arange(k.shape[2], dtype=jnp.int32)
+    visible = (slots[None, None, :] <= q_positions[:, :, None]) & (
+        slots[None, None, :] < kv_lengths[:, None, None]
+    )  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkrts,bksd->btkrd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                       implementation: str = "xla") -> jax.Array:
+    """Causal attention of a cache-free forward over positions 0..T-1.
+
+    q: [B, T, N, D]; k, v: [B, T, K, D] (token-major); lengths: [B] (T in a full forward).
+    "cudnn" in bf16/fp16 never materialises the [T, T] scores. Rows past a sequence's length
+    hold padding and are unused either way (causality keeps them out of real rows).
+    """
+    if check_implementation(implementation) == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    b, t = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, lengths)
+
+
+def block_attention(
+    q: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    ctx_len: jax.Array,
+    k_blk: jax.Array,
+    v_blk: jax.Array,
+    keep: jax.Array,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Attention of block slots over injected context plus their own block, one softmax.
+
+    q: [B, A, G, N, D] (A blocks of G slots); k_ctx, v_ctx: [B, K, S, D] context keys/values
+    (slot s = position s); ctx_len: [B, A], block a sees context slots s < ctx_len[b, a];
+    k_blk, v_blk: [B, A, G, K, D]; keep: [B, A], False blocks see nothing and output zeros.
+    Returns [B, A, G, N, D].
+    """
+    check_implementation(implementation)
+    b, a, g, n, d = q.shape
+    kv_heads = k_ctx.shape[1]
+    qg = q.reshape(b, a, g, kv_heads, n // kv_heads, d)  # [B, A, G, K, R, D]
+    s_ctx = jnp.einsum("bajkrd,bksd->bakrjs", qg, k_ctx, preferred_element_type=jnp.float32)
+    s_blk = jnp.einsum("bajkrd,balkd->bakrjl", qg, k_blk, preferred_element_type=jnp.float32)
+    ctx_visible = jnp.arange(k_ctx.shape[2])[None, None, :] < ctx_len[:, :, None]  # [B, A, S]
+    ctx_visible = ctx_visible & keep[:, :, None]
+    blk_visible = jnp.broadcast_to(keep[:, :, None], (b, a, g))  # [B, A, G]
+    logits = jnp.concatenate([s_ctx, s_blk], axis=-1) * (d**-0.5)  # [B, A, K, R, G, S + G]
+    visible = jnp.concatenate([ctx_visible, blk_visible], axis=-1)[:, :, None, None, None, :]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = (probs / jnp.where(denom > 0, denom, 1.0)).astype(v_ctx.dtype)  # all-masked rows -> 0
+    s = k_ctx.shape[2]
+    out = jnp.einsum("bakrjs,bksd->bajkrd", probs[..., :s], v_ctx) + jnp.einsum(
+        "bakrjl,balkd->bajkrd", probs[..., s:], v_blk
+    )
+    return out.reshape(b, a, g, n, d)
+
+
+def ttt_attention(q, k0, v0, diag_k, diag_v, implementation: str = "xla"):
+    """Eagle3's training-time-test attention at unroll step len(diag_k).
+
+    q [B, T, N, D] over step-0 keys k0/v0 [B, K, T, D] at positions <= t and, at the same t,
+    the keys of later steps diag_k/diag_v (lists of [B, T, K, D]). Returns [B, T, N, D].
+    """
+    check_implementation(implementation)
+    b, t, n, d = q.shape
+    kv_heads = k0.shape[1]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, R, D]
+    causal = jnp.einsum("btkrd,bksd->bkrts", qg, k0, preferred_element_type=jnp.float32)
+    pos = jnp.arange(t)
+    causal = jnp.where((pos[None, :] <= pos[:, None])[None, None, None], causal, -jnp.inf)
+    diag = [jnp.einsum("btkrd,btkd->bkrt", qg, k, preferred_element_type=jnp.float32)[..., None] for k in diag_k]
+    logits = jnp.concatenate([causal] + diag, axis=-1) * (d**-0.5)  # [B, K, R, T, T + steps]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v0.dtype)
+    out = jnp.einsum("bkrts,bksd->btkrd", probs[..., :t], v0)
+    for i, v in enumerate(diag_v):
+        out = out + jnp.einsum("bkrt,btkd->btkrd", probs[..., t + i], v)
+    return out.reshape(b, t, n, d)
