@@ -22,7 +22,7 @@ from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import layer_table
 from dspark_jax.models.draft import FROZEN, Draft, abstract_module_params
 from dspark_jax.models.draft_config import DraftConfig, check_draft_fits, draft_from_hf, draft_to_hf
-from dspark_jax.sharding import named_sharding
+from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, named_sharding
 
 _FROZEN_TABLE: NameTable = {("embed_tokens",): ("embed_tokens.weight", None), ("lm_head",): ("lm_head.weight", 1)}
 _FROZEN_AXES = {"embed_tokens": ("vocab", "embed"), "lm_head": ("embed", "vocab")}
@@ -61,7 +61,8 @@ def _frozen_shapes(config: DraftConfig, dtype) -> dict:
     return {"embed_tokens": jax.ShapeDtypeStruct((v, h), dtype), "lm_head": jax.ShapeDtypeStruct((h, v), dtype)}
 
 
-def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Draft:
+def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | None = None,
+               rules: ShardingRules = DEFAULT_RULES) -> Draft:
     """Reads a DeepSpec-format draft directory.
 
     With a target, the draft uses the target's embedding and LM head arrays (the checkpoint's
@@ -89,11 +90,11 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
         if mesh is None:
             return SingleDeviceSharding(jax.devices()[0])
         if b.path[0] in FROZEN:
-            return named_sharding(mesh, _FROZEN_AXES[b.path[0]], b.shape)
+            return named_sharding(mesh, _FROZEN_AXES[b.path[0]], b.shape, rules)
         spec = specs
         for key in b.path:
             spec = spec[key]
-        return named_sharding(mesh, tuple(spec), b.shape)
+        return named_sharding(mesh, tuple(spec), b.shape, rules)
 
     params = place(bindings, store, {b.path: sharding(b) for b in bindings}, dtype)
     return Draft(config, {**params, **frozen}, dtype, mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -13,21 +14,25 @@ from dspark_jax.checkpoints.store import hf_store, read_config_json
 from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
 from dspark_jax.models.config import from_hf_config
 from dspark_jax.models.target import Target, param_shardings
+from dspark_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
-def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None) -> Target:
+def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
+                attention: str = "xla") -> Target:
     """Loads a target from a transformers directory (config.json + safetensors) or a .gguf file.
 
-    With a mesh, each parameter is created directly with its NamedSharding and every device
-    reads only its own block from disk.
+    With a mesh, each parameter is created directly with the NamedSharding `rules` give it and
+    every device reads only its own block from disk. `attention` is the implementation of
+    `dspark_jax.models.attention` the target computes with ("xla" or "cudnn").
     """
     dtype = jnp.dtype(dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
     if os.path.isdir(path):
         config = from_hf_config(*read_config_json(path, "a transformers checkpoint directory"))
+        config = dataclasses.replace(config, attention=attention)
         store = hf_store(path)
-        shapes, shardings = param_shardings(config, dtype, mesh)
+        shapes, shardings = param_shardings(config, dtype, mesh, rules)
         bindings = hf_bindings(shapes, store)
         ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
         tokenizer = _hf_tokenizer(path)
@@ -35,9 +40,9 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None)
         from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
 
         ckpt = GGUFCheckpoint(path)
-        config = ckpt.config()
+        config = dataclasses.replace(ckpt.config(), attention=attention)
         store = ckpt.store(config)
-        shapes, shardings = param_shardings(config, dtype, mesh)
+        shapes, shardings = param_shardings(config, dtype, mesh, rules)
         bindings = gguf_bindings(shapes)
         ignorable = ("rope_freqs.weight",)
         tokenizer = ckpt.tokenizer()
@@ -46,7 +51,7 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None)
     check_store(bindings, store, path, ignorable)
     flat_shardings = {b.path: _lookup(shardings, b.path) for b in bindings}
     params = place(bindings, store, flat_shardings, dtype)
-    return Target(config, params, tokenizer, dtype, mesh)
+    return Target(config, params, tokenizer, dtype, mesh, rules)
 
 
 def _lookup(tree, path):

@@ -19,7 +19,7 @@ from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import CACHE_AXES, KVCache, new_slots
 from dspark_jax.models.layers import random_params
 from dspark_jax.models.transformer import Decoder
-from dspark_jax.sharding import named_sharding
+from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, named_sharding
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> tuple[Any, Any]:
@@ -32,13 +32,13 @@ def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> tuple[Any, Any]:
     return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def param_shardings(config: ModelConfig, dtype, mesh: Mesh | None):
+def param_shardings(config: ModelConfig, dtype, mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES):
     shapes, specs = abstract_params(config, dtype)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return shapes, jax.tree.map(lambda _: device, shapes)
     return shapes, jax.tree.map(
-        lambda spec, s: named_sharding(mesh, tuple(spec), s.shape),
+        lambda spec, s: named_sharding(mesh, tuple(spec), s.shape, rules),
         specs,
         shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
@@ -55,10 +55,11 @@ class TargetModel:
     config: ModelConfig
     dtype: Any = jnp.bfloat16
     mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
 
     @functools.cached_property
     def module(self) -> Decoder:
-        return Decoder(self.config, self.dtype, self.dtype, self.mesh)
+        return Decoder(self.config, self.dtype, self.dtype, self.mesh, self.rules)
 
     def forward(self, params, input_ids: jax.Array, *, hidden_layers: Sequence[int] = ()):
         """Full causal forward.
@@ -84,11 +85,11 @@ class TargetModel:
         cache = KVCache.create(self.config, batch_size, max_length, self.dtype)
         if self.mesh is None:
             return cache
-        kv = named_sharding(self.mesh, CACHE_AXES, cache.k[0].shape)
+        kv = named_sharding(self.mesh, CACHE_AXES, cache.k[0].shape, self.rules)
         return KVCache(
             k=jax.device_put(cache.k, kv),
             v=jax.device_put(cache.v, kv),
-            lengths=jax.device_put(cache.lengths, named_sharding(self.mesh, ("batch",), cache.lengths.shape)),
+            lengths=jax.device_put(cache.lengths, named_sharding(self.mesh, ("batch",), cache.lengths.shape, self.rules)),
         )
 
     def extend(
@@ -147,10 +148,11 @@ class Target:
     tokenizer: Any = None
     dtype: Any = jnp.bfloat16
     mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
 
     @functools.cached_property
     def model(self) -> TargetModel:
-        return TargetModel(self.config, self.dtype, self.mesh)
+        return TargetModel(self.config, self.dtype, self.mesh, self.rules)
 
     forward = property(lambda self: self.model.forward)
     logits = property(lambda self: self.model.logits)
@@ -159,11 +161,12 @@ class Target:
     rollback = property(lambda self: self.model.rollback)
 
     @classmethod
-    def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None):
+    def random(cls, config: ModelConfig, *, seed: int = 0, dtype="bfloat16", mesh: Mesh | None = None, tokenizer=None,
+               rules: ShardingRules = DEFAULT_RULES):
         """A target with random weights (sharded at creation when a mesh is given)."""
         dtype = jnp.dtype(dtype)
-        shapes, shardings = param_shardings(config, dtype, mesh)
-        return cls(config, random_params(shapes, jax.random.key(seed), shardings), tokenizer, dtype, mesh)
+        shapes, shardings = param_shardings(config, dtype, mesh, rules)
+        return cls(config, random_params(shapes, jax.random.key(seed), shardings), tokenizer, dtype, mesh, rules)
 
 
 def target_features(target, target_params, input_ids: jax.Array, layer_ids) -> tuple[jax.Array, jax.Array]:

@@ -34,7 +34,7 @@ from dspark_jax.models.kv_cache import LayerCache
 from dspark_jax.models.kv_cache import write_slots as write_cache
 from dspark_jax.models.attention import cached_attention, sequence_attention
 from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, lm_logits, param_init, rope_cos_sin
-from dspark_jax.sharding import constrain
+from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
 
 class Attention(nn.Module):
@@ -93,6 +93,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
 
     @nn.compact
     def __call__(self, x, positions, cos, sin, kv_lengths, kv: LayerCache | None, write_slots):
@@ -101,7 +102,8 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
         xn = norm("input_layernorm")(x)
-        q = constrain(attn.query(xn, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh)  # [B, T, N, D]
+        q = constrain(attn.query(xn, cos, sin), ("batch", "seq", "act_heads", "head_dim"), self.mesh,
+                      self.rules)  # [B, T, N, D]
         k_new, v_new = attn.key_value(xn, cos, sin)  # [B, T, K, D]
         if kv is None:  # cache-free forward: positions are 0..T-1
             out = sequence_attention(q, k_new, v_new, kv_lengths, cfg.attention)
@@ -111,7 +113,7 @@ class DecoderLayer(nn.Module):
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm("post_attention_layernorm")(x))
-        return constrain(x, ("batch", "seq", "act_embed"), self.mesh), kv
+        return constrain(x, ("batch", "seq", "act_embed"), self.mesh, self.rules), kv
 
 
 class Decoder(nn.Module):
@@ -121,6 +123,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
 
     def setup(self):
         cfg = self.config
@@ -138,7 +141,7 @@ class Decoder(nn.Module):
                 self.param_dtype,
             )
         self.layers = [
-            DecoderLayer(cfg, self.dtype, self.param_dtype, self.mesh, name=f"layers_{i}")
+            DecoderLayer(cfg, self.dtype, self.param_dtype, self.mesh, self.rules, name=f"layers_{i}")
             for i in range(cfg.num_layers)
         ]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
@@ -164,7 +167,7 @@ class Decoder(nn.Module):
         cfg = self.config
         hidden_layers = _check_layer_ids(hidden_layers, cfg.num_layers)
         x = jnp.take(self.embed_tokens, tokens, axis=0).astype(self.dtype)  # [B, T, H]
-        x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+        x = constrain(x, ("batch", "seq", "act_embed"), self.mesh, self.rules)
         outputs = {-1: x}
         cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim)  # [B, T, D]
         new_kv = []

@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "bfloat16"  # compute dtype; master weights and Adam state are fp32
     target_dtype: str = "bfloat16"
+    attention: str = "xla"  # implementation for target and draft: "xla", or "cudnn" (GPU; cache-free target forward)
     # Mesh (data x fsdp x tensor must equal the device count).
     mesh_data: int = -1  # -1 = all devices not used by fsdp and tensor
     mesh_fsdp: int = 1
@@ -78,6 +79,7 @@ class TrainConfig:
             "target_mode": ("online", "offline"),
             "chat_template": ("auto", "qwen", "chatml", "llama3", "gemma", "gemma4"),
             "markov_head_type": ("vanilla", "gated", "rnn"),
+            "attention": ("xla", "cudnn"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

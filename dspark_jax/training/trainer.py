@@ -50,7 +50,13 @@ def build_mesh(config: TrainConfig, devices=None):
 
 
 def build_target(config: TrainConfig, mesh):
-    """The frozen target a recipe names (see TrainConfig.target)."""
+    """The frozen target a recipe names (see TrainConfig.target), computing attention with the
+    recipe's implementation (its drafts copy the target's layer config, and with it that choice)."""
+    target = _named_target(config, mesh)
+    return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=config.attention))
+
+
+def _named_target(config: TrainConfig, mesh):
     from dspark_jax.checkpoints.target import load_target
     from dspark_jax.models.target import Target
 
