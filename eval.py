@@ -22,6 +22,8 @@ import sys
 
 import jax
 
+from dspark_jax.console import configure_logging
+
 from dspark_jax import load_target
 from dspark_jax.evaluation import calibration
 from dspark_jax.evaluation.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--save-trace", help="write the rounds of all sets as a trace (.npz) for `python -m dspark_jax simulate`")
     p.add_argument("--out", default="eval_results.json")
     args = p.parse_args(argv)
+    configure_logging()
 
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 

@@ -14,6 +14,8 @@ import sys
 
 import jax
 
+from dspark_jax.console import configure_logging
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prepare-cache", action="store_true", help="write the offline target cache and exit")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     args = parser.parse_args(argv)
+    configure_logging()
     if args.distributed:
         jax.distributed.initialize()
 

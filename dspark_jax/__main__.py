@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from dspark_jax.console import configure_logging
+
 
 def _generate(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
@@ -129,6 +131,7 @@ def main(argv=None) -> None:
     regen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     regen.set_defaults(func=_regenerate)
     args = parser.parse_args(argv)
+    configure_logging()
     if args.command == "simulate" and len(args.sps) != len(args.concurrency):
         parser.error("simulate: give one --sps table per --concurrency value")
     try:

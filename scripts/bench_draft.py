@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import jax
 
 from dspark_jax import Draft, Target
 from dspark_jax.sampling import SamplingParams
+from dspark_jax.console import configure_logging
 from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 from dspark_jax.models.presets import preset
-from dspark_jax.timing import log
+
+logger = logging.getLogger(__name__)
 
 STEPS = 8  # steps per timed program
 
 
 def main() -> None:
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3-4b")
     parser.add_argument("--batch", type=int, default=128)
@@ -51,16 +55,16 @@ def main() -> None:
             config = draft_config_for_target(target_config, algorithm, spread_layer_ids(target_config.num_layers),
                                              block_size=gamma, mask_token_id=target_config.vocab_size - 1)
             draft = Draft.random(config, target=target, seed=1)
-            log(f"gamma {gamma} {algorithm} draft step")
+            logger.info(f"gamma {gamma} {algorithm} draft step")
             times[algorithm] = draft_seconds(draft, batch=b, context=ctx, capacity=ctx + q + 8, sampling=sampling,
                                              steps=STEPS)
-        log(f"gamma {gamma} verify step")
+        logger.info(f"gamma {gamma} verify step")
         verify = verify_seconds(target, batch=b, tokens=q, context=ctx, capacity=ctx + q + 8, steps=STEPS)
         overhead = times["dspark"] - times["dflash"]
         rows.append(dict(gamma=gamma, batch=b, context=ctx, dspark_draft_ms=times["dspark"] * 1e3,
                          dflash_draft_ms=times["dflash"] * 1e3, verify_ms=verify * 1e3, overhead_ms=overhead * 1e3,
                          overhead_of_round=overhead / (times["dspark"] + verify)))
-        log(f"gamma {gamma}: " + json.dumps(rows[-1]))  # each row as soon as it is measured
+        logger.info(f"gamma {gamma}: " + json.dumps(rows[-1]))  # each row as soon as it is measured
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import jax
@@ -29,11 +30,14 @@ from dspark_jax import load_target
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.evaluation.evaluation import acceptance_stats, chat_ids, draft_from_spec, load_prompts, timed_generate
 from dspark_jax.sampling import SamplingParams
+from dspark_jax.console import configure_logging
 from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
-from dspark_jax.timing import log
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv=None) -> None:
+    configure_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="transformers directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--draft", nargs="+", required=True, metavar="NAME=DIR",
@@ -63,7 +67,7 @@ def main(argv=None) -> None:
               "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "batches": {}}
     for b in args.batch_sizes:
-        log(f"batch {b}: autoregressive")
+        logger.info(f"batch {b}: autoregressive")
         ar, ar_seconds = timed_generate(target, None, prompts, batch_size=b, **kwargs)
         ar_tokens = sum(map(len, ar.tokens))
         context = int(np.mean([len(x) for x in prompts]) + args.max_new_tokens // 2)
@@ -74,7 +78,7 @@ def main(argv=None) -> None:
         entry = {"context": context, "autoregressive": {"tokens_per_s": ar_tokens / ar_seconds,
                                                         "step_ms": t_ar * 1e3}, "drafts": {}}
         for name, draft in loaded.items():
-            log(f"batch {b}: {name}")
+            logger.info(f"batch {b}: {name}")
             result, seconds = timed_generate(target, draft, prompts, batch_size=b, **kwargs)
             gamma = draft.config.block_size
             tau = acceptance_stats(result, gamma)["tau"]

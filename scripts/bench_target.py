@@ -21,13 +21,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from dspark_jax import Target
 from dspark_jax.models.presets import preset
-from dspark_jax.timing import log, matmul_rate, timed, timed_chain
+from dspark_jax.console import configure_logging
+from dspark_jax.evaluation.step_times import timed, timed_chain
+from benchlib import matmul_rate
+
+logger = logging.getLogger(__name__)
 
 DECODE_STEPS = 16  # decode steps per timed program
 
@@ -49,6 +54,7 @@ def fill_cache(target: Target, batch: int, capacity: int, length: int):
 
 
 def main() -> None:
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3-4b")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
@@ -96,7 +102,7 @@ def main() -> None:
         tokens = jnp.zeros((batch, 1), jnp.int32)
         run_decode = lambda carry: decode(target.params, carry[1], carry[0], DECODE_STEPS)
 
-        log(f"decode batch {batch}")
+        logger.info(f"decode batch {batch}")
         t = timed_chain(run_decode, (tokens, cache), iters=2) / DECODE_STEPS
         step_bytes = weight_bytes + batch * args.context * kv_bytes_per_pos
         flops = 2 * batch * (dense_params + embed) + 4 * batch * config.num_layers * attn_dim * args.context
@@ -107,7 +113,7 @@ def main() -> None:
         prompt = jax.random.randint(jax.random.key(3), (batch, args.prompt), 0, config.vocab_size, jnp.int32)
         run_prefill = lambda carry: prefill(target.params, carry[1], prompt)
 
-        log(f"prefill batch {batch}")
+        logger.info(f"prefill batch {batch}")
         t = timed_chain(run_prefill, (None, target.init_cache(batch, args.prompt + 128)), iters=3)
         tokens = batch * args.prompt
         flops = (2 * tokens * dense_params + 2 * batch * embed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,16 @@ import jax.numpy as jnp
 from dspark_jax import Draft, Target
 from dspark_jax.models.draft_config import draft_config_for_target, spread_layer_ids
 from dspark_jax.models.presets import preset
-from dspark_jax.timing import log, matmul_rate, timed, timed_chain
+from dspark_jax.console import configure_logging
+from dspark_jax.evaluation.step_times import timed, timed_chain
+from benchlib import matmul_rate
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.losses import LossWeights, block_loss, sample_anchors
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.models.target import target_features
 from dspark_jax.training.step import make_train_step
+
+logger = logging.getLogger(__name__)
 
 DATASHEET_FLOPS = 989e12  # H100 SXM dense bf16
 
@@ -58,6 +63,7 @@ def train_flops(config, s: int, t: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3-4b")
     parser.add_argument("--seq", type=int, default=4096)
@@ -89,10 +95,10 @@ def main() -> None:
     features, last = jax.jit(lambda p, x: target_features(target, p, x, layers))(target.params, ids)
     offline_micro = {**micro, "features": features, "last_hidden": last}
     trainable_params = sum(x.size for x in jax.tree.leaves(own))
-    log(f"{args.preset} DSpark draft: {trainable_params / 1e6:.0f}M trainable parameters, S={s}, "
+    logger.info(f"{args.preset} DSpark draft: {trainable_params / 1e6:.0f}M trainable parameters, S={s}, "
         f"{args.anchors} anchors, accumulation {a}")
     matmul = matmul_rate(args.matmul_size)
-    log(f"bf16 matmul {args.matmul_size}^3: {matmul / 1e12:.0f} TFLOP/s")
+    logger.info(f"bf16 matmul {args.matmul_size}^3: {matmul / 1e12:.0f} TFLOP/s")
 
     def loss(trainable, batch):
         return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen}, batch,
@@ -111,7 +117,7 @@ def main() -> None:
         step = jax.jit(make_train_step(draft, optimizer, schedule, weights,
                                        target=target if mode == "online" else None), donate_argnums=0)
         state = optimizer_state(optimizer, own)
-        log(f"{mode} train step")
+        logger.info(f"{mode} train step")
         per_step = timed_chain(lambda st: step(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
         per_micro = per_step / a
         _, metrics = step(optimizer_state(optimizer, own), frozen, target.params, stacked)
@@ -121,7 +127,7 @@ def main() -> None:
                "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
                "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
         results["modes"][mode] = row
-        log(f"{mode}: {json.dumps(row)}")
+        logger.info(f"{mode}: {json.dumps(row)}")
 
     print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors, device {results['device']}")
     if "split_ms" in results:
@@ -154,14 +160,14 @@ def time_split(draft, own, frozen, loss, optimizer, target, layers, batch, ancho
     }
     times = {}
     for name, fn in fns.items():
-        log(name)
+        logger.info(name)
         times[name] = timed(lambda fn=fn: jax.block_until_ready(fn(own, batch)), reps=5, iters=3)
     grads = fns["forward_and_backward"](own, batch)[1]
     opt_state = optimizer.init(own)
     update = jax.jit(lambda g, st, p: optimizer.update(g, st, p))
-    log("optimizer")
+    logger.info("optimizer")
     times["optimizer"] = timed(lambda: jax.block_until_ready(update(grads, opt_state, own)), reps=5, iters=3)
-    log("target forward")
+    logger.info("target forward")
     feats = jax.jit(lambda p, x: target_features(target, p, x, layers))
     times["target_forward"] = timed(lambda: jax.block_until_ready(feats(target.params, batch["input_ids"])),
                                     reps=5, iters=3)

@@ -13,11 +13,13 @@ written, so an interrupted run loses at most one chunk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from dspark_jax.data.conversations import Counts, read_jsonl
 from dspark_jax.decoding.generate import generate
-from dspark_jax.timing import log
+
+logger = logging.getLogger(__name__)
 
 
 def answer_turns(target, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float, top_p: float,
@@ -58,12 +60,12 @@ def regenerate_file(target, input_path: str, output_path: str, *, chunk: int = 2
             data = f.read()
             f.truncate(data.rfind(b"\n") + 1)  # drop a line cut short by a crash
             written = data[: data.rfind(b"\n") + 1].count(b"\n")
-        log(f"{output_path}: {written} conversations already written, continuing")
+        logger.info(f"{output_path}: {written} conversations already written, continuing")
     for start in range(written, len(conversations), chunk):
         answered = answer_turns(target, conversations[start : start + chunk], seed=seed + start, **sampling)
         with open(output_path, "a", encoding="utf-8") as f:
             for messages in answered:
                 f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        log(f"{output_path}: {start + len(answered)} / {len(conversations)} conversations")
+        logger.info(f"{output_path}: {start + len(answered)} / {len(conversations)} conversations")
     counts.examples = len(conversations)
     return counts

@@ -11,13 +11,43 @@ the capacity the decoding loop being modelled allocates.
 from __future__ import annotations
 
 import functools
+import logging
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 
 from dspark_jax.sampling import SamplingParams
-from dspark_jax.timing import timed_chain
 
+logger = logging.getLogger(__name__)
+
+
+def timed(fn, *, warmup: int = 3, reps: int = 7, iters: int = 10) -> float:
+    """Median seconds per call of fn() (fn must block on its result); the first call compiles."""
+    start = time.perf_counter()
+    fn()
+    logger.info(f"  first call {time.perf_counter() - start:.1f} s")
+    for _ in range(warmup - 1):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def timed_chain(program, carry, iters: int, reps: int = 7) -> float:
+    """Median seconds per call of a program whose (donated) output is its next input."""
+    state = [carry]
+
+    def call():
+        state[0] = program(state[0])
+        jax.block_until_ready(state[0])
+
+    return timed(call, iters=iters, reps=reps, warmup=2)
 
 def verify_seconds(target, *, batch: int, tokens: int, context: int, capacity: int, steps: int = 8,
                    reps: int = 5) -> float:

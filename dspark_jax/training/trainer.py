@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -35,12 +36,13 @@ from dspark_jax.models.config import ConfigError
 from dspark_jax.models.draft import Draft, abstract_module_params
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.sharding import make_mesh, named_sharding
-from dspark_jax.timing import log
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.events import EventWriter
 from dspark_jax.training.losses import LossWeights
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.training.step import batch_shardings, make_train_step
+
+logger = logging.getLogger(__name__)
 
 
 def build_mesh(config: TrainConfig, devices=None):
@@ -99,7 +101,7 @@ def training_examples(config: TrainConfig, target) -> list[dict]:
     counts = Counts()
     examples = load_examples(config.train_files, target.tokenizer, template=config.chat_template,
                              max_length=config.max_length, min_loss_tokens=config.min_loss_tokens, counts=counts)
-    log(f"data: {counts.summary()}")
+    logger.info(f"data: {counts.summary()}")
     return examples
 
 
@@ -118,7 +120,7 @@ def prepare_cache(config: TrainConfig, *, batch_size: int = 8) -> dict:
     manifest = write_target_cache(target, examples, config.cache_dir, layer_ids=config.target_layer_ids,
                                   batch_size=batch_size, metadata=meta)
     tokens = sum(len(e["input_ids"]) for e in examples)
-    log(f"cache {config.cache_dir}: {len(examples)} sequences, {tokens} tokens, "
+    logger.info(f"cache {config.cache_dir}: {len(examples)} sequences, {tokens} tokens, "
         f"{manifest['bytes_per_token']} bytes/token")
     return manifest
 
@@ -247,7 +249,7 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     is_main = jax.process_index() == 0
     metrics_file = open(os.path.join(config.output_dir, "metrics.jsonl"), "a") if is_main else None
     events = EventWriter(os.path.join(config.output_dir, "tensorboard")) if is_main else None
-    log(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
+    logger.info(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
         f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
         f"mesh {dict(run.mesh.shape)}, starting at step {start}")
     window, clock = None, time.perf_counter()
