@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from dspark_jax.checkpoints.deepspec import save_draft
@@ -37,7 +38,6 @@ from dspark_jax.models.draft import Draft, abstract_module_params
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.sharding import make_mesh, named_sharding
 from dspark_jax.training.config import TrainConfig
-from dspark_jax.training.events import EventWriter
 from dspark_jax.training.losses import LossWeights
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.training.step import batch_shardings, make_train_step
@@ -248,7 +248,7 @@ def train(config: TrainConfig, *, devices=None) -> Run:
         f.write(config.to_json())
     is_main = jax.process_index() == 0
     metrics_file = open(os.path.join(config.output_dir, "metrics.jsonl"), "a") if is_main else None
-    events = EventWriter(os.path.join(config.output_dir, "tensorboard")) if is_main else None
+    events = SummaryWriter(os.path.join(config.output_dir, "tensorboard")) if is_main else None
     logger.info(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
         f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
         f"mesh {dict(run.mesh.shape)}, starting at step {start}")
@@ -266,7 +266,10 @@ def train(config: TrainConfig, *, devices=None) -> Run:
             if is_main:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                events.scalars(done, {k: v for k, v in row.items() if k != "step"})
+                for key, value in row.items():
+                    if key != "step":  # accept_rate@j is grouped as accept_rate/j (TensorBoard tags)
+                        events.add_scalar(key.replace("@", "/"), value, done)
+                events.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", tau=f"{row['tau_probabilistic']:.3f}")
         bar.update(1)
         if done % config.save_every == 0 or done == run.total_steps:

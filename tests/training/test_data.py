@@ -5,7 +5,6 @@ import copy
 import glob
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from dspark_jax.data.pipeline import collate, micro_batches
 from dspark_jax.data.regenerate import regenerate_file
 from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import TrainConfig, load_config, override
-from dspark_jax.training.events import EventWriter, crc32c
 from dspark_jax.training.optim import lr_schedule
 
 CHAT = [
@@ -173,25 +171,6 @@ def test_lr_schedule_is_warmup_then_cosine():
                                                          for s in range(4, 100)]
     np.testing.assert_allclose([float(lr(s)) for s in range(100)], expected, rtol=1e-6, atol=1e-10)
     assert float(lr(4)) == pytest.approx(6e-4)
-
-
-def test_tensorboard_records_are_framed_and_checksummed(tmp_path):
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    writer = EventWriter(str(tmp_path))
-    writer.scalars(10, {"loss": 1.5, "tau": 2.25})
-    writer.close()
-    data = next(tmp_path.iterdir()).read_bytes()
-    records = []
-    while data:
-        (length,) = struct.unpack("<Q", data[:8])
-        body = data[12 : 12 + length]
-        masked = lambda b: ((((crc32c(b) >> 15) | (crc32c(b) << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-        assert struct.unpack("<I", data[8:12])[0] == masked(data[:8])
-        assert struct.unpack("<I", data[12 + length : 16 + length])[0] == masked(body)
-        records.append(body)
-        data = data[16 + length :]
-    assert len(records) == 2 and b"brain.Event:2" in records[0]
-    assert b"loss" in records[1] and struct.pack("<f", 2.25) in records[1]
 
 
 def test_every_recipe_loads():

@@ -4,6 +4,7 @@ offline target features, export, and the demo recipe's learning curve."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -120,4 +121,29 @@ def test_demo_recipe_learns_and_exports_a_loadable_draft(tmp_path):
         for x, y in zip(jax.tree.leaves(value), jax.tree.leaves(draft.params[key])):
             np.testing.assert_array_equal(np.asarray(x, np.float32).astype("bfloat16").astype(np.float32),
                                           np.asarray(y, np.float32))
-    assert os.listdir(os.path.join(config.output_dir, "tensorboard"))
+    # TensorBoard holds the same scalars as metrics.jsonl (float32), at the same steps.
+    logged = tensorboard_scalars(os.path.join(config.output_dir, "tensorboard"))
+    for row in rows:
+        for key, value in row.items():
+            if key != "step":
+                tag = key.replace("@", "/")
+                assert logged[(tag, row["step"])] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, row["step"])
+    assert len(logged) == sum(len(row) - 1 for row in rows)
+
+
+def tensorboard_scalars(directory: str) -> dict:
+    """(tag, step) -> value of every scalar in a directory's event files (TFRecord framing:
+    uint64 length, uint32 crc, the Event proto, uint32 crc)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event.FromString(data[12 : 12 + length])
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = value.simple_value
+            data = data[16 + length :]
+    return scalars
