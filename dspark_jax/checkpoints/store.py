@@ -47,7 +47,7 @@ def read_config_json(directory: str, expected: str) -> tuple[dict, str]:
 
 def _safetensors_entries(f: SafetensorsFile, names: list[str]) -> Store:
     def reader(name):
-        return lambda start, stop: np.asarray(f.array(name)[start:stop])
+        return lambda start, stop: f.rows(name, start, stop)
 
     return {name: StoredTensor(name, f.path, f.shape(name), reader(name)) for name in names}
 
