@@ -127,7 +127,12 @@ class GGUFCheckpoint:
         return read
 
     def tokenizer(self):
-        """A transformers PreTrainedTokenizerFast built from the BPE metadata, or None."""
+        """A transformers PreTrainedTokenizerFast built from the BPE metadata, or None.
+
+        Built here rather than by `AutoTokenizer.from_pretrained(dir, gguf_file=...)`: that path
+        of transformers 5.17 imports torch (integrations/gguf), which this project does not
+        depend on; the SmolLM2 tests check this tokenizer against transformers' golden ids.
+        """
         model = self.metadata("tokenizer.ggml.model", None)
         if model is None:
             return None

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,12 +50,8 @@ def test_round_trip_is_bit_exact(tmp_path, target, make_draft, algorithm, head):
     for reloaded in (load_draft(str(tmp_path)), load_draft(str(tmp_path), target=target)):
         assert reloaded.config == draft.config
         assert draft_to_hf(reloaded.config) == draft_to_hf(draft.config)
-        flat, ref = jax.tree_util.tree_flatten_with_path(reloaded.params)[0], dict(
-            jax.tree_util.tree_flatten_with_path(draft.params)[0])
-        assert len(flat) == len(ref)
-        for path, leaf in flat:
-            assert leaf.dtype == ref[path].dtype
-            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref[path]), err_msg=str(path))
+        chex.assert_trees_all_equal_dtypes(reloaded.params, draft.params)  # same structure and dtypes
+        chex.assert_trees_all_equal(reloaded.params, draft.params)
     # With a target, the frozen arrays are the target's own (no second copy).
     shared = load_draft(str(tmp_path), target=target)
     assert shared.params["embed_tokens"] is target.params["embed_tokens"]
