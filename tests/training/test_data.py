@@ -5,9 +5,12 @@ import copy
 import glob
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
+from tensorboardX import SummaryWriter
+from tensorboardX.crc32c import crc32c
 
 from dspark_jax.data.conversations import Counts, DataError, load_examples, render
 from dspark_jax.data.pipeline import collate, micro_batches
@@ -15,6 +18,8 @@ from dspark_jax.data.regenerate import regenerate_file
 from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import TrainConfig, load_config, override
 from dspark_jax.training.optim import lr_schedule
+from dspark_jax.training.trainer import write_scalars
+from tests.training.tensorboard_records import read_records
 
 CHAT = [
     {"role": "user", "content": "Capital of France?"},
@@ -171,6 +176,16 @@ def test_lr_schedule_is_warmup_then_cosine():
                                                          for s in range(4, 100)]
     np.testing.assert_allclose([float(lr(s)) for s in range(100)], expected, rtol=1e-6, atol=1e-10)
     assert float(lr(4)) == pytest.approx(6e-4)
+
+
+def test_tensorboard_records_are_framed_and_checksummed(tmp_path):
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = SummaryWriter(str(tmp_path))
+    write_scalars(writer, 10, {"loss": 1.5, "tau": 2.25})
+    writer.close()
+    records = read_records(str(next(tmp_path.iterdir())))
+    assert len(records) == 2 and b"brain.Event:2" in records[0]
+    assert b"loss" in records[1] and struct.pack("<f", 2.25) in records[1]
 
 
 def test_every_recipe_loads():

@@ -4,7 +4,6 @@ offline target features, export, and the demo recipe's learning curve."""
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
 from dspark_jax.training.config import load_config
 from dspark_jax.training.trainer import checkpointer, prepare_cache, restore, setup, train
+from tests.training.tensorboard_records import scalars
 
 SMALL = ["demo_sequences=64", "max_length=32", "num_anchors=8", "global_batch_size=16", "micro_batch_size=8",
          "log_every=1", "save_every=1000"]
@@ -117,33 +117,14 @@ def test_demo_recipe_learns_and_exports_a_loadable_draft(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     draft = load_draft(os.path.join(config.output_dir, "draft"), target=run.target, dtype="bfloat16")
     exported = jax.tree.map(lambda p: np.asarray(p.astype(np.float32)), run.state["params"])
-    for key, value in exported.items():
-        for x, y in zip(jax.tree.leaves(value), jax.tree.leaves(draft.params[key])):
-            np.testing.assert_array_equal(np.asarray(x, np.float32).astype("bfloat16").astype(np.float32),
-                                          np.asarray(y, np.float32))
-    # TensorBoard holds the same scalars as metrics.jsonl (float32), at the same steps.
-    logged = tensorboard_scalars(os.path.join(config.output_dir, "tensorboard"))
+    chex.assert_trees_all_equal(  # the export is the fp32 masters rounded to bf16
+        jax.tree.map(lambda x: np.asarray(x, np.float32).astype("bfloat16").astype(np.float32), exported),
+        jax.tree.map(lambda y: np.asarray(y, np.float32), {key: draft.params[key] for key in exported}))
+    assert os.listdir(os.path.join(config.output_dir, "tensorboard"))
+    # TensorBoard holds the same scalars as metrics.jsonl (float32), with the same tags and steps.
+    logged = scalars(os.path.join(config.output_dir, "tensorboard"))
     for row in rows:
         for key, value in row.items():
             if key != "step":
-                tag = key.replace("@", "/")
-                assert logged[(tag, row["step"])] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, row["step"])
+                assert logged[(key, row["step"])] == pytest.approx(value, rel=1e-6, abs=1e-30), (key, row["step"])
     assert len(logged) == sum(len(row) - 1 for row in rows)
-
-
-def tensorboard_scalars(directory: str) -> dict:
-    """(tag, step) -> value of every scalar in a directory's event files (TFRecord framing:
-    uint64 length, uint32 crc, the Event proto, uint32 crc)."""
-    from tensorboardX.proto import event_pb2
-
-    scalars = {}
-    for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            data = f.read()
-        while data:
-            (length,) = struct.unpack("<Q", data[:8])
-            event = event_pb2.Event.FromString(data[12 : 12 + length])
-            for value in event.summary.value:
-                scalars[(value.tag, event.step)] = value.simple_value
-            data = data[16 + length :]
-    return scalars
