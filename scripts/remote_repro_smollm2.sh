@@ -17,8 +17,8 @@
 # send it along: a fresh machine (after `receive` again) starts from the regenerated data.
 # .repro/b, .repro/data, .whl and the repository come to about 60 MB, a seed adds about 5.
 # The machine needs jax with CUDA, flax, optax, orbax, transformers and matplotlib; grain, its
-# array-record and portpicker, gguf and tensorboardX come as wheels (prepare downloads them for CPython
-# 3.12 on x86-64 Linux).
+# array-record and portpicker, gguf and tensorboardX come as wheels (prepare downloads them
+# for CPython 3.12 on x86-64 Linux).
 set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "$0")/.."
@@ -39,7 +39,8 @@ prepare)
     rm -f .repro/data/train/*_raw.jsonl  # unused by the study; keeps the job small
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 gguf==0.19.0 tensorboardX==2.6.5
+        --platform manylinux2014_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 gguf==0.19.0 \
+        tensorboardX==2.6.5
     du -sh .repro/a .repro/b .repro/data .whl
     ;;
 receive)
