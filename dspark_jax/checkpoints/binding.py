@@ -3,7 +3,7 @@
 A `Binding` says where one parameter comes from: the checkpoint tensor name, the shape that
 tensor must have, and how its layout maps to ours (Linear weights are [out, in] on disk and
 input-major here, e.g. q_proj [H, N, D]). `read` produces any rectangular block of the
-parameter from only the rows of the stored tensor it needs, which is what lets each device
+parameter from only the block of the stored tensor it needs, which is what lets each device
 read only its own shard (`jax.make_array_from_callback`). `to_stored` is the inverse, for
 writing checkpoints.
 """
@@ -39,12 +39,14 @@ class Binding:
         tensor, shape = store[self.name], self.shape
         rest = tuple(slice(a, b) for a, b in bounds[1:])
         if self.n_in is None:
-            return tensor.read_rows(*bounds[0])[(slice(None),) + rest]
+            if len(bounds) == 1:
+                return tensor.read_rows(*bounds[0])
+            return tensor.read_rows(*bounds[0], columns=bounds[1])[(slice(None), slice(None)) + rest[1:]]
         in_dims, out_dims = shape[: self.n_in], shape[self.n_in :]
         in_bounds, out_bounds = bounds[: self.n_in], bounds[self.n_in :]
         r0, r1, out_cover = _cover(out_bounds, out_dims)
         c0, c1, in_cover = _cover(in_bounds, in_dims)
-        block = np.asarray(tensor.read_rows(r0, r1))[:, c0:c1]  # [out rows, in cols]
+        block = np.asarray(tensor.read_rows(r0, r1, columns=(c0, c1)))  # [out rows, in cols]
         block = block.T.reshape(in_cover + out_cover)
         inner = (
             (slice(None),)

