@@ -22,9 +22,8 @@ import sys
 
 import jax
 
-from dspark_jax.console import configure_logging
-
 from dspark_jax import load_target
+from dspark_jax.console import configure_logging
 from dspark_jax.evaluation import calibration
 from dspark_jax.evaluation.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
                                            timed_generate)

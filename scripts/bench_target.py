@@ -30,6 +30,7 @@ from dspark_jax import Target
 from dspark_jax.models.presets import preset
 from dspark_jax.console import configure_logging
 from dspark_jax.evaluation.step_times import timed, timed_chain
+
 from benchlib import matmul_rate
 
 logger = logging.getLogger(__name__)

@@ -29,12 +29,13 @@ from dspark_jax.models.draft_config import draft_config_for_target, spread_layer
 from dspark_jax.models.presets import preset
 from dspark_jax.console import configure_logging
 from dspark_jax.evaluation.step_times import timed, timed_chain
-from benchlib import matmul_rate
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.losses import LossWeights, block_loss, sample_anchors
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.models.target import target_features
 from dspark_jax.training.step import make_train_step
+
+from benchlib import matmul_rate
 
 logger = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ def timed_chain(program, carry, iters: int, reps: int = 7) -> float:
 
     return timed(call, iters=iters, reps=reps, warmup=2)
 
+
 def verify_seconds(target, *, batch: int, tokens: int, context: int, capacity: int, steps: int = 8,
                    reps: int = 5) -> float:
     """Seconds of one `Target.extend` of `tokens` tokens per sequence on `batch` sequences
