@@ -5,15 +5,27 @@
   profile-sps     measure the target's verify steps/s per token batch size (a scheduler table)
   simulate        replay a recorded trace (eval.py --save-trace) against SPS tables
   regenerate      answer the user turns of a conversation file with the target (training data)
+
+An expected failure (bad input, a missing file) prints one line `error: ...`; `--debug` or
+DSPARK_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
-from dspark_jax.console import configure_logging
+from dspark_jax.console import HelpFormatter, add_sampling_args, configure_logging, run_cli
+
+
+def check_generation_args(args) -> None:
+    """Rejects what no model can answer, before one loads."""
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
 
 
 def _generate(args) -> None:
@@ -25,7 +37,7 @@ def _generate(args) -> None:
     path = args.model or smollm2_gguf()
     target = load_target(path, dtype=args.dtype)
     if target.tokenizer is None:
-        sys.exit(f"{path} has no tokenizer; cannot turn the prompt into tokens")
+        raise ValueError(f"{path} has no tokenizer; cannot turn the prompt into tokens")
     tok = target.tokenizer
     messages = [{"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -87,23 +99,20 @@ def _regenerate(args) -> None:
     print(f"{args.output}: {counts.summary()}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dspark_jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dspark_jax", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a chat answer with a target model")
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+    gen = add("generate", help="generate a chat answer with a target model")
     gen.add_argument("--model", help="transformers checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--prompt", default="What is the capital of France?")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    add_sampling_args(gen, max_new_tokens=64, temperature=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.set_defaults(func=_generate)
-    fetch = sub.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path")
+    fetch = add("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path")
     fetch.set_defaults(func=_fetch)
-    prof = sub.add_parser("profile-sps", help="measure verify steps/s per token batch size on this device")
+    prof = add("profile-sps", help="measure verify steps/s per token batch size on this device")
     prof.add_argument("--model", help="checkpoint path, or a preset name for random weights (e.g. qwen3-4b)")
     prof.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     prof.add_argument("--context", type=int, default=1024)
@@ -111,19 +120,16 @@ def main(argv=None) -> None:
     prof.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     prof.add_argument("--out", default="sps_r{concurrency}.json", help="path pattern, {concurrency} filled in")
     prof.set_defaults(func=_profile_sps)
-    sim = sub.add_parser("simulate", help="scheduler throughput from a trace and SPS tables")
+    sim = add("simulate", help="scheduler throughput from a trace and SPS tables")
     sim.add_argument("--trace", required=True, help="a trace .npz written by eval.py --save-trace")
     sim.add_argument("--concurrency", type=int, nargs="+", required=True)
     sim.add_argument("--sps", nargs="+", required=True, help="one SPS table per concurrency, in the same order")
     sim.set_defaults(func=_simulate)
-    regen = sub.add_parser("regenerate", help="answer the user turns of a JSONL file with the target")
+    regen = add("regenerate", help="answer the user turns of a JSONL file with the target")
     regen.add_argument("--model", required=True, help="checkpoint directory or .gguf file, or 'smollm2'")
     regen.add_argument("--input", required=True, help="JSONL conversations or DeepSpec {\"turns\": [...]} prompts")
     regen.add_argument("--output", required=True, help="JSONL of {\"messages\": [...]}; a rerun continues it")
-    regen.add_argument("--max-new-tokens", type=int, default=1024)
-    regen.add_argument("--temperature", type=float, default=0.7)
-    regen.add_argument("--top-p", type=float, default=0.8)
-    regen.add_argument("--top-k", type=int, default=20)
+    add_sampling_args(regen, max_new_tokens=1024, temperature=0.7, top_p=0.8, top_k=20)
     regen.add_argument("--batch-size", type=int, default=32)
     regen.add_argument("--chunk", type=int, default=256, help="conversations per appended chunk")
     regen.add_argument("--limit", type=int, help="only the first N conversations")
@@ -134,11 +140,15 @@ def main(argv=None) -> None:
     configure_logging()
     if args.command == "simulate" and len(args.sps) != len(args.concurrency):
         parser.error("simulate: give one --sps table per --concurrency value")
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    check_generation_args(args)
+    args.func(args)
+    return 0
+
+
+def cli(argv=None) -> int:
+    """`python -m dspark_jax` / `dspark-jax`: main() under the one-line error convention."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
