@@ -97,3 +97,11 @@ def test_console_scripts_resolve():
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target
+
+
+def test_eval_prompt_file_without_prompts(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("{not json\n\n")
+    last = assert_one_line_error(run("eval.py", "--draft", "random:dspark", "--data-dir", str(tmp_path)),
+                                 "empty.jsonl")
+    assert "empty.jsonl:1: invalid JSON" in last
+    assert_one_line_error(run("eval.py", "--draft", "random:dspark", "--data-dir", str(tmp_path / "none")), "none")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 import jax
@@ -25,16 +26,40 @@ from dspark_jax.console import HelpFormatter, add_sampling_args, configure_loggi
 
 from dspark_jax import load_target
 from dspark_jax.evaluation import calibration
-from dspark_jax.evaluation.evaluation import (acceptance_stats, chat_ids, draft_from_spec, load_prompts, merge_results,
-                                           timed_generate)
+from dspark_jax.data.conversations import Counts, DataError
+from dspark_jax.evaluation.evaluation import (acceptance_stats, chat_ids, draft_from_spec, json_ready, load_prompts,
+                                              merge_results, skipped_lines, timed_generate)
 from dspark_jax.decoding.scheduler import ThresholdScheduler, scheduler_from_spec
 from dspark_jax.evaluation.simulate import trace_from_result
 
+log = logging.getLogger(__name__)
 
-def run(target, draft, prompts, args, scheduler=None):
+
+def run(target, draft, prompts, args, scheduler=None, progress=None):
     """(merged GenerationResult, seconds), compilation excluded."""
     return timed_generate(target, draft, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, scheduler=scheduler)
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, scheduler=scheduler,
+                          progress=progress)
+
+
+def _rate(amount, seconds):
+    return amount / seconds if seconds else float("nan")
+
+
+def read_prompt_sets(data_dir: str, datasets, limit) -> dict[str, list[str]]:
+    """{name: prompts} of <data_dir>/<name>.jsonl for each dataset (default: every .jsonl file);
+    skipped lines are reported with their file and line."""
+    names = datasets or sorted(f[:-6] for f in os.listdir(data_dir) if f.endswith(".jsonl"))
+    if not names:
+        raise DataError(f"{data_dir}: no <dataset>.jsonl prompt files")
+    texts = {}
+    for name in names:
+        counts = Counts()
+        path = os.path.join(data_dir, f"{name}.jsonl")
+        texts[name] = load_prompts(path, limit, counts)
+        if counts.malformed:
+            log.warning("%s: %s", path, skipped_lines(counts))
+    return texts
 
 
 def calibration_report(result, temperatures, directory, name):
@@ -84,6 +109,7 @@ def main(argv=None) -> int:
 
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 
+    texts = read_prompt_sets(args.data_dir, args.datasets, args.limit)  # bad prompt files stop before a model loads
     target = load_target(args.target or smollm2_gguf(), dtype=args.dtype)
     if target.tokenizer is None:
         raise ValueError("the target has no tokenizer to render prompts with")
@@ -96,25 +122,24 @@ def main(argv=None) -> int:
         temperatures = calibration.load_sts(args.sts)
     scheduler = scheduler_from_spec(args.scheduler, temperatures)
     gamma = draft.config.block_size
-    names = args.datasets or sorted(f[:-6] for f in os.listdir(args.data_dir) if f.endswith(".jsonl"))
     report = {"device": jax.devices()[0].device_kind, "target": args.target or "SmolLM2-135M-Instruct",
               "draft": args.draft, "algorithm": draft.config.algorithm, "gamma": gamma,
               "temperature": args.temperature, "scheduler": args.scheduler,
               "sts_temperatures": list(temperatures) if temperatures else None, "datasets": {}}
     sts_records, all_results = [], []
-    for name in names:
-        prompts = chat_ids(target.tokenizer, load_prompts(os.path.join(args.data_dir, f"{name}.jsonl"), args.limit))
+    for name, text in texts.items():
+        prompts = chat_ids(target.tokenizer, text)
         entry = {"prompts": len(prompts)}
-        result, seconds = run(target, draft, prompts, args, scheduler)
+        result, seconds = run(target, draft, prompts, args, scheduler, progress=f"{name} speculative")
         all_results.append(result)
         entry["speculative"] = {**acceptance_stats(result, gamma), "seconds": seconds}
-        entry["speculative"]["tokens_per_s"] = entry["speculative"]["generated_tokens"] / seconds
+        entry["speculative"]["tokens_per_s"] = _rate(entry["speculative"]["generated_tokens"], seconds)
         if not args.no_ar_baseline:
-            ar, ar_seconds = run(target, None, prompts, args)
+            ar, ar_seconds = run(target, None, prompts, args, progress=f"{name} autoregressive")
             ar_tokens = sum(len(t) for t in ar.tokens)
             entry["autoregressive"] = {"generated_tokens": ar_tokens, "seconds": ar_seconds,
-                                       "tokens_per_s": ar_tokens / ar_seconds}
-            entry["speedup"] = entry["speculative"]["tokens_per_s"] / entry["autoregressive"]["tokens_per_s"]
+                                       "tokens_per_s": _rate(ar_tokens, ar_seconds)}
+            entry["speedup"] = _rate(entry["speculative"]["tokens_per_s"], entry["autoregressive"]["tokens_per_s"])
         if draft.config.confidence_head and scheduler is None:
             entry["calibration"] = calibration_report(result, temperatures, args.calibration_dir, name)
             if args.fit_sts:
@@ -123,7 +148,8 @@ def main(argv=None) -> int:
         if args.threshold_sweep:
             entry["threshold_sweep"] = []
             for threshold in args.threshold_sweep:
-                swept, _ = run(target, draft, prompts, args, ThresholdScheduler(threshold, temperatures))
+                swept, _ = run(target, draft, prompts, args, ThresholdScheduler(threshold, temperatures),
+                               progress=f"{name} threshold {threshold}")
                 stats = acceptance_stats(swept, gamma)
                 verified = sum(map(sum, swept.verify_lengths))
                 entry["threshold_sweep"].append({"threshold": threshold, "tau": stats["tau"],
@@ -138,7 +164,7 @@ def main(argv=None) -> int:
         trace_from_result(merge_results(all_results)).save(args.save_trace)
         report["trace"] = args.save_trace
     with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(json_ready(report), f, indent=1, allow_nan=False)
     print_table(report)
     print(f"results: {args.out}")
     return 0
@@ -159,6 +185,10 @@ def sts_split(result, gamma):
             "ece_after": calibration.ece(calibration.predicted_survival(logits, temps), label, mask).tolist()}
 
 
+def _fmt(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def print_table(report) -> None:
     gamma = report["gamma"]
     head = f"{'dataset':<12} {'n':>4} {'tau':>6} {'verified':>8} " + " ".join(f"{'acc@' + str(j + 1):>6}" for j in range(gamma))
@@ -170,6 +200,15 @@ def print_table(report) -> None:
         ar = e.get("autoregressive", {}).get("tokens_per_s", float("nan"))
         print(f"{name:<12} {e['prompts']:>4} {s['tau']:>6.3f} {s['mean_verified']:>8.2f} {acc} "
               f"{s['tokens_per_s']:>8.1f} {ar:>8.1f} {e.get('speedup', float('nan')):>7.3f}")
+        cal = e.get("calibration", {})
+        if "ece" in cal:
+            for key, label in (("", "raw confidence"), ("_sts", "after STS")):
+                if f"ece{key}" in cal:
+                    row = "; ".join(f"{metric.upper()} " + " ".join(_fmt(x) for x in cal[f"{metric}{key}"])
+                                    for metric in ("ece", "auroc", "brier"))
+                    print(f"{'':<12} calibration per position, {label}: {row}")
+        elif "note" in cal:
+            print(f"{'':<12} calibration: {cal['note']}")
         if "sts" in e:
             before = " ".join(f"{x:.3f}" for x in e["sts"]["ece_before"])
             after = " ".join(f"{x:.3f}" for x in e["sts"]["ece_after"])
