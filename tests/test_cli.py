@@ -1,8 +1,12 @@
 """The front door: every entry point run as a user would (a subprocess from the repository
 root), bad input ending in one `error:` line without a traceback, and the same input through
-the Python API raising the typed exception."""
+the Python API raising the typed exception; the README's CPU commands run as written (there,
+greedy generation with a random draft gives the plain text, and chat takes two turns on stdin)."""
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -111,21 +115,48 @@ def test_eval_prompt_file_without_prompts(tmp_path):
     assert_one_line_error(run("eval.py", "--draft", "random:dspark", "--data-dir", str(tmp_path / "none")), "none")
 
 
-QUESTION = ["--prompt", "What is 2+2?", "--max-new-tokens", "6", "--temperature", "0"]
+def readme_cpu_commands() -> list[str]:
+    """The commands of the README's code blocks marked `<!-- cpu-test -->`, continuation lines joined."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"<!-- cpu-test -->\n```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                commands.append(line)
+    return commands
 
 
-def test_generate_with_a_draft_gives_the_targets_greedy_text():
-    plain = run("-m", "dspark_jax", "generate", *QUESTION)
-    assert plain.returncode == 0, plain.stderr
-    speculative = run("-m", "dspark_jax", "generate", *QUESTION, "--draft", "random:dspark", "--no-ar-baseline")
-    assert speculative.returncode == 0, speculative.stderr
-    assert speculative.stdout == plain.stdout and plain.stdout.strip()
-    assert "tau" in speculative.stderr and "tokens per round" in speculative.stderr
-
-
-def test_chat_through_stdin(tmp_path):
-    proc = run("-m", "dspark_jax", "chat", "--max-new-tokens", "6", "--system", "Answer briefly.",
-               stdin="What is 2+2?\nAnd 3+3?\n/exit\nnever read\n")
-    assert proc.returncode == 0, proc.stderr
-    answers = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(answers) == 2, proc.stdout
+def test_readme_cpu_commands_run(tmp_path):
+    """Each marked README command, as written, with the sizes cut down (new tokens, steps,
+    prompts) and placeholders filled: the documented front door cannot rot unnoticed."""
+    commands = readme_cpu_commands()
+    assert len(commands) == 4, commands  # generate with a draft, chat, train, eval
+    for name in ("gsm8k", "mt-bench"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"turns": ["What is 2+2?"]}) + "\n")
+    fill = {"DRAFT_DIR": "random:dspark", "PROMPT_DIR": str(tmp_path), "results.json": str(tmp_path / "r.json")}
+    for command in commands:
+        for key, value in fill.items():
+            command = command.replace(key, value)
+        command = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 4", command)
+        command = re.sub(r"--limit \d+", "--limit 1", command)
+        if "train.py" in command:
+            command += f" --set max_steps=2 log_every=1 output_dir={tmp_path / 'train'}"
+        stdin = None
+        if command.startswith("printf"):
+            printed, _, command = command.partition(" | ")
+            stdin = shlex.split(printed)[1].encode().decode("unicode_escape")
+        argv = shlex.split(command)
+        assert argv[0] == ".venv/bin/python", command
+        proc = run(*argv[1:], stdin=stdin)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+        if " chat" in command:
+            assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 2, proc.stdout
+        if "--draft" in command and "generate" in command:
+            assert "tau" in proc.stderr and "autoregressive" in proc.stderr
+            # greedy speculative decoding gives the target's own text
+            plain = run(*argv[1:argv.index("--draft")], *argv[argv.index("--draft") + 2:])
+            assert plain.returncode == 0 and proc.stdout == plain.stdout and plain.stdout.strip(), plain.stderr
+    assert json.load(open(tmp_path / "r.json"))["datasets"]["gsm8k"]["prompts"] == 1
+    assert os.path.exists(tmp_path / "train" / "draft" / "config.json")
