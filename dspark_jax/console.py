@@ -55,7 +55,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: Sequence[str] 
     except EXPECTED_ERRORS as e:
         if debug:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        message = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(message):
             message = f"{e.filename}: {e.strerror or e}"
         lines = [line.strip() for line in str(message).splitlines() if line.strip()]

@@ -55,6 +55,29 @@ def test_bad_input_is_one_line(args, names):
     assert_one_line_error(run(*args), *names)
 
 
+def test_run_cli_in_process(capsys, monkeypatch):
+    from dspark_jax.console import run_cli
+
+    def fails(error):
+        def main(argv):
+            raise error
+        return main
+
+    monkeypatch.delenv("DSPARK_DEBUG", raising=False)
+    assert run_cli(fails(KeyError("sps")), []) == 1
+    assert capsys.readouterr().err == "error: missing key 'sps'\n"
+    assert run_cli(fails(ValueError("two\nlines")), []) == 1
+    assert capsys.readouterr().err == "error: two; lines\n"
+    assert run_cli(lambda argv: None, []) == 0 and run_cli(lambda argv: 3, []) == 3
+    with pytest.raises(ValueError):
+        run_cli(fails(ValueError("x")), ["--debug"])
+    with pytest.raises(RuntimeError):  # not an expected failure: a bug keeps its traceback
+        run_cli(fails(RuntimeError("x")), [])
+    monkeypatch.setenv("DSPARK_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run_cli(fails(FileNotFoundError("x")), [])
+
+
 def test_debug_shows_the_traceback():
     proc = run("train.py", "--config", "no_recipe.py", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
