@@ -183,3 +183,13 @@ def test_readme_cpu_commands_run(tmp_path):
             assert plain.returncode == 0 and proc.stdout == plain.stdout and plain.stdout.strip(), plain.stderr
     assert json.load(open(tmp_path / "r.json"))["datasets"]["gsm8k"]["prompts"] == 1
     assert os.path.exists(tmp_path / "train" / "draft" / "config.json")
+
+
+def test_training_data_rejected_by_min_loss_tokens_names_the_key(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello there."}]}) + "\n{broken\n")
+    proc = run("train.py", "--config", "configs/dspark_smollm2.py", "--set", f"train_files={data}",
+               "min_loss_tokens=1000", "max_steps=1", f"output_dir={tmp_path / 'run'}")
+    last = assert_one_line_error(proc, "min_loss_tokens=1000", "--set min_loss_tokens=N", f"{data}:2: invalid JSON")
+    assert f"{data}:1:" in last
