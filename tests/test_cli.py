@@ -44,6 +44,8 @@ def assert_one_line_error(proc, *names):
     (["-m", "dspark_jax", "chat", "--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["-m", "dspark_jax", "simulate", "--trace", "no_trace.npz", "--concurrency", "1", "--sps", "x.json"],
      ["no_trace.npz"]),
+    (["-m", "dspark_jax", "simulate", "--trace", "t.npz", "--concurrency", "1", "8", "--sps", "x.json"],
+     ["one --sps table per --concurrency"]),
     (["train.py", "--config", "no_recipe.py"], ["no_recipe.py"]),
     (["train.py", "--set", "no_such_key=1"], ["no_such_key"]),
     (["train.py", "--set", "max_steps=abc"], ["max_steps"]),
