@@ -1,51 +1,11 @@
 """Trains a draft model: `python train.py --config configs/<recipe>.py [--set key=value ...]`.
 
-Writes <output_dir>/metrics.jsonl, TensorBoard events, orbax checkpoints (a rerun resumes from
-the latest) and the DeepSpec-format draft in <output_dir>/draft. With --prepare-cache it only
-writes the recipe's offline target cache (cache_dir) and exits. Multi-host: set the usual
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or run under SLURM or on a TPU
-pod) and pass --distributed.
+The command lives in dspark_jax/training/cli.py (installed as `dspark-train`); this file runs it from a checkout.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-import jax
-
-from dspark_jax.console import configure_logging
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo_tiny.py", help="recipe file (default: the CPU demo)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe keys")
-    parser.add_argument("--prepare-cache", action="store_true", help="write the offline target cache and exit")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
-    args = parser.parse_args(argv)
-    configure_logging()
-    if args.distributed:
-        jax.distributed.initialize()
-
-    from dspark_jax.models.config import ConfigError
-    from dspark_jax.training.config import load_config
-    from dspark_jax.training.trainer import prepare_cache, train
-
-    try:
-        config = load_config(args.config, args.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.prepare_cache:
-        if jax.process_index() == 0:  # one writer; the other hosts read the cache when training
-            prepare_cache(config)
-        return 0
-    run = train(config)
-    print(f"trained {run.total_steps} steps; draft in {config.output_dir}/draft, metrics in "
-          f"{config.output_dir}/metrics.jsonl")
-    return 0
-
+from dspark_jax.training.cli import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

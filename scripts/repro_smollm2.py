@@ -44,6 +44,8 @@ import subprocess
 import sys
 import time
 
+from dspark_jax.console import HelpFormatter, run_cli
+
 ALGORITHMS = ("dspark", "dflash", "eagle3")
 TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
 # Prompt records longer than this (about 1,000 tokens) are left out: SmolLM2's context is 8,192
@@ -295,16 +297,16 @@ class Pipeline:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="every stage, skipping what is done")
+    run = sub.add_parser("run", formatter_class=HelpFormatter, help="every stage, skipping what is done")
     run.add_argument("--data", required=True, help="folder with train/ and eval/ prompt sets")
     run.add_argument("--target", help="the SmolLM2 .gguf (default: the cached download)")
     run.add_argument("--work", default="runs/repro_smollm2")
     run.add_argument("--scale", default="full", choices=sorted(SCALES))
     run.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="recipe overrides for all three drafters (e.g. num_epochs=4), after the scale's")
-    report = sub.add_parser("report", help="write docs/results.md from a finished run's results")
+    report = sub.add_parser("report", formatter_class=HelpFormatter, help="write docs/results.md from a finished run's results")
     report.add_argument("--work", default="runs/repro_smollm2")
     report.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
@@ -313,8 +315,11 @@ def main(argv=None) -> None:
     else:
         from repro_report import write_report
 
-        write_report(os.path.join(args.work, "results"), args.docs)
+        results = os.path.join(args.work, "results")
+        if not os.path.isdir(results):
+            raise FileNotFoundError(f"{results} does not exist: give --work the directory of a finished run")
+        write_report(results, args.docs)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

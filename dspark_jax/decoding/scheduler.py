@@ -23,6 +23,7 @@ information available before slot j's token was drawn, so speculative decoding s
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import jax
@@ -129,3 +130,25 @@ class ThresholdScheduler:
             c = c / jnp.asarray(self.temperatures, jnp.float32)[: c.shape[1]]
         ok = jax.nn.sigmoid(c) >= self.threshold
         return jnp.where(active, jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1), 0).astype(jnp.int32)
+
+
+def scheduler_from_spec(spec: str, temperatures=None):
+    """A scheduler from its command-line spelling: none | threshold:<t> | prefix:<sps.json> |
+    async:<sps.json> (an SPS table written by `python -m dspark_jax profile-sps`); None for none."""
+    if spec == "none":
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind == "threshold":
+        try:
+            threshold = float(arg)
+        except ValueError:
+            raise ValueError(f"--scheduler {spec!r}: the threshold must be a number") from None
+        return ThresholdScheduler(threshold, temperatures)
+    if kind in ("prefix", "async"):
+        with open(arg) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or "sps" not in table:
+            raise ValueError(f"{arg}: an SPS table needs an 'sps' list (python -m dspark_jax profile-sps writes one)")
+        sps = tuple(float(x) for x in table["sps"])
+        return PrefixScheduler(sps, temperatures) if kind == "prefix" else AsyncPrefixScheduler(sps, temperatures)
+    raise ValueError(f"--scheduler {spec!r}: expected none, threshold:<t>, prefix:<sps.json> or async:<sps.json>")

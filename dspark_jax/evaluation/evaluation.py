@@ -9,14 +9,16 @@ arena-hard 500); a longer file is shuffled with random.Random(980406) before cap
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import random
 import time
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from dspark_jax.data.conversations import Counts, DataError, read_jsonl
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.checkpoints.deepspec import load_draft
 from dspark_jax.decoding.generate import GenerationResult, generate
@@ -39,32 +41,44 @@ def draft_from_spec(spec: str, target, dtype: str) -> Draft:
     return load_draft(spec, target=target, dtype=dtype)
 
 
-def load_prompts(path: str, cap: int | None = None) -> list[str]:
-    """First user turns of a prompt file (malformed lines name the file and line)."""
+def load_prompts(path: str, cap: int | None = None, counts: Counts | None = None) -> list[str]:
+    """First user turns of a prompt file ({"turns": [...]} records, or conversations). Lines
+    that are not records, or have no user turn, are skipped and counted in `counts` with their
+    file and line, as training data is; a file without a single prompt is a DataError."""
     name = os.path.splitext(os.path.basename(path))[0]
     cap = CAPS.get(name) if cap is None else cap
+    counts = Counts() if counts is None else counts
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                turns = json.loads(line)["turns"]
-                if not turns or not isinstance(turns[0], str):
-                    raise ValueError("'turns' must be a non-empty list of strings")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{number}: not a prompt record ({e})") from e
-            prompts.append(turns[0])
+    for where, messages in read_jsonl(path, counts):
+        first = next((m["content"] for m in messages if m["role"] == "user"), None)
+        if first is None or not first.strip():
+            counts.skip("malformed", where, "no user turn to use as the prompt")
+            continue
+        prompts.append(first)
+    counts.examples = len(prompts)
+    if not prompts:
+        raise DataError(f"no prompts in {path}: {skipped_lines(counts)}")
     if cap is not None and len(prompts) > cap:
         random.Random(SEED).shuffle(prompts)
         prompts = prompts[:cap]
     return prompts
 
 
-def chat_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of single-turn chats ending in the assistant's generation prompt."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in prompts]
+def skipped_lines(counts: Counts) -> str:
+    """What reading a prompt file skipped, with the first few places and reasons."""
+    return "; ".join([f"skipped {counts.malformed} of {counts.lines} lines"] + counts.reasons)
+
+
+def chat_ids(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of single-turn chats ending in the assistant's generation prompt, after a
+    system message if one is given (otherwise the template's own default, if any)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [conversation_ids(tokenizer, head + [{"role": "user", "content": p}]) for p in prompts]
+
+
+def conversation_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a chat [{"role", "content"}, ...] ending in the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def acceptance_stats(result: GenerationResult, gamma: int) -> dict:
@@ -107,15 +121,30 @@ def merge_results(results: Sequence[GenerationResult]) -> GenerationResult:
     )
 
 
-def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_size: int, **kwargs
-                   ) -> tuple[GenerationResult, float]:
+def json_ready(value):
+    """`value` with every NaN or infinity replaced by None, so json.dumps(..., allow_nan=False)
+    writes valid JSON (null) instead of NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_size: int, progress: str | None = None,
+                   seed: int = SEED, **kwargs) -> tuple[GenerationResult, float]:
     """`generate` over consecutive batches of prompts: (merged result, seconds). Batch i is
-    seeded SEED + i; the first batch of each padded shape runs once untimed beforehand, so
-    compilation is not counted. kwargs go to `generate`."""
+    seeded seed + i; the first batch of each padded shape runs once untimed beforehand, so
+    compilation is not counted. With `progress`, a progress bar of that title counts the
+    prompts on stderr. kwargs go to `generate`."""
     seen, results, seconds = set(), [], 0.0
+    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True,
+               leave=False)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
-        call = lambda: generate(target, draft, batch, seed=SEED + i, **kwargs)
+        call = lambda: generate(target, draft, batch, seed=seed + i, **kwargs)
         shape = (bucket(len(batch), 1), bucket(max(map(len, batch))))
         if shape not in seen:
             seen.add(shape)
@@ -123,4 +152,6 @@ def timed_generate(target, draft, prompts: Sequence[Sequence[int]], *, batch_siz
         start = time.perf_counter()
         results.append(call())
         seconds += time.perf_counter() - start
+        bar.update(len(batch))
+    bar.close()
     return merge_results(results), seconds

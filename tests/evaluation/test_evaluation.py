@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from dspark_jax.evaluation.evaluation import acceptance_stats, load_prompts
+from dspark_jax.data.conversations import Counts, DataError
+from dspark_jax.evaluation.evaluation import acceptance_stats, json_ready, load_prompts
 from dspark_jax.decoding.generate import GenerationResult
 
 
@@ -33,12 +34,17 @@ def test_load_prompts(tmp_path):
     assert len(prompts) == 30 and len(set(prompts)) == 30  # the aime25 cap, after a seeded shuffle
     assert prompts == load_prompts(str(path))
     bad = tmp_path / "x.jsonl"
-    bad.write_text('{"turns": ["ok"]}\n{"text": "no turns"}\n')
-    with pytest.raises(ValueError, match=r"x.jsonl:2: not a prompt record"):
-        load_prompts(str(bad))
+    bad.write_text('{"turns": ["ok"]}\n{"text": "no turns"}\n{broken\n')
+    counts = Counts()
+    assert load_prompts(str(bad), counts=counts) == ["ok"]  # bad lines are skipped, counted and located
+    assert counts.malformed == 2 and f"{bad}:2:" in counts.reasons[0] and f"{bad}:3: invalid JSON" in counts.reasons[1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("{broken\n\n")
+    with pytest.raises(DataError, match=r"no prompts in .*empty.jsonl: skipped 1 of 1 lines; .*empty.jsonl:1: invalid JSON"):
+        load_prompts(str(empty))
 
 
-def test_eval_script_end_to_end(tmp_path):
+def test_eval_script_end_to_end(tmp_path, capsys):
     import eval as eval_script
 
     data = tmp_path / "data"
@@ -53,7 +59,9 @@ def test_eval_script_end_to_end(tmp_path):
                       "--batch-size", "2", "--dtype", "float32", "--threshold-sweep", "0.5", "--sts", str(sts),
                       "--calibration-dir", str(tmp_path / "cal"), "--save-trace", str(tmp_path / "t.npz"),
                       "--out", str(out)])
-    report = json.loads(out.read_text())
+    text = out.read_text()
+    assert "NaN" not in text
+    report = json.loads(text)
     entry = report["datasets"]["tiny"]
     s = entry["speculative"]
     assert entry["prompts"] == 2 and s["rounds"] >= 2 and s["tau"] >= 1.0
@@ -65,7 +73,13 @@ def test_eval_script_end_to_end(tmp_path):
         np.testing.assert_array_equal(cal[metric], cal[f"{metric}_sts"])
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["tiny_reliability.png", "tiny_sts_reliability.png"]
     assert entry["threshold_sweep"][0]["threshold"] == 0.5
+    assert "calibration per position, raw confidence: ECE" in capsys.readouterr().out
     from dspark_jax.evaluation.simulate import Trace
 
     trace = Trace.load(str(tmp_path / "t.npz"))
     assert trace.confidence.shape[1] == 7 and len(trace.accepted) == len(trace.confidence)
+
+
+def test_json_ready_writes_null_for_nan():
+    value = {"a": [1.0, float("nan")], "b": (float("inf"), "x"), "c": 2}
+    assert json.dumps(json_ready(value), allow_nan=False) == '{"a": [1.0, null], "b": [null, "x"], "c": 2}'

@@ -106,7 +106,9 @@ def test_bad_lines_are_skipped_counted_and_located(tokenizer, tmp_path):
     assert f"{path}:2: invalid JSON" in summary
     assert f"{path}:3: no assistant turn" in summary
     assert f"{path}:4: message 0 needs a known role" in summary
-    assert f"{path}:6: 3 supervised tokens < 4" in summary
+    assert f"{path}:6: 3 supervised tokens < min_loss_tokens=4" in summary
+    with pytest.raises(DataError, match=r"min_loss_tokens=1000 is the fewest answer tokens .* --set min_loss_tokens=N"):
+        load_examples([path], tokenizer, template="auto", max_length=256, min_loss_tokens=1000)
     empty = write_lines(tmp_path / "empty.jsonl", [json.dumps({"turns": ["q"]})])
     with pytest.raises(DataError, match="no training examples in .*empty.jsonl"):
         load_examples([empty], tokenizer, template="auto", max_length=256, min_loss_tokens=4)
