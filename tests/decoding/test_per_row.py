@@ -71,13 +71,15 @@ def test_new_sampling_values_do_not_recompile():
     traced = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_, **__: traced.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
-    run = lambda temperature, seed: generate(target, draft, [PROMPT, [4, 4]], max_new_tokens=6,
-                                             temperature=temperature, top_k=3, seed=seed)
+    run = lambda temperature, seed, top_k=3: generate(target, draft, [PROMPT, [4, 4]], max_new_tokens=6,
+                                                      temperature=temperature, top_k=top_k, seed=seed)
     run([0.7, 0.0], 1)
     traced.clear()
     run([0.3, 1.2], 2)
     run([0.0, 0.9], 3)
     assert traced == []
+    run([0.5, 0.5], 4, top_k=0)  # no row filters: the one static switch, so the counter does see traces
+    assert traced
 
 
 def test_dropped_target_frees_its_weights():
