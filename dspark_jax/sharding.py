@@ -60,6 +60,8 @@ DEFAULT_RULES = ShardingRules.of({
     "act_mlp": (("tensor",),),
     "act_vocab": (("tensor",),),
     "cache_seq": REPLICATED,
+    "kv_pages": REPLICATED,  # a paged KV cache's pool of pages
+    "page_slot": REPLICATED,  # positions within a page
     # parameters
     "vocab": (("tensor",),),
     "embed": (("fsdp",),),

@@ -38,13 +38,13 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
-from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
 
 
 class DecodeState(NamedTuple):
-    target_cache: KVCache
-    draft_cache: KVCache | None  # None without a draft
+    target_cache: KVCache | PagedKVCache
+    draft_cache: KVCache | PagedKVCache | None  # None without a draft
     pending_features: jax.Array  # [B, G + 1, L_t * H] verified positions the draft has not seen
     pending_next: jax.Array  # [B, G + 1] the committed token after each of them
     pending_count: jax.Array  # [B]
@@ -78,6 +78,52 @@ def _features(taps: jax.Array) -> jax.Array:
     return taps.reshape(taps.shape[:2] + (-1,))
 
 
+def extend_context(target, draft, scheduler, target_params, draft_params, target_cache, draft_cache, tokens, next_ids,
+                   num_new, final, given, generated, max_new, sampling: SamplingParams, keys, stop_ids
+                   ) -> tuple[DecodeState, jax.Array]:
+    """Runs a chunk of each row's context (its prompt) and starts the rows it completes.
+
+    target_cache / draft_cache: caches of B rows whose lengths are the chunk's start position
+    (the draft cache must be as long as the target's); tokens [B, C] with num_new [B] real
+    tokens each; next_ids [B, C]: the context token after each position (Eagle3 pairs them);
+    final [B]: the chunk ends the row's context. For a final row, `given` [B] is the next token
+    when already known (a preempted request resuming; -1 samples it) and generated [B] the
+    tokens it has already produced. sampling, keys, max_new, stop_ids: per row, as in
+    `DecodeState`.
+
+    The target extends by the whole chunk; the draft by every position except a final chunk's
+    last, which becomes the first pending position (its feature pairs with the next token).
+    Returns (state of the B rows, the next token of each row [B]). Only final rows carry a
+    meaningful state; the others are marked done.
+    """
+    b = tokens.shape[0]
+    g = 0 if draft is None else draft.config.block_size
+    taps = () if draft is None else draft.config.target_layer_ids
+    start = target_cache.lengths
+    logits, _, chunk_taps, tcache = target.extend(target_params, target_cache, tokens, num_new, hidden_layers=taps,
+                                                  last_only=True)
+    ends = start + num_new  # position of each row's next token
+    sampled = draw(fold(row_keys(keys, ends), NEXT_STREAM), probabilities(logits, sampling))  # [B]
+    first = jnp.where(given >= 0, given, sampled)
+    feats = _features(chunk_taps)  # [B, C, F]
+    dcache = None if draft is None else draft.extend_context(draft_params, draft_cache, feats, next_ids,
+                                                             jnp.maximum(num_new - final.astype(jnp.int32), 0))
+    last = jnp.maximum(num_new - 1, 0)
+    pending_features = jnp.zeros((b, g + 1, feats.shape[-1]), feats.dtype)
+    pending_features = pending_features.at[:, 0].set(jnp.take_along_axis(feats, last[:, None, None], axis=1)[:, 0])
+    live = final & (ends > 0)
+    generated = jnp.where(live, generated + (given < 0), 0).astype(jnp.int32)
+    state = DecodeState(
+        target_cache=tcache, draft_cache=dcache, pending_features=pending_features,
+        pending_next=jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(first), pending_count=live.astype(jnp.int32),
+        anchor=first, generated=generated, max_new=max_new,
+        done=~live | is_stop(first, stop_ids) | (generated >= max_new),
+        sampling=sampling, keys=keys, stop_ids=stop_ids,
+        scheduler_state=scheduler.init_state(b, g) if isinstance(scheduler, AsyncPrefixScheduler) else (),
+    )
+    return state, first
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames="cache_length")
 def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengths, sampling: SamplingParams,
             keys, max_new, stop_ids, *, cache_length: int) -> tuple[DecodeState, jax.Array]:
@@ -88,34 +134,12 @@ def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengt
     keys [B] request PRNG keys; max_new [B]; stop_ids [B, S]. Returns (state, first tokens [B]).
     """
     b = tokens.shape[0]
-    g = 0 if draft is None else draft.config.block_size
-    taps = () if draft is None else draft.config.target_layer_ids
-    tcache = target.init_cache(b, cache_length)
-    logits, _, prompt_taps, tcache = target.extend(target_params, tcache, tokens, lengths, hidden_layers=taps,
-                                                   last_only=True)
-    first = draw(fold(row_keys(keys, lengths), NEXT_STREAM), probabilities(logits, sampling))  # [B]
-    feats = _features(prompt_taps)  # [B, T, F]
-    if draft is None:
-        dcache = None
-    else:
-        # Feature t pairs with token t + 1; the last prompt position pairs with the first token.
-        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-        dcache = draft.extend_context(draft_params, draft.init_cache(b, cache_length), feats, nxt,
-                                      jnp.maximum(lengths - 1, 0))
-    last = jnp.maximum(lengths - 1, 0)
-    pending_features = jnp.zeros((b, g + 1, feats.shape[-1]), feats.dtype)
-    pending_features = pending_features.at[:, 0].set(jnp.take_along_axis(feats, last[:, None, None], axis=1)[:, 0])
-    live = lengths > 0
-    generated = live.astype(jnp.int32)
-    state = DecodeState(
-        target_cache=tcache, draft_cache=dcache, pending_features=pending_features,
-        pending_next=jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(first), pending_count=generated,
-        anchor=first, generated=generated, max_new=max_new,
-        done=~live | is_stop(first, stop_ids) | (generated >= max_new),
-        sampling=sampling, keys=keys, stop_ids=stop_ids,
-        scheduler_state=scheduler.init_state(b, g) if isinstance(scheduler, AsyncPrefixScheduler) else (),
-    )
-    return state, first
+    next_ids = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return extend_context(
+        target, draft, scheduler, target_params, draft_params, target.init_cache(b, cache_length),
+        None if draft is None else draft.init_cache(b, cache_length), tokens, next_ids, lengths,
+        jnp.ones((b,), bool), zeros - 1, zeros, max_new, sampling, keys, stop_ids)
 
 
 def _verify_widths(gamma: int, scheduler) -> list[int]:
@@ -170,7 +194,7 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     else:
         g = draft.config.block_size
         prop, dcache = draft.propose(draft_params, s.draft_cache, s.pending_features, s.pending_next,
-                                     s.pending_count, s.anchor, fold(keys, DRAFT_STREAM), s.sampling)
+                                     jnp.where(active, s.pending_count, 0), s.anchor, fold(keys, DRAFT_STREAM), s.sampling)
         if scheduler is None:
             length = jnp.full((b,), g, jnp.int32)
         elif isinstance(scheduler, AsyncPrefixScheduler):

@@ -27,7 +27,7 @@ from dspark_jax.sampling import SamplingParams, split
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.dspark import BlockDrafter
 from dspark_jax.models.eagle3 import Eagle3Drafter
-from dspark_jax.models.kv_cache import KVCache, new_slots
+from dspark_jax.models.kv_cache import KVCache, PagedKVCache, new_slots
 from dspark_jax.models.layers import random_params
 
 FROZEN = ("embed_tokens", "lm_head")
@@ -173,6 +173,10 @@ class DraftModel:
         """An empty draft cache of context entries (room for the block's slots included)."""
         return KVCache.create(self.config.layers, batch_size, max_length, self.dtype)
 
+    def init_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """Empty page pools for the draft's context entries (rows attach with `.rows`)."""
+        return PagedKVCache.create(self.config.layers, num_pages, page_size, self.dtype, self.mesh)
+
     def _eagle3_extend(self, params, cache, features, next_ids, num_new):
         return self._apply(params, Eagle3Drafter.extend, cache.layers[0], cache.lengths, features, next_ids, num_new)
 
@@ -184,14 +188,13 @@ class DraftModel:
         num_new = num_new.astype(jnp.int32)
         if self.config.algorithm == "eagle3":
             _, kv = self._eagle3_extend(params, cache, features, next_ids, num_new)
-            return KVCache(k=(kv[0],), v=(kv[1],), lengths=cache.lengths + num_new)
+            return cache.updated((kv,), cache.lengths + num_new)
         b, q_len = features.shape[:2]
         positions, slots = new_slots(cache.lengths, num_new, q_len, cache.max_length)
         no_blocks = jnp.zeros((b, 0), jnp.int32)  # a backbone pass over zero blocks only writes context K/V
         _, layers = self._apply(params, BlockDrafter.backbone, features, positions, no_blocks, no_blocks,
                                 no_blocks > 0, no_blocks, cache.layers, slots)
-        k, v = zip(*layers)
-        return KVCache(k=k, v=v, lengths=cache.lengths + num_new)
+        return cache.updated(layers, cache.lengths + num_new)
 
     def propose(self, params, cache: KVCache, features, next_ids, num_new, anchor_ids, keys, sampling: SamplingParams):
         """Extends the draft cache by verified positions, then drafts one block per sequence.
@@ -217,7 +220,7 @@ class DraftModel:
                 {"params": own}, embed, lm_head, kv, last, start, keys, sampling, method=Eagle3Drafter.chain
             )
             zeros = jnp.zeros(tokens.shape, jnp.float32)
-            return Proposal(tokens, probs, zeros), KVCache(k=(kv[0],), v=(kv[1],), lengths=start)
+            return Proposal(tokens, probs, zeros), cache.updated((kv,), start)
         positions, slots = new_slots(cache.lengths, num_new, features.shape[1], cache.max_length)
         hidden, layers = self.module.apply(
             {"params": own}, embed, features, positions, start[:, None], anchor_ids[:, None],
@@ -226,8 +229,7 @@ class DraftModel:
         tokens, probs, conf = self.module.apply(
             {"params": own}, embed, lm_head, hidden[:, 0], anchor_ids, keys, sampling, method=BlockDrafter.sample
         )
-        k, v = zip(*layers)
-        return Proposal(tokens, probs, conf), KVCache(k=k, v=v, lengths=start)
+        return Proposal(tokens, probs, conf), cache.updated(layers, start)
 
 
 
@@ -253,6 +255,7 @@ class Draft:
     logits = property(lambda self: self.model.logits)
     score_block = property(lambda self: self.model.score_block)
     init_cache = property(lambda self: self.model.init_cache)
+    init_paged_cache = property(lambda self: self.model.init_paged_cache)
     extend_context = property(lambda self: self.model.extend_context)
     propose = property(lambda self: self.model.propose)
 

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.attention import block_attention
 from dspark_jax.models.draft_config import DraftConfig
-from dspark_jax.models.kv_cache import LayerCache
-from dspark_jax.models.kv_cache import write_slots as write_cache
+from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
 from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention
 
@@ -45,7 +44,7 @@ class BlockDraftLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, blk_cs, ctx, ctx_cs, ctx_len, keep, kv: LayerCache | None, write_slots):
+    def __call__(self, x, blk_cs, ctx, ctx_cs, ctx_len, keep, kv: LayerCache | PagedLayerCache | None, write_slots):
         """x: [B, A, G, H] block hidden; blk_cs: RoPE (cos, sin) [B, A, G, D] of the slots.
 
         ctx: [B, T, H] context rows with RoPE ctx_cs [B, T, D]. Without a cache (training,
@@ -64,8 +63,8 @@ class BlockDraftLayer(nn.Module):
         if kv is None:
             k_ctx, v_ctx = k_ctx.transpose(0, 2, 1, 3), v_ctx.transpose(0, 2, 1, 3)  # [B, K, T, D]
         else:
-            kv = (write_cache(kv[0], write_slots, k_ctx), write_cache(kv[1], write_slots, v_ctx))
-            k_ctx, v_ctx = kv
+            kv = kv.write(write_slots, k_ctx, v_ctx)
+            k_ctx, v_ctx = kv.view()
         out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.draft_config import DraftConfig
-from dspark_jax.models.kv_cache import LayerCache, new_slots
-from dspark_jax.models.kv_cache import write_slots as write_cache
+from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache, new_slots
 from dspark_jax.models.attention import cached_attention, ttt_attention
 from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention
@@ -106,29 +105,29 @@ class Eagle3Drafter(nn.Module):
             outs.append(g)
         return jnp.stack(outs)
 
-    def extend(self, embed, kv: LayerCache, lengths, features, next_ids, num_new):
+    def extend(self, embed, kv: LayerCache | PagedLayerCache, lengths, features, next_ids, num_new):
         """Appends (F_t, x_{t+1}) pairs to the draft cache at positions lengths + q.
 
         features: [B, Q, L_t * H]; next_ids: [B, Q] the token after each feature's position;
         num_new: [B] valid rows. Returns (outputs [B, Q, H], updated kv).
         """
-        positions, slots = new_slots(lengths, num_new, features.shape[1], kv[0].shape[2])  # [B, Q]
+        positions, slots = new_slots(lengths, num_new, features.shape[1], kv.max_length)  # [B, Q]
         g = self.project(features)
         emb = jnp.take(embed, next_ids, axis=0).astype(self.dtype)
         q, k_new, v_new = self.layers_0.qkv(g, emb, *self._rope(positions))
-        kv = (write_cache(kv[0], slots, k_new), write_cache(kv[1], slots, v_new))
-        attended = cached_attention(q, kv[0], kv[1], positions, lengths + num_new, self.config.layers.attention)
+        kv = kv.write(slots, k_new, v_new)
+        attended = cached_attention(q, *kv.view(), positions, lengths + num_new, self.config.layers.attention)
         return self.layers_0.finish(g, attended), kv
 
-    def step(self, embed, kv: LayerCache, g, token, position):
+    def step(self, embed, kv: LayerCache | PagedLayerCache, g, token, position):
         """One recurrent step: g [B, H] previous output, token [B] at position [B] -> (out [B, H], kv)."""
         emb = jnp.take(embed, token, axis=0).astype(self.dtype)[:, None]
         q, k_new, v_new = self.layers_0.qkv(g[:, None], emb, *self._rope(position[:, None]))
-        kv = (write_cache(kv[0], position[:, None], k_new), write_cache(kv[1], position[:, None], v_new))
-        attended = cached_attention(q, kv[0], kv[1], position[:, None], position + 1, self.config.layers.attention)
+        kv = kv.write(position[:, None], k_new, v_new)
+        attended = cached_attention(q, *kv.view(), position[:, None], position + 1, self.config.layers.attention)
         return self.layers_0.finish(g[:, None], attended)[:, 0], kv
 
-    def chain(self, embed, lm_head, kv: LayerCache, out, start, keys, sampling: SamplingParams, forced=None):
+    def chain(self, embed, lm_head, kv: LayerCache | PagedLayerCache, out, start, keys, sampling: SamplingParams, forced=None):
         """gamma autoregressive slots from the output `out` [B, H] of the pair at start - 1.
 
         Slot j's token is sampled from probabilities(logits_j, sampling) with keys [B] (one PRNG

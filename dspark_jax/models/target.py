@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
 from dspark_jax.models.config import ModelConfig
-from dspark_jax.models.kv_cache import CACHE_AXES, KVCache, new_slots
+from dspark_jax.models.kv_cache import CACHE_AXES, KVCache, PagedKVCache, new_slots
 from dspark_jax.models.layers import random_params
 from dspark_jax.models.transformer import Decoder
 from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, named_sharding
@@ -92,6 +92,10 @@ class TargetModel:
             lengths=jax.device_put(cache.lengths, named_sharding(self.mesh, ("batch",), cache.lengths.shape, self.rules)),
         )
 
+    def init_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """Empty page pools (sharded by KV head under a mesh); rows attach with `.rows`."""
+        return PagedKVCache.create(self.config, num_pages, page_size, self.dtype, self.mesh, self.rules)
+
     def extend(
         self,
         params,
@@ -104,8 +108,9 @@ class TargetModel:
     ):
         """Appends tokens to each sequence's cache and runs them (prefill and verify steps).
 
-        tokens: int32 [B, Q], row b holding num_new[b] real tokens then padding; num_new: int32
-        [B] (0 leaves a sequence untouched). Token q of row b gets position cache.lengths[b] + q.
+        cache: a KVCache or a PagedKVCache with rows attached. tokens: int32 [B, Q], row b
+        holding num_new[b] real tokens then padding; num_new: int32 [B] (0 leaves a sequence
+        untouched). Token q of row b gets position cache.lengths[b] + q.
         Returns (logits, last_hidden [B, Q, H], layer_hiddens [B, Q, n, H], new cache). logits is
         fp32 [B, Q, V], or [B, V] at each row's last new token if `last_only` (for prefill).
         Rows of padding carry unspecified values. The cache must have room:
@@ -128,8 +133,7 @@ class TargetModel:
             logits = self.logits(params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
         else:
             logits = self.logits(params, hidden)
-        k, v = zip(*layers)
-        return logits, hidden, taps, KVCache(k=k, v=v, lengths=kv_lengths)
+        return logits, hidden, taps, cache.updated(layers, kv_lengths)
 
     @staticmethod
     def rollback(cache: KVCache, lengths: jax.Array) -> KVCache:
@@ -157,6 +161,7 @@ class Target:
     forward = property(lambda self: self.model.forward)
     logits = property(lambda self: self.model.logits)
     init_cache = property(lambda self: self.model.init_cache)
+    init_paged_cache = property(lambda self: self.model.init_paged_cache)
     extend = property(lambda self: self.model.extend)
     rollback = property(lambda self: self.model.rollback)
 

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dspark_jax.models.config import ModelConfig
-from dspark_jax.models.kv_cache import LayerCache
-from dspark_jax.models.kv_cache import write_slots as write_cache
+from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
 from dspark_jax.models.attention import cached_attention, sequence_attention
 from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, lm_logits, param_init, rope_cos_sin
 from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
@@ -96,7 +95,7 @@ class DecoderLayer(nn.Module):
     rules: ShardingRules = DEFAULT_RULES
 
     @nn.compact
-    def __call__(self, x, positions, cos, sin, kv_lengths, kv: LayerCache | None, write_slots):
+    def __call__(self, x, positions, cos, sin, kv_lengths, kv: LayerCache | PagedLayerCache | None, write_slots):
         """x [B, T, H] -> (x [B, T, H], updated kv of this layer)."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
@@ -108,8 +107,8 @@ class DecoderLayer(nn.Module):
         if kv is None:  # cache-free forward: positions are 0..T-1
             out = sequence_attention(q, k_new, v_new, kv_lengths, cfg.attention)
         else:
-            kv = (write_cache(kv[0], write_slots, k_new), write_cache(kv[1], write_slots, v_new))
-            out = cached_attention(q, kv[0], kv[1], positions, kv_lengths, cfg.attention)
+            kv = kv.write(write_slots, k_new, v_new)
+            out = cached_attention(q, *kv.view(), positions, kv_lengths, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm("post_attention_layernorm")(x))
@@ -151,16 +150,17 @@ class Decoder(nn.Module):
         tokens: jax.Array,
         positions: jax.Array,
         kv_lengths: jax.Array,
-        kv: Sequence[LayerCache] | None = None,
+        kv: Sequence[LayerCache | PagedLayerCache] | None = None,
         write_slots: jax.Array | None = None,
         hidden_layers: Sequence[int] = (),
     ):
         """Runs the decoder stack.
 
         tokens, positions: [B, T] int32; kv_lengths: [B] valid key slots after this call
-        (T for a cache-free forward, whose positions must be 0..T-1); kv: per-layer (k, v) caches
-        [B, K, S, D], or None;
-        write_slots: [B, T] cache slots of the new tokens (slot >= S drops a padded token).
+        (T for a cache-free forward, whose positions must be 0..T-1); kv: per-layer caches
+        (`dspark_jax.models.kv_cache`), or None;
+        write_slots: [B, T] positions of the new tokens (>= the cache's max_length drops a
+        padded token).
         Returns (last_hidden [B, T, H] after the final norm, layer_hiddens
         [B, T, len(hidden_layers), H], updated per-layer caches or None).
         """
