@@ -1,0 +1,7 @@
+"""Serving: a continuous-batching engine over paged KV caches (`Engine`), its asyncio front
+(`AsyncEngine`), and per-request `SamplingParams` with vLLM's names."""
+
+from dspark_jax.serving.engine import Engine, EngineFull, EngineStats
+from dspark_jax.serving.params import RequestOutput, SamplingParams
+
+__all__ = ["Engine", "EngineFull", "EngineStats", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,447 @@
+"""`Engine`: continuous batching of requests over paged KV caches, one jitted step at a time.
+
+A request goes waiting -> prefilling -> decoding -> finished:
+
+- waiting: in a bounded FCFS queue (`max_waiting`; a full queue refuses with `EngineFull`);
+- admitted in arrival order while a slot (one of `max_num_seqs` rows) and pages are free;
+- prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
+  (all prefilling requests together), mixed into the same step as the decoding rounds;
+- decoding: each step runs one round for every decoding request (`spec_round`: the draft
+  proposes, the scheduler picks verify lengths, the target verifies, rejection sampling
+  commits), after the host has given it pages for the round's writes.
+
+When pages run out for a decoding request, the newest request is preempted: its pages and
+slot are freed and it goes back to the front of the queue; later its prompt plus the tokens
+it has generated are prefilled again and it continues where it stopped, with the same random
+stream (a request's draws depend only on its seed and token positions), so nothing is
+dropped and nothing changes. A request that could never fit the pool is refused when added.
+
+The device program (`dspark_jax.serving.step`) is specialised on bucketed shapes only:
+capacity (a power of two covering the highest occupied slot), block-table width (a power of
+two of pages), the prefill batch (rows and chunk width, powers of two) and whether any
+request uses top-k/top-p.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dspark_jax.decoding.batching import bucket
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
+from dspark_jax.decoding.speculative import DecodeState
+from dspark_jax.models.draft import Draft
+from dspark_jax.models.draft_config import check_draft_fits
+from dspark_jax.models.target import Target, param_shardings
+from dspark_jax.sampling import SamplingParams as RowSampling
+from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
+from dspark_jax.serving.params import RequestOutput, SamplingParams
+from dspark_jax.serving.step import PrefillBatch, engine_step
+
+log = logging.getLogger(__name__)
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full: the request was not accepted (retry later)."""
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started, and the current occupancy."""
+
+    running: int  # requests holding a slot (prefilling or decoding)
+    waiting: int
+    pages_used: int
+    pages_free: int
+    preemptions: int
+    steps: int
+    rounds: int  # decoding rounds summed over requests
+    tokens: int  # tokens committed by rounds
+    verify_length_histogram: list[int]  # rounds that verified 0..gamma draft tokens
+    accepted_at_position: list[int]  # rounds whose draft token j+1 was accepted
+    verified_at_position: list[int]  # rounds that verified draft token j+1
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_at_position(self) -> list[float]:
+        return [a / v if v else 0.0 for a, v in zip(self.accepted_at_position, self.verified_at_position)]
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    key_seed: int
+    stop_ids: tuple[int, ...]
+    max_new: int
+    arrival: int
+    output: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0  # context positions already in the caches
+    decoding: bool = False
+
+    @property
+    def context(self) -> list[int]:
+        """What prefill runs: the prompt, plus all but the last generated token after a
+        preemption (the last one is the next anchor)."""
+        return self.prompt + self.output[:-1]
+
+
+class Engine:
+    """Continuous-batching engine over a target and an optional draft (module docstring).
+
+    target, draft: a `Target` and a `Draft` (None decodes autoregressively); scheduler: a
+    `dspark_jax.decoding.scheduler` object or None (verify every draft token);
+    max_num_seqs: request slots; page_size: positions per KV page; kv_memory: the pool's
+    budget, a fraction of free device memory or a byte count (`pages_for_budget`), unless
+    num_pages is given; max_model_len: prompt plus generated tokens per request (default: the
+    model's positions, less a verify block); max_num_batched_tokens: prefill tokens per step
+    (the chunk size); max_waiting: queue bound; max_stop_ids: stop ids per request (EOS ids
+    included); seed: where requests without a seed get theirs; mesh: a (data, fsdp, tensor)
+    mesh to run under (weights and KV pages are split over its tensor axis).
+    """
+
+    def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
+                 page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
+                 max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None):
+        cfg = target.config
+        self.gamma = 0 if draft is None else draft.config.block_size
+        if draft is None and scheduler is not None:
+            raise ValueError("a scheduler needs a draft")
+        if draft is not None:
+            check_draft_fits(draft.config, cfg)
+            if scheduler is not None and not draft.config.confidence_head:
+                raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
+        for name, value in (("max_num_seqs", max_num_seqs), ("page_size", page_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting),
+                            ("max_stop_ids", max_stop_ids)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        limit = cfg.max_position_embeddings - (self.gamma + 1)
+        self.max_model_len = limit if max_model_len is None else max_model_len
+        if not 1 < self.max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] for this model (its positions less a verify "
+                             f"block), got {max_model_len!r}")
+        if mesh is not None:
+            target, draft = _place(target, draft, mesh)
+        self.target, self.draft, self.scheduler, self.mesh = target, draft, scheduler, mesh
+        self.max_num_seqs, self.page_size = max_num_seqs, page_size
+        self.max_num_batched_tokens, self.max_waiting, self.max_stop_ids = max_num_batched_tokens, max_waiting, max_stop_ids
+        self.eos_ids = tuple(cfg.eos_token_ids)
+        self.max_pages = math.ceil((self.max_model_len + self.gamma + 1) / page_size)  # per request
+
+        layer_configs = [cfg] + ([] if draft is None else [draft.config.layers])
+        shards = 1 if mesh is None else _kv_shards(mesh, cfg.num_kv_heads)
+        per_page = page_bytes(layer_configs, page_size, target.dtype, shards)
+        if num_pages is None:
+            num_pages = pages_for_budget(kv_memory, per_page, jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+        self.pages = PageAllocator(num_pages)
+        log.info("KV pool: %d pages of %d positions (%.1f MiB per device)", num_pages, page_size,
+                 num_pages * per_page / 2**20)
+
+        self._state = self._initial_state(num_pages)
+        self._slots: list[_Request | None] = [None] * max_num_seqs
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(seed)
+        g = self.gamma
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, [0] * (g + 1), [0] * g, [0] * g)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        """Queues a request and returns its id. Raises ValueError naming the bad field, or
+        EngineFull when the queue is full; either way nothing else changes."""
+        params = SamplingParams() if params is None else params
+        request = self._new_request(prompt_ids, params, request_id)
+        if len(self._waiting) >= self.max_waiting:
+            raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests); retry later")
+        self._requests[request.id] = request
+        self._waiting.append(request)
+        return request.id
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises the ValueError `add_request` would, without queueing anything."""
+        self._new_request(prompt_ids, params, None)
+
+    def _new_request(self, prompt_ids, params: SamplingParams, request_id) -> _Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a dspark_jax.serving.SamplingParams, got {type(params).__name__}")
+        prompt = list(prompt_ids)
+        vocab = self.target.config.vocab_size
+        if not prompt:
+            raise ValueError("prompt_ids is empty")
+        bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt_ids has {bad[0]!r}, not a token id in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt_ids has {len(prompt)} tokens; the context is {self.max_model_len} "
+                             "(max_model_len), which leaves no room to generate")
+        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.eos_ids) + params.stop_token_ids))
+        if len(stop_ids) > self.max_stop_ids:
+            raise ValueError(f"stop_token_ids: {len(stop_ids)} stop ids with EOS exceed the engine's "
+                             f"max_stop_ids={self.max_stop_ids}")
+        if any(t >= vocab for t in stop_ids):
+            raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
+        max_new = min(params.max_tokens, self.max_model_len - len(prompt))
+        need = self._pages_for(len(prompt) + max_new + self.gamma + 1)
+        if need > self.pages.usable:
+            raise ValueError(f"a request of {len(prompt)} prompt tokens and max_tokens={params.max_tokens} needs "
+                             f"{need} KV pages; the pool has {self.pages.usable}")
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
+        return _Request(rid, prompt, params, seed, stop_ids, max_new, next(self._arrivals))
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request and frees its slot and pages at once; False if it is not known."""
+        request = self._requests.pop(str(request_id), None)
+        if request is None:
+            return False
+        if request.slot is None:
+            self._waiting.remove(request)
+        else:
+            self._release(request)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return dataclasses.replace(
+            s, running=sum(r is not None for r in self._slots), waiting=len(self._waiting),
+            pages_used=self.pages.num_used, pages_free=self.pages.num_free,
+            verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
+            verified_at_position=list(s.verified_at_position))
+
+    # ---------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one device step: a round for every decoding request and a prefill chunk for
+        those still prefilling (admitting waiting requests first). Returns the tokens each
+        request committed, in slot order, with finished requests last in their stream."""
+        decoding = self._plan_decoding()
+        chunks = self._plan_prefill()
+        if not decoding and not chunks:
+            return []
+        filtered = any(r.params.filtered for r in self._slots if r is not None)
+        width = self._table_width(decoding, chunks)
+        cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in self._slots if r is not None), 4))
+        table = np.full((cap, width), SCRATCH_PAGE, np.int32)
+        running = np.zeros((cap,), bool)
+        for r in decoding:
+            table[r.slot, : len(r.pages)] = r.pages
+            running[r.slot] = True
+        prefill = self._prefill_batch(chunks, width, filtered) if chunks else None
+        state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
+        self._state, out = engine_step(self.target.model, None if self.draft is None else self.draft.model,
+                                       self.scheduler, self.target.params, None if self.draft is None else self.draft.params,
+                                       state, jnp.asarray(table), jnp.asarray(running), prefill)
+        out = jax.device_get(out)
+        self._stats.steps += 1
+        outputs = [self._finish_round(r, out) for r in decoding]
+        outputs += [self._finish_chunk(r, n, out, i) for i, (r, n) in enumerate(chunks)]
+        return [o for o in outputs if o is not None]
+
+    def _plan_decoding(self) -> list[_Request]:
+        """Decoding requests, each with pages for this round's writes; preempts the newest
+        requests when pages run out."""
+        decoding = sorted((r for r in self._slots if r is not None and r.decoding), key=lambda r: r.arrival)
+        planned = []
+        for r in decoding:
+            if r.slot is None:  # preempted for an older request earlier in this loop
+                continue
+            need = len(r.prompt) + len(r.output) + self.gamma  # positions the round may write
+            while not self._grow(r, need):
+                self._preempt(max((q for q in self._slots if q is not None), key=lambda q: q.arrival))
+                if r.slot is None:
+                    break
+            if r.slot is not None:
+                planned.append(r)
+        return [r for r in planned if r.slot is not None]
+
+    def _plan_prefill(self) -> list[tuple[_Request, int]]:
+        """(request, chunk length) for the prefilling requests, then admitted waiting ones, in
+        arrival order, within the token budget and the free pages."""
+        budget = self.max_num_batched_tokens
+        chunks = []
+        for r in sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival):
+            n = min(len(r.context) - r.computed, budget)
+            if n <= 0 or not self._grow(r, r.computed + n):
+                break
+            chunks.append((r, n))
+            budget -= n
+        while self._waiting and budget > 0 and None in self._slots:
+            r = self._waiting[0]
+            n = min(len(r.context), budget)
+            if not self._grow(r, n):
+                break
+            self._waiting.popleft()
+            r.slot = self._slots.index(None)
+            self._slots[r.slot] = r
+            chunks.append((r, n))
+            budget -= n
+        return chunks
+
+    def _pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
+    def _grow(self, r: _Request, positions: int) -> bool:
+        """Gives r pages for `positions` positions; False (nothing taken) if too few are free."""
+        more = self._pages_for(positions) - len(r.pages)
+        if more <= 0:
+            return True
+        pages = self.pages.allocate(more)
+        if pages is None:
+            return False
+        r.pages += pages
+        return True
+
+    def _release(self, r: _Request) -> None:
+        self.pages.free(r.pages)
+        r.pages = []
+        if r.slot is not None:
+            self._slots[r.slot] = None
+            r.slot = None
+
+    def _preempt(self, r: _Request) -> None:
+        """Frees r's slot and pages and puts it back at the front of the queue; its context is
+        recomputed when it is admitted again."""
+        log.info("preempting request %s (%d tokens generated): the KV pool is full", r.id, len(r.output))
+        self._release(r)
+        r.computed, r.decoding = 0, False
+        self._waiting.appendleft(r)
+        self._stats.preemptions += 1
+
+    def _table_width(self, decoding, chunks) -> int:
+        pages = [len(r.pages) for r in decoding] + [len(r.pages) for r, _ in chunks]
+        return min(bucket(max(pages), 4), self.max_pages)
+
+    def _prefill_batch(self, chunks, width: int, filtered: bool) -> PrefillBatch:
+        rows = bucket(len(chunks), 1)
+        c = bucket(max(n for _, n in chunks))
+        slots = np.full((rows,), self.max_num_seqs, np.int32)
+        table = np.full((rows, width), SCRATCH_PAGE, np.int32)
+        start, num_new, given, generated, max_new = (np.zeros((rows,), np.int32) for _ in range(5))
+        final = np.zeros((rows,), bool)
+        tokens, next_ids = np.zeros((rows, c), np.int32), np.zeros((rows, c), np.int32)
+        stop_ids = np.full((rows, self.max_stop_ids), -1, np.int32)
+        temperature, top_p, top_k = np.zeros((rows,), np.float32), np.ones((rows,), np.float32), np.zeros((rows,), np.int32)
+        seeds = np.zeros((rows,), np.uint32)
+        for i, (r, n) in enumerate(chunks):
+            context = r.context
+            slots[i], start[i], num_new[i] = r.slot, r.computed, n
+            table[i, : len(r.pages)] = r.pages
+            tokens[i, :n] = context[r.computed : r.computed + n]
+            following = context[r.computed + 1 : r.computed + n + 1]
+            next_ids[i, : len(following)] = following
+            final[i] = r.computed + n == len(context)
+            given[i] = r.output[-1] if r.output else -1
+            generated[i], max_new[i] = len(r.output), r.max_new
+            stop_ids[i, : len(r.stop_ids)] = r.stop_ids
+            temperature[i], top_p[i], top_k[i] = r.params.temperature, r.params.top_p, r.params.top_k
+            seeds[i] = r.key_seed
+        sampling = RowSampling(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), filtered=filtered)
+        return PrefillBatch(*map(jnp.asarray, (slots, table, start, tokens, next_ids, num_new, final, given, generated,
+                                               max_new)), sampling, jax.vmap(jax.random.key)(jnp.asarray(seeds)),
+                            jnp.asarray(stop_ids))
+
+    def _finish_round(self, r: _Request, out) -> RequestOutput:
+        rnd = out.round
+        s = r.slot
+        count = int(rnd.count[s])
+        new = rnd.tokens[s, :count].tolist()
+        r.output += new
+        st = self._stats
+        st.rounds += 1
+        st.tokens += count
+        if self.gamma:
+            length, accepted = int(rnd.verify_length[s]), int(rnd.accepted[s])
+            st.verify_length_histogram[length] += 1
+            for j in range(length):
+                st.verified_at_position[j] += 1
+                st.accepted_at_position[j] += j < accepted
+        return self._emit(r, new, bool(out.done[s]))
+
+    def _finish_chunk(self, r: _Request, n: int, out, i: int) -> RequestOutput | None:
+        r.computed += n
+        if r.computed < len(r.context):
+            return None
+        r.decoding = True
+        if r.output:  # resumed after a preemption: the next token was already known
+            return None
+        first = int(out.first[i])
+        r.output.append(first)
+        return self._emit(r, [first], bool(out.first_done[i]))
+
+    def _emit(self, r: _Request, new: list[int], done: bool) -> RequestOutput:
+        if not done:
+            return RequestOutput(r.id, new, False)
+        reason = "stop" if r.output and r.output[-1] in r.stop_ids else "length"
+        self._release(r)
+        del self._requests[r.id]
+        return RequestOutput(r.id, new, True, reason)
+
+    # --------------------------------------------------------------- device state
+
+    def _initial_state(self, num_pages: int) -> DecodeState:
+        n, g = self.max_num_seqs, self.gamma
+        target, draft = self.target, self.draft
+        features = 0 if draft is None else len(draft.config.target_layer_ids) * target.config.hidden_size
+        tcache = target.model.init_paged_cache(num_pages, self.page_size)
+        dcache = None if draft is None else draft.model.init_paged_cache(num_pages, self.page_size)
+        zeros = lambda: jnp.zeros((n,), jnp.int32)  # distinct buffers: the state is donated
+        state = DecodeState(
+            target_cache=tcache.rows(tcache.block_table, zeros()),
+            draft_cache=None if dcache is None else dcache.rows(dcache.block_table, zeros()),
+            pending_features=jnp.zeros((n, g + 1, features), target.dtype),
+            pending_next=jnp.zeros((n, g + 1), jnp.int32), pending_count=zeros(), anchor=zeros(), generated=zeros(),
+            max_new=zeros(), done=jnp.ones((n,), bool), sampling=RowSampling.rows(n),
+            keys=jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32)),
+            stop_ids=jnp.full((n, self.max_stop_ids), -1, jnp.int32),
+            scheduler_state=self.scheduler.init_state(n, g) if isinstance(self.scheduler, AsyncPrefixScheduler) else (),
+        )
+        if self.mesh is None:
+            return state
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        pools = (state.target_cache, state.draft_cache)
+        rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
+        return rest._replace(target_cache=pools[0], draft_cache=pools[1])
+
+
+def _kv_shards(mesh: Mesh, kv_heads: int) -> int:
+    tensor = mesh.shape["tensor"]
+    return tensor if kv_heads % tensor == 0 else 1
+
+
+def _place(target: Target, draft: Draft | None, mesh: Mesh):
+    """The target's weights split over the mesh by its sharding rules, and the draft's
+    replicated (it is small) with the target's embedding and LM head shared."""
+    _, shardings = param_shardings(target.config, target.dtype, mesh, target.rules)
+    placed = Target(target.config, jax.device_put(target.params, shardings), target.tokenizer, target.dtype, mesh,
+                    target.rules)
+    if draft is None:
+        return placed, None
+    own, _, _ = Draft.split(draft.params)
+    own = jax.device_put(own, NamedSharding(mesh, PartitionSpec()))
+    return placed, Draft(draft.config, {**own, **Draft.frozen(placed.params)}, draft.dtype, mesh)
