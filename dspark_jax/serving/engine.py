@@ -5,7 +5,8 @@ A request goes waiting -> prefilling -> decoding -> finished:
 - waiting: in a bounded FCFS queue (`max_waiting`; a full queue refuses with `EngineFull`);
 - admitted in arrival order while a slot (one of `max_num_seqs` rows) and pages are free;
 - prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
-  (all prefilling requests together), mixed into the same step as the decoding rounds;
+  (all prefilling requests together), mixed into the same step as the decoding rounds (the
+  chunks of a step are padded to a power-of-two width, in as many rows as the budget holds);
 - decoding: each step runs one round for every decoding request (`spec_round`: the draft
   proposes, the scheduler picks verify lengths, the target verifies, rejection sampling
   commits), after the host has given it pages for the round's writes.
@@ -18,8 +19,8 @@ dropped and nothing changes. A request that could never fit the pool is refused 
 
 The device program (`dspark_jax.serving.step`) is specialised on bucketed shapes only:
 capacity (a power of two covering the highest occupied slot), block-table width (a power of
-two of pages), the prefill batch (rows and chunk width, powers of two) and whether any
-request uses top-k/top-p.
+two of pages), the prefill chunk width (a power of two; rows follow from the budget) and
+whether any request uses top-k/top-p.
 """
 
 from __future__ import annotations
@@ -171,18 +172,25 @@ class Engine:
         """Queues a request and returns its id. Raises ValueError naming the bad field, or
         EngineFull when the queue is full; either way nothing else changes."""
         params = SamplingParams() if params is None else params
-        request = self._new_request(prompt_ids, params, request_id)
+        prompt, stop_ids, max_new = self.check_request(prompt_ids, params)
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
         if len(self._waiting) >= self.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests); retry later")
-        self._requests[request.id] = request
+        seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
+        request = _Request(rid, prompt, params, seed, stop_ids, max_new, next(self._arrivals))
+        self._requests[rid] = request
         self._waiting.append(request)
-        return request.id
+        return rid
 
-    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raises the ValueError `add_request` would, without queueing anything."""
-        self._new_request(prompt_ids, params, None)
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
-    def _new_request(self, prompt_ids, params: SamplingParams, request_id) -> _Request:
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
+        """Raises the ValueError `add_request` would for this prompt and params, changing
+        nothing; returns (prompt, stop ids, tokens to generate at most)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a dspark_jax.serving.SamplingParams, got {type(params).__name__}")
         prompt = list(prompt_ids)
@@ -206,11 +214,7 @@ class Engine:
         if need > self.pages.usable:
             raise ValueError(f"a request of {len(prompt)} prompt tokens and max_tokens={params.max_tokens} needs "
                              f"{need} KV pages; the pool has {self.pages.usable}")
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
-        if rid in self._requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
-        seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
-        return _Request(rid, prompt, params, seed, stop_ids, max_new, next(self._arrivals))
+        return prompt, stop_ids, max_new
 
     def abort(self, request_id: str) -> bool:
         """Drops a request and frees its slot and pages at once; False if it is not known."""
@@ -282,7 +286,9 @@ class Engine:
 
     def _plan_prefill(self) -> list[tuple[_Request, int]]:
         """(request, chunk length) for the prefilling requests, then admitted waiting ones, in
-        arrival order, within the token budget and the free pages."""
+        arrival order, within the token budget and the free pages. The batch's shape is
+        (budget // width) rows of `width` tokens, width the power of two that holds the longest
+        chunk; chunks beyond those rows wait for the next step (their requests keep their slot)."""
         budget = self.max_num_batched_tokens
         chunks = []
         for r in sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival):
@@ -301,7 +307,12 @@ class Engine:
             self._slots[r.slot] = r
             chunks.append((r, n))
             budget -= n
-        return chunks
+        return chunks[: self._prefill_shape(chunks)[0]] if chunks else chunks
+
+    def _prefill_shape(self, chunks) -> tuple[int, int]:
+        """(rows, width) of the prefill batch: rows * width = the token budget's power of two."""
+        width = bucket(max(n for _, n in chunks))
+        return max(1, bucket(self.max_num_batched_tokens) // width), width
 
     def _pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -338,8 +349,7 @@ class Engine:
         return min(bucket(max(pages), 4), self.max_pages)
 
     def _prefill_batch(self, chunks, width: int, filtered: bool) -> PrefillBatch:
-        rows = bucket(len(chunks), 1)
-        c = bucket(max(n for _, n in chunks))
+        rows, c = self._prefill_shape(chunks)
         slots = np.full((rows,), self.max_num_seqs, np.int32)
         table = np.full((rows, width), SCRATCH_PAGE, np.int32)
         start, num_new, given, generated, max_new = (np.zeros((rows,), np.int32) for _ in range(5))

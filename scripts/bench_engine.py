@@ -1,0 +1,170 @@
+"""Serving benchmark: the engine's output tokens/s and time per output token under load.
+
+    python scripts/bench_engine.py --target smollm2 --draft runs/dspark_smollm2/draft \\
+        --prompts ../shared/data/eval/mt-bench.jsonl --concurrency 1 4 16 64 256
+    python scripts/bench_engine.py --target qwen3-4b --draft random:dspark --concurrency 1 4 16 64 256
+
+For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; sched: the draft
+with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run)
+and each concurrency c, a closed loop keeps c requests in flight: 2c requests (at least 8),
+each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
+EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
+loop runs once to compile the engine's programs; programs still compiled during the measured
+loop are reported. Output tokens/s counts every generated token over the loop's wall time;
+time per output token (TPOT) is a request's (finish - first token) / (tokens - 1), p50/p99
+over requests. The static baseline is `generate` on c prompts at once (compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+
+from dspark_jax import Target, generate, load_target
+from dspark_jax.console import configure_logging
+from dspark_jax.decoding.scheduler import PrefixScheduler
+from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
+from dspark_jax.evaluation.sps import interpolate
+from dspark_jax.evaluation.step_times import verify_seconds
+from dspark_jax.models.presets import preset
+from dspark_jax.serving import Engine, SamplingParams
+from dspark_jax.serving.step import engine_step
+
+log = logging.getLogger(__name__)
+
+
+def workload(target, args) -> list[list[int]]:
+    """Prompt ids: chat prompts from --prompts, or random tokens of --prompt-len."""
+    if args.prompts:
+        return chat_ids(target.tokenizer, load_prompts(args.prompts, cap=512))
+    rng = np.random.default_rng(0)
+    return rng.integers(0, target.config.vocab_size, (512, args.prompt_len)).tolist()
+
+
+def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: SamplingParams) -> dict:
+    """Keeps `concurrency` requests in flight until `total` have finished; timings per request."""
+    submitted, first, finish, counts = 0, {}, {}, {}
+
+    def submit():
+        nonlocal submitted
+        rid = engine.add_request(prompts[submitted % len(prompts)], params)
+        counts[rid] = 0
+        submitted += 1
+
+    for _ in range(min(concurrency, total)):
+        submit()
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for o in outputs:
+            if o.new_token_ids and o.request_id not in first:
+                first[o.request_id] = now
+            counts[o.request_id] += len(o.new_token_ids)
+            if o.finished:
+                finish[o.request_id] = now
+                if submitted < total:
+                    submit()
+    seconds = time.perf_counter() - start
+    tpot = [(finish[r] - first[r]) / (counts[r] - 1) for r in finish if counts[r] > 1]
+    return {"requests": len(finish), "tokens": sum(counts.values()), "seconds": seconds,
+            "tokens_per_s": sum(counts.values()) / seconds,
+            "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99))}
+
+
+def profile_table(target, gamma: int, concurrencies, context: int) -> tuple[float, ...]:
+    """SPS(B) for B = 1..max(c) * (gamma + 1): verify steps/s measured at every concurrency c
+    and 1..gamma+1 tokens per row, interpolated in B."""
+    measured = {}
+    for c in concurrencies:
+        for q in range(1, gamma + 2):
+            measured[c * q] = 1.0 / verify_seconds(target, batch=c, tokens=q, context=context,
+                                                   capacity=context + gamma + 2, steps=8, reps=3)
+    return tuple(interpolate(measured, max(concurrencies) * (gamma + 1)))
+
+
+def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
+    """Output tokens/s of `generate` on `batch` prompts at once, compilation excluded."""
+    run = lambda: generate(target, None, prompts[:batch], max_new_tokens=max_tokens, temperature=0.0, stop_ids=())
+    run()
+    start = time.perf_counter()
+    tokens = sum(map(len, run().tokens))
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    configure_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2", help="smollm2, a preset name (random weights), or a checkpoint path")
+    p.add_argument("--draft", default="random:dspark", help="a DeepSpec draft directory or random:<algorithm>")
+    p.add_argument("--prompts", help="a {\"turns\": [...]} prompt file (default: random token prompts)")
+    p.add_argument("--prompt-len", type=int, default=128, help="random prompts' length")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], choices=["ar", "fixed", "sched"])
+    p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
+    p.add_argument("--page-size", type=int, default=32)
+    p.add_argument("--kv-memory", type=float, default=0.5,
+                   help="KV pages' budget: a fraction of free device memory, or bytes if > 1")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--out", default="bench_engine.json")
+    args = p.parse_args(argv)
+
+    import jax
+
+    if args.target == "smollm2":
+        from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+
+        target = load_target(smollm2_gguf(), dtype=args.dtype)
+    elif "/" not in args.target and not args.target.endswith(".gguf"):
+        target = Target.random(preset(args.target), dtype=args.dtype)
+    else:
+        target = load_target(args.target, dtype=args.dtype)
+    prompts = workload(target, args)
+    draft = draft_from_spec(args.draft, target, args.dtype) if set(args.modes) - {"ar"} else None
+    gamma = 0 if draft is None else draft.config.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    mean_prompt = int(np.mean([len(x) for x in prompts]))
+    results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
+               "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
+    if "sched" in args.modes:
+        sps = profile_table(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
+        results["sps"] = sps
+    if args.static_batch:
+        results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
+        log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
+    for mode in args.modes:
+        engine = Engine(target, None if mode == "ar" else draft,
+                        scheduler=PrefixScheduler(sps) if mode == "sched" else None,
+                        max_num_seqs=max(args.concurrency), page_size=args.page_size,
+                        kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
+                        max_num_batched_tokens=2048)
+        for c in args.concurrency:
+            total = max(2 * c, 8)
+            closed_loop(engine, prompts, c, c, params)  # compiles this level's programs
+            compiled, before = engine_step._cache_size(), engine.stats()
+            row = {"mode": mode, "concurrency": c, **closed_loop(engine, prompts, c, total, params)}
+            after = engine.stats()
+            row["compiled_during"] = engine_step._cache_size() - compiled
+            row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
+            results["rows"].append(row)
+            log.info("%s", json.dumps(row))
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        del engine  # its KV pool, before the next mode's engine sizes its own
+    print(f"\n{results['device']}, target {args.target}, draft {args.draft}, {args.max_tokens} tokens per request, "
+          f"mean prompt {mean_prompt}")
+    if "static_tokens_per_s" in results:
+        print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
+    print("| mode | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['mode']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | "
+              f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""AsyncEngine streams each request's tokens as rounds commit them, equal to `generate`'s
+output, and a consumer that stops early aborts its request and frees its pages."""
+
+import asyncio
+
+import pytest
+
+from dspark_jax import generate
+from dspark_jax.serving import AsyncEngine, Engine, EngineFull, SamplingParams
+from tests.decoding.test_speculative import SCHEDULER, tiny_draft, tiny_target
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 1, 2, 0, 3], [3], [5, 5], [7, 1], [2, 2, 2], [0, 1, 0], [6, 6, 6, 6, 1, 2, 3, 4]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20)
+
+
+def engine(**kwargs):
+    settings = dict(scheduler=SCHEDULER, max_num_seqs=4, page_size=4, num_pages=40, max_num_batched_tokens=8)
+    return AsyncEngine(Engine(tiny_target(), tiny_draft("dspark"), **{**settings, **kwargs}))
+
+
+async def collect(eng, prompt, params):
+    deltas = [o async for o in eng.generate(prompt, params)]
+    assert all(not o.finished for o in deltas[:-1]) and deltas[-1].finished
+    return [t for o in deltas for t in o.new_token_ids], deltas
+
+
+def test_concurrent_streams_equal_generate():
+    ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
+                   scheduler=SCHEDULER).tokens
+
+    async def main():
+        eng = engine()
+        results = await asyncio.gather(*(collect(eng, p, GREEDY) for p in PROMPTS))
+        stats = eng.stats()
+        await eng.shutdown()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == ref
+    assert any(len(deltas) > 2 for _, deltas in results)  # streamed over several steps
+    assert stats.pages_used == 0 and stats.running == 0 and stats.waiting == 0
+
+
+def test_leaving_early_aborts_and_frees_pages():
+    async def main():
+        eng = engine()
+        stream = eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        got = [await anext(stream) for _ in range(3)]
+        assert eng.stats().pages_used > 0
+        await stream.aclose()  # what a closed connection does
+        other, _ = await collect(eng, [4, 5], GREEDY)  # the engine keeps serving
+        stats = eng.stats()
+        await eng.shutdown()
+        return got, other, stats
+
+    got, other, stats = asyncio.run(main())
+    assert all(not o.finished for o in got)
+    assert other == generate(tiny_target(), None, [[4, 5]], max_new_tokens=20, temperature=0.0).tokens[0]
+    assert stats.pages_used == 0 and stats.running == 0
+
+
+def test_bad_requests_raise_before_streaming():
+    async def main():
+        eng = engine(max_waiting=1)
+        with pytest.raises(ValueError, match="temperature"):
+            await anext(eng.generate([1], SamplingParams(temperature=-1.0)))
+        with pytest.raises(ValueError, match="prompt_ids is empty"):
+            await anext(eng.generate([], GREEDY))
+        first = eng.generate([1, 2], GREEDY)
+        task = asyncio.ensure_future(collect_stream(first))
+        await asyncio.sleep(0)  # first is queued
+        with pytest.raises(EngineFull, match="queue is full"):
+            await anext(eng.generate([3], GREEDY))
+        tokens = await task
+        await eng.shutdown()
+        return tokens
+
+    async def collect_stream(stream):
+        return [t async for o in stream for t in o.new_token_ids]
+
+    tokens = asyncio.run(main())
+    ref = generate(tiny_target(), tiny_draft("dspark"), [[1, 2]], max_new_tokens=20, temperature=0.0).tokens[0]
+    assert tokens == ref
