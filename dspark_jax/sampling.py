@@ -40,7 +40,7 @@ class SamplingParams:
 
     def __post_init__(self):
         for name in _RULES:
-            if _concrete(getattr(self, name)):
+            if _on_host(getattr(self, name)):  # device arrays were checked where they were made
                 _check(name, getattr(self, name))
         if self.filtered is None:
             if not (_concrete(self.top_k) and _concrete(self.top_p)):
@@ -67,6 +67,11 @@ class SamplingParams:
 
 def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _on_host(x) -> bool:
+    """A Python number or numpy value: checking it costs no device transfer."""
+    return not isinstance(x, jax.Array)
 
 
 # field -> (allowed dtype kinds, predicate, what a valid value is)

@@ -260,7 +260,7 @@ class Engine:
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
         self._state, out = engine_step(self.target.model, None if self.draft is None else self.draft.model,
                                        self.scheduler, self.target.params, None if self.draft is None else self.draft.params,
-                                       state, jnp.asarray(table), jnp.asarray(running), prefill)
+                                       state, table, running, prefill)
         out = jax.device_get(out)
         self._stats.steps += 1
         outputs = [self._finish_round(r, out) for r in decoding]
@@ -371,10 +371,9 @@ class Engine:
             stop_ids[i, : len(r.stop_ids)] = r.stop_ids
             temperature[i], top_p[i], top_k[i] = r.params.temperature, r.params.top_p, r.params.top_k
             seeds[i] = r.key_seed
-        sampling = RowSampling(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), filtered=filtered)
-        return PrefillBatch(*map(jnp.asarray, (slots, table, start, tokens, next_ids, num_new, final, given, generated,
-                                               max_new)), sampling, jax.vmap(jax.random.key)(jnp.asarray(seeds)),
-                            jnp.asarray(stop_ids))
+        sampling = RowSampling(temperature, top_k, top_p, filtered=filtered)
+        return PrefillBatch(slots, table, start, tokens, next_ids, num_new, final, given, generated, max_new, sampling,
+                            seeds, stop_ids)
 
     def _finish_round(self, r: _Request, out) -> RequestOutput:
         rnd = out.round

@@ -39,7 +39,7 @@ class PrefillBatch(NamedTuple):
     generated: jax.Array  # [R] tokens generated before a preemption
     max_new: jax.Array  # [R]
     sampling: SamplingParams  # per-row fields [R]
-    keys: jax.Array  # [R] PRNG keys
+    seeds: jax.Array  # [R] uint32: each request's PRNG key is jax.random.key(seed)
     stop_ids: jax.Array  # [R, S]
 
 
@@ -105,7 +105,8 @@ def engine_step(target, draft, scheduler, target_params, draft_params, state: De
         target, draft, scheduler, target_params, draft_params,
         state.target_cache.rows(p.table, p.start),
         None if draft is None else state.draft_cache.rows(p.table, p.start),
-        p.tokens, p.next_ids, p.num_new, p.final, p.given, p.generated, p.max_new, p.sampling, p.keys, p.stop_ids)
+        p.tokens, p.next_ids, p.num_new, p.final, p.given, p.generated, p.max_new, p.sampling,
+        jax.vmap(jax.random.key)(p.seeds), p.stop_ids)
     detached = state.target_cache.block_table
     joined = jnp.where(p.final, p.slots, state.anchor.shape[0])  # rows that start decoding
     per_row = _put_rows(state._replace(target_cache=None, draft_cache=None),
