@@ -173,11 +173,11 @@ class Engine:
         EngineFull when the queue is full; either way nothing else changes."""
         params = SamplingParams() if params is None else params
         prompt, stop_ids, max_new = self.check_request(prompt_ids, params)
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
-        if rid in self._requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
+        if request_id is not None and str(request_id) in self._requests:
+            raise ValueError(f"request_id {str(request_id)!r} is already in use")
         if len(self._waiting) >= self.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests); retry later")
+        rid = str(request_id) if request_id is not None else next(i for i in map(str, self._ids) if i not in self._requests)
         seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
         request = _Request(rid, prompt, params, seed, stop_ids, max_new, next(self._arrivals))
         self._requests[rid] = request
@@ -428,10 +428,12 @@ class Engine:
             max_new=zeros(), done=jnp.ones((n,), bool), sampling=RowSampling.rows(n),
             keys=jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32)),
             stop_ids=jnp.full((n, self.max_stop_ids), -1, jnp.int32),
-            scheduler_state=self.scheduler.init_state(n, g) if isinstance(self.scheduler, AsyncPrefixScheduler) else (),
+            # copied: the scheduler may return one array twice, and the state is donated
+            scheduler_state=jax.tree.map(jnp.copy, self.scheduler.init_state(n, g))
+            if isinstance(self.scheduler, AsyncPrefixScheduler) else (),
         )
-        if self.mesh is None:
-            return state
+        if self.mesh is None:  # committed to the device, like every later state (one compile, not two)
+            return jax.device_put(state, jax.devices()[0])
         replicated = NamedSharding(self.mesh, PartitionSpec())
         pools = (state.target_cache, state.draft_cache)
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)

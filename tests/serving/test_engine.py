@@ -1,0 +1,313 @@
+"""`Engine` serves exactly what the target alone would generate, whatever the batching does.
+
+Requests arrive over many steps, queue for a few slots, prefill in chunks and are preempted
+when a deliberately small KV pool runs out; at temperature 0 every request's tokens still
+equal `generate`'s greedy output (tiny model with every drafter and scheduler, and SmolLM2's
+real weights), and a seeded request samples the same tokens alone as in a busy mixed batch,
+the same as `generate` with that seed. Aborting frees pages at once without disturbing the
+other requests, and bad requests are refused with a ValueError naming the field (or
+EngineFull) while the engine goes on serving correctly.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+from dspark_jax import Draft, generate
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.serving import Engine, EngineFull, SamplingParams
+from tests.decoding.test_speculative import SCHEDULER, V, tiny_draft, tiny_target
+
+EOS = 7  # the tiny target's only EOS id
+MAX_TOKENS = 16
+# One engine shape for the tiny model throughout, so that the tests share compiled step
+# programs (compiling dominates their time): 4 slots, pages of 16 positions with requests of at
+# most 40 + 16 + gamma + 1 <= 64 positions (block tables stay 4 pages wide), 16 prefill tokens
+# per step (one chunk of 16 per step: prompts of up to 40 tokens take three) and 8 usable
+# pages, half of what 4 of the longest requests need, so the pool runs out and requests are
+# preempted. `WIDE` (slow tests) lets the slots' capacity, the block tables and
+# the prefill batch's rows vary too.
+SMALL = dict(max_num_seqs=4, page_size=16, num_pages=9, max_num_batched_tokens=16, max_stop_ids=4)
+WIDE = dict(max_num_seqs=8, page_size=8, num_pages=24, max_num_batched_tokens=32, max_stop_ids=4)
+CONFIGS = {  # id: (drafter, scheduler)
+    "ar": (None, None),
+    "dspark": ("dspark", None),
+    "dspark-prefix": ("dspark", SCHEDULER),
+    "dspark-async": ("dspark", AsyncPrefixScheduler(SCHEDULER.sps)),
+    "dflash": ("dflash", None),
+    "eagle3": ("eagle3", None),
+}
+
+_rng = np.random.default_rng(0)
+# 64 prompts of 1..40 tokens (7 is EOS, which may appear in a prompt too), and a max_tokens each.
+PROMPTS = [_rng.integers(0, V, int(n)).tolist() for n in _rng.integers(1, 41, 64)]
+LIMITS = [int(m) for m in _rng.integers(1, MAX_TOKENS + 1, 64)]
+
+
+def greedy(max_tokens=MAX_TOKENS, **kwargs):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+    """The target's own greedy continuation of each prompt, MAX_TOKENS long unless it stops at
+    EOS; with max_tokens m a request's output is its first m tokens."""
+    return generate(tiny_target(), None, PROMPTS, max_new_tokens=MAX_TOKENS, temperature=0.0).tokens
+
+
+def expected(i, max_tokens):
+    return reference()[i][:max_tokens]
+
+
+def tiny_engine(config="dspark", **kwargs):
+    drafter, scheduler = CONFIGS[config]
+    return Engine(tiny_target(), None if drafter is None else tiny_draft(drafter), scheduler=scheduler,
+                  **{**SMALL, **kwargs})
+
+
+def serve(engine, requests, per_step=3, max_steps=5000):
+    """Adds the (prompt, SamplingParams) requests per_step at a time while stepping until all
+    have finished. Returns each request's tokens and finish reason, and the most requests seen
+    waiting after a step; checks that outputs stop at the finishing one."""
+    pending = list(enumerate(requests))
+    index, tokens, reasons = {}, [[] for _ in requests], [None] * len(requests)
+    most_waiting = 0
+    for _ in range(max_steps):
+        if not pending and not engine.has_unfinished():
+            break
+        for i, (prompt, params) in pending[:per_step]:
+            index[engine.add_request(prompt, params)] = i
+        del pending[:per_step]
+        for out in engine.step():
+            i = index[out.request_id]
+            assert reasons[i] is None, "output after the request finished"
+            tokens[i] += out.new_token_ids
+            assert (out.finish_reason is not None) == out.finished
+            reasons[i] = out.finish_reason
+        most_waiting = max(most_waiting, engine.stats().waiting)
+    else:
+        raise AssertionError(f"not done after {max_steps} steps: {engine.stats()}")
+    return tokens, reasons, most_waiting
+
+
+def finish(engine, max_steps=1000):
+    """Steps until no request is left; returns the tokens reported per request id."""
+    tokens = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return tokens
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    raise AssertionError(f"not done after {max_steps} steps: {engine.stats()}")
+
+
+def assert_drained(engine):
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.pages_used) == (0, 0, 0)
+    assert stats.pages_free == engine.pages.usable == engine.pages.num_free
+
+
+@pytest.mark.parametrize("config,shape", [pytest.param(c, SMALL, id=c) for c in CONFIGS] + [
+    pytest.param(c, WIDE, id=f"{c}-wide", marks=pytest.mark.slow) for c in CONFIGS])
+def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, shape):
+    eng = tiny_engine(config, **shape)
+    tokens, reasons, most_waiting = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
+
+    assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
+    assert reasons == ["stop" if t[-1] == EOS else "length" for t in tokens]
+    assert "stop" in reasons and "length" in reasons
+    assert all(len(t) == m for t, m, r in zip(tokens, LIMITS, reasons) if r == "length")
+    # the load exercised what it is meant to: a queue, chunked prompts, preemptions
+    stats = eng.stats()
+    assert most_waiting > 0 and max(map(len, PROMPTS)) > shape["max_num_batched_tokens"]
+    assert stats.preemptions > 0
+    # each request's first token comes from its prefill, every other one from a round
+    assert stats.tokens == sum(map(len, tokens)) - len(tokens)
+    if CONFIGS[config][0] is not None:
+        assert sum(stats.accepted_at_position) > 0  # draft tokens were accepted: not AR in disguise
+        assert sum(stats.verify_length_histogram) == stats.rounds
+    assert_drained(eng)
+
+
+CHAT = ["What is the capital of France?", "Compute 12 * 7 and explain briefly.", "Name three primary colours.",
+        "Write a haiku about the sea.", "What is 2 + 2?", "Who wrote Hamlet?"]
+
+
+@pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["ar", "dspark-prefix"])
+def test_smollm2_greedy_equals_generate(smollm2, speculative):
+    tok = smollm2.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for m in CHAT]
+    draft, scheduler = None, None
+    if speculative:  # a random draft, sharing SmolLM2's embedding and LM head
+        config = draft_config_for_target(smollm2.config, "dspark", (1, 8, 15, 22, 28), block_size=4,
+                                         mask_token_id=smollm2.config.vocab_size - 1)
+        draft = Draft.random(config, target=smollm2, seed=0, dtype="float32")
+        scheduler = PrefixScheduler(tuple(0.9 ** i for i in range(64)))
+    ref = generate(smollm2, None, prompts, max_new_tokens=12, temperature=0.0).tokens
+    # chat prompts are 34..41 tokens: three chunks each, while the other slots decode
+    eng = Engine(smollm2, draft, scheduler=scheduler, max_num_seqs=3, page_size=16, num_pages=13,
+                 max_num_batched_tokens=16)
+    tokens, reasons, _ = serve(eng, [(p, greedy(12)) for p in prompts], per_step=2)
+    assert tokens == ref
+    assert tok.decode(tokens[0], skip_special_tokens=True).startswith("The capital of France is Paris")
+    assert reasons == ["stop" if t[-1] in smollm2.config.eos_token_ids else "length" for t in tokens]
+    assert_drained(eng)
+
+
+@pytest.mark.parametrize("config", ["ar", "dspark"])
+def test_seeded_request_samples_the_same_alone_and_in_a_busy_batch(config):
+    rng = np.random.default_rng(1)
+    mine = (PROMPTS[3], SamplingParams(temperature=1.0, seed=1234, max_tokens=MAX_TOKENS, ignore_eos=True))
+    others = [(PROMPTS[i], SamplingParams(temperature=float(rng.choice([0.0, 0.5, 1.0, 1.5])),
+                                          top_p=float(rng.choice([1.0, 0.9, 0.5])),
+                                          top_k=int(rng.choice([0, 0, 3])),
+                                          seed=None if rng.random() < 0.5 else int(rng.integers(2**32)),
+                                          max_tokens=int(rng.integers(1, MAX_TOKENS + 1))))
+              for i in rng.permutation(len(PROMPTS))[:20]]
+
+    assert any(params.filtered for _, params in others)  # steps with mine run the top-k/top-p program
+
+    (alone,), _, _ = serve(tiny_engine(config), [mine])
+    busy_engine = tiny_engine(config)
+    busy, _, _ = serve(busy_engine, others[:10] + [mine] + others[10:])
+    assert busy[10] == alone and len(alone) == MAX_TOKENS
+    assert busy_engine.stats().preemptions > 0
+    # the draws do depend on the seed
+    (reseeded,), _, _ = serve(tiny_engine(config), [(mine[0], SamplingParams(
+        temperature=1.0, seed=1235, max_tokens=MAX_TOKENS, ignore_eos=True))])
+    assert reseeded != alone
+
+
+@pytest.mark.parametrize("config", ["ar", "dspark"])
+def test_sampling_equals_generate_with_the_same_seeds(config):
+    """A request's key is jax.random.key(seed), as for generate's per-prompt seed list."""
+    rng = np.random.default_rng(2)
+    n = 24
+    seeds = [int(s) for s in rng.integers(2**32, size=n)]
+    temperatures = [float(t) for t in rng.choice([0.6, 1.0, 1.3], n)]
+    top_ps = [float(p) for p in rng.choice([1.0, 0.8], n)]
+    drafter, scheduler = CONFIGS[config]
+    ref = generate(tiny_target(), None if drafter is None else tiny_draft(drafter), PROMPTS[:n],
+                   max_new_tokens=MAX_TOKENS, temperature=temperatures, top_p=top_ps, seed=seeds,
+                   scheduler=scheduler).tokens
+    eng = tiny_engine(config)
+    tokens, _, _ = serve(eng, [(p, SamplingParams(temperature=t, top_p=q, seed=s, max_tokens=MAX_TOKENS))
+                               for p, t, q, s in zip(PROMPTS, temperatures, top_ps, seeds)])
+    assert tokens == ref
+    assert tokens != reference()[:n]  # sampled, not greedy
+    assert eng.stats().preemptions > 0
+
+
+def test_pool_far_too_small_for_the_load():
+    """200 requests arriving 10 per step, through a pool that two of the longest fill."""
+    rng = np.random.default_rng(3)
+    picks = [(int(i), int(m)) for i, m in zip(rng.integers(len(PROMPTS), size=200), rng.integers(1, 13, 200))]
+    eng = tiny_engine("dspark")
+    tokens, reasons, most_waiting = serve(eng, [(PROMPTS[i], greedy(m)) for i, m in picks], per_step=10)
+    assert tokens == [expected(i, m) for i, m in picks]
+    assert reasons == ["stop" if t[-1] == EOS else "length" for t in tokens]
+    assert eng.stats().preemptions > 0 and most_waiting > 100
+    assert_drained(eng)
+
+
+def test_abort_frees_pages_and_leaves_other_requests_alone():
+    eng = tiny_engine("dspark")
+    # a request still prefilling: its first chunk of 16 tokens is in one page
+    long_prompt = next(i for i, p in enumerate(PROMPTS) if len(p) > SMALL["max_num_batched_tokens"])
+    rid = eng.add_request(PROMPTS[long_prompt], greedy())
+    assert eng.step() == [] and eng.stats().running == 1 and eng.stats().pages_used == 1
+    assert eng.abort(rid) and not eng.has_unfinished()
+    assert_drained(eng)
+
+    # one that has produced tokens, among 6 requests for 4 slots
+    victim = next(i for i, t in enumerate(reference()) if len(t) == MAX_TOKENS)
+    keep = [i for i in range(6) if i != victim][:5]
+    ids = {eng.add_request(PROMPTS[victim], greedy()): victim}
+    ids.update({eng.add_request(PROMPTS[i], greedy()): i for i in keep})
+    victim_id = next(iter(ids))
+    got = {i: [] for i in ids.values()}
+    while len(got[victim]) < 3:
+        assert eng.stats().steps < 100, "the request produced no tokens"
+        for out in eng.step():
+            got[ids[out.request_id]] += out.new_token_ids
+    before = eng.stats()
+    assert before.waiting > 0
+    assert eng.abort(victim_id)
+    after = eng.stats()
+    assert after.pages_used < before.pages_used and after.running == before.running - 1
+    assert got[victim] == expected(victim, len(got[victim]))
+
+    # a waiting request: nothing to free, it just leaves the queue
+    waiting_id = eng.add_request(PROMPTS[10], greedy())
+    assert eng.stats().waiting == after.waiting + 1
+    assert eng.abort(waiting_id) and eng.stats().waiting == after.waiting
+    assert eng.stats().pages_used == after.pages_used
+
+    assert not eng.abort(victim_id) and not eng.abort(waiting_id) and not eng.abort("no such request")
+    rest = finish(eng)
+    assert victim_id not in rest and set(rest) <= set(ids)
+    assert {i: got[i] + rest.get(rid, []) for rid, i in ids.items() if i != victim} == {
+        i: expected(i, MAX_TOKENS) for i in keep}
+    assert_drained(eng)
+    # an aborted request's id can be used again
+    (again,), _, _ = serve(eng, [(PROMPTS[victim], greedy())])
+    assert again == expected(victim, MAX_TOKENS)
+
+
+def test_bad_requests_are_refused_and_the_engine_serves_on():
+    eng = tiny_engine("dspark", max_waiting=2)
+    bad = [  # (prompt, params, what the message names)
+        ([1] * eng.max_model_len, greedy(), "max_model_len"),
+        ([], greedy(), "prompt_ids is empty"),
+        ([1, V], greedy(), "prompt_ids has 8"),
+        ([1, -1], greedy(), "prompt_ids has -1"),
+        ([1, 2], greedy(stop_token_ids=(0, 1, 2, 3)), "stop_token_ids"),  # 5 stop ids with EOS > max_stop_ids 4
+        ([1, 2], greedy(stop_token_ids=(V,)), "stop_token_ids"),
+        ([1, 2], greedy(max_tokens=1000), "max_tokens=1000"),  # 16 pages: more than the pool has
+        ([1, 2], "greedy", "params must be"),
+    ]
+    bad_params = [(dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"),
+                  (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                  (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"), (dict(seed=2**32), "seed")]
+    served = 0
+
+    def serve_one():
+        """The engine still serves: the next prompt's greedy continuation, exactly."""
+        nonlocal served
+        (tokens,), _, _ = serve(eng, [(PROMPTS[served], greedy())])
+        assert tokens == expected(served, MAX_TOKENS)
+        served += 1
+
+    for prompt, params, message in bad:
+        with pytest.raises(ValueError, match=message):
+            eng.add_request(prompt, params)
+        assert not eng.has_unfinished()
+        serve_one()
+    for kwargs, field in bad_params:
+        with pytest.raises(ValueError, match=f"^{field} must be"):
+            SamplingParams(**kwargs)
+        serve_one()
+
+    ids = {eng.add_request(PROMPTS[40], greedy(), request_id="mine"): 40}
+    with pytest.raises(ValueError, match="request_id 'mine' is already in use"):
+        eng.add_request(PROMPTS[41], greedy(), request_id="mine")
+    ids[eng.add_request(PROMPTS[42], greedy())] = 42
+    with pytest.raises(EngineFull, match="queue is full"):
+        eng.add_request(PROMPTS[43], greedy())
+    assert eng.stats().waiting == 2
+    assert finish(eng) == {rid: expected(i, MAX_TOKENS) for rid, i in ids.items()}
+    serve_one()
+    assert_drained(eng)
+
+
+def test_generated_request_ids_avoid_the_callers_ids():
+    """A request added without an id gets one that no known request has."""
+    eng = tiny_engine("ar")
+    ids = {eng.add_request(PROMPTS[0], greedy(), request_id="1"): 0}
+    ids.update({eng.add_request(PROMPTS[i], greedy()): i for i in (1, 2)})
+    assert len(ids) == 3
+    assert finish(eng) == {rid: expected(i, MAX_TOKENS) for rid, i in ids.items()}
