@@ -307,7 +307,14 @@ class Engine:
             self._slots[r.slot] = r
             chunks.append((r, n))
             budget -= n
-        return chunks[: self._prefill_shape(chunks)[0]] if chunks else chunks
+        if not chunks:
+            return chunks
+        rows = self._prefill_shape(chunks)[0]
+        for r, _ in reversed(chunks[rows:]):
+            if r.computed == 0:  # admitted just now: back to the queue rather than idle in a slot
+                self._release(r)
+                self._waiting.appendleft(r)
+        return chunks[:rows]
 
     def _prefill_shape(self, chunks) -> tuple[int, int]:
         """(rows, width) of the prefill batch: rows * width = the token budget's power of two."""
@@ -435,9 +442,10 @@ class Engine:
         if self.mesh is None:  # committed to the device, like every later state (one compile, not two)
             return jax.device_put(state, jax.devices()[0])
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        pools = (state.target_cache, state.draft_cache)
+        place = lambda cache: None if cache is None else cache.rows(*jax.device_put(
+            (cache.block_table, cache.lengths), replicated))  # the pools keep their KV-head split
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
-        return rest._replace(target_cache=pools[0], draft_cache=pools[1])
+        return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
 
 
 def _kv_shards(mesh: Mesh, kv_heads: int) -> int:
