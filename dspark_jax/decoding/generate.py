@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
-from dspark_jax.decoding.speculative import prefill, spec_round
-from dspark_jax.models.draft_config import check_draft_fits
+from dspark_jax.decoding.speculative import check_setup, prefill, spec_round
 from dspark_jax.sampling import SamplingParams
 
 
@@ -85,12 +84,7 @@ def generate(
     cfg = target.config
     stop_ids = tuple(cfg.eos_token_ids if stop_ids is None else stop_ids)
     gamma = 0 if draft is None else draft.config.block_size
-    if draft is None and scheduler is not None:
-        raise ValueError("a scheduler needs a draft")
-    if draft is not None:
-        check_draft_fits(draft.config, cfg)
-        if scheduler is not None and not draft.config.confidence_head:
-            raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
+    check_setup(cfg, None if draft is None else draft.config, scheduler)
     check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings - (gamma + 1 if gamma else 0), max_new_tokens)
     n = len(prompts)
     tokens, lengths = pad_prompts(prompts)

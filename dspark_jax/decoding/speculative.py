@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
+from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
 
@@ -65,6 +66,17 @@ class RoundOutput(NamedTuple):
     accepted: jax.Array  # [B] draft tokens accepted
     confidence: jax.Array  # [B, G] the draft's confidence logits (zeros without a confidence head)
     active: jax.Array  # [B] rows that took part
+
+
+def check_setup(target_config, draft_config, scheduler) -> None:
+    """Clear errors for a draft that does not fit the target, or a scheduler without a draft
+    (or without a confidence head to schedule on)."""
+    if draft_config is None and scheduler is not None:
+        raise ValueError("a scheduler needs a draft")
+    if draft_config is not None:
+        check_draft_fits(draft_config, target_config)
+        if scheduler is not None and not draft_config.confidence_head:
+            raise ValueError(f"a scheduler needs a draft with a confidence head ({draft_config.algorithm} has none)")
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:

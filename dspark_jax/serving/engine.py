@@ -39,9 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
-from dspark_jax.decoding.speculative import DecodeState
+from dspark_jax.decoding.speculative import DecodeState, check_setup
 from dspark_jax.models.draft import Draft
-from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sampling import SamplingParams as RowSampling
 from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
@@ -122,12 +121,7 @@ class Engine:
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None):
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
-        if draft is None and scheduler is not None:
-            raise ValueError("a scheduler needs a draft")
-        if draft is not None:
-            check_draft_fits(draft.config, cfg)
-            if scheduler is not None and not draft.config.confidence_head:
-                raise ValueError(f"a scheduler needs a draft with a confidence head ({draft.config.algorithm} has none)")
+        check_setup(cfg, None if draft is None else draft.config, scheduler)
         for name, value in (("max_num_seqs", max_num_seqs), ("page_size", page_size),
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting),
                             ("max_stop_ids", max_stop_ids)):
