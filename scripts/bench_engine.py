@@ -28,8 +28,7 @@ from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
-from dspark_jax.evaluation.sps import interpolate
-from dspark_jax.evaluation.step_times import verify_seconds
+from dspark_jax.evaluation.sps import profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
 from dspark_jax.serving.step import engine_step
@@ -74,19 +73,6 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
     return {"requests": len(finish), "tokens": sum(counts.values()), "seconds": seconds,
             "tokens_per_s": sum(counts.values()) / seconds,
             "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99))}
-
-
-def profile_table(target, gamma: int, concurrencies, context: int) -> tuple[float, ...]:
-    """SPS(B) for B = 1..max(c) * (gamma + 1): verify steps/s measured at every concurrency c
-    and the verify widths the engine runs (powers of two up to gamma + 1 tokens per row),
-    interpolated in B."""
-    measured = {}
-    widths = sorted({min(1 << i, gamma + 1) for i in range((gamma + 1).bit_length() + 1)})
-    for c in concurrencies:
-        for q in widths:
-            measured[c * q] = 1.0 / verify_seconds(target, batch=c, tokens=q, context=context,
-                                                   capacity=context + gamma + 2, steps=8, reps=3)
-    return tuple(interpolate(measured, max(concurrencies) * (gamma + 1)))
 
 
 def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
@@ -134,7 +120,7 @@ def main(argv=None) -> None:
     results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
                "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
     if "sched" in args.modes:
-        sps = profile_table(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
+        sps = profile_serving_sps(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
         results["sps"] = sps
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)

@@ -1,18 +1,22 @@
-"""`load_target`: a Target from a transformers directory (config.json + safetensors) or a GGUF file."""
+"""`load_target`: a Target from a transformers directory (config.json + safetensors) or a GGUF
+file; `save_target` writes the transformers form."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
-from dspark_jax.checkpoints.binding import check_store, place
-from dspark_jax.checkpoints.safetensors_io import CheckpointError
+from dspark_jax.checkpoints.binding import bindings_for, check_store, place, to_stored
+from dspark_jax.checkpoints.safetensors_io import CheckpointError, save_file
 from dspark_jax.checkpoints.store import hf_store, read_config_json
-from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings
-from dspark_jax.models.config import from_hf_config
+from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings, hf_table
+from dspark_jax.models.config import from_hf_config, to_hf_config
 from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sharding import DEFAULT_RULES, ShardingRules
 
@@ -52,6 +56,20 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None,
     flat_shardings = {b.path: _lookup(shardings, b.path) for b in bindings}
     params = place(bindings, store, flat_shardings, dtype)
     return Target(config, params, tokenizer, dtype, mesh, rules)
+
+
+def save_target(target: Target, path: str) -> None:
+    """Writes `target` as a transformers directory (config.json + model.safetensors), which
+    `load_target` and transformers read back."""
+    os.makedirs(path, exist_ok=True)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target.params)
+    tensors = {b.name: to_stored(b, np.asarray(jax.device_get(_lookup(target.params, b.path))))
+               for b in bindings_for(shapes, hf_table("model."))}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**to_hf_config(target.config), "dtype": str(jnp.dtype(target.dtype))}, f, indent=2)
+    if target.tokenizer is not None:
+        target.tokenizer.save_pretrained(path)
 
 
 def _lookup(tree, path):

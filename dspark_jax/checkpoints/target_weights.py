@@ -33,7 +33,7 @@ def layer_table(prefix: str) -> NameTable:
     return {("layers",) + path: (f"{prefix}layers.{{i}}.{suffix}", n_in) for path, (suffix, n_in) in LAYER_TENSORS.items()}
 
 
-def _hf_table(prefix: str) -> NameTable:
+def hf_table(prefix: str) -> NameTable:
     return {
         ("embed_tokens",): (prefix + "embed_tokens.weight", None),
         ("lm_head",): ("lm_head.weight", 1),
@@ -69,7 +69,7 @@ _GGUF_TABLE: NameTable = {
 
 def hf_bindings(abstract_params: Any, store: Store) -> list[Binding]:
     prefix = "model." if any(name.startswith("model.") for name in store) else ""
-    return bindings_for(abstract_params, _hf_table(prefix))
+    return bindings_for(abstract_params, hf_table(prefix))
 
 
 def gguf_bindings(abstract_params: Any) -> list[Binding]:

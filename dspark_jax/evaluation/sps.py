@@ -42,6 +42,19 @@ def profile_sps(target, *, concurrency: int, context: int, gamma: int, steps: in
     }
 
 
+def profile_serving_sps(target, gamma: int, concurrencies, context: int) -> tuple[float, ...]:
+    """SPS(B) for B = 1..max(c) * (gamma + 1), for a serving engine: verify steps/s measured at
+    every concurrency c and the verify widths the engine runs (powers of two up to gamma + 1
+    tokens per row), interpolated in B."""
+    measured = {}
+    widths = sorted({min(1 << i, gamma + 1) for i in range((gamma + 1).bit_length() + 1)})
+    for c in concurrencies:
+        for q in widths:
+            measured[c * q] = 1.0 / verify_seconds(target, batch=c, tokens=q, context=context,
+                                                   capacity=context + gamma + 2, steps=8, reps=3)
+    return tuple(interpolate(measured, max(concurrencies) * (gamma + 1)))
+
+
 def save_table(table: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(table, f, indent=1)

@@ -34,10 +34,11 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._failure: BaseException | None = None
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's deltas until one is finished. Raises ValueError for a bad
-        request and EngineFull when the queue is full, before yielding anything."""
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        """Queues a request for the next step and returns its id; read its deltas with
+        `stream`. Raises ValueError for a bad request and EngineFull when the queue is full,
+        with nothing queued."""
         params = SamplingParams() if params is None else params
         self.engine.check_request(prompt_ids, params)
         if self._failure is not None:
@@ -47,10 +48,14 @@ class AsyncEngine:
         rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._queues:
             raise ValueError(f"request_id {rid!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue
+        self._queues[rid] = asyncio.Queue()
         self._adds.append((rid, list(prompt_ids), params))
         self._kick()
+        return rid
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields a request's deltas until one is finished; leaving early aborts it."""
+        queue = self._queues[request_id]
         finished = False
         try:
             while not finished:
@@ -60,10 +65,27 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
-            del self._queues[rid]
             if not finished:
-                self._aborts.append(rid)
-                self._kick()
+                self.abort(request_id)
+            self._queues.pop(request_id, None)
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """`add_request`, then its deltas until one is finished; leaving early aborts it."""
+        rid = self.add_request(prompt_ids, params, request_id=request_id)
+        async for output in self.stream(rid):
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request before the next step, freeing its slot and pages."""
+        if self._queues.pop(request_id, None) is not None:
+            self._aborts.append(request_id)
+            self._kick()
+
+    @property
+    def failed(self) -> bool:
+        """True once a step has failed (every request then fails; the process should restart)."""
+        return self._failure is not None
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -210,6 +210,12 @@ class Engine:
                              f"{need} KV pages; the pool has {self.pages.usable}")
         return prompt, stop_ids, max_new
 
+    def max_tokens_for(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt length may ask for: the rest of the
+        context, as far as the whole KV pool holds it (< 1: the prompt alone is too long)."""
+        pool = self.pages.usable * self.page_size - self.gamma - 1
+        return min(self.max_model_len, pool) - prompt_len
+
     def abort(self, request_id: str) -> bool:
         """Drops a request and frees its slot and pages at once; False if it is not known."""
         request = self._requests.pop(str(request_id), None)

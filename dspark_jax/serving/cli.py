@@ -1,0 +1,152 @@
+"""`python serve.py` / `python -m dspark_jax serve`: the OpenAI-compatible server.
+
+With no arguments it serves SmolLM2-135M-Instruct (fetched by the setup step), decoding
+autoregressively, on http://127.0.0.1:8000/v1. With --draft it decodes speculatively; with
+--scheduler prefix|async the confidence scheduler picks each round's verify lengths from an
+SPS table (--sps FILE, or measured on this device at start-up and cached under
+$DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+
+from dspark_jax.console import HelpFormatter, configure_logging, run_cli
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="transformers directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--draft", help="a DeepSpec draft directory: speculative decoding (default: autoregressive)")
+    p.add_argument("--scheduler", default="none", choices=["none", "prefix", "async"],
+                   help="with --draft: how many draft tokens each round verifies (none: all of them)")
+    p.add_argument("--sps", help="with --scheduler: an SPS table (python -m dspark_jax profile-sps); "
+                                 "default: measured at start-up and cached")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="devices to split the model over")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    p.add_argument("--kv-memory", type=float, default=None,
+                   help="KV pages' budget: a fraction of free device memory (<= 1) or bytes "
+                        "(default: 0.8 of free accelerator memory, 1 GiB on CPU)")
+    p.add_argument("--page-size", type=int, default=16, help="positions per KV page")
+    p.add_argument("--max-model-len", type=int, help="prompt plus answer tokens (default: the model's context)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill tokens per step")
+    p.add_argument("--max-waiting", type=int, default=4096, help="queued requests before 503s")
+    p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DSPARK_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1 (default: $DSPARK_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: from --model)")
+
+
+def check_serve_args(args) -> None:
+    """Rejects inconsistent flags before any model loads."""
+    if args.scheduler != "none" and not args.draft:
+        raise ValueError("--scheduler needs --draft")
+    if args.sps and args.scheduler == "none":
+        raise ValueError("--sps needs --scheduler prefix or async")
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise ValueError(f"--kv-memory must be > 0, got {args.kv_memory}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+
+
+def build_engine(args):
+    """(AsyncEngine, tokenizer, served model name) from the parsed flags."""
+    import jax
+
+    from dspark_jax.checkpoints.deepspec import load_draft
+    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+    from dspark_jax.checkpoints.target import load_target
+    from dspark_jax.evaluation.calibration import load_sts
+    from dspark_jax.serving import AsyncEngine, Engine
+    from dspark_jax.sharding import make_mesh
+
+    mesh = None
+    if args.tensor_parallel > 1:
+        devices = jax.devices()
+        if len(devices) < args.tensor_parallel:
+            raise ValueError(f"--tensor-parallel {args.tensor_parallel}: only {len(devices)} devices")
+        mesh = make_mesh(tensor=args.tensor_parallel, devices=devices[: args.tensor_parallel])
+    path = args.model or smollm2_gguf()
+    log.info("loading %s (%s)", path, args.dtype)
+    target = load_target(path, dtype=args.dtype, mesh=mesh)
+    draft = load_draft(args.draft, target=target, dtype=args.dtype, mesh=mesh) if args.draft else None
+    scheduler = None
+    if args.scheduler != "none":
+        scheduler = make_scheduler(args, target, draft, load_sts(args.draft))
+    kv = None if args.kv_memory is None else (args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory))
+    engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
+                    kv_memory=kv, max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, seed=args.seed,
+                    mesh=mesh)
+    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
+                                      os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
+    return AsyncEngine(engine), target.tokenizer, name
+
+
+def make_scheduler(args, target, draft, temperatures):
+    """The confidence scheduler over --sps, or over a table measured now (and cached)."""
+    import jax
+
+    from dspark_jax.checkpoints.smollm2 import cache_dir
+    from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+    from dspark_jax.evaluation.sps import load_table, profile_serving_sps, save_table
+
+    gamma = draft.config.block_size
+    if args.sps:
+        sps = load_table(args.sps)["sps"]
+    else:
+        context = min(1024, target.config.max_position_embeddings // 2)
+        levels = sorted({min(c, args.max_num_seqs) for c in (1, 4, 16, 64, 256)})
+        key = json.dumps([jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"), args.dtype, gamma,
+                          levels, context, args.tensor_parallel])
+        path = os.path.join(cache_dir(), "sps", hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+        if os.path.exists(path):
+            sps = load_table(path)["sps"]
+            log.info("SPS table from %s", path)
+        else:
+            log.info("measuring verify steps/s at concurrency %s (once; cached in %s)", levels, path)
+            sps = profile_serving_sps(target, gamma, levels, context)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_table({"device": jax.devices()[0].device_kind, "concurrency": levels, "context": context,
+                        "gamma": gamma, "sps": list(sps)}, path)
+    kind = PrefixScheduler if args.scheduler == "prefix" else AsyncPrefixScheduler
+    return kind(tuple(float(x) for x in sps), temperatures)
+
+
+def run(args) -> None:
+    import uvicorn
+
+    from dspark_jax.serving.openai_server import build_app
+
+    check_serve_args(args)
+    engine, tokenizer, name = build_engine(args)
+    app = build_app(engine, tokenizer, name, api_key=args.api_key)
+    log.info("serving %s on http://%s:%d/v1%s", name, args.host, args.port, " (API key required)" if args.api_key else "")
+    # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in
+    # flight finish, then runs the app's shutdown (which stops the engine).
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="serve.py", description=__doc__, formatter_class=HelpFormatter)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    run(args)
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_cli(main, argv)

@@ -1,0 +1,71 @@
+"""Token ids to streamed text: incremental detokenization and stop strings.
+
+`TextStream` takes a request's generated tokens one at a time and returns the text each adds,
+so that the deltas of a stream concatenate to the whole answer:
+
+- a token's text depends on its neighbours (a leading space, a multi-byte character split
+  over tokens), so each step decodes a short window that starts a few tokens back and keeps
+  only what the window's new tokens add; a window ending in an incomplete character
+  ("\\ufffd") waits for the next token;
+- with stop strings, the last (longest stop - 1) characters are held back until the answer
+  either goes on past them or ends, so that a stop string is never half-sent; when one
+  appears the text is cut before it and the stream ends.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+INCOMPLETE = "\ufffd"  # what a decoder shows for a partial UTF-8 character
+WINDOW = 6  # tokens decoded before the new ones, for their context
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.token_ids: list[int] = []  # every token taken, up to the one that completed a stop string
+        self.text = ""  # the decoded answer so far (cut before a stop string once one is found)
+        self.sent = 0  # characters of `text` already returned
+        self.stop_reason: str | None = None  # the stop string found
+        self._prefix = 0  # token index where the decode window starts
+        self._read = 0  # tokens whose text is in `text`
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def add(self, token_id: int) -> str:
+        """Takes one generated token; returns the text that can be sent now."""
+        if self.stopped:
+            raise RuntimeError("the stream ended at a stop string")
+        self.token_ids.append(int(token_id))
+        if self.tokenizer is None:
+            return ""
+        window = self._decode(self.token_ids[self._prefix :])
+        before = self._decode(self.token_ids[self._prefix : self._read])
+        if len(window) > len(before) and not window.endswith(INCOMPLETE):
+            searched = max(0, len(self.text) - self.hold)
+            self.text += window[len(before) :]
+            self._prefix, self._read = max(self._prefix, self._read - WINDOW), len(self.token_ids)
+            self._find_stop(searched)
+        return self._release(final=self.stopped)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of the answer."""
+        return self._release(final=True)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _find_stop(self, start: int) -> None:
+        found = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if found:
+            cut, self.stop_reason = min(found)
+            self.text = self.text[:cut]
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta

@@ -1,0 +1,86 @@
+"""A `serve.py` subprocess on 127.0.0.1 for the server tests, and reading its /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python serve.py *args` on a free port; waits until /health answers."""
+
+    def __init__(self, *args: str, startup_s: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()}
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
+                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=ROOT)
+        deadline = time.monotonic() + startup_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve.py exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"serve.py did not start in {startup_s} s:\n{self.output()}")
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-5000:]
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of /metrics by name with labels, e.g. 'dspark_kv_pages_used' or
+        'dspark_verify_length_total{length=2}'."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return out
+
+    def wait_idle(self, timeout_s: float = 30) -> dict[str, float]:
+        """/metrics once no request runs or waits and no page is held."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.metrics()
+            if m["dspark_num_requests_running"] == m["dspark_num_requests_waiting"] == m["dspark_kv_pages_used"] == 0:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server is still busy after {timeout_s} s: {m}")
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
