@@ -27,6 +27,7 @@ import numpy as np
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
 from dspark_jax.decoding.scheduler import PrefixScheduler
+from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
 from dspark_jax.evaluation.sps import profile_serving_sps
 from dspark_jax.models.presets import preset
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     prompts = workload(target, args)
     draft = draft_from_spec(args.draft, target, args.dtype) if set(args.modes) - {"ar"} else None
     gamma = 0 if draft is None else draft.config.block_size
+    temperatures = None if args.draft.startswith("random:") else load_sts(args.draft)  # as serve.py uses them
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     mean_prompt = int(np.mean([len(x) for x in prompts]))
     results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
     for mode in args.modes:
         engine = Engine(target, None if mode == "ar" else draft,
-                        scheduler=PrefixScheduler(sps) if mode == "sched" else None,
+                        scheduler=PrefixScheduler(sps, temperatures) if mode == "sched" else None,
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048)

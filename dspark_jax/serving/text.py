@@ -41,20 +41,34 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("the stream ended at a stop string")
         self.token_ids.append(int(token_id))
-        if self.tokenizer is None:
-            return ""
-        window = self._decode(self.token_ids[self._prefix :])
-        before = self._decode(self.token_ids[self._prefix : self._read])
-        if len(window) > len(before) and not window.endswith(INCOMPLETE):
-            searched = max(0, len(self.text) - self.hold)
-            self.text += window[len(before) :]
-            self._prefix, self._read = max(self._prefix, self._read - WINDOW), len(self.token_ids)
-            self._find_stop(searched)
+        if self.tokenizer is not None:
+            self._read_new(final=False)
         return self._release(final=self.stopped)
 
     def finish(self) -> str:
         """The text still held back, at the end of the answer."""
+        if self.tokenizer is not None and not self.stopped:
+            self._read_new(final=True)
         return self._release(final=True)
+
+    def _read_new(self, final: bool) -> None:
+        """Appends the text of the tokens not read yet to `text` and looks for a stop string in
+        it. Text ending inside a character waits for the next token (its whole characters may
+        already complete a stop string, though); at the end it is taken as a full decode shows it."""
+        window = self._decode(self.token_ids[self._prefix :])
+        before = self._decode(self.token_ids[self._prefix : self._read])
+        if len(window) <= len(before):
+            return
+        new, searched = window[len(before) :], max(0, len(self.text) - self.hold)
+        if final or not new.endswith(INCOMPLETE):
+            self.text += new
+            self._prefix, self._read = max(self._prefix, self._read - WINDOW), len(self.token_ids)
+            self._find_stop(searched)
+        elif self.stop:
+            whole = self.text + new.rstrip(INCOMPLETE)
+            if any(whole.find(stop, searched) >= 0 for stop in self.stop):
+                self.text = whole
+                self._find_stop(searched)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""

@@ -1,0 +1,149 @@
+"""Load generator for serve.py (or any OpenAI-compatible server): throughput and latency.
+
+    python serve.py --dtype bfloat16 &
+    python scripts/bench_serving.py --prompts ../shared/data/eval/mt-bench.jsonl --concurrency 1 4 16 64
+    python scripts/bench_serving.py --prompts prompts.txt --request-rate 8 --num-prompts 200
+
+Each request is a streamed chat completion of one prompt of the file (first user turns of
+{"turns": [...]} records, or one prompt a line) asking for --max-tokens tokens at
+temperature 0 with EOS ignored, so every run produces the same amount of text. Load is
+either a closed loop per concurrency c (c requests in flight, max(2c, 8) requests, each new
+one sent when one finishes) or open-loop Poisson arrivals at --request-rate requests/s.
+Before each measured level the same load runs once to warm the server up (compilation).
+
+Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
+token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
+server's mean tokens per decoding round over the level (from its /metrics; 1.0 without a
+draft). JSON goes to --out, a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from dspark_jax.__main__ import read_prompt_file
+
+
+async def one_request(http: httpx.AsyncClient, args, prompt: str) -> dict:
+    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "tpot": (end - first) / (tokens - 1) if first and tokens > 1 else None,
+            "tokens": tokens}
+
+
+async def closed_loop(http, args, prompts, concurrency: int, total: int) -> list[dict]:
+    order = iter(range(total))
+    results = []
+
+    async def worker():
+        for i in order:
+            results.append(await one_request(http, args, prompts[i % len(prompts)]))
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+    return results
+
+
+async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
+    rng = random.Random(0)
+    tasks = []
+    for i in range(total):
+        tasks.append(asyncio.ensure_future(one_request(http, args, prompts[i % len(prompts)])))
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+async def rounds(http) -> tuple[float, float]:
+    """(decoding rounds, tokens they committed) so far, from the server's /metrics."""
+    text = (await http.get("/metrics")).text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return values.get("dspark_decode_rounds_total", 0.0), values.get("dspark_round_tokens_total", 0.0)
+
+
+async def measure(http, args, prompts, load: str, level: float, total: int) -> dict:
+    run = (lambda: closed_loop(http, args, prompts, int(level), total)) if load == "concurrency" else \
+        (lambda: poisson(http, args, prompts, level, total))
+    await run()  # warm-up: the server compiles this level's shapes
+    r0, t0 = await rounds(http)
+    start = time.perf_counter()
+    results = await run()
+    seconds = time.perf_counter() - start
+    r1, t1 = await rounds(http)
+    ttft = [r["ttft"] for r in results]
+    tpot = [r["tpot"] for r in results if r["tpot"] is not None]
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")
+    return {load: level, "requests": len(results), "seconds": seconds, "requests_per_s": len(results) / seconds,
+            "tokens_per_s": sum(r["tokens"] for r in results) / seconds,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
+            "tokens_per_round": (t1 - t0) / (r1 - r0) if r1 > r0 else float("nan")}
+
+
+async def run(args) -> dict:
+    prompts = read_prompt_file(args.prompts) if args.prompts else ["Write a story about a robot."]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as http:
+        if args.model is None:
+            args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens, "rows": []}
+        levels = [("request_rate", r) for r in args.request_rate] or [("concurrency", c) for c in args.concurrency]
+        for load, level in levels:
+            total = args.num_prompts or max(2 * int(level), 8)
+            row = await measure(http, args, prompts, load, level, total)
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", help="the model name to send (default: the server's first)")
+    p.add_argument("--api-key")
+    p.add_argument("--prompts", help="a prompt file (default: one built-in prompt)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--request-rate", type=float, nargs="*", default=[],
+                   help="Poisson arrivals at these rates (requests/s) instead of closed loops")
+    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(2c, 8), or 8 per rate)")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", default="bench_serving.json")
+    args = p.parse_args(argv)
+    out = asyncio.run(run(args))
+    print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
+    key = "request_rate" if args.request_rate else "concurrency"
+    print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in out["rows"]:
+        print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
+              f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
