@@ -17,10 +17,10 @@ it has generated are prefilled again and it continues where it stopped, with the
 stream (a request's draws depend only on its seed and token positions), so nothing is
 dropped and nothing changes. A request that could never fit the pool is refused when added.
 
-The device program (`dspark_jax.serving.step`) is specialised on bucketed shapes only:
-capacity (a power of two covering the highest occupied slot), block-table width (a power of
-two of pages), the prefill chunk width (a power of two; rows follow from the budget) and
-whether any request uses top-k/top-p.
+The device programs (`dspark_jax.serving.step`: a round, then a prefill) are specialised on
+bucketed shapes only: the round's capacity (a power of two covering the highest decoding
+slot), each program's block-table width (a power of two of pages), the prefill chunk width (a
+power of two; rows follow from the budget) and whether any request uses top-k/top-p.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sampling import SamplingParams as RowSampling
 from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
 from dspark_jax.serving.params import RequestOutput, SamplingParams
-from dspark_jax.serving.step import PrefillBatch, engine_step
+from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
 
@@ -249,22 +249,26 @@ class Engine:
         if not decoding and not chunks:
             return []
         filtered = any(r.params.filtered for r in self._slots if r is not None)
-        width = self._table_width(decoding, chunks)
-        cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in self._slots if r is not None), 4))
-        table = np.full((cap, width), SCRATCH_PAGE, np.int32)
-        running = np.zeros((cap,), bool)
-        for r in decoding:
-            table[r.slot, : len(r.pages)] = r.pages
-            running[r.slot] = True
-        prefill = self._prefill_batch(chunks, width, filtered) if chunks else None
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
-        self._state, out = engine_step(self.target.model, None if self.draft is None else self.draft.model,
-                                       self.scheduler, self.target.params, None if self.draft is None else self.draft.params,
-                                       state, table, running, prefill)
-        out = jax.device_get(out)
+        models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
+                  self.target.params, None if self.draft is None else self.draft.params)
+        rnd = prefilled = None
+        if decoding:
+            cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
+            table = np.full((cap, self._table_width(decoding)), SCRATCH_PAGE, np.int32)
+            running = np.zeros((cap,), bool)
+            for r in decoding:
+                table[r.slot, : len(r.pages)] = r.pages
+                running[r.slot] = True
+            state, *rnd = engine_round(*models, state, table, running)
+        if chunks:
+            batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered)
+            state, *prefilled = engine_prefill(*models, state, batch)
+        self._state = state
+        rnd, prefilled = jax.device_get((rnd, prefilled))
         self._stats.steps += 1
-        outputs = [self._finish_round(r, out) for r in decoding]
-        outputs += [self._finish_chunk(r, n, out, i) for i, (r, n) in enumerate(chunks)]
+        outputs = [self._finish_round(r, *rnd) for r in decoding]
+        outputs += [self._finish_chunk(r, n, *prefilled, i) for i, (r, n) in enumerate(chunks)]
         return [o for o in outputs if o is not None]
 
     def _plan_decoding(self) -> list[_Request]:
@@ -351,9 +355,8 @@ class Engine:
         self._waiting.appendleft(r)
         self._stats.preemptions += 1
 
-    def _table_width(self, decoding, chunks) -> int:
-        pages = [len(r.pages) for r in decoding] + [len(r.pages) for r, _ in chunks]
-        return min(bucket(max(pages), 4), self.max_pages)
+    def _table_width(self, requests) -> int:
+        return min(bucket(max(len(r.pages) for r in requests), 4), self.max_pages)
 
     def _prefill_batch(self, chunks, width: int, filtered: bool) -> PrefillBatch:
         rows, c = self._prefill_shape(chunks)
@@ -382,8 +385,7 @@ class Engine:
         return PrefillBatch(slots, table, start, tokens, next_ids, num_new, final, given, generated, max_new, sampling,
                             seeds, stop_ids)
 
-    def _finish_round(self, r: _Request, out) -> RequestOutput:
-        rnd = out.round
+    def _finish_round(self, r: _Request, rnd, done) -> RequestOutput:
         s = r.slot
         count = int(rnd.count[s])
         new = rnd.tokens[s, :count].tolist()
@@ -397,18 +399,18 @@ class Engine:
             for j in range(length):
                 st.verified_at_position[j] += 1
                 st.accepted_at_position[j] += j < accepted
-        return self._emit(r, new, bool(out.done[s]))
+        return self._emit(r, new, bool(done[s]))
 
-    def _finish_chunk(self, r: _Request, n: int, out, i: int) -> RequestOutput | None:
+    def _finish_chunk(self, r: _Request, n: int, first, first_done, i: int) -> RequestOutput | None:
         r.computed += n
         if r.computed < len(r.context):
             return None
         r.decoding = True
         if r.output:  # resumed after a preemption: the next token was already known
             return None
-        first = int(out.first[i])
-        r.output.append(first)
-        return self._emit(r, [first], bool(out.first_done[i]))
+        token = int(first[i])
+        r.output.append(token)
+        return self._emit(r, [token], bool(first_done[i]))
 
     def _emit(self, r: _Request, new: list[int], done: bool) -> RequestOutput:
         if not done:

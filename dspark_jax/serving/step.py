@@ -1,18 +1,20 @@
-"""The engine's one jitted program: a decoding round for running rows, plus prefill chunks.
+"""The engine's two jitted programs: a decoding round for running rows, and prefill chunks.
 
 The device state is a `DecodeState` over every request slot of the engine (`max_num_seqs`
-rows) whose caches are `PagedKVCache` pools with no rows attached. Between steps the host owns
-the block tables; each step attaches the tables of the rows it runs:
+rows) whose caches are `PagedKVCache` pools with no rows attached. Between programs the host
+owns the block tables; each program attaches the tables of the rows it runs:
 
-1. a decoding round (`spec_round`: speculative, or autoregressive without a draft) over slots
-   0..cap-1, cap = table.shape[0], for the rows the host marks `running`;
-2. when given, one chunk of context for each row of a `PrefillBatch` (`extend_context`),
-   written through the rows' own tables; rows whose chunk ends their context join the state
-   at their slots, ready for the next step's round.
+1. `engine_round`: a decoding round (`spec_round`: speculative, or autoregressive without a
+   draft) over slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running`;
+2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
+   (`extend_context`), written through the rows' own tables; rows whose chunk ends their
+   context join the state at their slots, ready for the next round.
 
-Programs are specialised on shapes only: the capacity and view width of the table, the
-prefill batch's rows and chunk width. The engine buckets all of them, so a new request
-never compiles anything.
+An engine step runs the round, then the prefill, each only when it has rows. They are two
+programs, not one, so that the programs compiled are the round shapes plus the prefill shapes
+rather than their product. Each is specialised on shapes only (the round on its capacity and
+table width, the prefill on its rows, chunk width and table width), all bucketed by the
+engine, so a new request never compiles anything.
 """
 
 from __future__ import annotations
@@ -43,13 +45,6 @@ class PrefillBatch(NamedTuple):
     stop_ids: jax.Array  # [R, S]
 
 
-class StepOutput(NamedTuple):
-    round: RoundOutput  # of slots 0..cap-1
-    done: jax.Array  # [cap] after the round
-    first: jax.Array  # [R] next token of each prefill row (meaningful for final rows)
-    first_done: jax.Array  # [R] a final row that ended at its first token
-
-
 def _rows(tree, cap: int):
     return jax.tree.map(lambda x: x[:cap], tree)
 
@@ -65,42 +60,33 @@ def _detach(rows_cache, pools, cap: int):
     return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(rows_cache.lengths))
 
 
-def _idle_round(state: DecodeState, gamma: int) -> tuple[DecodeState, RoundOutput]:
-    b = state.anchor.shape[0]
-    zeros = jnp.zeros((b,), jnp.int32)
-    return state, RoundOutput(jnp.zeros((b, gamma + 1), jnp.int32), zeros, zeros, zeros,
-                              jnp.zeros((b, gamma), jnp.float32), jnp.zeros((b,), bool))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
-def engine_step(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running,
-                prefill: PrefillBatch | None) -> tuple[DecodeState, StepOutput]:
-    """One engine step (module docstring). table [cap, M] block tables of slots 0..cap-1 (free
-    slots point at the scratch page); running [cap] bool: rows that decode this step."""
+def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running
+                 ) -> tuple[DecodeState, RoundOutput, jax.Array]:
+    """One round for the running rows among slots 0..cap-1. table [cap, M] block tables (free
+    slots point at the scratch page); running [cap] bool. Returns the state, the round's
+    output for slots 0..cap-1, and done [cap] after it."""
     cap = table.shape[0]
-    gamma = 0 if draft is None else draft.config.block_size
     rows = _rows(state._replace(target_cache=None, draft_cache=None), cap)
     rows = rows._replace(
         target_cache=state.target_cache.rows(table, state.target_cache.lengths[:cap]),
         draft_cache=None if draft is None else state.draft_cache.rows(table, state.draft_cache.lengths[:cap]),
         done=rows.done | ~running,
     )
-    rows, out = jax.lax.cond(
-        jnp.any(~rows.done),
-        lambda r: spec_round(target, draft, scheduler, target_params, draft_params, r),
-        lambda r: _idle_round(r, gamma),
-        rows,
-    )
+    rows, out = spec_round(target, draft, scheduler, target_params, draft_params, rows)
     pools_t, pools_d = state.target_cache, state.draft_cache
     state = jax.tree.map(lambda x, r: x.at[:cap].set(r), state._replace(target_cache=None, draft_cache=None),
                          rows._replace(target_cache=None, draft_cache=None))
     state = state._replace(target_cache=_detach(rows.target_cache, pools_t, cap),
                            draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, cap))
-    done = state.done[:cap]
-    if prefill is None:
-        return state, StepOutput(out, done, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+    return state, out, state.done[:cap]
 
-    p = prefill
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+def engine_prefill(target, draft, scheduler, target_params, draft_params, state: DecodeState, p: PrefillBatch
+                   ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One chunk of context per row of `p`. Returns the state, the next token of each row
+    (meaningful for final rows) [R], and whether a final row ended at that token [R]."""
     new, first = extend_context(
         target, draft, scheduler, target_params, draft_params,
         state.target_cache.rows(p.table, p.start),
@@ -117,4 +103,4 @@ def engine_step(target, draft, scheduler, target_params, draft_params, state: De
         draft_cache=None if draft is None else new.draft_cache.rows(detached, state.draft_cache.lengths.at[p.slots].set(
             new.draft_cache.lengths, mode="drop")),
     )
-    return state, StepOutput(out, done, first, new.done)
+    return state, first, new.done

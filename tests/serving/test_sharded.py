@@ -156,8 +156,9 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def compiles_of_engine_step(run) -> list[str]:
-    """JAX's log lines for each XLA compilation of `engine_step` while `run()` runs (kept out of
+def compiles_of_engine_steps(run) -> list[str]:
+    """JAX's log lines for each XLA compilation of the engine's programs (`engine_round`,
+    `engine_prefill`) while `run()` runs (kept out of
     the test log: jax.log_compiles() lines are long)."""
     loggers = [logging.getLogger(name) for name in ("jax._src.dispatch", "jax._src.interpreters.pxla")]
     records = _Records()
@@ -172,12 +173,13 @@ def compiles_of_engine_step(run) -> list[str]:
         for lg, propagate in zip(loggers, saved):
             lg.removeHandler(records)
             lg.propagate = propagate
-    return [m for m in records.messages if m.startswith("Finished XLA compilation of jit(engine_step)")]
+    return [m for m in records.messages if m.startswith(("Finished XLA compilation of jit(engine_round)",
+                                                          "Finished XLA compilation of jit(engine_prefill)"))]
 
 
 def test_sharded_engine_compiles_each_step_shape_once():
-    """A mesh engine compiles one program per step shape, as on one device: here 2 (a step
-    with a prefill chunk and one without). The first step must not compile its own program:
+    """A mesh engine compiles one program per shape, as on one device: here 2 (a round and a
+    prefill). The first step must not compile its own program:
     that happens when the initial state is laid out differently from the states the steps
     return (the pools' block tables and lengths left on one device), and costs a full extra
     compile of the serving program (~2 s here, minutes for a real model)."""
@@ -191,5 +193,5 @@ def test_sharded_engine_compiles_each_step_shape_once():
             while eng.has_unfinished():
                 eng.step()
 
-        compiles = compiles_of_engine_step(run)
+        compiles = compiles_of_engine_steps(run)
         assert eng.stats().steps > 3 and len(compiles) <= 2, ("mesh" if m else "one device", compiles)
