@@ -43,7 +43,7 @@ class AsyncEngine:
         self.engine.check_request(prompt_ids, params)
         if self._failure is not None:
             raise RuntimeError("the engine stopped after a failed step") from self._failure
-        if len(self._adds) + self.engine.num_waiting >= self.engine.max_waiting:
+        if len(self._adds) + self.engine.num_queued >= self.engine.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.engine.max_waiting} waiting requests); retry later")
         rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._queues:
@@ -98,6 +98,8 @@ class AsyncEngine:
         self._worker.shutdown(wait=True)
 
     def _kick(self) -> None:
+        if self._failure is not None:  # a failed engine is not stepped again
+            return
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())

@@ -45,6 +45,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("DSPARK_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on /v1 (default: $DSPARK_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: from --model)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="on SIGTERM, seconds to let requests in flight finish (default: as long as they take)")
 
 
 def check_serve_args(args) -> None:
@@ -136,7 +138,8 @@ def run(args) -> None:
     log.info("serving %s on http://%s:%d/v1%s", name, args.host, args.port, " (API key required)" if args.api_key else "")
     # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in
     # flight finish, then runs the app's shutdown (which stops the engine).
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=args.drain_timeout)
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 
 A request goes waiting -> prefilling -> decoding -> finished:
 
-- waiting: in a bounded FCFS queue (`max_waiting`; a full queue refuses with `EngineFull`);
+- waiting: in a bounded FCFS queue (`max_waiting` new requests; a full queue refuses with
+  `EngineFull`; preempted requests come back to its front beyond that bound);
 - admitted in arrival order while a slot (one of `max_num_seqs` rows) and pages are free;
 - prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
   (all prefilling requests together), mixed into the same step as the decoding rounds (the
@@ -93,6 +94,7 @@ class _Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # context positions already in the caches
     decoding: bool = False
+    preempted: bool = False  # has held a slot (waits outside the queue's bound)
 
     @property
     def context(self) -> list[int]:
@@ -169,7 +171,7 @@ class Engine:
         prompt, stop_ids, max_new = self.check_request(prompt_ids, params)
         if request_id is not None and str(request_id) in self._requests:
             raise ValueError(f"request_id {str(request_id)!r} is already in use")
-        if len(self._waiting) >= self.max_waiting:
+        if self.num_queued >= self.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests); retry later")
         rid = str(request_id) if request_id is not None else next(i for i in map(str, self._ids) if i not in self._requests)
         seed = int(self._seeds.integers(2**32)) if params.seed is None else params.seed
@@ -181,6 +183,14 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests that count against `max_waiting`: those never admitted (a
+        preempted request was accepted once and is never refused for the bound)."""
+        if len(self._waiting) < self.max_waiting:  # the common case, without a scan
+            return len(self._waiting)
+        return sum(not r.preempted for r in self._waiting)
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
         """Raises the ValueError `add_request` would for this prompt and params, changing
@@ -253,6 +263,8 @@ class Engine:
         models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
                   self.target.params, None if self.draft is None else self.draft.params)
         rnd = prefilled = None
+        # every host-side array is built before the first program runs: it donates the state
+        batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered) if chunks else None
         if decoding:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
             table = np.full((cap, self._table_width(decoding)), SCRATCH_PAGE, np.int32)
@@ -262,7 +274,6 @@ class Engine:
                 running[r.slot] = True
             state, *rnd = engine_round(*models, state, table, running)
         if chunks:
-            batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered)
             state, *prefilled = engine_prefill(*models, state, batch)
         self._state = state
         rnd, prefilled = jax.device_get((rnd, prefilled))
@@ -351,7 +362,7 @@ class Engine:
         recomputed when it is admitted again."""
         log.info("preempting request %s (%d tokens generated): the KV pool is full", r.id, len(r.output))
         self._release(r)
-        r.computed, r.decoding = 0, False
+        r.computed, r.decoding, r.preempted = 0, False, True
         self._waiting.appendleft(r)
         self._stats.preemptions += 1
 

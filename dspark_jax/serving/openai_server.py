@@ -5,8 +5,10 @@ FastAPI + pydantic validate requests and give their errors a field path, uvicorn
 the libraries vLLM and SGLang serve with. The server-sent-events framing of streamed answers
 (`data: <json>` blocks, then `data: [DONE]`) is two lines and written here.
 
-Every choice of a request is one engine request; `n` choices of one prompt use seeds
-seed, seed + 1, ... so a seeded request is reproducible. A choice's tokens go through a
+Every choice of a request is one engine request. With a seed, the first choice of each prompt
+uses the seed itself (as the engine would) and choice i > 0 a seed hashed from (seed, i), so a
+seeded request is reproducible, its choices differ, and requests with nearby seeds do not
+share choices. A choice's tokens go through a
 `TextStream` (incremental detokenization, stop strings); a stop string ends the choice and
 aborts its engine request. A client that disconnects, streaming or not, aborts its engine
 requests, which frees their pages at once.
@@ -27,6 +29,7 @@ import time
 import uuid
 from typing import Callable
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -154,11 +157,13 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_request(body)
         prompts = [encode(tokenizer, p) for p in body.prompts()]
         return await serve(body, prompts, request, chat=False)
 
     @api.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_request(body)
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token ids to /v1/completions", "messages")
         messages = [m.as_template_message() for m in body.messages]
@@ -172,7 +177,6 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     app.include_router(api)
 
     async def serve(body, prompts: list[list[int]], request: Request, chat: bool):
-        check_request(body)
         choices = submit(body, prompts)
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -230,7 +234,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                 try:
                     params = SamplingParams(
                         temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                        seed=None if body.seed is None else (body.seed + index) % 2**32,
+                        seed=None if body.seed is None else choice_seed(body.seed, i),
                         max_tokens=body.token_budget or max(budget, 1), stop_token_ids=body.stop_token_ids,
                         ignore_eos=body.ignore_eos)
                 except ValueError as e:
@@ -248,6 +252,9 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         except EngineFull as e:
             abort(submitted)
             raise APIError(503, str(e), kind="server_overloaded") from e
+        except RuntimeError as e:  # the engine failed: the process needs a restart (/health says so)
+            abort(submitted)
+            raise APIError(503, str(e), kind="server_error") from e
         return choices
 
     def abort(choices: list[Choice]) -> None:
@@ -283,9 +290,10 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
             if isinstance(r, BaseException):
                 raise APIError(500, str(r), kind="server_error") from r
 
-    async def stream_choices(choices: list[Choice], request: Request):
-        """(choice, text, token ids) as they commit, over all choices, until every choice has
-        ended or the client has left (which aborts them)."""
+    def stream_choices(choices: list[Choice], request: Request):
+        """Starts the choices now and returns an async iterator of (choice, text, token ids) as
+        they commit, over all choices, until every choice has ended or the client has left
+        (which aborts them, even before the response has started)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(c):
@@ -298,21 +306,25 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
 
         tasks = [asyncio.ensure_future(run(c)) for c in choices]
         watch = cancel_on_disconnect(request, tasks)
-        running = len(tasks)
-        try:
-            while running:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is None:
-                    running -= 1
-                else:
-                    yield item
-        finally:
-            watch.cancel()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(watch, *tasks, return_exceptions=True)
+
+        async def events():
+            running = len(tasks)
+            try:
+                while running:
+                    item = await queue.get()
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is None:
+                        running -= 1
+                    else:
+                        yield item
+            finally:
+                watch.cancel()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(watch, *tasks, return_exceptions=True)
+
+        return events()
 
     async def sse(events, head: dict, kind: str, chat: bool, body, usage: Callable[[], dict], include_usage: bool):
         obj = kind + ".chunk" if chat else kind
@@ -340,6 +352,13 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def choice_seed(seed: int, i: int) -> int:
+    """The engine seed (in [0, 2**32)) of choice i of a request with this seed."""
+    if i == 0:
+        return seed % 2**32
+    return int(np.random.SeedSequence([seed % 2**64, i]).generate_state(1)[0])
 
 
 def encode(tokenizer, prompt: str | list[int]) -> list[int]:

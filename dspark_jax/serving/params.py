@@ -13,9 +13,13 @@ from typing import Sequence
 import numpy as np
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters; seed None draws
+    """temperature 0 is greedy (as is any below GREEDY_BELOW, which float32 logits cannot
+    divide by); top_k 0 and top_p 1.0 disable those filters; seed None draws
     one from the engine's own generator; max_tokens counts generated tokens (a final stop
     token included); stop_token_ids end a request in addition to the model's EOS ids, which
     ignore_eos leaves out."""
@@ -31,8 +35,9 @@ class SamplingParams:
     def __post_init__(self):
         _require(_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0",
                  self.temperature)
-        _require(_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _require(_integer(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
+        _require(_number(self.top_p) and 0 < np.float32(self.top_p) and self.top_p <= 1, "top_p",
+                 "in (0, 1] (and > 0 in float32)", self.top_p)
+        _require(_integer(self.top_k) and 0 <= self.top_k < 2**31, "top_k", "an integer in [0, 2**31)", self.top_k)
         _require(self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**32), "seed",
                  "None or an integer in [0, 2**32)", self.seed)
         _require(_integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
@@ -41,6 +46,8 @@ class SamplingParams:
             self.stop_token_ids)
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def filtered(self) -> bool:

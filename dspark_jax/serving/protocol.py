@@ -13,6 +13,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Stop strings are searched on the event loop for every token of every choice: bounded.
+MAX_STOPS, MAX_STOP_LENGTH = 16, 256
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -25,10 +28,10 @@ class _Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    top_k: int = Field(0, ge=-1, lt=2**31)  # 0 or -1: off
     seed: int | None = None
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOPS)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
@@ -39,8 +42,8 @@ class _Generation(BaseModel):
     @classmethod
     def _nonempty_stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings must have 1 to {MAX_STOP_LENGTH} characters")
         return stops
 
     @field_validator("stop_token_ids")
