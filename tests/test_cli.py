@@ -52,6 +52,9 @@ def assert_one_line_error(proc, *names):
     (["eval.py", "--draft", "random:dspark", "--data-dir", "no/such/prompts", "--max-new-tokens", "0"],
      ["--max-new-tokens"]),
     (["scripts/repro_smollm2.py", "report", "--work", "no/such/run"], ["no/such/run"]),
+    (["serve.py", "--scheduler", "prefix"], ["--scheduler needs --draft"]),
+    (["serve.py", "--model", "no/such/model.gguf", "--port", "0"], ["no/such/model.gguf"]),
+    (["-m", "dspark_jax", "serve", "--tensor-parallel", "0"], ["--tensor-parallel"]),
 ])
 def test_bad_input_is_one_line(args, names):
     assert_one_line_error(run(*args), *names)
@@ -86,7 +89,8 @@ def test_debug_shows_the_traceback():
 
 
 def test_help_shows_defaults():
-    for args in (["-m", "dspark_jax", "generate", "--help"], ["train.py", "--help"], ["eval.py", "--help"]):
+    for args in (["-m", "dspark_jax", "generate", "--help"], ["train.py", "--help"], ["eval.py", "--help"],
+                 ["serve.py", "--help"]):
         proc = run(*args)
         assert proc.returncode == 0 and "(default:" in proc.stdout, args
 

@@ -154,6 +154,7 @@ class Engine:
         self._state = self._initial_state(num_pages)
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
+        self._preempted_waiting = 0  # preempted requests in _waiting
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -188,9 +189,7 @@ class Engine:
     def num_queued(self) -> int:
         """Waiting requests that count against `max_waiting`: those never admitted (a
         preempted request was accepted once and is never refused for the bound)."""
-        if len(self._waiting) < self.max_waiting:  # the common case, without a scan
-            return len(self._waiting)
-        return sum(not r.preempted for r in self._waiting)
+        return len(self._waiting) - self._preempted_waiting
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
         """Raises the ValueError `add_request` would for this prompt and params, changing
@@ -233,6 +232,7 @@ class Engine:
             return False
         if request.slot is None:
             self._waiting.remove(request)
+            self._preempted_waiting -= request.preempted
         else:
             self._release(request)
         return True
@@ -318,6 +318,7 @@ class Engine:
             if not self._grow(r, n):
                 break
             self._waiting.popleft()
+            self._preempted_waiting -= r.preempted
             r.slot = self._slots.index(None)
             self._slots[r.slot] = r
             chunks.append((r, n))
@@ -329,6 +330,7 @@ class Engine:
             if r.computed == 0:  # admitted just now: back to the queue rather than idle in a slot
                 self._release(r)
                 self._waiting.appendleft(r)
+                self._preempted_waiting += r.preempted
         return chunks[:rows]
 
     def _prefill_shape(self, chunks) -> tuple[int, int]:
@@ -364,6 +366,7 @@ class Engine:
         self._release(r)
         r.computed, r.decoding, r.preempted = 0, False, True
         self._waiting.appendleft(r)
+        self._preempted_waiting += 1
         self._stats.preemptions += 1
 
     def _table_width(self, requests) -> int:

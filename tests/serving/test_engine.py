@@ -105,7 +105,7 @@ def finish(engine, max_steps=1000):
 
 def assert_drained(engine):
     stats = engine.stats()
-    assert (stats.running, stats.waiting, stats.pages_used) == (0, 0, 0)
+    assert (stats.running, stats.waiting, stats.pages_used, engine.num_queued) == (0, 0, 0, 0)
     assert stats.pages_free == engine.pages.usable == engine.pages.num_free
 
 
@@ -258,6 +258,29 @@ def test_abort_frees_pages_and_leaves_other_requests_alone():
     assert again == expected(victim, MAX_TOKENS)
 
 
+def test_preempted_requests_wait_outside_the_queue_bound():
+    """A preempted request goes back to the front of the queue without taking one of its
+    `max_waiting` places: with one waiting after a preemption, two new requests are still
+    accepted (a third is refused), and all finish with their greedy answers."""
+    eng = tiny_engine("dspark", max_waiting=2, num_pages=5)  # 4 usable pages: two long requests do not fit
+    longest = sorted(range(len(PROMPTS)), key=lambda i: -len(PROMPTS[i]))[:4]
+    index = {eng.add_request(PROMPTS[i], greedy()): i for i in longest[:2]}
+    tokens = {}
+    for _ in range(100):  # until a preempted request waits
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if eng.num_waiting > eng.num_queued:
+            break
+    assert eng.num_waiting == 1 and eng.num_queued == 0 and eng.stats().preemptions == 1
+    index.update({eng.add_request(PROMPTS[i], greedy()): i for i in longest[2:]})
+    with pytest.raises(EngineFull):
+        eng.add_request(PROMPTS[0], greedy())
+    for rid, new in finish(eng).items():
+        tokens.setdefault(rid, []).extend(new)
+    assert {index[r]: t for r, t in tokens.items()} == {i: expected(i, MAX_TOKENS) for i in longest}
+    assert_drained(eng)
+
+
 def test_bad_requests_are_refused_and_the_engine_serves_on():
     eng = tiny_engine("dspark", max_waiting=2)
     bad = [  # (prompt, params, what the message names)
@@ -272,7 +295,8 @@ def test_bad_requests_are_refused_and_the_engine_serves_on():
     ]
     bad_params = [(dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"),
                   (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-                  (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"), (dict(seed=2**32), "seed")]
+                  (dict(top_k=-1), "top_k"), (dict(top_k=2**31), "top_k"), (dict(top_p=1e-46), "top_p"),
+                  (dict(seed=-1), "seed"), (dict(seed=2**32), "seed")]
     served = 0
 
     def serve_one():
