@@ -105,7 +105,6 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         await engine.shutdown()
 
     app = FastAPI(title="dspark_jax", lifespan=lifespan)
-    app.state.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):

@@ -15,7 +15,6 @@ test_lossless's SPS table, so rows verify 1..4 tokens depending on confidence):
 import asyncio
 import json
 import signal
-import time
 
 import httpx
 import numpy as np
