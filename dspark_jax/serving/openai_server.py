@@ -232,9 +232,10 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                 index = p * body.n + i
                 try:
                     params = SamplingParams(
-                        temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                        temperature=body.temperature, top_p=body.top_p, top_k=0 if body.top_k == -1 else body.top_k,
                         seed=None if body.seed is None else choice_seed(body.seed, i),
-                        max_tokens=body.token_budget or max(budget, 1), stop_token_ids=body.stop_token_ids,
+                        max_tokens=max(budget, 1) if body.token_budget is None else body.token_budget,
+                        stop_token_ids=body.stop_token_ids,
                         ignore_eos=body.ignore_eos)
                 except ValueError as e:
                     raise APIError(400, str(e), str(e).split(" ")[0]) from e

@@ -24,11 +24,12 @@ class StreamOptions(BaseModel):
 class _Generation(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    # the sampling fields' ranges are checked once, by dspark_jax.serving.SamplingParams
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, lt=2**31)  # 0 or -1: off
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
     seed: int | None = None
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = Field(None, max_length=MAX_STOPS)
@@ -73,7 +74,7 @@ class _Generation(BaseModel):
 class CompletionRequest(_Generation):
     # one prompt as text or token ids, or a list of either
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI completions default
+    max_tokens: int | None = 16  # the OpenAI completions default
 
     @field_validator("prompt")
     @classmethod
@@ -110,7 +111,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
 
     @property
     def token_budget(self) -> int | None:
