@@ -18,6 +18,7 @@ over requests. The static baseline is `generate` on c prompts at once (compilati
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], choices=["ar", "fixed", "sched"])
+    p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
+                   help="async: plan each step while the previous one runs; sync: one step at a time")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
@@ -132,17 +135,18 @@ def main(argv=None) -> None:
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
-    for mode in args.modes:
+    for mode, scheduling in itertools.product(args.modes, args.scheduling):
         engine = Engine(target, None if mode == "ar" else draft,
                         scheduler=PrefixScheduler(sps, temperatures) if mode == "sched" else None,
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
-                        max_num_batched_tokens=2048)
+                        max_num_batched_tokens=2048, async_scheduling=scheduling == "async")
         for c in args.concurrency:
             total = max(2 * c, 8)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             compiled, before = programs(), engine.stats()
-            row = {"mode": mode, "concurrency": c, **closed_loop(engine, prompts, c, total, params)}
+            row = {"mode": mode, "scheduling": scheduling, "concurrency": c,
+                   **closed_loop(engine, prompts, c, total, params)}
             after = engine.stats()
             row["compiled_during"] = programs() - compiled
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
@@ -150,14 +154,15 @@ def main(argv=None) -> None:
             log.info("%s", json.dumps(row))
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
-        del engine  # its KV pool, before the next mode's engine sizes its own
+        del engine  # its KV pool, before the next engine sizes its own
     print(f"\n{results['device']}, target {args.target}, draft {args.draft}, {args.max_tokens} tokens per request, "
           f"mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
-    print("| mode | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n|---|---|---|---|---|---|")
+    print("| mode | scheduling | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | "
+        print(f"| {r['mode']} | {r['scheduling']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | "
               f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
 
 

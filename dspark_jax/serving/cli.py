@@ -39,6 +39,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="prompt plus answer tokens (default: the model's context)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill tokens per step")
     p.add_argument("--max-waiting", type=int, default=4096, help="queued requests before 503s")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan each engine step while the previous one runs on the device")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -91,7 +93,7 @@ def build_engine(args):
     engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
                     kv_memory=kv, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, seed=args.seed,
-                    mesh=mesh)
+                    mesh=mesh, async_scheduling=args.async_scheduling)
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
                                       os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
     return AsyncEngine(engine), target.tokenizer, name

@@ -95,12 +95,25 @@ class _Request:
     computed: int = 0  # context positions already in the caches
     decoding: bool = False
     preempted: bool = False  # has held a slot (waits outside the queue's bound)
+    unread: int = 0  # the most tokens that launched, unread steps may commit
+    launched: int = 0  # launched, unread units of work (a round or a first token), >= 1 token each
 
     @property
     def context(self) -> list[int]:
         """What prefill runs: the prompt, plus all but the last generated token after a
         preemption (the last one is the next anchor)."""
         return self.prompt + self.output[:-1]
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A step dispatched to the device and not read back yet."""
+
+    decoding: list[_Request]  # rows of the round
+    prefilling: list[_Request]  # rows of the prefill batch
+    firsts: list[bool]  # per prefill row: its chunk ends the context and samples a first token
+    rnd: list | None  # engine_round's (RoundOutput, done) on the device
+    prefilled: list | None  # engine_prefill's (first token, done) on the device
 
 
 class Engine:
@@ -114,13 +127,14 @@ class Engine:
     model's positions, less a verify block); max_num_batched_tokens: prefill tokens per step
     (the chunk size); max_waiting: queue bound; max_stop_ids: stop ids per request (EOS ids
     included); seed: where requests without a seed get theirs; mesh: a (data, fsdp, tensor)
-    mesh to run under (weights and KV pages are split over its tensor axis).
+    mesh to run under (weights and KV pages are split over its tensor axis);
+    async_scheduling: plan each step while the previous one runs (`step`).
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
                  page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
-                 max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None):
+                 max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True):
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
         check_setup(cfg, None if draft is None else draft.config, scheduler)
@@ -137,6 +151,7 @@ class Engine:
         if mesh is not None:
             target, draft = _place(target, draft, mesh)
         self.target, self.draft, self.scheduler, self.mesh = target, draft, scheduler, mesh
+        self.async_scheduling = async_scheduling
         self.max_num_seqs, self.page_size = max_num_seqs, page_size
         self.max_num_batched_tokens, self.max_waiting, self.max_stop_ids = max_num_batched_tokens, max_waiting, max_stop_ids
         self.eos_ids = tuple(cfg.eos_token_ids)
@@ -152,6 +167,7 @@ class Engine:
                  num_pages * per_page / 2**20)
 
         self._state = self._initial_state(num_pages)
+        self._inflight: _Launch | None = None
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
         self._preempted_waiting = 0  # preempted requests in _waiting
@@ -253,11 +269,30 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one device step: a round for every decoding request and a prefill chunk for
         those still prefilling (admitting waiting requests first). Returns the tokens each
-        request committed, in slot order, with finished requests last in their stream."""
+        request committed, in slot order, with finished requests last in their stream.
+
+        With asynchronous scheduling, the step is launched before the previous one is read
+        back, and what it returns is the previous step's tokens: the host plans step n + 1
+        while the device runs step n (planning on upper bounds of the tokens step n commits).
+        When the free pages might not cover the next round's writes, the previous step is read
+        back first, so that preemption decides on known lengths."""
+        outputs = []
+        if self._inflight is not None and self._round_pages_needed() > self.pages.num_free:
+            outputs += self._collect()
+        launched = self._launch()
+        if self._inflight is not None:
+            outputs += self._collect()
+        self._inflight = launched
+        if not self.async_scheduling and launched is not None:
+            outputs += self._collect()
+        return outputs
+
+    def _launch(self) -> "_Launch | None":
+        """Plans a step and dispatches its programs without waiting for them."""
         decoding = self._plan_decoding()
         chunks = self._plan_prefill()
         if not decoding and not chunks:
-            return []
+            return None
         filtered = any(r.params.filtered for r in self._slots if r is not None)
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
         models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
@@ -272,26 +307,66 @@ class Engine:
             for r in decoding:
                 table[r.slot, : len(r.pages)] = r.pages
                 running[r.slot] = True
+                r.unread += self.gamma + 1
+                r.launched += 1
             state, *rnd = engine_round(*models, state, table, running)
+        firsts = []
         if chunks:
             state, *prefilled = engine_prefill(*models, state, batch)
+            for r, n in chunks:
+                r.computed += n
+                r.decoding = r.computed == len(r.context)
+                firsts.append(r.decoding and not r.output)  # resumed requests know their next token
+                r.unread += firsts[-1]
+                r.launched += firsts[-1]
         self._state = state
-        rnd, prefilled = jax.device_get((rnd, prefilled))
+        jax.tree.map(lambda x: x.copy_to_host_async(), (rnd, prefilled))
         self._stats.steps += 1
-        outputs = [self._finish_round(r, *rnd) for r in decoding]
-        outputs += [self._finish_chunk(r, n, *prefilled, i) for i, (r, n) in enumerate(chunks)]
-        return [o for o in outputs if o is not None]
+        return _Launch(decoding, [r for r, _ in chunks], firsts, rnd, prefilled)
+
+    def _collect(self) -> list[RequestOutput]:
+        """Reads back the step in flight and commits its tokens to the requests still alive
+        (one finished or aborted since the launch is skipped)."""
+        launch, self._inflight = self._inflight, None
+        rnd, prefilled = jax.device_get((launch.rnd, launch.prefilled))
+        outputs = []
+        for r in launch.decoding:
+            r.unread -= self.gamma + 1
+            r.launched -= 1
+            if self._requests.get(r.id) is r:
+                outputs.append(self._finish_round(r, *rnd))
+        for i, (r, first) in enumerate(zip(launch.prefilling, launch.firsts)):
+            r.unread -= first
+            r.launched -= first
+            if first and self._requests.get(r.id) is r:
+                token = int(prefilled[0][i])
+                r.output.append(token)
+                outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
+        return outputs
+
+    def _round_positions(self, r: _Request) -> int:
+        """Positions r's next round may write up to: its context, the tokens steps in flight
+        may still commit, and a verify block."""
+        return len(r.prompt) + len(r.output) + r.unread + self.gamma
+
+    def _surely_done(self, r: _Request) -> bool:
+        """Steps in flight will finish r: each commits at least one token unless r stops."""
+        return len(r.output) + r.launched >= r.max_new
+
+    def _round_pages_needed(self) -> int:
+        return sum(max(0, self._pages_for(self._round_positions(r)) - len(r.pages))
+                   for r in self._slots if r is not None and r.decoding and not self._surely_done(r))
 
     def _plan_decoding(self) -> list[_Request]:
         """Decoding requests, each with pages for this round's writes; preempts the newest
         requests when pages run out."""
-        decoding = sorted((r for r in self._slots if r is not None and r.decoding), key=lambda r: r.arrival)
+        decoding = sorted((r for r in self._slots if r is not None and r.decoding and not self._surely_done(r)),
+                          key=lambda r: r.arrival)
         planned = []
         for r in decoding:
             if r.slot is None:  # preempted for an older request earlier in this loop
                 continue
-            need = len(r.prompt) + len(r.output) + self.gamma  # positions the round may write
-            while not self._grow(r, need):
+            while not self._grow(r, self._round_positions(r)):
                 self._preempt(max((q for q in self._slots if q is not None), key=lambda q: q.arrival))
                 if r.slot is None:
                     break
@@ -361,7 +436,8 @@ class Engine:
 
     def _preempt(self, r: _Request) -> None:
         """Frees r's slot and pages and puts it back at the front of the queue; its context is
-        recomputed when it is admitted again."""
+        recomputed when it is admitted again. Only with no step in flight (`step`)."""
+        assert self._inflight is None, "preempting while a step is in flight"
         log.info("preempting request %s (%d tokens generated): the KV pool is full", r.id, len(r.output))
         self._release(r)
         r.computed, r.decoding, r.preempted = 0, False, True
@@ -414,17 +490,6 @@ class Engine:
                 st.verified_at_position[j] += 1
                 st.accepted_at_position[j] += j < accepted
         return self._emit(r, new, bool(done[s]))
-
-    def _finish_chunk(self, r: _Request, n: int, first, first_done, i: int) -> RequestOutput | None:
-        r.computed += n
-        if r.computed < len(r.context):
-            return None
-        r.decoding = True
-        if r.output:  # resumed after a preemption: the next token was already known
-            return None
-        token = int(first[i])
-        r.output.append(token)
-        return self._emit(r, [token], bool(first_done[i]))
 
     def _emit(self, r: _Request, new: list[int], done: bool) -> RequestOutput:
         if not done:

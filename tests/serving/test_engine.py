@@ -175,7 +175,11 @@ def test_seeded_request_samples_the_same_alone_and_in_a_busy_batch(config):
     busy_engine = tiny_engine(config)
     busy, _, _ = serve(busy_engine, others[:10] + [mine] + others[10:])
     assert busy[10] == alone and len(alone) == MAX_TOKENS
-    assert busy_engine.stats().preemptions > 0
+    # planning each step before the last one is read back changes which requests share a step
+    # and when they are preempted, never their tokens (unseeded requests get the same seeds)
+    sync_engine = tiny_engine(config, async_scheduling=False)
+    assert serve(sync_engine, others[:10] + [mine] + others[10:])[0] == busy
+    assert sync_engine.stats().preemptions > 0
     # the draws do depend on the seed
     (reseeded,), _, _ = serve(tiny_engine(config), [(mine[0], SamplingParams(
         temperature=1.0, seed=1235, max_tokens=MAX_TOKENS, ignore_eos=True))])
@@ -325,6 +329,22 @@ def test_bad_requests_are_refused_and_the_engine_serves_on():
     assert eng.stats().waiting == 2
     assert finish(eng) == {rid: expected(i, MAX_TOKENS) for rid, i in ids.items()}
     serve_one()
+    assert_drained(eng)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
+    """Asynchronous scheduling launches step n + 1 before reading step n back, so each step
+    returns the previous one's tokens; synchronous scheduling returns its own."""
+    eng = tiny_engine("ar", async_scheduling=async_scheduling)
+    i = next(i for i, p in enumerate(PROMPTS) if len(p) <= SMALL["max_num_batched_tokens"])
+    rid = eng.add_request(PROMPTS[i], greedy(3))  # one prefill chunk, then two rounds
+    first, second = eng.step(), eng.step()
+    assert eng.stats().steps == 2
+    assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1]] + (
+        [] if async_scheduling else [expected(i, 3)[1:2]])
+    rest = finish(eng)
+    assert [t for o in first + second for t in o.new_token_ids] + rest[rid] == expected(i, 3)
     assert_drained(eng)
 
 
