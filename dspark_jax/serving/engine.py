@@ -112,8 +112,8 @@ class _Launch:
     decoding: list[_Request]  # rows of the round
     prefilling: list[_Request]  # rows of the prefill batch
     firsts: list[bool]  # per prefill row: its chunk ends the context and samples a first token
-    rnd: list | None  # engine_round's (RoundOutput, done) on the device
-    prefilled: list | None  # engine_prefill's (first token, done) on the device
+    rnd: list | None = None  # engine_round's (RoundOutput, done) on the device, once dispatched
+    prefilled: list | None = None  # engine_prefill's (first token, done) on the device
 
 
 class Engine:
@@ -271,35 +271,36 @@ class Engine:
         those still prefilling (admitting waiting requests first). Returns the tokens each
         request committed, in slot order, with finished requests last in their stream.
 
-        With asynchronous scheduling, the step is launched before the previous one is read
-        back, and what it returns is the previous step's tokens: the host plans step n + 1
-        while the device runs step n (planning on upper bounds of the tokens step n commits).
-        When the free pages might not cover the next round's writes, the previous step is read
-        back first, so that preemption decides on known lengths."""
+        With asynchronous scheduling, what a step returns is the previous step's tokens: step
+        n + 1 is planned (on upper bounds of the tokens step n commits) and launched before step
+        n is read back, so the device always has the next step queued and the host's planning
+        and bookkeeping overlap the device's work. When the free pages might not cover the next
+        round's writes, the previous step is committed before planning, so that preemption
+        decides on known lengths."""
         outputs = []
         if self._inflight is not None and self._round_pages_needed() > self.pages.num_free:
-            outputs += self._collect()
-        launched = self._launch()
+            outputs += self._commit(self._inflight)
+            self._inflight = None
+        plan = self._plan()
+        launched = None if plan is None else self._dispatch(*plan)
         if self._inflight is not None:
-            outputs += self._collect()
+            outputs += self._commit(self._inflight)
         self._inflight = launched
-        if not self.async_scheduling and launched is not None:
-            outputs += self._collect()
+        if launched is not None and not self.async_scheduling:
+            outputs += self._commit(launched)
+            self._inflight = None
         return outputs
 
-    def _launch(self) -> "_Launch | None":
-        """Plans a step and dispatches its programs without waiting for them."""
+    def _plan(self) -> tuple | None:
+        """The next step's rows and host-side inputs, with the requests' books updated as if
+        it had run (None: nothing to run)."""
         decoding = self._plan_decoding()
         chunks = self._plan_prefill()
         if not decoding and not chunks:
             return None
         filtered = any(r.params.filtered for r in self._slots if r is not None)
-        state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
-        models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
-                  self.target.params, None if self.draft is None else self.draft.params)
-        rnd = prefilled = None
-        # every host-side array is built before the first program runs: it donates the state
         batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered) if chunks else None
+        table = running = None
         if decoding:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
             table = np.full((cap, self._table_width(decoding)), SCRATCH_PAGE, np.int32)
@@ -309,25 +310,32 @@ class Engine:
                 running[r.slot] = True
                 r.unread += self.gamma + 1
                 r.launched += 1
-            state, *rnd = engine_round(*models, state, table, running)
         firsts = []
-        if chunks:
-            state, *prefilled = engine_prefill(*models, state, batch)
-            for r, n in chunks:
-                r.computed += n
-                r.decoding = r.computed == len(r.context)
-                firsts.append(r.decoding and not r.output)  # resumed requests know their next token
-                r.unread += firsts[-1]
-                r.launched += firsts[-1]
-        self._state = state
-        jax.tree.map(lambda x: x.copy_to_host_async(), (rnd, prefilled))
-        self._stats.steps += 1
-        return _Launch(decoding, [r for r, _ in chunks], firsts, rnd, prefilled)
+        for r, n in chunks:
+            r.computed += n
+            r.decoding = r.computed == len(r.context)
+            firsts.append(r.decoding and not r.output)  # resumed requests know their next token
+            r.unread += firsts[-1]
+            r.launched += firsts[-1]
+        return _Launch(decoding, [r for r, _ in chunks], firsts), filtered, table, running, batch
 
-    def _collect(self) -> list[RequestOutput]:
-        """Reads back the step in flight and commits its tokens to the requests still alive
-        (one finished or aborted since the launch is skipped)."""
-        launch, self._inflight = self._inflight, None
+    def _dispatch(self, launch: "_Launch", filtered: bool, table, running, batch) -> "_Launch":
+        """Runs the planned programs without waiting for them; starts copying their outputs to the host."""
+        state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
+        models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
+                  self.target.params, None if self.draft is None else self.draft.params)
+        if table is not None:
+            state, *launch.rnd = engine_round(*models, state, table, running)
+        if batch is not None:
+            state, *launch.prefilled = engine_prefill(*models, state, batch)
+        self._state = state
+        jax.tree.map(lambda x: x.copy_to_host_async(), (launch.rnd, launch.prefilled))
+        self._stats.steps += 1
+        return launch
+
+    def _commit(self, launch: "_Launch") -> list[RequestOutput]:
+        """Waits for a launched step and commits its tokens to the requests still alive (one
+        finished or aborted since the launch is skipped)."""
         rnd, prefilled = jax.device_get((launch.rnd, launch.prefilled))
         outputs = []
         for r in launch.decoding:
