@@ -30,7 +30,7 @@ from dspark_jax.console import configure_logging
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
-from dspark_jax.evaluation.sps import profile_serving_sps
+from dspark_jax.evaluation.sps import load_table, profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
 from dspark_jax.serving.step import engine_prefill, engine_round
@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], choices=["ar", "fixed", "sched"])
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
                    help="async: plan each step while the previous one runs; sync: one step at a time")
+    p.add_argument("--sps", help="for sched: an SPS table to use (a file with an \"sps\" list, such as an earlier "
+                                 "run's --out) instead of profiling one")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
@@ -130,7 +132,10 @@ def main(argv=None) -> None:
     results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
                "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
     if "sched" in args.modes:
-        sps = profile_serving_sps(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
+        if args.sps:
+            sps = tuple(load_table(args.sps)["sps"])
+        else:
+            sps = profile_serving_sps(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
         results["sps"] = sps
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)

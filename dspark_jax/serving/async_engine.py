@@ -54,16 +54,27 @@ class AsyncEngine:
         return rid
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yields a request's deltas until one is finished; leaving early aborts it."""
+        """Yields a request's deltas until one is finished; leaving early aborts it. Deltas
+        that queued up while the consumer was busy come as one, their tokens joined, so a
+        consumer that falls behind does its per-delta work once per read, not once per step."""
         queue = self._queues[request_id]
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item, error = await queue.get(), None
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        error = more
+                        break
+                    item = RequestOutput(request_id, item.new_token_ids + more.new_token_ids, more.finished,
+                                         more.finish_reason)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
         finally:
             if not finished:
                 self.abort(request_id)

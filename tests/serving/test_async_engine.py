@@ -41,6 +41,24 @@ def test_concurrent_streams_equal_generate():
     assert stats.pages_used == 0 and stats.running == 0 and stats.waiting == 0
 
 
+def test_deltas_queued_while_the_consumer_is_busy_come_as_one():
+    async def main():
+        eng = AsyncEngine(Engine(tiny_target(), None, max_num_seqs=4, page_size=4, num_pages=40,
+                                 max_num_batched_tokens=8))
+        rid = eng.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+        while eng.stats().rounds < 4:  # the consumer is away for several steps
+            await asyncio.sleep(0.01)
+        deltas = [o async for o in eng.stream(rid)]
+        await eng.shutdown()
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert len(deltas[0].new_token_ids) >= 5  # the first token and four rounds' tokens, in one delta
+    assert all(not o.finished for o in deltas[:-1]) and deltas[-1].finished and deltas[-1].finish_reason == "length"
+    assert [t for o in deltas for t in o.new_token_ids] == generate(
+        tiny_target(), None, [[1, 2, 3]], max_new_tokens=20, temperature=0.0, stop_ids=()).tokens[0]
+
+
 def test_leaving_early_aborts_and_frees_pages():
     async def main():
         eng = engine()
