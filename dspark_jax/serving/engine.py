@@ -269,7 +269,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one device step: a round for every decoding request and a prefill chunk for
         those still prefilling (admitting waiting requests first). Returns the tokens each
-        request committed, in slot order, with finished requests last in their stream.
+        request committed (a finished request's last output ends its stream).
 
         With asynchronous scheduling, what a step returns is the previous step's tokens: step
         n + 1 is planned (on upper bounds of the tokens step n commits) and launched before step
@@ -308,8 +308,9 @@ class Engine:
             for r in decoding:
                 table[r.slot, : len(r.pages)] = r.pages
                 running[r.slot] = True
-                r.unread += self.gamma + 1
-                r.launched += 1
+        for r in decoding:
+            r.unread += self.gamma + 1
+            r.launched += 1
         firsts = []
         for r, n in chunks:
             r.computed += n
@@ -354,8 +355,9 @@ class Engine:
 
     def _round_positions(self, r: _Request) -> int:
         """Positions r's next round may write up to: its context, the tokens steps in flight
-        may still commit, and a verify block."""
-        return len(r.prompt) + len(r.output) + r.unread + self.gamma
+        may still commit (a request with max_new tokens is done and writes nothing), and a
+        verify block."""
+        return len(r.prompt) + min(len(r.output) + r.unread, r.max_new - 1) + self.gamma
 
     def _surely_done(self, r: _Request) -> bool:
         """Steps in flight will finish r: each commits at least one token unless r stops."""

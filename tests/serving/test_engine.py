@@ -348,6 +348,35 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     assert_drained(eng)
 
 
+def test_a_request_runs_to_the_end_of_the_context():
+    """Planning on the tokens steps in flight may commit never asks for pages past a request's
+    last position: a prompt plus max_tokens filling max_model_len, whose pages end exactly
+    where a verify block after the last token does, in a pool with pages to spare."""
+    eng = tiny_engine("dspark", num_pages=40)
+    prompt = PROMPTS[0][:10]
+    max_tokens = eng.max_model_len - len(prompt)
+    assert (eng.max_model_len + eng.gamma + 1) % eng.page_size == 0 and eng.gamma >= 3
+    (tokens,), _, _ = serve(eng, [(prompt, greedy(max_tokens, ignore_eos=True))])
+    assert tokens == generate(tiny_target(), None, [prompt], max_new_tokens=max_tokens, temperature=0.0,
+                              stop_ids=()).tokens[0]
+    assert_drained(eng)
+
+
+def test_abort_while_a_step_is_in_flight():
+    """A request aborted right after a step launched frees its pages at once; a request that
+    takes them in the next step gets its own tokens."""
+    eng = tiny_engine("dspark")
+    victim = eng.add_request(PROMPTS[5], greedy(ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert eng.stats().rounds > 0 and eng.stats().pages_used > 0
+    assert eng.abort(victim) and eng.stats().pages_used == 0
+    again = [(PROMPTS[i], greedy()) for i in range(4)]
+    tokens, _, _ = serve(eng, again)
+    assert tokens == [expected(i, MAX_TOKENS) for i in range(4)]
+    assert_drained(eng)
+
+
 def test_generated_request_ids_avoid_the_callers_ids():
     """A request added without an id gets one that no known request has."""
     eng = tiny_engine("ar")
