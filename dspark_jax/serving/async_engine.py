@@ -1,11 +1,17 @@
-"""`AsyncEngine`: an `Engine` driven by an asyncio task, streaming each request's tokens.
+"""Asyncio fronts of an `Engine`, streaming each request's tokens.
 
-One background task owns the engine. Between steps it applies the requests added and
-cancelled since the last step, then runs `Engine.step` in a worker thread (so the event loop
-stays responsive while the device works) and routes each `RequestOutput` to the queue of its
-request. `generate` is an async generator over those deltas; leaving it early (break,
-cancellation, a closed HTTP connection) aborts the request, which frees its slot and pages
-before the next step.
+Both take requests and aborts from the event loop and route each `RequestOutput` to the queue
+of its request; `generate`/`stream` are async generators over those deltas, and leaving one
+early (break, cancellation, a closed HTTP connection) aborts the request, which frees its
+slot and pages before the next step.
+
+- `AsyncEngine` drives an engine in this process: one background task applies the requests
+  added and cancelled since the last step, then runs `Engine.step` in a worker thread (so the
+  event loop stays responsive while the device works).
+- `EngineProcess` builds and steps the engine in a child process (as vLLM's engine core runs),
+  so the event loop's per-token work (detokenizing, events, socket writes) and the engine's
+  host work do not share one interpreter lock. Requests are checked in the parent against
+  the engine's `RequestLimits` before they are sent.
 """
 
 from __future__ import annotations
@@ -14,23 +20,26 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-from typing import AsyncIterator, Sequence
+import multiprocessing
+import pickle
+import signal
+import threading
+from queue import SimpleQueue
+from typing import AsyncIterator, Callable, Sequence
 
-from dspark_jax.serving.engine import Engine, EngineFull, EngineStats
+from dspark_jax.serving.engine import Engine, EngineFull, EngineStats, RequestLimits
 from dspark_jax.serving.params import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+class _Front:
+    """What both fronts share: per-request queues, streaming, aborting, failing."""
+
+    limits: RequestLimits
+
+    def __init__(self):
         self._queues: dict[str, asyncio.Queue] = {}
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._ids = itertools.count()
         self._failure: BaseException | None = None
 
@@ -40,17 +49,16 @@ class AsyncEngine:
         `stream`. Raises ValueError for a bad request and EngineFull when the queue is full,
         with nothing queued."""
         params = SamplingParams() if params is None else params
-        self.engine.check_request(prompt_ids, params)
+        self.limits.check(prompt_ids, params)
         if self._failure is not None:
             raise RuntimeError("the engine stopped after a failed step") from self._failure
-        if len(self._adds) + self.engine.num_queued >= self.engine.max_waiting:
-            raise EngineFull(f"the engine's queue is full ({self.engine.max_waiting} waiting requests); retry later")
+        if self._queued() >= self.limits.max_waiting:
+            raise EngineFull(f"the engine's queue is full ({self.limits.max_waiting} waiting requests); retry later")
         rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._queues:
             raise ValueError(f"request_id {rid!r} is already in use")
         self._queues[rid] = asyncio.Queue()
-        self._adds.append((rid, list(prompt_ids), params))
-        self._kick()
+        self._submit(rid, list(prompt_ids), params)
         return rid
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -90,13 +98,37 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Cancels a request before the next step, freeing its slot and pages."""
         if self._queues.pop(request_id, None) is not None:
-            self._aborts.append(request_id)
-            self._kick()
+            self._cancel(request_id)
 
     @property
     def failed(self) -> bool:
         """True once a step has failed (every request then fails; the process should restart)."""
         return self._failure is not None
+
+    def _deliver(self, rid: str, item) -> None:
+        queue = self._queues.get(rid)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _fail(self, error: BaseException) -> None:
+        """The device state is lost: every request fails, loudly."""
+        self._failure = error
+        for queue in self._queues.values():
+            queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
+
+
+class AsyncEngine(_Front):
+    """An `Engine` driven in this process by an asyncio task (module docstring)."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self.limits = engine.limits
+        self._adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -107,6 +139,17 @@ class AsyncEngine:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._worker.shutdown(wait=True)
+
+    def _queued(self) -> int:
+        return len(self._adds) + self.engine.num_queued
+
+    def _submit(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        self._adds.append((rid, prompt, params))
+        self._kick()
+
+    def _cancel(self, rid: str) -> None:
+        self._aborts.append(rid)
+        self._kick()
 
     def _kick(self) -> None:
         if self._failure is not None:  # a failed engine is not stepped again
@@ -129,11 +172,6 @@ class AsyncEngine:
         for rid in aborts:
             self.engine.abort(rid)
 
-    def _deliver(self, rid: str, item) -> None:
-        queue = self._queues.get(rid)
-        if queue is not None:
-            queue.put_nowait(item)
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -144,11 +182,160 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await loop.run_in_executor(self._worker, self.engine.step)
-            except Exception as error:  # the device state is lost: fail every request, loudly
+            except Exception as error:
                 log.exception("engine step failed")
-                self._failure = error
-                for queue in self._queues.values():
-                    queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
+                self._fail(error)
                 return
             for output in outputs:
                 self._deliver(output.request_id, output)
+
+
+class EngineProcess(_Front):
+    """An engine built by `build` (a picklable callable returning (Engine, tokenizer, model
+    name)) and stepped in a child process (module docstring). Blocks until the engine is
+    ready; raises what `build` raised if it could not be built. `tokenizer` and `model_name`
+    are what `build` returned.
+
+    Two threads move messages so that the event loop never waits on the pipe: one sends the
+    loop's requests and aborts in order, one receives the child's messages and hands them to
+    the loop."""
+
+    def __init__(self, build: Callable[[], tuple[Engine, object, str]]):
+        super().__init__()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited device state
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_engine_main, args=(child, build), name="dspark-engine", daemon=True)
+        self._process.start()
+        child.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            message = ("failed", RuntimeError("the engine process exited while starting"))
+        if message[0] == "failed":
+            self._process.join(10)
+            raise message[1]
+        _, self.limits, self.tokenizer, self.model_name, self._stats = message
+        self._sent = 0  # requests sent since the last statistics arrived
+        self._outbox: SimpleQueue = SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    def stats(self) -> EngineStats:
+        """The engine's statistics as of its last step (or last change)."""
+        return self._stats
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._outbox.put(("stop",))
+        if self._loop is None:  # nothing was ever sent: no sender thread
+            self._conn.send(("stop",))
+        await asyncio.to_thread(self._process.join, 30)
+        if self._process.is_alive():
+            self._process.terminate()
+            await asyncio.to_thread(self._process.join, 10)
+        self._conn.close()
+
+    def _queued(self) -> int:
+        return self._stats.waiting + self._sent
+
+    def _submit(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        self._sent += 1
+        self._send(("add", rid, prompt, params))
+
+    def _cancel(self, rid: str) -> None:
+        self._send(("abort", rid))
+
+    def _send(self, message) -> None:
+        if self._loop is None:  # first use, on the loop that will receive the outputs
+            self._loop = asyncio.get_running_loop()
+            threading.Thread(target=self._sender, name="engine-send", daemon=True).start()
+            threading.Thread(target=self._receiver, name="engine-receive", daemon=True).start()
+        self._outbox.put(message)
+
+    def _sender(self) -> None:
+        while True:
+            message = self._outbox.get()
+            try:
+                self._conn.send(message)
+            except OSError as error:
+                self._loop.call_soon_threadsafe(self._failed, f"the engine process is gone ({error})")
+                return
+            if message[0] == "stop":
+                return
+
+    def _receiver(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                if not self._stopping:
+                    self._loop.call_soon_threadsafe(self._failed, "the engine process stopped unexpectedly")
+                return
+            self._loop.call_soon_threadsafe(self._receive, message)
+
+    def _receive(self, message) -> None:
+        kind, *rest = message
+        if kind == "outputs":
+            outputs, self._stats = rest
+            self._sent = 0
+            for output in outputs:
+                self._deliver(output.request_id, output)
+        elif kind == "stats":
+            self._stats, self._sent = rest[0], 0
+        elif kind == "refused":
+            self._deliver(*rest)
+        else:  # "failed"
+            self._failed(rest[0])
+
+    def _failed(self, message: str) -> None:
+        if self._failure is None:
+            log.error("engine failed: %s", message)
+            self._fail(RuntimeError(message))
+
+
+def _engine_main(conn, build) -> None:
+    """The child process: builds the engine, then steps it while any request is unfinished,
+    taking the parent's requests and aborts between steps, and sends every step's outputs
+    with the engine's statistics. A signal is the parent's to handle: it drains its requests,
+    then sends "stop"."""
+    from dspark_jax.console import configure_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging()
+    try:
+        engine, tokenizer, name = build()
+    except Exception as error:  # the parent raises it (a bad flag or checkpoint is the user's error)
+        try:
+            conn.send(("failed", error))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            conn.send(("failed", RuntimeError(f"the engine did not start: {type(error).__name__}: {error}")))
+        return
+    try:
+        conn.send(("ready", engine.limits, tokenizer, name, engine.stats()))
+        while True:
+            if not engine.has_unfinished():
+                conn.poll(None)  # idle: wait for a message
+            changed = False
+            while conn.poll():
+                message = conn.recv()
+                if message[0] == "stop":
+                    return
+                changed = True
+                if message[0] == "abort":
+                    engine.abort(message[1])
+                    continue
+                _, rid, prompt, params = message
+                try:
+                    engine.add_request(prompt, params, request_id=rid)
+                except (ValueError, EngineFull) as error:
+                    conn.send(("refused", rid, error))
+            if engine.has_unfinished():
+                conn.send(("outputs", engine.step(), engine.stats()))
+            elif changed:
+                conn.send(("stats", engine.stats()))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent is gone
+        return
+    except Exception as error:
+        log.exception("the engine failed")
+        conn.send(("failed", f"{type(error).__name__}: {error}"))

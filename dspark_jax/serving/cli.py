@@ -4,12 +4,14 @@ With no arguments it serves SmolLM2-135M-Instruct (fetched by the setup step), d
 autoregressively, on http://127.0.0.1:8000/v1. With --draft it decodes speculatively; with
 --scheduler prefix|async the confidence scheduler picks each round's verify lengths from an
 SPS table (--sps FILE, or measured on this device at start-up and cached under
-$DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps).
+$DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps). The engine is built and stepped in a
+child process (`EngineProcess`) unless --no-engine-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +41,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="prompt plus answer tokens (default: the model's context)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill tokens per step")
     p.add_argument("--max-waiting", type=int, default=4096, help="queued requests before 503s")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in its own process (the HTTP layer's Python work then never delays "
+                        "an engine step)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="plan each engine step while the previous one runs on the device")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
@@ -66,14 +71,14 @@ def check_serve_args(args) -> None:
 
 
 def build_engine(args):
-    """(AsyncEngine, tokenizer, served model name) from the parsed flags."""
+    """(Engine, tokenizer, served model name) from the parsed flags."""
     import jax
 
     from dspark_jax.checkpoints.deepspec import load_draft
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
     from dspark_jax.checkpoints.target import load_target
     from dspark_jax.evaluation.calibration import load_sts
-    from dspark_jax.serving import AsyncEngine, Engine
+    from dspark_jax.serving import Engine
     from dspark_jax.sharding import make_mesh
 
     mesh = None
@@ -96,7 +101,7 @@ def build_engine(args):
                     mesh=mesh, async_scheduling=args.async_scheduling)
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
                                       os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
-    return AsyncEngine(engine), target.tokenizer, name
+    return engine, target.tokenizer, name
 
 
 def make_scheduler(args, target, draft, temperatures):
@@ -132,10 +137,16 @@ def make_scheduler(args, target, draft, temperatures):
 def run(args) -> None:
     import uvicorn
 
+    from dspark_jax.serving import AsyncEngine, EngineProcess
     from dspark_jax.serving.openai_server import build_app
 
     check_serve_args(args)
-    engine, tokenizer, name = build_engine(args)
+    if args.engine_process:
+        engine = EngineProcess(functools.partial(build_engine, args))
+        tokenizer, name = engine.tokenizer, engine.model_name
+    else:
+        local, tokenizer, name = build_engine(args)
+        engine = AsyncEngine(local)
     app = build_app(engine, tokenizer, name, api_key=args.api_key)
     log.info("serving %s on http://%s:%d/v1%s", name, args.host, args.port, " (API key required)" if args.api_key else "")
     # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in

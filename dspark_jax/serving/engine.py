@@ -80,6 +80,55 @@ class EngineStats:
         return [a / v if v else 0.0 for a, v in zip(self.accepted_at_position, self.verified_at_position)]
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """An engine's bounds on requests: its model's vocabulary and context, its stop ids, its
+    queue and its KV pool."""
+
+    vocab_size: int
+    max_model_len: int
+    eos_ids: tuple[int, ...]
+    max_stop_ids: int
+    max_waiting: int
+    usable_pages: int
+    page_size: int
+    gamma: int
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
+        """Raises a ValueError naming the field a request gets wrong; returns (prompt, stop
+        ids, tokens to generate at most)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a dspark_jax.serving.SamplingParams, got {type(params).__name__}")
+        prompt = list(prompt_ids)
+        vocab = self.vocab_size
+        if not prompt:
+            raise ValueError("prompt_ids is empty")
+        bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt_ids has {bad[0]!r}, not a token id in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt_ids has {len(prompt)} tokens; the context is {self.max_model_len} "
+                             "(max_model_len), which leaves no room to generate")
+        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.eos_ids) + params.stop_token_ids))
+        if len(stop_ids) > self.max_stop_ids:
+            raise ValueError(f"stop_token_ids: {len(stop_ids)} stop ids with EOS exceed the engine's "
+                             f"max_stop_ids={self.max_stop_ids}")
+        if any(t >= vocab for t in stop_ids):
+            raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
+        max_new = min(params.max_tokens, self.max_model_len - len(prompt))
+        need = -(-(len(prompt) + max_new + self.gamma + 1) // self.page_size)
+        if need > self.usable_pages:
+            raise ValueError(f"a request of {len(prompt)} prompt tokens and max_tokens={params.max_tokens} needs "
+                             f"{need} KV pages; the pool has {self.usable_pages}")
+        return prompt, stop_ids, max_new
+
+    def max_tokens_for(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt length may ask for: the rest of the
+        context, as far as the whole KV pool holds it (< 1: the prompt alone is too long)."""
+        pool = self.usable_pages * self.page_size - self.gamma - 1
+        return min(self.max_model_len, pool) - prompt_len
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     id: str
@@ -207,39 +256,20 @@ class Engine:
         preempted request was accepted once and is never refused for the bound)."""
         return len(self._waiting) - self._preempted_waiting
 
+    @property
+    def limits(self) -> "RequestLimits":
+        """What a request is checked against (picklable: a client in another process checks
+        requests with it before sending them)."""
+        return RequestLimits(self.target.config.vocab_size, self.max_model_len, self.eos_ids, self.max_stop_ids,
+                             self.max_waiting, self.pages.usable, self.page_size, self.gamma)
+
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
         """Raises the ValueError `add_request` would for this prompt and params, changing
         nothing; returns (prompt, stop ids, tokens to generate at most)."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a dspark_jax.serving.SamplingParams, got {type(params).__name__}")
-        prompt = list(prompt_ids)
-        vocab = self.target.config.vocab_size
-        if not prompt:
-            raise ValueError("prompt_ids is empty")
-        bad = [t for t in prompt if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt_ids has {bad[0]!r}, not a token id in [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt_ids has {len(prompt)} tokens; the context is {self.max_model_len} "
-                             "(max_model_len), which leaves no room to generate")
-        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.eos_ids) + params.stop_token_ids))
-        if len(stop_ids) > self.max_stop_ids:
-            raise ValueError(f"stop_token_ids: {len(stop_ids)} stop ids with EOS exceed the engine's "
-                             f"max_stop_ids={self.max_stop_ids}")
-        if any(t >= vocab for t in stop_ids):
-            raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
-        max_new = min(params.max_tokens, self.max_model_len - len(prompt))
-        need = self._pages_for(len(prompt) + max_new + self.gamma + 1)
-        if need > self.pages.usable:
-            raise ValueError(f"a request of {len(prompt)} prompt tokens and max_tokens={params.max_tokens} needs "
-                             f"{need} KV pages; the pool has {self.pages.usable}")
-        return prompt, stop_ids, max_new
+        return self.limits.check(prompt_ids, params)
 
     def max_tokens_for(self, prompt_len: int) -> int:
-        """The most tokens a request with this prompt length may ask for: the rest of the
-        context, as far as the whole KV pool holds it (< 1: the prompt alone is too long)."""
-        pool = self.pages.usable * self.page_size - self.gamma - 1
-        return min(self.max_model_len, pool) - prompt_len
+        return self.limits.max_tokens_for(prompt_len)
 
     def abort(self, request_id: str) -> bool:
         """Drops a request and frees its slot and pages at once; False if it is not known."""

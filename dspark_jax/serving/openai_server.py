@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from dspark_jax.serving.async_engine import AsyncEngine
+from dspark_jax.serving.async_engine import AsyncEngine, EngineProcess
 from dspark_jax.serving.engine import EngineFull
 from dspark_jax.serving.metrics import ServerMetrics
 from dspark_jax.serving.params import RequestOutput, SamplingParams
@@ -92,7 +92,7 @@ class Choice:
         return self.text.token_ids
 
 
-def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine | EngineProcess, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     """The app serving `engine` under `model_name`; `tokenizer` (None: token-id prompts only,
     answers as token ids with empty text) turns text into ids and back; with `api_key`, every
     /v1 route wants `Authorization: Bearer <api_key>`."""
@@ -152,7 +152,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     @api.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "dspark_jax", "max_model_len": engine.engine.max_model_len}]}
+                                            "owned_by": "dspark_jax", "max_model_len": engine.limits.max_model_len}]}
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -219,12 +219,12 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     def submit(body, prompts: list[list[int]]) -> list[Choice]:
         """Queues every choice in the engine, or none (a bad prompt or a full queue)."""
         total = body.n * len(prompts)
-        if total > engine.engine.max_waiting:
+        if total > engine.limits.max_waiting:
             raise APIError(400, f"n times the number of prompts is {total}; this server queues at most "
-                                f"{engine.engine.max_waiting} requests", "n")
+                                f"{engine.limits.max_waiting} requests", "n")
         choices = []
         for p, prompt in enumerate(prompts):
-            budget = engine.engine.max_tokens_for(len(prompt))
+            budget = engine.limits.max_tokens_for(len(prompt))
             if body.token_budget is not None and budget >= 1 and body.token_budget > budget:
                 raise APIError(400, f"prompt ({len(prompt)} tokens) plus max_tokens ({body.token_budget}) exceed the "
                                     f"{len(prompt) + budget} tokens this server holds for a request", "max_tokens")
@@ -287,6 +287,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         if any(isinstance(r, asyncio.CancelledError) for r in results):
             raise APIError(499, "client disconnected")
         for r in results:
+            if isinstance(r, EngineFull):  # refused by an engine in another process after the check here
+                raise APIError(503, str(r), kind="server_overloaded") from r
             if isinstance(r, BaseException):
                 raise APIError(500, str(r), kind="server_error") from r
 

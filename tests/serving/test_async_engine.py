@@ -1,12 +1,13 @@
-"""AsyncEngine streams each request's tokens as rounds commit them, equal to `generate`'s
-output, and a consumer that stops early aborts its request and frees its pages."""
+"""AsyncEngine (and EngineProcess, the engine in a child process) streams each request's
+tokens as rounds commit them, equal to `generate`'s output, and a consumer that stops early
+aborts its request and frees its pages."""
 
 import asyncio
 
 import pytest
 
 from dspark_jax import generate
-from dspark_jax.serving import AsyncEngine, Engine, EngineFull, SamplingParams
+from dspark_jax.serving import AsyncEngine, Engine, EngineFull, EngineProcess, SamplingParams
 from tests.decoding.test_speculative import SCHEDULER, tiny_draft, tiny_target
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 1, 2, 0, 3], [3], [5, 5], [7, 1], [2, 2, 2], [0, 1, 0], [6, 6, 6, 6, 1, 2, 3, 4]]
@@ -14,8 +15,21 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=20)
 
 
 def engine(**kwargs):
+    return AsyncEngine(tiny_engine(**kwargs))
+
+
+def tiny_engine(**kwargs):
     settings = dict(scheduler=SCHEDULER, max_num_seqs=4, page_size=4, num_pages=40, max_num_batched_tokens=8)
-    return AsyncEngine(Engine(tiny_target(), tiny_draft("dspark"), **{**settings, **kwargs}))
+    return Engine(tiny_target(), tiny_draft("dspark"), **{**settings, **kwargs})
+
+
+def build_in_child():
+    """What EngineProcess runs in its child: (engine, tokenizer, model name)."""
+    return tiny_engine(), None, "tiny"
+
+
+def build_that_fails():
+    return tiny_engine(max_num_seqs=0), None, "tiny"
 
 
 async def collect(eng, prompt, params):
@@ -99,3 +113,53 @@ def test_bad_requests_raise_before_streaming():
     tokens = asyncio.run(main())
     ref = generate(tiny_target(), tiny_draft("dspark"), [[1, 2]], max_new_tokens=20, temperature=0.0).tokens[0]
     assert tokens == ref
+
+
+def test_engine_process_streams_equal_generate_and_frees_aborted_pages():
+    ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
+                   scheduler=SCHEDULER).tokens
+
+    async def main():
+        eng = EngineProcess(build_in_child)
+        assert (eng.model_name, eng.tokenizer, eng.limits) == ("tiny", None, tiny_engine().limits)
+        with pytest.raises(ValueError, match="prompt_ids is empty"):  # checked here, before sending
+            eng.add_request([], GREEDY)
+        results = await asyncio.gather(*(collect(eng, p, GREEDY) for p in PROMPTS))
+        stream = eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        got = [await anext(stream) for _ in range(2)]
+        await stream.aclose()  # aborts it in the child
+        for _ in range(200):  # the child reports its statistics after applying the abort
+            if eng.stats().pages_used == 0:
+                break
+            await asyncio.sleep(0.05)
+        stats = eng.stats()
+        await eng.shutdown()
+        return results, got, stats, eng._process.exitcode
+
+    results, got, stats, exitcode = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == ref
+    assert all(not o.finished for o in got) and sum(len(o.new_token_ids) for o in got) >= 2
+    assert stats.pages_used == 0 and stats.running == 0 and stats.rounds > 0
+    assert exitcode == 0  # "stop" ended it
+
+
+def test_engine_process_that_cannot_build_says_why():
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer >= 1"):
+        EngineProcess(build_that_fails)
+
+
+def test_engine_process_that_dies_fails_every_request_loudly():
+    async def main():
+        eng = EngineProcess(build_in_child)
+        stream = eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        await anext(stream)
+        eng._process.kill()  # what the out-of-memory killer would do
+        with pytest.raises(RuntimeError, match="engine step failed: the engine process stopped unexpectedly"):
+            async for _ in stream:
+                pass
+        assert eng.failed
+        with pytest.raises(RuntimeError, match="failed step"):
+            eng.add_request([1], GREEDY)
+        await eng.shutdown()
+
+    asyncio.run(main())
