@@ -21,9 +21,9 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
-import pickle
 import signal
 import threading
+import weakref
 from queue import SimpleQueue
 from typing import AsyncIterator, Callable, Sequence
 
@@ -207,15 +207,18 @@ class EngineProcess(_Front):
         self._process = context.Process(target=_engine_main, args=(child, build), name="dspark-engine", daemon=True)
         self._process.start()
         child.close()
+        # the child ignores SIGTERM (the parent drains first), so at exit it is killed
+        weakref.finalize(self, self._process.kill)
         try:
             message = self._conn.recv()
-        except EOFError:
-            message = ("failed", RuntimeError("the engine process exited while starting"))
+        except Exception as error:  # EOF, or an exception the parent cannot rebuild
+            message = ("failed", RuntimeError(f"the engine process failed while starting ({error!r})"))
         if message[0] == "failed":
             self._process.join(10)
+            self._process.kill()
             raise message[1]
-        _, self.limits, self.tokenizer, self.model_name, self._stats = message
-        self._sent = 0  # requests sent since the last statistics arrived
+        _, self.limits, self.tokenizer, self.model_name, self._stats, self._child_queued = message
+        self._sent = self._consumed = 0  # add messages sent, and taken by the child
         self._outbox: SimpleQueue = SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -228,15 +231,17 @@ class EngineProcess(_Front):
         self._stopping = True
         self._outbox.put(("stop",))
         if self._loop is None:  # nothing was ever sent: no sender thread
-            self._conn.send(("stop",))
+            try:
+                self._conn.send(("stop",))
+            except OSError:  # the child is gone already
+                pass
         await asyncio.to_thread(self._process.join, 30)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()
             await asyncio.to_thread(self._process.join, 10)
-        self._conn.close()
 
     def _queued(self) -> int:
-        return self._stats.waiting + self._sent
+        return self._child_queued + self._sent - self._consumed
 
     def _submit(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
         self._sent += 1
@@ -258,8 +263,10 @@ class EngineProcess(_Front):
             try:
                 self._conn.send(message)
             except OSError as error:
-                self._loop.call_soon_threadsafe(self._failed, f"the engine process is gone ({error})")
+                self._call(self._failed, f"the engine process is gone ({error})")
                 return
+            except Exception as error:  # this request could not be pickled: it fails alone
+                self._call(self._unsent, message[1], RuntimeError(f"request not sent to the engine: {error!r}"))
             if message[0] == "stop":
                 return
 
@@ -267,21 +274,31 @@ class EngineProcess(_Front):
         while True:
             try:
                 message = self._conn.recv()
-            except (EOFError, OSError):
+            except Exception as error:  # EOF when the child is gone, or a message that cannot be read
                 if not self._stopping:
-                    self._loop.call_soon_threadsafe(self._failed, "the engine process stopped unexpectedly")
+                    self._call(self._failed, f"the engine process stopped unexpectedly ({error!r})")
                 return
-            self._loop.call_soon_threadsafe(self._receive, message)
+            self._call(self._receive, message)
+
+    def _unsent(self, rid: str, error: BaseException) -> None:
+        self._sent -= 1
+        self._deliver(rid, error)
+
+    def _call(self, fn, *args) -> None:
+        """fn(*args) on the event loop, unless it has closed."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
 
     def _receive(self, message) -> None:
         kind, *rest = message
         if kind == "outputs":
-            outputs, self._stats = rest
-            self._sent = 0
+            outputs, *rest = rest
             for output in outputs:
                 self._deliver(output.request_id, output)
-        elif kind == "stats":
-            self._stats, self._sent = rest[0], 0
+        if kind in ("outputs", "stats"):
+            self._stats, self._child_queued, self._consumed = rest
         elif kind == "refused":
             self._deliver(*rest)
         else:  # "failed"
@@ -305,14 +322,15 @@ def _engine_main(conn, build) -> None:
     configure_logging()
     try:
         engine, tokenizer, name = build()
+        conn.send(("ready", engine.limits, tokenizer, name, engine.stats(), engine.num_queued))
     except Exception as error:  # the parent raises it (a bad flag or checkpoint is the user's error)
         try:
             conn.send(("failed", error))
-        except (pickle.PicklingError, TypeError, AttributeError):
+        except Exception:  # it does not pickle
             conn.send(("failed", RuntimeError(f"the engine did not start: {type(error).__name__}: {error}")))
         return
+    consumed = 0  # add messages taken
     try:
-        conn.send(("ready", engine.limits, tokenizer, name, engine.stats()))
         while True:
             if not engine.has_unfinished():
                 conn.poll(None)  # idle: wait for a message
@@ -326,14 +344,15 @@ def _engine_main(conn, build) -> None:
                     engine.abort(message[1])
                     continue
                 _, rid, prompt, params = message
+                consumed += 1
                 try:
                     engine.add_request(prompt, params, request_id=rid)
                 except (ValueError, EngineFull) as error:
                     conn.send(("refused", rid, error))
             if engine.has_unfinished():
-                conn.send(("outputs", engine.step(), engine.stats()))
+                conn.send(("outputs", engine.step(), engine.stats(), engine.num_queued, consumed))
             elif changed:
-                conn.send(("stats", engine.stats()))
+                conn.send(("stats", engine.stats(), engine.num_queued, consumed))
     except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent is gone
         return
     except Exception as error:

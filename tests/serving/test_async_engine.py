@@ -3,6 +3,9 @@ tokens as rounds commit them, equal to `generate`'s output, and a consumer that 
 aborts its request and frees its pages."""
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -163,3 +166,19 @@ def test_engine_process_that_dies_fails_every_request_loudly():
         await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_parent_that_exits_without_shutdown_takes_the_child_with_it():
+    """The child ignores SIGTERM (the parent drains on it first), so the parent kills it at
+    exit rather than waiting for it forever."""
+    code = ("from dspark_jax.serving import EngineProcess\n"
+            "from tests.serving.test_async_engine import build_in_child\n"
+            "e = EngineProcess(build_in_child)\n"
+            "print('child pid', e._process.pid, flush=True)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr
+    child = int(next(line for line in proc.stdout.splitlines() if line.startswith("child pid")).split()[-1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone (and reaped)
