@@ -116,7 +116,7 @@ class RequestLimits:
         if any(t >= vocab for t in stop_ids):
             raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
         max_new = min(params.max_tokens, self.max_model_len - len(prompt))
-        need = -(-(len(prompt) + max_new + self.gamma + 1) // self.page_size)
+        need = self.pages_for(len(prompt) + max_new + self.gamma + 1)
         if need > self.usable_pages:
             raise ValueError(f"a request of {len(prompt)} prompt tokens and max_tokens={params.max_tokens} needs "
                              f"{need} KV pages; the pool has {self.usable_pages}")
@@ -127,6 +127,9 @@ class RequestLimits:
         context, as far as the whole KV pool holds it (< 1: the prompt alone is too long)."""
         pool = self.usable_pages * self.page_size - self.gamma - 1
         return min(self.max_model_len, pool) - prompt_len
+
+    def pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
 
 
 @dataclasses.dataclass(eq=False)
@@ -212,6 +215,10 @@ class Engine:
         if num_pages is None:
             num_pages = pages_for_budget(kv_memory, per_page, jax.devices()[0] if mesh is None else mesh.devices.flat[0])
         self.pages = PageAllocator(num_pages)
+        # what a request is checked against (picklable: a client in another process checks
+        # requests with it before sending them)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.eos_ids, max_stop_ids, max_waiting,
+                                    self.pages.usable, page_size, self.gamma)
         log.info("KV pool: %d pages of %d positions (%.1f MiB per device)", num_pages, page_size,
                  num_pages * per_page / 2**20)
 
@@ -255,13 +262,6 @@ class Engine:
         """Waiting requests that count against `max_waiting`: those never admitted (a
         preempted request was accepted once and is never refused for the bound)."""
         return len(self._waiting) - self._preempted_waiting
-
-    @property
-    def limits(self) -> "RequestLimits":
-        """What a request is checked against (picklable: a client in another process checks
-        requests with it before sending them)."""
-        return RequestLimits(self.target.config.vocab_size, self.max_model_len, self.eos_ids, self.max_stop_ids,
-                             self.max_waiting, self.pages.usable, self.page_size, self.gamma)
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], tuple[int, ...], int]:
         """Raises the ValueError `add_request` would for this prompt and params, changing
@@ -350,7 +350,7 @@ class Engine:
             r.launched += firsts[-1]
         return _Launch(decoding, [r for r, _ in chunks], firsts), filtered, table, running, batch
 
-    def _dispatch(self, launch: "_Launch", filtered: bool, table, running, batch) -> "_Launch":
+    def _dispatch(self, launch: _Launch, filtered: bool, table, running, batch) -> _Launch:
         """Runs the planned programs without waiting for them; starts copying their outputs to the host."""
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
         models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
@@ -364,7 +364,7 @@ class Engine:
         self._stats.steps += 1
         return launch
 
-    def _commit(self, launch: "_Launch") -> list[RequestOutput]:
+    def _commit(self, launch: _Launch) -> list[RequestOutput]:
         """Waits for a launched step and commits its tokens to the requests still alive (one
         finished or aborted since the launch is skipped)."""
         rnd, prefilled = jax.device_get((launch.rnd, launch.prefilled))
@@ -454,7 +454,7 @@ class Engine:
         return max(1, bucket(self.max_num_batched_tokens) // width), width
 
     def _pages_for(self, positions: int) -> int:
-        return -(-positions // self.page_size)
+        return self.limits.pages_for(positions)
 
     def _grow(self, r: _Request, positions: int) -> bool:
         """Gives r pages for `positions` positions; False (nothing taken) if too few are free."""
