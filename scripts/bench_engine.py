@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], choices=["ar", "fixed", "sched"])
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
                    help="async: plan each step while the previous one runs; sync: one step at a time")
+    p.add_argument("--scheduler-steps", type=int, nargs="+", default=[1],
+                   help="the engine's num_scheduler_steps values to run (decoding rounds per step)")
     p.add_argument("--sps", help="for sched: an SPS table to use (a file with an \"sps\" list, such as an earlier "
                                  "run's --out) instead of profiling one")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
@@ -140,17 +142,18 @@ def main(argv=None) -> None:
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
-    for mode, scheduling in itertools.product(args.modes, args.scheduling):
+    for mode, scheduling, rounds in itertools.product(args.modes, args.scheduling, args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,
                         scheduler=PrefixScheduler(sps, temperatures) if mode == "sched" else None,
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
-                        max_num_batched_tokens=2048, async_scheduling=scheduling == "async")
+                        max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
+                        num_scheduler_steps=rounds)
         for c in args.concurrency:
             total = max(2 * c, 8)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             compiled, before = programs(), engine.stats()
-            row = {"mode": mode, "scheduling": scheduling, "concurrency": c,
+            row = {"mode": mode, "scheduling": scheduling, "scheduler_steps": rounds, "concurrency": c,
                    **closed_loop(engine, prompts, c, total, params)}
             after = engine.stats()
             row["compiled_during"] = programs() - compiled
@@ -164,11 +167,11 @@ def main(argv=None) -> None:
           f"mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
-    print("| mode | scheduling | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| mode | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['mode']} | {r['scheduling']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | "
-              f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
+        print(f"| {r['mode']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
+              f"{r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
 
 
 if __name__ == "__main__":

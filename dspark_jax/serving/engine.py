@@ -8,9 +8,13 @@ A request goes waiting -> prefilling -> decoding -> finished:
 - prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
   (all prefilling requests together), mixed into the same step as the decoding rounds (the
   chunks of a step are padded to a power-of-two width, in as many rows as the budget holds);
-- decoding: each step runs one round for every decoding request (`spec_round`: the draft
-  proposes, the scheduler picks verify lengths, the target verifies, rejection sampling
-  commits), after the host has given it pages for the round's writes.
+- decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
+  (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
+  rejection sampling commits), after the host has given it pages for those rounds' writes.
+  Several rounds per step divide the host's work per step (planning, the launch, reading
+  back) among them: for a small model that work, not the device, sets the pace. The cost is
+  latency: a request admitted during a step starts after it, and a request that finishes in
+  its first round sits idle for the rest.
 
 When pages run out for a decoding request, the newest request is preempted: its pages and
 slot are freed and it goes back to the front of the queue; later its prompt plus the tokens
@@ -180,19 +184,21 @@ class Engine:
     (the chunk size); max_waiting: queue bound; max_stop_ids: stop ids per request (EOS ids
     included); seed: where requests without a seed get theirs; mesh: a (data, fsdp, tensor)
     mesh to run under (weights and KV pages are split over its tensor axis);
-    async_scheduling: plan each step while the previous one runs (`step`).
+    async_scheduling: plan each step while the previous one runs (`step`);
+    num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea).
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
                  page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
-                 max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True):
+                 max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
+                 num_scheduler_steps: int = 1):
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
         check_setup(cfg, None if draft is None else draft.config, scheduler)
         for name, value in (("max_num_seqs", max_num_seqs), ("page_size", page_size),
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_waiting", max_waiting),
-                            ("max_stop_ids", max_stop_ids)):
+                            ("max_stop_ids", max_stop_ids), ("num_scheduler_steps", num_scheduler_steps)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         limit = cfg.max_position_embeddings - (self.gamma + 1)
@@ -203,7 +209,7 @@ class Engine:
         if mesh is not None:
             target, draft = _place(target, draft, mesh)
         self.target, self.draft, self.scheduler, self.mesh = target, draft, scheduler, mesh
-        self.async_scheduling = async_scheduling
+        self.async_scheduling, self.num_scheduler_steps = async_scheduling, num_scheduler_steps
         self.max_num_seqs, self.page_size = max_num_seqs, page_size
         self.max_num_batched_tokens, self.max_waiting, self.max_stop_ids = max_num_batched_tokens, max_waiting, max_stop_ids
         self.eos_ids = tuple(cfg.eos_token_ids)
@@ -297,15 +303,15 @@ class Engine:
     # ---------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Runs one device step: a round for every decoding request and a prefill chunk for
-        those still prefilling (admitting waiting requests first). Returns the tokens each
-        request committed (a finished request's last output ends its stream).
+        """Runs one device step: `num_scheduler_steps` rounds for every decoding request and a
+        prefill chunk for those still prefilling (admitting waiting requests first). Returns
+        the tokens each request committed (a finished request's last output ends its stream).
 
         With asynchronous scheduling, what a step returns is the previous step's tokens: step
         n + 1 is planned (on upper bounds of the tokens step n commits) and launched before step
         n is read back, so the device always has the next step queued and the host's planning
         and bookkeeping overlap the device's work. When the free pages might not cover the next
-        round's writes, the previous step is committed before planning, so that preemption
+        step's writes, the previous step is committed before planning, so that preemption
         decides on known lengths."""
         outputs = []
         if self._inflight is not None and self._round_pages_needed() > self.pages.num_free:
@@ -323,13 +329,23 @@ class Engine:
 
     def _plan(self) -> tuple | None:
         """The next step's rows and host-side inputs, with the requests' books updated as if
-        it had run (None: nothing to run)."""
+        it had run (None: nothing to run). A request whose prefill ends in this step joins the
+        step's rounds too (the prefill runs first) when pages for them are free."""
         decoding = self._plan_decoding()
         chunks = self._plan_prefill()
         if not decoding and not chunks:
             return None
         filtered = any(r.params.filtered for r in self._slots if r is not None)
         batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered) if chunks else None
+        firsts = []
+        for r, n in chunks:
+            r.computed += n
+            r.decoding = r.computed == len(r.context)
+            firsts.append(r.decoding and not r.output)  # resumed requests know their next token
+            r.unread += firsts[-1]
+            r.launched += firsts[-1]
+        decoding += [r for r, _ in chunks if r.decoding and not self._surely_done(r)
+                     and self._grow(r, self._round_positions(r))]
         table = running = None
         if decoding:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
@@ -338,16 +354,8 @@ class Engine:
             for r in decoding:
                 table[r.slot, : len(r.pages)] = r.pages
                 running[r.slot] = True
-        for r in decoding:
-            r.unread += self.gamma + 1
-            r.launched += 1
-        firsts = []
-        for r, n in chunks:
-            r.computed += n
-            r.decoding = r.computed == len(r.context)
-            firsts.append(r.decoding and not r.output)  # resumed requests know their next token
-            r.unread += firsts[-1]
-            r.launched += firsts[-1]
+                r.unread += self.num_scheduler_steps * (self.gamma + 1)
+                r.launched += self.num_scheduler_steps
         return _Launch(decoding, [r for r, _ in chunks], firsts), filtered, table, running, batch
 
     def _dispatch(self, launch: _Launch, filtered: bool, table, running, batch) -> _Launch:
@@ -355,10 +363,10 @@ class Engine:
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
         models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
                   self.target.params, None if self.draft is None else self.draft.params)
-        if table is not None:
-            state, *launch.rnd = engine_round(*models, state, table, running)
         if batch is not None:
             state, *launch.prefilled = engine_prefill(*models, state, batch)
+        if table is not None:
+            state, *launch.rnd = engine_round(*models, state, table, running, self.num_scheduler_steps)
         self._state = state
         jax.tree.map(lambda x: x.copy_to_host_async(), (launch.rnd, launch.prefilled))
         self._stats.steps += 1
@@ -369,11 +377,6 @@ class Engine:
         finished or aborted since the launch is skipped)."""
         rnd, prefilled = jax.device_get((launch.rnd, launch.prefilled))
         outputs = []
-        for r in launch.decoding:
-            r.unread -= self.gamma + 1
-            r.launched -= 1
-            if self._requests.get(r.id) is r:
-                outputs.append(self._finish_round(r, *rnd))
         for i, (r, first) in enumerate(zip(launch.prefilling, launch.firsts)):
             r.unread -= first
             r.launched -= first
@@ -381,16 +384,22 @@ class Engine:
                 token = int(prefilled[0][i])
                 r.output.append(token)
                 outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
+        for r in launch.decoding:
+            r.unread -= self.num_scheduler_steps * (self.gamma + 1)
+            r.launched -= self.num_scheduler_steps
+            if self._requests.get(r.id) is r:
+                outputs.append(self._finish_round(r, *rnd))
         return outputs
 
     def _round_positions(self, r: _Request) -> int:
-        """Positions r's next round may write up to: its context, the tokens steps in flight
-        may still commit (a request with max_new tokens is done and writes nothing), and a
-        verify block."""
-        return len(r.prompt) + min(len(r.output) + r.unread, r.max_new - 1) + self.gamma
+        """Positions r's next step may write up to: its context, the tokens steps in flight and
+        the step's rounds before its last may commit (a request with max_new tokens is done
+        and writes nothing), and a verify block."""
+        ahead = r.unread + (self.num_scheduler_steps - 1) * (self.gamma + 1)
+        return len(r.prompt) + min(len(r.output) + ahead, r.max_new - 1) + self.gamma
 
     def _surely_done(self, r: _Request) -> bool:
-        """Steps in flight will finish r: each commits at least one token unless r stops."""
+        """Steps in flight will finish r: each round commits at least one token unless r stops."""
         return len(r.output) + r.launched >= r.max_new
 
     def _round_pages_needed(self) -> int:
@@ -516,19 +525,21 @@ class Engine:
                             seeds, stop_ids)
 
     def _finish_round(self, r: _Request, rnd, done) -> RequestOutput:
-        s = r.slot
-        count = int(rnd.count[s])
-        new = rnd.tokens[s, :count].tolist()
+        """Commits r's tokens from a step's rounds (fields [rounds, cap, ...])."""
+        s, st = r.slot, self._stats
+        new = []
+        for k in np.flatnonzero(rnd.active[:, s]):
+            count = int(rnd.count[k, s])
+            new += rnd.tokens[k, s, :count].tolist()
+            st.rounds += 1
+            st.tokens += count
+            if self.gamma:
+                length, accepted = int(rnd.verify_length[k, s]), int(rnd.accepted[k, s])
+                st.verify_length_histogram[length] += 1
+                for j in range(length):
+                    st.verified_at_position[j] += 1
+                    st.accepted_at_position[j] += j < accepted
         r.output += new
-        st = self._stats
-        st.rounds += 1
-        st.tokens += count
-        if self.gamma:
-            length, accepted = int(rnd.verify_length[s]), int(rnd.accepted[s])
-            st.verify_length_histogram[length] += 1
-            for j in range(length):
-                st.verified_at_position[j] += 1
-                st.accepted_at_position[j] += j < accepted
         return self._emit(r, new, bool(done[s]))
 
     def _emit(self, r: _Request, new: list[int], done: bool) -> RequestOutput:

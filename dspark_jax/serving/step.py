@@ -4,14 +4,15 @@ The device state is a `DecodeState` over every request slot of the engine (`max_
 rows) whose caches are `PagedKVCache` pools with no rows attached. Between programs the host
 owns the block tables; each program attaches the tables of the rows it runs:
 
-1. `engine_round`: a decoding round (`spec_round`: speculative, or autoregressive without a
-   draft) over slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running`;
+1. `engine_round`: `num_rounds` decoding rounds in a row (`spec_round`: speculative, or
+   autoregressive without a draft) over slots 0..cap-1, cap = table.shape[0], for the rows the
+   host marks `running` (a row that finishes sits out the remaining rounds);
 2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
    (`extend_context`), written through the rows' own tables; rows whose chunk ends their
-   context join the state at their slots, ready for the next round.
+   context join the state at their slots, ready for a round.
 
-An engine step runs the round, then the prefill, each only when it has rows. They are two
-programs, not one, so that the programs compiled are the round shapes plus the prefill shapes
+An engine step runs the prefill, then the rounds, each only when it has rows (a row whose
+prefill ends its context decodes in the same step's rounds). They are two programs, not one, so that the programs compiled are the round shapes plus the prefill shapes
 rather than their product. Each is specialised on shapes only (the round on its capacity and
 table width, the prefill on its rows, chunk width and table width), all bucketed by the
 engine, so a new request never compiles anything.
@@ -60,23 +61,29 @@ def _detach(rows_cache, pools, cap: int):
     return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(rows_cache.lengths))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
-def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running
-                 ) -> tuple[DecodeState, RoundOutput, jax.Array]:
-    """One round for the running rows among slots 0..cap-1. table [cap, M] block tables (free
-    slots point at the scratch page); running [cap] bool. Returns the state, the round's
-    output for slots 0..cap-1, and done [cap] after it."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 8), donate_argnums=(5,))
+def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running,
+                 num_rounds: int) -> tuple[DecodeState, RoundOutput, jax.Array]:
+    """num_rounds rounds for the running rows among slots 0..cap-1. table [cap, M] block
+    tables (free slots point at the scratch page; a row's pages cover all the rounds' writes);
+    running [cap] bool. Returns the state, the rounds' outputs for slots 0..cap-1 (each field
+    [num_rounds, cap, ...]), and done [cap] after the last round."""
     cap = table.shape[0]
-    rows = _rows(state._replace(target_cache=None, draft_cache=None), cap)
-    rows = rows._replace(
+    before = _rows(state._replace(target_cache=None, draft_cache=None), cap)
+    rows = before._replace(
         target_cache=state.target_cache.rows(table, state.target_cache.lengths[:cap]),
         draft_cache=None if draft is None else state.draft_cache.rows(table, state.draft_cache.lengths[:cap]),
-        done=rows.done | ~running,
+        done=before.done | ~running,
     )
-    rows, out = spec_round(target, draft, scheduler, target_params, draft_params, rows)
+    rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r),
+                             rows, length=num_rounds)
+    # rows that did not run keep their state as it was (a row just prefilled waits for its first round)
+    keep = lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(
+        running.reshape((cap,) + (1,) * (new.ndim - 1)), new, old)
+    rows_state = jax.tree.map(keep, rows._replace(target_cache=None, draft_cache=None), before)
     pools_t, pools_d = state.target_cache, state.draft_cache
     state = jax.tree.map(lambda x, r: x.at[:cap].set(r), state._replace(target_cache=None, draft_cache=None),
-                         rows._replace(target_cache=None, draft_cache=None))
+                         rows_state)
     state = state._replace(target_cache=_detach(rows.target_cache, pools_t, cap),
                            draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, cap))
     return state, out, state.done[:cap]

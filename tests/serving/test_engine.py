@@ -172,12 +172,12 @@ def test_seeded_request_samples_the_same_alone_and_in_a_busy_batch(config):
     assert any(params.filtered for _, params in others)  # steps with mine run the top-k/top-p program
 
     (alone,), _, _ = serve(tiny_engine(config), [mine])
-    busy_engine = tiny_engine(config)
+    busy_engine = tiny_engine(config, num_pages=6)  # 5 usable pages: preemptions
     busy, _, _ = serve(busy_engine, others[:10] + [mine] + others[10:])
     assert busy[10] == alone and len(alone) == MAX_TOKENS
     # planning each step before the last one is read back changes which requests share a step
     # and when they are preempted, never their tokens (unseeded requests get the same seeds)
-    sync_engine = tiny_engine(config, async_scheduling=False)
+    sync_engine = tiny_engine(config, async_scheduling=False, num_pages=6)
     assert serve(sync_engine, others[:10] + [mine] + others[10:])[0] == busy
     assert sync_engine.stats().preemptions > 0
     # the draws do depend on the seed
@@ -266,7 +266,10 @@ def test_preempted_requests_wait_outside_the_queue_bound():
     """A preempted request goes back to the front of the queue without taking one of its
     `max_waiting` places: with one waiting after a preemption, two new requests are still
     accepted (a third is refused), and all finish with their greedy answers."""
-    eng = tiny_engine("dspark", max_waiting=2, num_pages=5)  # 4 usable pages: two long requests do not fit
+    # 4 usable pages: two long requests do not fit. (Synchronous scheduling: asynchronous
+    # planning books the first request's fourth page before the second is admitted, so the
+    # second waits instead of being preempted.)
+    eng = tiny_engine("dspark", max_waiting=2, num_pages=5, async_scheduling=False)
     longest = sorted(range(len(PROMPTS)), key=lambda i: -len(PROMPTS[i]))[:4]
     index = {eng.add_request(PROMPTS[i], greedy()): i for i in longest[:2]}
     tokens = {}
@@ -335,30 +338,64 @@ def test_bad_requests_are_refused_and_the_engine_serves_on():
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     """Asynchronous scheduling launches step n + 1 before reading step n back, so each step
-    returns the previous one's tokens; synchronous scheduling returns its own."""
+    returns the previous one's tokens; synchronous scheduling returns its own. A request whose
+    prompt is one chunk gets its first token and a round's in its first step."""
     eng = tiny_engine("ar", async_scheduling=async_scheduling)
     i = next(i for i, p in enumerate(PROMPTS) if len(p) <= SMALL["max_num_batched_tokens"])
-    rid = eng.add_request(PROMPTS[i], greedy(3))  # one prefill chunk, then two rounds
+    rid = eng.add_request(PROMPTS[i], greedy(3))  # a prefill chunk and a round, then a round
     first, second = eng.step(), eng.step()
     assert eng.stats().steps == 2
-    assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1]] + (
-        [] if async_scheduling else [expected(i, 3)[1:2]])
-    rest = finish(eng)
-    assert [t for o in first + second for t in o.new_token_ids] + rest[rid] == expected(i, 3)
+    assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1], expected(i, 3)[1:2]] + (
+        [] if async_scheduling else [expected(i, 3)[2:3]])
+    rest = finish(eng).get(rid, [])
+    assert [t for o in first + second for t in o.new_token_ids] + rest == expected(i, 3)
     assert_drained(eng)
 
 
-def test_a_request_runs_to_the_end_of_the_context():
+@pytest.mark.parametrize("rounds", [1, 3], ids=["one-round-steps", "three-round-steps"])
+def test_a_request_runs_to_the_end_of_the_context(rounds):
     """Planning on the tokens steps in flight may commit never asks for pages past a request's
     last position: a prompt plus max_tokens filling max_model_len, whose pages end exactly
     where a verify block after the last token does, in a pool with pages to spare."""
-    eng = tiny_engine("dspark", num_pages=40)
+    eng = tiny_engine("dspark", num_pages=40, num_scheduler_steps=rounds)
     prompt = PROMPTS[0][:10]
     max_tokens = eng.max_model_len - len(prompt)
     assert (eng.max_model_len + eng.gamma + 1) % eng.page_size == 0 and eng.gamma >= 3
     (tokens,), _, _ = serve(eng, [(prompt, greedy(max_tokens, ignore_eos=True))])
     assert tokens == generate(tiny_target(), None, [prompt], max_new_tokens=max_tokens, temperature=0.0,
                               stop_ids=()).tokens[0]
+    assert_drained(eng)
+
+
+def test_several_rounds_per_step_keep_greedy_tokens():
+    """With num_scheduler_steps rounds per step (the scheduler's state carried from round to
+    round), requests are admitted, preempted and finished (at EOS or max_tokens, in any of a
+    step's rounds) at other times than with one, and still get generate's tokens."""
+    eng = tiny_engine("dspark-async", num_scheduler_steps=3, num_pages=6)  # 5 usable pages: preemptions
+    tokens, reasons, _ = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
+    assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
+    assert reasons == ["stop" if t[-1] == EOS else "length" for t in tokens]
+    stats = eng.stats()
+    assert stats.preemptions > 0
+    assert stats.tokens == sum(map(len, tokens)) - len(tokens)  # every round's tokens, once
+    assert stats.rounds > 2 * stats.steps  # several rounds per step, not one
+    assert_drained(eng)
+
+
+def test_several_rounds_per_step_keep_sampled_tokens():
+    """Seeded sampled requests (mixed temperatures and top_p) get the same tokens with three
+    rounds per step as with one. (With a scheduler they may not: the verify lengths it picks
+    depend on which requests share a round, and so do the draws that follow.)"""
+    rng = np.random.default_rng(3)
+    sampled = [(PROMPTS[i], SamplingParams(temperature=float(rng.choice([0.0, 0.6, 1.0])),
+                                           top_p=float(rng.choice([1.0, 0.8])), seed=int(rng.integers(2**32)),
+                                           max_tokens=int(rng.integers(1, MAX_TOKENS + 1))))
+               for i in range(24)]
+    eng = tiny_engine("dspark", num_scheduler_steps=3)
+    several = serve(eng, sampled)[0]
+    assert several == serve(tiny_engine("dspark"), sampled)[0]
+    assert several != [expected(i, p.max_tokens) for i, (_, p) in enumerate(sampled)]  # sampled, not greedy
+    assert eng.stats().rounds > 2 * eng.stats().steps
     assert_drained(eng)
 
 

@@ -2,7 +2,8 @@
 
 The server runs a tiny random target (written as a transformers directory) with a random
 DSpark draft in DeepSpec's format and the confidence scheduler (`--scheduler prefix` over
-test_lossless's SPS table, so rows verify 1..4 tokens depending on confidence):
+test_lossless's SPS table, so rows verify 1..4 tokens depending on confidence), two decoding
+rounds per engine step (`--num-scheduler-steps 2`):
 
 - 64 concurrent clients each get exactly their offline greedy answer;
 - answers sampled at T=1 through HTTP (8 requests of n=512 choices, seeded) follow the
@@ -42,7 +43,8 @@ def server(tmp_path_factory):
     (d / "sps.json").write_text(json.dumps({"sps": list(SERVING_SPS)}))
     srv = LiveServer("--model", str(d / "target"), "--draft", str(d / "draft"), "--scheduler", "prefix",
                      "--sps", str(d / "sps.json"), "--dtype", "float32", "--max-num-seqs", "64", "--page-size", "4",
-                     "--kv-memory", str(4 << 20), "--max-num-batched-tokens", "256", "--served-model-name", "tiny")
+                     "--kv-memory", str(4 << 20), "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
+                     "--num-scheduler-steps", "2")
     yield srv
     srv.stop()
 
