@@ -33,7 +33,6 @@ from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_pro
 from dspark_jax.evaluation.sps import load_table, profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
-from dspark_jax.serving.step import engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,6 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
     return {"requests": len(finish), "tokens": sum(counts.values()), "seconds": seconds,
             "tokens_per_s": sum(counts.values()) / seconds,
             "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99))}
-
-
-def programs() -> int:
-    """Engine programs compiled so far in this process."""
-    return engine_round._cache_size() + engine_prefill._cache_size()
 
 
 def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
@@ -152,11 +146,11 @@ def main(argv=None) -> None:
         for c in args.concurrency:
             total = max(2 * c, 8)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
-            compiled, before = programs(), engine.stats()
+            before = engine.stats()
             row = {"mode": mode, "scheduling": scheduling, "scheduler_steps": rounds, "concurrency": c,
                    **closed_loop(engine, prompts, c, total, params)}
             after = engine.stats()
-            row["compiled_during"] = programs() - compiled
+            row["compiled_during"] = after.program_shapes - before.program_shapes
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             results["rows"].append(row)
             log.info("%s", json.dumps(row))

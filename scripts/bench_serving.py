@@ -14,7 +14,9 @@ Before each measured level the same load runs once to warm the server up (compil
 Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
 token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
 server's mean tokens per decoding round over the level (from its /metrics; 1.0 without a
-draft). JSON goes to --out, a markdown table to stdout.
+draft), and the engine program shapes it met for the first time during the measured run
+(each one compiled there, which a nonzero count warns about). JSON goes to --out, a markdown
+table to stdout.
 """
 
 from __future__ import annotations
@@ -76,22 +78,24 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
     return list(await asyncio.gather(*tasks))
 
 
-async def rounds(http) -> tuple[float, float]:
-    """(decoding rounds, tokens they committed) so far, from the server's /metrics."""
+async def counters(http) -> tuple[float, float, float]:
+    """(decoding rounds, tokens they committed, program shapes run) so far, from the server's
+    /metrics (zeros from a server without them)."""
     text = (await http.get("/metrics")).text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return values.get("dspark_decode_rounds_total", 0.0), values.get("dspark_round_tokens_total", 0.0)
+    return tuple(values.get(name, 0.0) for name in ("dspark_decode_rounds_total", "dspark_round_tokens_total",
+                                                    "dspark_engine_program_shapes"))
 
 
 async def measure(http, args, prompts, load: str, level: float, total: int) -> dict:
     run = (lambda: closed_loop(http, args, prompts, int(level), total)) if load == "concurrency" else \
         (lambda: poisson(http, args, prompts, level, total))
     await run()  # warm-up: the server compiles this level's shapes
-    r0, t0 = await rounds(http)
+    r0, t0, shapes0 = await counters(http)
     start = time.perf_counter()
     results = await run()
     seconds = time.perf_counter() - start
-    r1, t1 = await rounds(http)
+    r1, t1, shapes1 = await counters(http)
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")
@@ -99,7 +103,8 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "tokens_per_s": sum(r["tokens"] for r in results) / seconds,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
-            "tokens_per_round": (t1 - t0) / (r1 - r0) if r1 > r0 else float("nan")}
+            "tokens_per_round": (t1 - t0) / (r1 - r0) if r1 > r0 else float("nan"),
+            "new_program_shapes": int(shapes1 - shapes0)}
 
 
 async def run(args) -> dict:
@@ -138,11 +143,13 @@ def main(argv=None) -> None:
     out = asyncio.run(run(args))
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"
-    print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round "
+          "| new program shapes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
-              f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
+              f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} "
+              f"| {r['new_program_shapes']} |")
 
 
 if __name__ == "__main__":

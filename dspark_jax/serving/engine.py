@@ -7,7 +7,8 @@ A request goes waiting -> prefilling -> decoding -> finished:
 - admitted in arrival order while a slot (one of `max_num_seqs` rows) and pages are free;
 - prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
   (all prefilling requests together), mixed into the same step as the decoding rounds (the
-  chunks of a step are padded to a power-of-two width, in as many rows as the budget holds);
+  chunks of a step are padded to a power-of-two width, in a power-of-two number of rows that
+  the budget holds);
 - decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
   rejection sampling commits), after the host has given it pages for those rounds' writes.
@@ -74,6 +75,7 @@ class EngineStats:
     verify_length_histogram: list[int]  # rounds that verified 0..gamma draft tokens
     accepted_at_position: list[int]  # rounds whose draft token j+1 was accepted
     verified_at_position: list[int]  # rounds that verified draft token j+1
+    program_shapes: int = 0  # distinct device-program shapes run (each compiled when first run)
 
     @property
     def tokens_per_round(self) -> float:
@@ -230,6 +232,7 @@ class Engine:
 
         self._state = self._initial_state(num_pages)
         self._inflight: _Launch | None = None
+        self._shapes: set[tuple] = set()  # the device programs' shapes run so far
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
         self._preempted_waiting = 0  # preempted requests in _waiting
@@ -298,7 +301,7 @@ class Engine:
             s, running=sum(r is not None for r in self._slots), waiting=len(self._waiting),
             pages_used=self.pages.num_used, pages_free=self.pages.num_free,
             verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
-            verified_at_position=list(s.verified_at_position))
+            verified_at_position=list(s.verified_at_position), program_shapes=len(self._shapes))
 
     # ---------------------------------------------------------------------- step
 
@@ -365,8 +368,10 @@ class Engine:
                   self.target.params, None if self.draft is None else self.draft.params)
         if batch is not None:
             state, *launch.prefilled = engine_prefill(*models, state, batch)
+            self._shapes.add(("prefill", batch.tokens.shape, batch.table.shape, filtered))
         if table is not None:
             state, *launch.rnd = engine_round(*models, state, table, running, self.num_scheduler_steps)
+            self._shapes.add(("round", table.shape, filtered))
         self._state = state
         jax.tree.map(lambda x: x.copy_to_host_async(), (launch.rnd, launch.prefilled))
         self._stats.steps += 1
@@ -425,7 +430,7 @@ class Engine:
 
     def _plan_prefill(self) -> list[tuple[_Request, int]]:
         """(request, chunk length) for the prefilling requests, then admitted waiting ones, in
-        arrival order, within the token budget and the free pages. The batch's shape is
+        arrival order, within the token budget and the free pages. The batch holds at most
         (budget // width) rows of `width` tokens, width the power of two that holds the longest
         chunk; chunks beyond those rows wait for the next step (their requests keep their slot)."""
         budget = self.max_num_batched_tokens
@@ -458,9 +463,11 @@ class Engine:
         return chunks[:rows]
 
     def _prefill_shape(self, chunks) -> tuple[int, int]:
-        """(rows, width) of the prefill batch: rows * width = the token budget's power of two."""
+        """(rows, width) of the prefill batch: the powers of two that hold the chunks and the
+        longest chunk, rows * width at most the token budget's power of two (a lone short
+        prompt computes its own bucket, not the whole budget)."""
         width = bucket(max(n for _, n in chunks))
-        return max(1, bucket(self.max_num_batched_tokens) // width), width
+        return min(bucket(len(chunks), 1), max(1, bucket(self.max_num_batched_tokens) // width)), width
 
     def _pages_for(self, positions: int) -> int:
         return self.limits.pages_for(positions)

@@ -31,6 +31,9 @@ class EngineCollector:
         yield CounterMetricFamily("dspark_num_preemptions", "Requests preempted for KV pages (recomputed later).",
                                   value=s.preemptions)
         yield CounterMetricFamily("dspark_engine_steps", "Device steps run.", value=s.steps)
+        yield GaugeMetricFamily("dspark_engine_program_shapes",
+                                "Distinct device-program shapes run so far (each compiled when first run).",
+                                value=s.program_shapes)
         yield CounterMetricFamily("dspark_decode_rounds", "Decoding rounds, summed over requests.", value=s.rounds)
         yield CounterMetricFamily("dspark_round_tokens", "Tokens committed by decoding rounds.", value=s.tokens)
         yield GaugeMetricFamily("dspark_tokens_per_round", "Mean tokens a decoding round commits (accepted + 1).",

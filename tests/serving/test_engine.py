@@ -345,6 +345,7 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     rid = eng.add_request(PROMPTS[i], greedy(3))  # a prefill chunk and a round, then a round
     first, second = eng.step(), eng.step()
     assert eng.stats().steps == 2
+    assert eng.stats().program_shapes == 2  # the first step's prefill and round; the second reran that round
     assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1], expected(i, 3)[1:2]] + (
         [] if async_scheduling else [expected(i, 3)[2:3]])
     rest = finish(eng).get(rid, [])
