@@ -9,8 +9,9 @@ with the confidence scheduler, Algorithm 1 over an SPS table profiled at the sta
 and each concurrency c, a closed loop keeps c requests in flight: 2c requests (at least 8),
 each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
-loop runs once to compile the engine's programs; programs still compiled during the measured
-loop are reported. Output tokens/s counts every generated token over the loop's wall time;
+loop runs once to compile the engine's programs; program shapes the engine first met during
+the measured loop are reported (each one compiled there, unless an earlier engine of this
+run with the same models and rounds per step had compiled it). Output tokens/s counts every generated token over the loop's wall time;
 time per output token (TPOT) is a request's (finish - first token) / (tokens - 1), p50/p99
 over requests. The static baseline is `generate` on c prompts at once (compilation excluded).
 """

@@ -12,10 +12,12 @@ A request goes waiting -> prefilling -> decoding -> finished:
 - decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
   rejection sampling commits), after the host has given it pages for those rounds' writes.
-  Several rounds per step divide the host's work per step (planning, the launch, reading
-  back) among them: for a small model that work, not the device, sets the pace. The cost is
-  latency: a request admitted during a step starts after it, and a request that finishes in
-  its first round sits idle for the rest.
+  A request whose prefill ends in a step joins that step's rounds when pages for them are
+  free. Several rounds per step divide the host's work per step (planning, the launch,
+  reading back) among them: for a small model that work, not the device, sets the pace. The
+  cost is latency: a request admitted during a step starts after it, its first token is read
+  back with the step's rounds (time to first token grows by about that many rounds), and a
+  request that finishes in its first round sits idle for the rest.
 
 When pages run out for a decoding request, the newest request is preempted: its pages and
 slot are freed and it goes back to the front of the queue; later its prompt plus the tokens
@@ -23,10 +25,11 @@ it has generated are prefilled again and it continues where it stopped, with the
 stream (a request's draws depend only on its seed and token positions), so nothing is
 dropped and nothing changes. A request that could never fit the pool is refused when added.
 
-The device programs (`dspark_jax.serving.step`: a round, then a prefill) are specialised on
-bucketed shapes only: the round's capacity (a power of two covering the highest decoding
-slot), each program's block-table width (a power of two of pages), the prefill chunk width (a
-power of two; rows follow from the budget) and whether any request uses top-k/top-p.
+The device programs (`dspark_jax.serving.step`: a prefill, then the rounds) are specialised
+on bucketed shapes only: the round's capacity (a power of two covering the highest decoding
+slot), each program's block-table width (a power of two of pages), the prefill's chunk width
+and rows (powers of two holding the longest chunk and the chunks) and whether any request
+uses top-k/top-p; the rounds per step are fixed per engine.
 """
 
 from __future__ import annotations
@@ -412,8 +415,8 @@ class Engine:
                    for r in self._slots if r is not None and r.decoding and not self._surely_done(r))
 
     def _plan_decoding(self) -> list[_Request]:
-        """Decoding requests, each with pages for this round's writes; preempts the newest
-        requests when pages run out."""
+        """Decoding requests, each with pages for this step's rounds' writes; preempts the
+        newest requests when pages run out."""
         decoding = sorted((r for r in self._slots if r is not None and r.decoding and not self._surely_done(r)),
                           key=lambda r: r.arrival)
         planned = []
@@ -431,7 +434,7 @@ class Engine:
     def _plan_prefill(self) -> list[tuple[_Request, int]]:
         """(request, chunk length) for the prefilling requests, then admitted waiting ones, in
         arrival order, within the token budget and the free pages. The batch holds at most
-        (budget // width) rows of `width` tokens, width the power of two that holds the longest
+        bucket(budget) // width rows of `width` tokens, width the power of two that holds the longest
         chunk; chunks beyond those rows wait for the next step (their requests keep their slot)."""
         budget = self.max_num_batched_tokens
         chunks = []

@@ -12,10 +12,12 @@ owns the block tables; each program attaches the tables of the rows it runs:
    context join the state at their slots, ready for a round.
 
 An engine step runs the prefill, then the rounds, each only when it has rows (a row whose
-prefill ends its context decodes in the same step's rounds). They are two programs, not one, so that the programs compiled are the round shapes plus the prefill shapes
-rather than their product. Each is specialised on shapes only (the round on its capacity and
-table width, the prefill on its rows, chunk width and table width), all bucketed by the
-engine, so a new request never compiles anything.
+prefill ends its context decodes in the same step's rounds when the host has pages for
+them). They are two programs, not one, so that the programs compiled are the round shapes
+plus the prefill shapes rather than their product. Each is specialised on shapes only (the
+round on its capacity and table width, and on the engine's fixed `num_rounds`; the prefill on
+its rows, chunk width and table width), all bucketed by the engine, so a new request never
+compiles anything.
 """
 
 from __future__ import annotations
