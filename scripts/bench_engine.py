@@ -11,9 +11,10 @@ each new one added as soon as one finishes. Every request asks for --max-tokens 
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
 loop runs once to compile the engine's programs; program shapes the engine first met during
 the measured loop are reported (each one compiled there, unless an earlier engine of this
-run with the same models and rounds per step had compiled it). Output tokens/s counts every generated token over the loop's wall time;
-time per output token (TPOT) is a request's (finish - first token) / (tokens - 1), p50/p99
-over requests. The static baseline is `generate` on c prompts at once (compilation excluded).
+run with the same models and rounds per step had compiled it). Output tokens/s counts every
+generated token over the loop's wall time; time per output token (TPOT) is a request's
+(finish - first token) / (tokens - 1), p50/p99 over requests. The static baseline is
+`generate` on c prompts at once (compilation excluded).
 """
 
 from __future__ import annotations
