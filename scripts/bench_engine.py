@@ -5,8 +5,10 @@
     python scripts/bench_engine.py --target qwen3-4b --draft random:dspark --concurrency 1 4 16 64 256
 
 For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; sched: the draft
-with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run)
-and each concurrency c, a closed loop keeps c requests in flight: 2c requests (at least 8),
+with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
+with the draft's seconds per pass, so that it also skips drafting where drafting does not pay;
+sched-always: the same scheduler without the draft's cost, drafting every round) and each
+concurrency c, a closed loop keeps c requests in flight: 2c requests (at least 8),
 each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
 loop runs once to compile the engine's programs; program shapes the engine first met during
@@ -32,7 +34,7 @@ from dspark_jax.console import configure_logging
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
-from dspark_jax.evaluation.sps import load_table, profile_serving_sps
+from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
 
@@ -96,13 +98,15 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="random prompts' length")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], choices=["ar", "fixed", "sched"])
+    p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"],
+                   choices=["ar", "fixed", "sched", "sched-always"])
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
                    help="async: plan each step while the previous one runs; sync: one step at a time")
     p.add_argument("--scheduler-steps", type=int, nargs="+", default=[1],
                    help="the engine's num_scheduler_steps values to run (decoding rounds per step)")
-    p.add_argument("--sps", help="for sched: an SPS table to use (a file with an \"sps\" list, such as an earlier "
-                                 "run's --out) instead of profiling one")
+    p.add_argument("--sps", help="for sched: an SPS table to use (a file with an \"sps\" list, and the draft's "
+                                 "\"draft_seconds\" unless they are to be profiled, such as an earlier run's --out) "
+                                 "instead of profiling one")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
@@ -129,18 +133,20 @@ def main(argv=None) -> None:
     mean_prompt = int(np.mean([len(x) for x in prompts]))
     results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
                "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
-    if "sched" in args.modes:
-        if args.sps:
-            sps = tuple(load_table(args.sps)["sps"])
-        else:
-            sps = profile_serving_sps(target, gamma, sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2)
-        results["sps"] = sps
+    levels, context = sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2
+    if {"sched", "sched-always"} & set(args.modes):
+        table = load_table(args.sps) if args.sps else {}
+        sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))
+        draft_seconds = tuple(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
+        results["sps"], results["draft_seconds"] = sps, draft_seconds
+        schedulers = {"sched": PrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
+                      "sched-always": PrefixScheduler(sps, temperatures)}
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
     for mode, scheduling, rounds in itertools.product(args.modes, args.scheduling, args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,
-                        scheduler=PrefixScheduler(sps, temperatures) if mode == "sched" else None,
+                        scheduler=schedulers.get(mode),
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
@@ -154,6 +160,7 @@ def main(argv=None) -> None:
             after = engine.stats()
             row["compiled_during"] = after.program_shapes - before.program_shapes
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
+            row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
             results["rows"].append(row)
             log.info("%s", json.dumps(row))
             with open(args.out, "w") as f:
@@ -163,11 +170,11 @@ def main(argv=None) -> None:
           f"mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
-    print("| mode | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| mode | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round | "
+          "undrafted |\n|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['mode']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} |")
+              f"{r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ information available before slot j's token was drawn, so speculative decoding s
   so the global search is safe.
 - `ThresholdScheduler`: verify up to the first slot whose sigmoid(c_j) is below a threshold
   (the static baseline of the paper's Figure 5).
+
+The SPS table counts the target's time only. When the draft's own pass is a real share of a
+round (a small target, a weak draft, a large batch), speculating can lose to plain decoding
+whatever the verify lengths. Given the draft's seconds per pass (`draft_seconds`, by row
+count), `speculation_pays` decides before a round is drafted whether it should be: it
+compares the best expected tokens per second of a speculative round, from the confidences
+of the last round drafted, with an autoregressive step's (r rows at SPS(r)). The decision
+uses only earlier rounds, so it never biases the output.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+CONFIDENT = 30.0  # a confidence logit standing for "surely accepted" (sigmoid(30) ~ 1)
 
 
 def survival(conf_logits: jax.Array, temperatures: Sequence[float] | None) -> jax.Array:
@@ -56,14 +67,20 @@ def _admission_order(a: jax.Array, active: jax.Array):
     return order, a_sorted, a_sorted > 0
 
 
+def _expected_tokens(a_sorted, valid, active) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """After admitting 0, 1, ..., B*G candidates in order, each [B*G + 1]: expected tokens a
+    round commits (one per active row plus the admitted survivals), tokens the target
+    verifies, and whether that many candidates exist."""
+    r = jnp.sum(active)
+    n = a_sorted.shape[0]
+    tau = r.astype(jnp.float32) + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(valid, a_sorted, 0.0))])
+    return tau, r + jnp.arange(n + 1), jnp.concatenate([jnp.ones(1, bool), valid])
+
+
 def _throughputs(a_sorted, valid, active, sps) -> jax.Array:
     """Expected throughput after admitting 0, 1, ..., B*G candidates in order: [B*G + 1]."""
-    r = jnp.sum(active).astype(jnp.float32)
-    n = a_sorted.shape[0]
-    tau = r + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(valid, a_sorted, 0.0))])
-    tokens = jnp.sum(active) + jnp.arange(n + 1)
-    theta = tau * _sps_at(sps, tokens)
-    return jnp.where(jnp.concatenate([jnp.ones(1, bool), valid]), theta, -jnp.inf)
+    tau, tokens, exists = _expected_tokens(a_sorted, valid, active)
+    return jnp.where(exists, tau * _sps_at(sps, tokens), -jnp.inf)
 
 
 def _lengths(order, admitted_sorted, shape) -> jax.Array:
@@ -72,13 +89,39 @@ def _lengths(order, admitted_sorted, shape) -> jax.Array:
     return jnp.sum(admitted.reshape(shape), axis=1).astype(jnp.int32)
 
 
+def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.Array:
+    """Whether the next round should draft (bool scalar): always, unless the scheduler knows
+    the draft's cost (`draft_seconds[r - 1]` for r rows); then whether the best expected
+    tokens per second of a speculative round, over every admission count of the candidates
+    of last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row that
+    has not drafted yet, which counts as the mean of the active rows that have, or as sure
+    acceptance when none has), beats r * SPS(r)."""
+    if getattr(scheduler, "draft_seconds", None) is None:
+        return jnp.asarray(True)
+    sps = jnp.asarray(scheduler.sps, jnp.float32)
+    known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
+    seen = active[:, None] & known
+    mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
+    prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
+    last_conf = jnp.where(known, last_conf, prior[None, :])
+    _, a_sorted, valid = _admission_order(survival(last_conf, scheduler.temperatures), active)
+    tau, tokens, exists = _expected_tokens(a_sorted, valid, active)
+    r = jnp.sum(active)
+    draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]
+    speculative = jnp.where(exists, tau / (1.0 / _sps_at(sps, tokens) + draft), -jnp.inf)
+    return jnp.max(speculative) > r * _sps_at(sps, r)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefixScheduler:
-    """Algorithm 1 over a profiled table: sps[B - 1] = target steps per second at B verify tokens."""
+    """Algorithm 1 over a profiled table: sps[B - 1] = target steps per second at B verify
+    tokens; draft_seconds[r - 1] = seconds of the draft's pass over r rows (optional: lets
+    `speculation_pays` skip drafting when it does not pay)."""
 
     sps: tuple[float, ...]
     temperatures: tuple[float, ...] | None = None
     early_stop: bool = True
+    draft_seconds: tuple[float, ...] | None = None
 
     def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
         a = survival(conf_logits, self.temperatures)
@@ -97,14 +140,16 @@ class AsyncPrefixScheduler:
     """Budget from confidences two rounds old, then top-K of the current candidates.
 
     Stateful across rounds: `init_state(batch, gamma)` then `(lengths, state) = step(...)`.
+    draft_seconds as in `PrefixScheduler`.
     """
 
     sps: tuple[float, ...]
     temperatures: tuple[float, ...] | None = None
+    draft_seconds: tuple[float, ...] | None = None
 
     def init_state(self, batch: int, gamma: int) -> tuple[jax.Array, jax.Array]:
         """No history yet: budgets from an all-confident past (verify everything)."""
-        full = jnp.full((batch, gamma), 30.0, jnp.float32)  # sigmoid(30) ~ 1
+        full = jnp.full((batch, gamma), CONFIDENT, jnp.float32)
         return full, full
 
     def step(self, conf_logits, active, state):
@@ -132,9 +177,17 @@ class ThresholdScheduler:
         return jnp.where(active, jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1), 0).astype(jnp.int32)
 
 
+def scheduler_from_table(kind: str, table: dict, temperatures=None):
+    """A "prefix" or "async" scheduler over an SPS table (with its draft_seconds, if any)."""
+    draft = tuple(float(x) for x in table["draft_seconds"]) if table.get("draft_seconds") else None
+    cls = PrefixScheduler if kind == "prefix" else AsyncPrefixScheduler
+    return cls(tuple(float(x) for x in table["sps"]), temperatures, draft_seconds=draft)
+
+
 def scheduler_from_spec(spec: str, temperatures=None):
     """A scheduler from its command-line spelling: none | threshold:<t> | prefix:<sps.json> |
-    async:<sps.json> (an SPS table written by `python -m dspark_jax profile-sps`); None for none."""
+    async:<sps.json> (an SPS table written by `python -m dspark_jax profile-sps`, with the draft's
+    seconds per pass when it has them); None for none."""
     if spec == "none":
         return None
     kind, _, arg = spec.partition(":")
@@ -149,6 +202,5 @@ def scheduler_from_spec(spec: str, temperatures=None):
             table = json.load(f)
         if not isinstance(table, dict) or "sps" not in table:
             raise ValueError(f"{arg}: an SPS table needs an 'sps' list (python -m dspark_jax profile-sps writes one)")
-        sps = tuple(float(x) for x in table["sps"])
-        return PrefixScheduler(sps, temperatures) if kind == "prefix" else AsyncPrefixScheduler(sps, temperatures)
+        return scheduler_from_table(kind, table, temperatures)
     raise ValueError(f"--scheduler {spec!r}: expected none, threshold:<t>, prefix:<sps.json> or async:<sps.json>")

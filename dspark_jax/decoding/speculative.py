@@ -13,6 +13,13 @@ Without a draft (plain autoregressive decoding) a round is L = 0: the target ext
 anchor and the next token is drawn from its distribution with the same random stream, so a
 row whose scheduler verifies nothing produces exactly the autoregressive sample.
 
+With a draft, a scheduler that knows the draft's cost may decide, from the confidences of
+the last round drafted, that drafting does not pay (`speculation_pays`); the round is then
+autoregressive for every row and the draft only catches up on context: the anchor's target
+feature joins the pending positions, and when a row's pending buffer is full the draft
+appends all pending positions to its cache first (`Draft.extend_context`, no proposal), so
+the draft's context stays complete for the next drafted round.
+
 All per-sequence state lives in one pytree (`DecodeState`) whose fields lead with the batch
 axis, so rows are independent and a caller (`generate`, an engine) owns the state and runs
 rounds on it. Models and the scheduler are static arguments (hashable, without weights);
@@ -37,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
@@ -57,6 +64,7 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [B] PRNG key of each request
     stop_ids: jax.Array  # [B, S] int32 stop tokens of each row (-1 pads)
     scheduler_state: Any
+    last_confidence: jax.Array  # [B, G] float32 confidence logits of the row's last drafted round (NaN: none yet)
 
 
 class RoundOutput(NamedTuple):
@@ -64,8 +72,9 @@ class RoundOutput(NamedTuple):
     count: jax.Array  # [B] tokens committed this round (0 for rows that did not take part)
     verify_length: jax.Array  # [B] draft tokens sent to the target
     accepted: jax.Array  # [B] draft tokens accepted
-    confidence: jax.Array  # [B, G] the draft's confidence logits (zeros without a confidence head)
+    confidence: jax.Array  # [B, G] the draft's confidence logits (zeros without a confidence head or a draft)
     active: jax.Array  # [B] rows that took part
+    drafted: jax.Array  # [B] rows that took part in a drafted round (False in autoregressive rounds)
 
 
 def check_setup(target_config, draft_config, scheduler) -> None:
@@ -132,6 +141,7 @@ def extend_context(target, draft, scheduler, target_params, draft_params, target
         done=~live | is_stop(first, stop_ids) | (generated >= max_new),
         sampling=sampling, keys=keys, stop_ids=stop_ids,
         scheduler_state=scheduler.init_state(b, g) if isinstance(scheduler, AsyncPrefixScheduler) else (),
+        last_confidence=jnp.full((b, g), jnp.nan, jnp.float32),
     )
     return state, first
 
@@ -181,6 +191,57 @@ def _verify_step(target, params, cache, candidates, num_new, taps, widths):
     return jax.lax.switch(branch, [at_width(w) for w in widths], (cache, candidates, num_new))
 
 
+def _autoregressive(target, params, s: DecodeState, active, keys, taps=()):
+    """The target extends every active row by its anchor and draws the next token from its
+    own distribution. Returns (next token [B], cache, the anchor's features [B, L_t * H])."""
+    logits, _, anchor_taps, tcache = target.extend(params, s.target_cache, s.anchor[:, None], active.astype(jnp.int32),
+                                                   hidden_layers=taps)
+    next_token = draw(fold(keys, NEXT_STREAM), probabilities(logits[:, 0], s.sampling))
+    return next_token, tcache, _features(anchor_taps)[:, 0]
+
+
+def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys):
+    """A round without drafting (module docstring): returns what `_drafted` returns, with the
+    pending features of a row holding its anchor's feature appended, and its new pending count."""
+    b, g1 = s.pending_next.shape
+    next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
+    count = jnp.where(active, s.pending_count, 0)
+    full = jnp.any(count >= g1)
+    dcache = jax.lax.cond(full, lambda c: draft.extend_context(draft_params, c, s.pending_features, s.pending_next, count),
+                          lambda c: c, s.draft_cache)
+    count = jnp.where(full, 0, count)
+    rows = jnp.arange(b)
+    features = s.pending_features.at[rows, count].set(jnp.where(active[:, None], feature, s.pending_features[rows, count]))
+    zeros = jnp.zeros((b,), jnp.int32)
+    return (tcache, dcache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, s.last_confidence,
+            s.scheduler_state, features, count)
+
+
+def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeState, active, keys):
+    """A drafted round up to rejection sampling: (target cache, draft cache, draft tokens [B, G],
+    verify lengths [B], accepted [B], next token [B], confidences [B, G], scheduler state, the
+    verified positions' features [B, G + 1, F], pending count before the round [B])."""
+    b, g = s.anchor.shape[0], draft.config.block_size
+    sched_state = s.scheduler_state
+    prop, dcache = draft.propose(draft_params, s.draft_cache, s.pending_features, s.pending_next,
+                                 jnp.where(active, s.pending_count, 0), s.anchor, fold(keys, DRAFT_STREAM), s.sampling)
+    if scheduler is None:
+        length = jnp.full((b,), g, jnp.int32)
+    elif isinstance(scheduler, AsyncPrefixScheduler):
+        length, sched_state = scheduler.step(prop.confidence, active, sched_state)
+    else:
+        length = scheduler(prop.confidence, active)
+    length = jnp.where(active, length, 0)
+    candidates = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)  # [B, G + 1]
+    logits, vtaps, tcache = _verify_step(target, target_params, s.target_cache, candidates,
+                                         jnp.where(active, length + 1, 0), draft.config.target_layer_ids,
+                                         _verify_widths(g, scheduler))
+    verdict = verify(keys, prop.tokens, prop.probs, probabilities(logits, s.sampling), length)
+    confidence = jnp.where(active[:, None], prop.confidence.astype(jnp.float32), s.last_confidence)
+    return (tcache, dcache, prop.tokens, length, verdict.accepted, verdict.next_token, confidence, sched_state,
+            _features(vtaps), s.pending_count)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState
                ) -> tuple[DecodeState, RoundOutput]:
@@ -194,33 +255,21 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     active = ~s.done
     start = s.target_cache.lengths  # anchor positions
     keys = row_keys(s.keys, start + 1)
-    sched_state = s.scheduler_state
     if draft is None:
         g = 0
-        logits, _, _, tcache = target.extend(target_params, s.target_cache, s.anchor[:, None], active.astype(jnp.int32))
-        drafts = jnp.zeros((b, 0), jnp.int32)
-        accepted = length = jnp.zeros((b,), jnp.int32)
-        next_token = draw(fold(keys, NEXT_STREAM), probabilities(logits[:, 0], s.sampling))
-        confidence = jnp.zeros((b, 0), jnp.float32)
-        dcache, pending_features = None, s.pending_features
+        next_token, tcache, _ = _autoregressive(target, target_params, s, active, keys)
+        dcache, drafts, confidence, sched_state = None, jnp.zeros((b, 0), jnp.int32), s.last_confidence, s.scheduler_state
+        accepted = length = pending_count = jnp.zeros((b,), jnp.int32)
+        pending_features, speculate = s.pending_features, jnp.asarray(False)
     else:
         g = draft.config.block_size
-        prop, dcache = draft.propose(draft_params, s.draft_cache, s.pending_features, s.pending_next,
-                                     jnp.where(active, s.pending_count, 0), s.anchor, fold(keys, DRAFT_STREAM), s.sampling)
-        if scheduler is None:
-            length = jnp.full((b,), g, jnp.int32)
-        elif isinstance(scheduler, AsyncPrefixScheduler):
-            length, sched_state = scheduler.step(prop.confidence, active, sched_state)
-        else:
-            length = scheduler(prop.confidence, active)
-        length = jnp.where(active, length, 0)
-        candidates = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)  # [B, G + 1]
-        logits, vtaps, tcache = _verify_step(target, target_params, s.target_cache, candidates,
-                                             jnp.where(active, length + 1, 0), draft.config.target_layer_ids,
-                                             _verify_widths(g, scheduler))
-        verdict = verify(keys, prop.tokens, prop.probs, probabilities(logits, s.sampling), length)
-        drafts, accepted, next_token, confidence = prop.tokens, verdict.accepted, verdict.next_token, prop.confidence
-        pending_features = _features(vtaps)
+        speculate = speculation_pays(scheduler, s.last_confidence, active)
+        drafted = lambda _: _drafted(target, draft, scheduler, target_params, draft_params, s, active, keys)
+        undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys)
+        branch = drafted(None) if getattr(scheduler, "draft_seconds", None) is None else jax.lax.cond(
+            speculate, drafted, undrafted, None)
+        (tcache, dcache, drafts, length, accepted, next_token, confidence, sched_state, pending_features,
+         pending_count) = branch
 
     slot = jnp.arange(g + 1)[None, :]
     stop_drafts = is_stop(drafts, s.stop_ids) & (slot[:, :g] < accepted[:, None])
@@ -235,15 +284,21 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     generated = s.generated + count
     next_stops = is_stop(next_token, s.stop_ids) & ~stopped
     done = s.done | (active & (stopped | next_stops | (generated >= s.max_new)))
+    # The draft's pending context: a drafted round's verified positions anchor..anchor+A, an
+    # undrafted one's earlier pending positions with the anchor appended.
+    appended = s.pending_next.at[jnp.arange(b), pending_count].set(next_token, mode="drop")
     state = s._replace(
         target_cache=tcache.rollback(start + 1 + accepted),
         draft_cache=dcache,
         pending_features=pending_features,
-        pending_next=commit,
-        pending_count=jnp.where(active, accepted + 1, 0),
+        pending_next=jnp.where(speculate, commit, appended),
+        pending_count=jnp.where(active, jnp.where(speculate, accepted, pending_count) + 1, 0),
         anchor=jnp.where(active, next_token, s.anchor),
         generated=generated,
         done=done,
         scheduler_state=sched_state,
+        last_confidence=confidence,
     )
-    return state, RoundOutput(commit, count, length, jnp.where(active, accepted, 0), confidence, active)
+    drafted_rows = active & speculate
+    return state, RoundOutput(commit, count, length, jnp.where(active, accepted, 0),
+                              jnp.where(drafted_rows[:, None], confidence, 0.0), active, drafted_rows)

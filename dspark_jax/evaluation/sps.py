@@ -6,6 +6,10 @@ a given concurrency R (R sequences against a cache of `context` positions each):
 `Target.extend` with q = 1..gamma+1 tokens per sequence, so B = R * q, and interpolates
 linearly in B between those points. Tables are saved as JSON
 {"device", "concurrency", "context", "gamma", "measured": {B: steps/s}, "sps": [SPS(1), ...]}.
+
+A serving engine's table (`profile_serving_sps`) covers every batch size it runs, and may
+carry the draft's seconds per pass by row count ("draft_seconds", `profile_draft_seconds`),
+so that its scheduler can also skip drafting when drafting does not pay.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import json
 import jax
 import numpy as np
 
-from dspark_jax.evaluation.step_times import verify_seconds
+from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
+from dspark_jax.sampling import SamplingParams
 
 
 def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
@@ -53,6 +58,17 @@ def profile_serving_sps(target, gamma: int, concurrencies, context: int) -> tupl
             measured[c * q] = 1.0 / verify_seconds(target, batch=c, tokens=q, context=context,
                                                    capacity=context + gamma + 2, steps=8, reps=3)
     return tuple(interpolate(measured, max(concurrencies) * (gamma + 1)))
+
+
+def profile_draft_seconds(draft, concurrencies, context: int) -> tuple[float, ...]:
+    """Seconds of the draft's pass (`Draft.propose`, sampling at temperature 1) over r rows,
+    for r = 1..max(c): measured at every concurrency c, interpolated in r. With the SPS table
+    it lets a scheduler decide whether drafting pays (`speculation_pays`)."""
+    gamma = draft.config.block_size
+    measured = {c: draft_seconds(draft, batch=c, context=context, capacity=context + gamma + 2,
+                                 sampling=SamplingParams.rows(c), steps=8, reps=3) for c in concurrencies}
+    xs = sorted(measured)
+    return tuple(np.interp(np.arange(1, max(xs) + 1), xs, [measured[x] for x in xs]).tolist())
 
 
 def save_table(table: dict, path: str) -> None:

@@ -3,8 +3,9 @@
 With no arguments it serves SmolLM2-135M-Instruct (fetched by the setup step), decoding
 autoregressively, on http://127.0.0.1:8000/v1. With --draft it decodes speculatively; with
 --scheduler prefix|async the confidence scheduler picks each round's verify lengths from an
-SPS table (--sps FILE, or measured on this device at start-up and cached under
-$DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps). The engine is built and stepped in a
+SPS table (--sps FILE, or measured on this device at start-up with the draft's seconds per
+pass, and cached under $DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps); with the draft's
+cost in the table it also skips drafting in rounds where drafting does not pay. The engine is built and stepped in a
 child process (`EngineProcess`) unless --no-engine-process.
 """
 
@@ -112,29 +113,32 @@ def make_scheduler(args, target, draft, temperatures):
     import jax
 
     from dspark_jax.checkpoints.smollm2 import cache_dir
-    from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
-    from dspark_jax.evaluation.sps import load_table, profile_serving_sps, save_table
+    from dspark_jax.decoding.scheduler import scheduler_from_table
+    from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps, save_table
 
     gamma = draft.config.block_size
     if args.sps:
-        sps = load_table(args.sps)["sps"]
+        table = load_table(args.sps)
+        if not table.get("draft_seconds"):
+            log.info("%s has no draft_seconds: every round drafts", args.sps)
     else:
         context = min(1024, target.config.max_position_embeddings // 2)
         levels = sorted({min(c, args.max_num_seqs) for c in (1, 4, 16, 64, 256)})
-        key = json.dumps([jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"), args.dtype, gamma,
-                          levels, context, args.tensor_parallel])
+        key = json.dumps([jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"),
+                          os.path.abspath(args.draft), args.dtype, gamma, levels, context, args.tensor_parallel])
         path = os.path.join(cache_dir(), "sps", hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         if os.path.exists(path):
-            sps = load_table(path)["sps"]
+            table = load_table(path)
             log.info("SPS table from %s", path)
         else:
-            log.info("measuring verify steps/s at concurrency %s (once; cached in %s)", levels, path)
-            sps = profile_serving_sps(target, gamma, levels, context)
+            log.info("measuring verify steps/s and the draft's pass at concurrency %s (once; cached in %s)", levels,
+                     path)
+            table = {"device": jax.devices()[0].device_kind, "concurrency": levels, "context": context,
+                     "gamma": gamma, "sps": list(profile_serving_sps(target, gamma, levels, context)),
+                     "draft_seconds": list(profile_draft_seconds(draft, levels, context))}
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_table({"device": jax.devices()[0].device_kind, "concurrency": levels, "context": context,
-                        "gamma": gamma, "sps": list(sps)}, path)
-    kind = PrefixScheduler if args.scheduler == "prefix" else AsyncPrefixScheduler
-    return kind(tuple(float(x) for x in sps), temperatures)
+            save_table(table, path)
+    return scheduler_from_table(args.scheduler, table, temperatures)
 
 
 def run(args) -> None:

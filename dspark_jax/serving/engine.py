@@ -11,7 +11,8 @@ A request goes waiting -> prefilling -> decoding -> finished:
   the budget holds);
 - decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
-  rejection sampling commits), after the host has given it pages for those rounds' writes.
+  rejection sampling commits; or, when the scheduler knows the draft's cost and drafting does
+  not pay, an autoregressive round), after the host has given it pages for those rounds' writes.
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The
@@ -75,10 +76,11 @@ class EngineStats:
     steps: int
     rounds: int  # decoding rounds summed over requests
     tokens: int  # tokens committed by rounds
-    verify_length_histogram: list[int]  # rounds that verified 0..gamma draft tokens
+    verify_length_histogram: list[int]  # drafted rounds that verified 0..gamma draft tokens
     accepted_at_position: list[int]  # rounds whose draft token j+1 was accepted
     verified_at_position: list[int]  # rounds that verified draft token j+1
     program_shapes: int = 0  # distinct device-program shapes run (each compiled when first run)
+    undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
 
     @property
     def tokens_per_round(self) -> float:
@@ -543,7 +545,9 @@ class Engine:
             new += rnd.tokens[k, s, :count].tolist()
             st.rounds += 1
             st.tokens += count
-            if self.gamma:
+            if self.gamma and not rnd.drafted[k, s]:
+                st.undrafted_rounds += 1
+            elif self.gamma:
                 length, accepted = int(rnd.verify_length[k, s]), int(rnd.accepted[k, s])
                 st.verify_length_histogram[length] += 1
                 for j in range(length):
@@ -580,6 +584,7 @@ class Engine:
             # copied: the scheduler may return one array twice, and the state is donated
             scheduler_state=jax.tree.map(jnp.copy, self.scheduler.init_state(n, g))
             if isinstance(self.scheduler, AsyncPrefixScheduler) else (),
+            last_confidence=jnp.full((n, g), jnp.nan, jnp.float32),
         )
         if self.mesh is None:  # committed to the device, like every later state (one compile, not two)
             return jax.device_put(state, jax.devices()[0])

@@ -35,6 +35,9 @@ class EngineCollector:
                                 "Distinct device-program shapes run so far (each compiled when first run).",
                                 value=s.program_shapes)
         yield CounterMetricFamily("dspark_decode_rounds", "Decoding rounds, summed over requests.", value=s.rounds)
+        yield CounterMetricFamily("dspark_undrafted_rounds",
+                                  "Decoding rounds run without a draft because drafting did not pay.",
+                                  value=s.undrafted_rounds)
         yield CounterMetricFamily("dspark_round_tokens", "Tokens committed by decoding rounds.", value=s.tokens)
         yield GaugeMetricFamily("dspark_tokens_per_round", "Mean tokens a decoding round commits (accepted + 1).",
                                 value=s.tokens_per_round)

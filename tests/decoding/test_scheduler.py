@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler
+from dspark_jax.decoding.scheduler import (AsyncPrefixScheduler, PrefixScheduler, ThresholdScheduler, scheduler_from_spec,
+                                           speculation_pays)
 
 
 def algorithm1(conf, active, sps, early_stop=True):
@@ -49,6 +50,51 @@ def test_prefix_scheduler_matches_algorithm1(early_stop):
         sps = random_sps(rng, r * (g + 1))
         ours = PrefixScheduler(sps, early_stop=early_stop)(jnp.asarray(conf), jnp.asarray(active))
         np.testing.assert_array_equal(ours, algorithm1(conf, active, sps, early_stop), err_msg=str(trial))
+
+
+def pays(conf, active, sps, draft_seconds):
+    """Whether drafting pays, by enumeration in float64: the best tokens/s of a drafted round
+    over every admission count of the candidates (descending survival) against r * SPS(r). A
+    row without history (NaN) counts as the mean of the active rows with one (else as sure)."""
+    conf = np.asarray(conf, np.float64)
+    seen = [i for i in range(len(conf)) if active[i] and not np.isnan(conf[i, 0])]
+    prior = np.mean(conf[seen], axis=0) if seen else np.full(conf.shape[1], 30.0)
+    conf = np.asarray([prior if np.isnan(c[0]) else c for c in conf])
+    a = np.cumprod(1 / (1 + np.exp(-conf)), axis=1)
+    r = int(np.sum(active))
+    survivals = sorted((a[i, j] for i in range(len(a)) for j in range(a.shape[1]) if active[i]), reverse=True)
+    sps_at = lambda b: sps[min(max(b, 1), len(sps)) - 1]
+    draft = draft_seconds[min(max(r, 1), len(draft_seconds)) - 1]
+    best = max((r + sum(survivals[:n])) / (1 / sps_at(r + n) + draft) for n in range(len(survivals) + 1))
+    return best > r * sps_at(r)
+
+
+def test_speculation_pays_matches_enumeration():
+    rng = np.random.default_rng(1)
+    outcomes = []
+    for trial in range(40):
+        r, g = rng.integers(1, 9), rng.integers(1, 8)
+        conf = rng.normal(0.5, 2.5, (r, g)).astype(np.float32)
+        conf[rng.uniform(size=r) < (0.3 if trial % 5 else 1.0)] = np.nan  # rows that have not drafted yet
+        active = rng.uniform(size=r) < 0.85
+        sps = random_sps(rng, r * (g + 1))
+        draft_seconds = tuple(rng.uniform(0.0, 1.5, r).tolist())
+        sched = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds) if trial % 2 else PrefixScheduler(
+            sps, draft_seconds=draft_seconds)
+        ours = bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray(active)))
+        assert ours == pays(conf, active, sps, draft_seconds), trial
+        outcomes.append(ours)
+    assert 0.2 < np.mean(outcomes) < 0.8  # both answers occur
+    # without the draft's cost the scheduler always drafts
+    assert bool(speculation_pays(PrefixScheduler(sps), jnp.full((1, 2), -30.0), jnp.asarray([True])))
+
+
+def test_tables_carry_the_drafts_cost(tmp_path):
+    (tmp_path / "plain.json").write_text('{"sps": [3.0, 2.0]}')
+    (tmp_path / "costed.json").write_text('{"sps": [3.0, 2.0], "draft_seconds": [0.25, 0.5]}')
+    assert scheduler_from_spec(f"prefix:{tmp_path / 'plain.json'}") == PrefixScheduler((3.0, 2.0))
+    assert scheduler_from_spec(f"async:{tmp_path / 'costed.json'}") == AsyncPrefixScheduler((3.0, 2.0),
+                                                                                         draft_seconds=(0.25, 0.5))
 
 
 def test_temperatures_and_threshold():

@@ -12,7 +12,10 @@ from scipy import stats
 
 from dspark_jax import Draft, Target, generate
 from dspark_jax.sampling import SamplingParams, probabilities
+from dspark_jax.decoding.batching import pad_prompts
+from dspark_jax.decoding.generate import request_keys
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.decoding.speculative import extend_context, prefill, spec_round
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft_config import draft_config_for_target
 
@@ -21,8 +24,14 @@ TINY = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_si
                    num_kv_heads=2, head_dim=8, eos_token_ids=(7,), max_position_embeddings=256)
 # A scheduler that verifies 0 to gamma tokens depending on confidence (steeply falling SPS).
 SCHEDULER = PrefixScheduler(sps=tuple(0.8 ** i for i in range(64)))
+# One that also knows the draft's cost and drafts only when it pays: on PROMPTS (8 rows) about
+# half of the rounds are drafted, and so are about two thirds of the sampled test's 8192 rows'
+# (its rounds after the first draft only when the last round's expected survivals sum to more
+# than 2 per row).
+GATED = PrefixScheduler(sps=tuple(0.95 ** i for i in range(64)),
+                        draft_seconds=tuple(0.1 * (1 + 0.1 * r) for r in range(8)) + (2 / 0.95 ** 63,))
 DRAFTERS = [("dspark", None), ("dspark", SCHEDULER), ("dspark", AsyncPrefixScheduler(SCHEDULER.sps)),
-            ("dflash", None), ("eagle3", None)]
+            ("dspark", GATED), ("dflash", None), ("eagle3", None)]
 
 
 def scaled(params, factor):
@@ -67,6 +76,67 @@ def test_greedy_drafts_are_accepted_somewhere():
     """The equality above is not vacuous: some rounds accept draft tokens."""
     spec = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0)
     assert sum(map(sum, spec.accepted_lengths)) > 0
+
+
+def undrafted_rounds(result) -> int:
+    """Rounds that did not draft: their confidences come back as zeros."""
+    return sum(int(np.sum(np.all(np.asarray(c) == 0, axis=1))) for c in result.confidence_logits)
+
+
+def test_gated_rounds_mix_drafted_and_autoregressive():
+    """The greedy equality above with GATED is not vacuous: both kinds of round occur."""
+    spec = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0, scheduler=GATED)
+    rounds = sum(map(len, spec.confidence_logits))
+    assert 0.2 * rounds < undrafted_rounds(spec) < 0.8 * rounds
+
+
+def test_undrafted_rounds_sample_exactly_like_autoregressive_decoding():
+    """When drafting never pays, every round is the autoregressive step with the same random
+    stream: sampled tokens equal the target's own, seed for seed."""
+    never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
+    target, draft = tiny_target(), tiny_draft("dspark")
+    ar = generate(target, None, PROMPTS, max_new_tokens=12, temperature=1.0, seed=[3, 1, 4, 1, 5, 9, 2, 6])
+    gated = generate(target, draft, PROMPTS, max_new_tokens=12, temperature=1.0, seed=[3, 1, 4, 1, 5, 9, 2, 6],
+                     scheduler=never)
+    assert gated.tokens == ar.tokens and undrafted_rounds(gated) == sum(map(len, gated.confidence_logits))
+
+
+def test_undrafted_rounds_keep_the_draft_context_complete():
+    """Rounds without drafting feed the draft every committed position (flushing a full
+    pending buffer on the way): afterwards it proposes what a draft prefilled on the whole
+    committed context proposes."""
+    target, draft = tiny_target(), tiny_draft("dspark")
+    never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
+    models = (target.model, draft.model)
+    b = len(PROMPTS)
+    tokens, lengths = pad_prompts(PROMPTS)
+    sampling = SamplingParams.rows(b, temperature=0.0)
+    keys, max_new, stops = request_keys(0, b, b), jnp.full((b,), 64, jnp.int32), jnp.full((b, 1), -1, jnp.int32)
+    state, first = prefill(*models, never, target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                           sampling, keys, max_new, stops, cache_length=128)
+    committed = [p + [int(t)] for p, t in zip(PROMPTS, first)]
+    counts = set()
+    for scheduler in [None, None] + [never] * 11:  # two drafted rounds, then eleven without a draft
+        counts |= set(np.asarray(state.pending_count).tolist())
+        state, out = spec_round(*models, scheduler, target.params, draft.params, state)
+        assert bool(jnp.all(out.drafted)) == (scheduler is None)
+        for row, (t, n) in enumerate(zip(np.asarray(out.tokens), np.asarray(out.count))):
+            committed[row] += t[:n].tolist()
+    assert {1, 5} <= counts  # the pending buffer (gamma + 1 = 5) filled and was flushed
+    context = [c[:-1] for c in committed]
+    width = max(map(len, context))
+    ids = np.asarray([c + [0] * (width - len(c)) for c in context], np.int32)
+    next_ids = np.asarray([c[1:] + [0] * (width + 1 - len(c)) for c in context], np.int32)
+    fresh, _ = extend_context(*models, None, target.params, draft.params, target.model.init_cache(b, 128),
+                              draft.model.init_cache(b, 128), jnp.asarray(ids), jnp.asarray(next_ids),
+                              jnp.asarray([len(c) for c in context]), jnp.ones((b,), bool),
+                              jnp.asarray([c[-1] for c in committed]), jnp.zeros((b,), jnp.int32), max_new, sampling,
+                              keys, stops)
+    proposals = [draft.model.propose(draft.params, s.draft_cache, s.pending_features, s.pending_next, s.pending_count,
+                                     s.anchor, keys, sampling)[0] for s in (state, fresh)]
+    np.testing.assert_array_equal(proposals[0].tokens, proposals[1].tokens)
+    np.testing.assert_allclose(proposals[0].confidence, proposals[1].confidence, atol=1e-4)
+    np.testing.assert_allclose(proposals[0].probs, proposals[1].probs, atol=1e-5)
 
 
 def exact_joint(target, prompt, n_tokens, sampling):
@@ -128,6 +198,8 @@ def test_sampled_output_matches_target_distribution(algorithm, scheduler, temper
     p_value, _ = chi_square(counts, joint(temperature, top_p).reshape(-1) * N_SAMPLES)
     assert p_value > 1e-3, p_value
     assert sum(map(sum, result.accepted_lengths)) > 0.2 * N_SAMPLES  # the drafts did get accepted
+    if scheduler is GATED:  # and rounds without a draft occurred among them
+        assert 0.2 < undrafted_rounds(result) / sum(map(len, result.confidence_logits)) < 0.8
 
 
 def test_seeds_and_independent_rows():

@@ -18,7 +18,7 @@ from dspark_jax import Draft, generate
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
-from tests.decoding.test_speculative import SCHEDULER, V, tiny_draft, tiny_target
+from tests.decoding.test_speculative import GATED, SCHEDULER, V, tiny_draft, tiny_target
 
 EOS = 7  # the tiny target's only EOS id
 MAX_TOKENS = 16
@@ -36,6 +36,7 @@ CONFIGS = {  # id: (drafter, scheduler)
     "dspark": ("dspark", None),
     "dspark-prefix": ("dspark", SCHEDULER),
     "dspark-async": ("dspark", AsyncPrefixScheduler(SCHEDULER.sps)),
+    "dspark-gated": ("dspark", GATED),  # drafts only in rounds where drafting pays
     "dflash": ("dflash", None),
     "eagle3": ("eagle3", None),
 }
@@ -127,7 +128,8 @@ def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, s
     assert stats.tokens == sum(map(len, tokens)) - len(tokens)
     if CONFIGS[config][0] is not None:
         assert sum(stats.accepted_at_position) > 0  # draft tokens were accepted: not AR in disguise
-        assert sum(stats.verify_length_histogram) == stats.rounds
+        assert sum(stats.verify_length_histogram) == stats.rounds - stats.undrafted_rounds
+        assert (0 < stats.undrafted_rounds < 0.8 * stats.rounds) == (config == "dspark-gated")
     assert_drained(eng)
 
 
