@@ -14,8 +14,8 @@ anchor and the next token is drawn from its distribution with the same random st
 row whose scheduler verifies nothing produces exactly the autoregressive sample.
 
 With a draft, a scheduler that knows the draft's cost may decide, from the confidences of
-the last round drafted, that drafting does not pay (`speculation_pays`); the round is then
-autoregressive for every row and the draft only catches up on context: the anchor's target
+the last round drafted, that drafting does not pay (`speculation_pays`; or the caller decides,
+`drafting`); the round is then autoregressive for every row and the draft only catches up on context: the anchor's target
 feature joins the pending positions, and when a row's pending buffer is full the draft
 appends all pending positions to its cache first (`Draft.extend_context`, no proposal), so
 the draft's context stays complete for the next drafted round.
@@ -242,14 +242,17 @@ def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeSta
             _features(vtaps), s.pending_count)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames="drafting")
+def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState, drafting: bool | None = None
                ) -> tuple[DecodeState, RoundOutput]:
     """One round for every row that is not done (see the module docstring).
 
     target, draft: a TargetModel and a DraftModel (None: plain autoregressive decoding);
     scheduler: a `dspark_jax.decoding.scheduler` object picking verify lengths from the
-    draft's confidences, or None to verify all gamma draft tokens.
+    draft's confidences, or None to verify all gamma draft tokens. drafting: None drafts
+    unless the scheduler, knowing the draft's cost, decides on the device that it does not
+    pay (a branch in the program); True or False fixes the round's kind when the caller
+    decided (a serving engine decides on the host, which keeps its programs free of branches).
     """
     b = s.anchor.shape[0]
     active = ~s.done
@@ -263,11 +266,14 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
         pending_features, speculate = s.pending_features, jnp.asarray(False)
     else:
         g = draft.config.block_size
-        speculate = speculation_pays(scheduler, s.last_confidence, active)
         drafted = lambda _: _drafted(target, draft, scheduler, target_params, draft_params, s, active, keys)
         undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys)
-        branch = drafted(None) if getattr(scheduler, "draft_seconds", None) is None else jax.lax.cond(
-            speculate, drafted, undrafted, None)
+        if drafting is None and getattr(scheduler, "draft_seconds", None) is not None:
+            speculate = speculation_pays(scheduler, s.last_confidence, active)
+            branch = jax.lax.cond(speculate, drafted, undrafted, None)
+        else:
+            speculate = jnp.asarray(drafting is not False)
+            branch = drafted(None) if drafting is not False else undrafted(None)
         (tcache, dcache, drafts, length, accepted, next_token, confidence, sched_state, pending_features,
          pending_count) = branch
 

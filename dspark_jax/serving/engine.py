@@ -11,8 +11,13 @@ A request goes waiting -> prefilling -> decoding -> finished:
   the budget holds);
 - decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
-  rejection sampling commits; or, when the scheduler knows the draft's cost and drafting does
-  not pay, an autoregressive round), after the host has given it pages for those rounds' writes.
+  rejection sampling commits), after the host has given it pages for those rounds' writes.
+  When the scheduler knows the draft's cost, each round program also says whether drafting
+  pays for its rows (`speculation_pays`, from their latest confidences); while it does not,
+  the host launches autoregressive rounds instead (a second round program, without the
+  draft's pass), and their results decide again. The decision is made on the host, a step or
+  two late, rather than by a branch inside the program: on an H200 with SmolLM2, rounds
+  behind such a branch took as long as drafted ones (docs/benchmarks.md).
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The
@@ -175,7 +180,8 @@ class _Launch:
     decoding: list[_Request]  # rows of the round
     prefilling: list[_Request]  # rows of the prefill batch
     firsts: list[bool]  # per prefill row: its chunk ends the context and samples a first token
-    rnd: list | None = None  # engine_round's (RoundOutput, done) on the device, once dispatched
+    drafting: bool = True  # the rounds draft
+    rnd: list | None = None  # engine_round's (RoundOutput, done, drafting pays) on the device, once dispatched
     prefilled: list | None = None  # engine_prefill's (first token, done) on the device
 
 
@@ -237,6 +243,8 @@ class Engine:
 
         self._state = self._initial_state(num_pages)
         self._inflight: _Launch | None = None
+        # whether the next rounds draft: as the last rounds read back found (`speculation_pays`)
+        self._drafting = True
         self._shapes: set[tuple] = set()  # the device programs' shapes run so far
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -364,7 +372,7 @@ class Engine:
                 running[r.slot] = True
                 r.unread += self.num_scheduler_steps * (self.gamma + 1)
                 r.launched += self.num_scheduler_steps
-        return _Launch(decoding, [r for r, _ in chunks], firsts), filtered, table, running, batch
+        return _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting), filtered, table, running, batch
 
     def _dispatch(self, launch: _Launch, filtered: bool, table, running, batch) -> _Launch:
         """Runs the planned programs without waiting for them; starts copying their outputs to the host."""
@@ -375,8 +383,9 @@ class Engine:
             state, *launch.prefilled = engine_prefill(*models, state, batch)
             self._shapes.add(("prefill", batch.tokens.shape, batch.table.shape, filtered))
         if table is not None:
-            state, *launch.rnd = engine_round(*models, state, table, running, self.num_scheduler_steps)
-            self._shapes.add(("round", table.shape, filtered))
+            state, *launch.rnd = engine_round(*models, state, table, running, self.num_scheduler_steps,
+                                              launch.drafting)
+            self._shapes.add(("round", table.shape, filtered, launch.drafting))
         self._state = state
         jax.tree.map(lambda x: x.copy_to_host_async(), (launch.rnd, launch.prefilled))
         self._stats.steps += 1
@@ -394,11 +403,13 @@ class Engine:
                 token = int(prefilled[0][i])
                 r.output.append(token)
                 outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
+        if launch.rnd is not None:
+            self._drafting = bool(rnd[2])
         for r in launch.decoding:
             r.unread -= self.num_scheduler_steps * (self.gamma + 1)
             r.launched -= self.num_scheduler_steps
             if self._requests.get(r.id) is r:
-                outputs.append(self._finish_round(r, *rnd))
+                outputs.append(self._finish_round(r, *rnd[:2]))
         return outputs
 
     def _round_positions(self, r: _Request) -> int:

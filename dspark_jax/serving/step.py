@@ -5,8 +5,9 @@ rows) whose caches are `PagedKVCache` pools with no rows attached. Between progr
 owns the block tables; each program attaches the tables of the rows it runs:
 
 1. `engine_round`: `num_rounds` decoding rounds in a row (`spec_round`: speculative, or
-   autoregressive without a draft) over slots 0..cap-1, cap = table.shape[0], for the rows the
-   host marks `running` (a row that finishes sits out the remaining rounds);
+   autoregressive without a draft or when the host decided that drafting does not pay) over
+   slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a row that
+   finishes sits out the remaining rounds);
 2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
    (`extend_context`), written through the rows' own tables; rows whose chunk ends their
    context join the state at their slots, ready for a round.
@@ -15,9 +16,9 @@ An engine step runs the prefill, then the rounds, each only when it has rows (a 
 prefill ends its context decodes in the same step's rounds when the host has pages for
 them). They are two programs, not one, so that the programs compiled are the round shapes
 plus the prefill shapes rather than their product. Each is specialised on shapes only (the
-round on its capacity and table width, and on the engine's fixed `num_rounds`; the prefill on
-its rows, chunk width and table width), all bucketed by the engine, so a new request never
-compiles anything.
+round on its capacity and table width, on whether it drafts, and on the engine's fixed
+`num_rounds`; the prefill on its rows, chunk width and table width), all bucketed by the
+engine, so a new request never compiles anything.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.decoding.scheduler import speculation_pays
 from dspark_jax.decoding.speculative import DecodeState, RoundOutput, extend_context, spec_round
 from dspark_jax.sampling import SamplingParams
 
@@ -63,13 +65,15 @@ def _detach(rows_cache, pools, cap: int):
     return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(rows_cache.lengths))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 8), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 8, 9), donate_argnums=(5,))
 def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running,
-                 num_rounds: int) -> tuple[DecodeState, RoundOutput, jax.Array]:
-    """num_rounds rounds for the running rows among slots 0..cap-1. table [cap, M] block
-    tables (free slots point at the scratch page; a row's pages cover all the rounds' writes);
-    running [cap] bool. Returns the state, the rounds' outputs for slots 0..cap-1 (each field
-    [num_rounds, cap, ...]), and done [cap] after the last round."""
+                 num_rounds: int, drafting: bool) -> tuple[DecodeState, RoundOutput, jax.Array, jax.Array]:
+    """num_rounds rounds for the running rows among slots 0..cap-1, drafted or not
+    (`drafting`). table [cap, M] block tables (free slots point at the scratch page; a row's
+    pages cover all the rounds' writes); running [cap] bool. Returns the state, the rounds'
+    outputs for slots 0..cap-1 (each field [num_rounds, cap, ...]), done [cap] after the last
+    round, and whether drafting pays for the rows still running (`speculation_pays`: True
+    when the scheduler does not know the draft's cost)."""
     cap = table.shape[0]
     before = _rows(state._replace(target_cache=None, draft_cache=None), cap)
     rows = before._replace(
@@ -77,8 +81,9 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         draft_cache=None if draft is None else state.draft_cache.rows(table, state.draft_cache.lengths[:cap]),
         done=before.done | ~running,
     )
-    rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r),
-                             rows, length=num_rounds)
+    rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
+                                                     drafting=drafting), rows, length=num_rounds)
+    pays = speculation_pays(scheduler, rows.last_confidence, ~rows.done)
     # rows that did not run keep their state as it was (a row just prefilled waits for its first round)
     keep = lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(
         running.reshape((cap,) + (1,) * (new.ndim - 1)), new, old)
@@ -88,7 +93,7 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
                          rows_state)
     state = state._replace(target_cache=_detach(rows.target_cache, pools_t, cap),
                            draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, cap))
-    return state, out, state.done[:cap]
+    return state, out, state.done[:cap], pays
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
