@@ -95,7 +95,8 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.
     tokens per second of a speculative round, over every admission count of the candidates
     of last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row that
     has not drafted yet, which counts as the mean of the active rows that have, or as sure
-    acceptance when none has), beats r * SPS(r)."""
+    acceptance when none has), beats r * SPS(r). (The autoregressive side leaves out the
+    draft's small pass that takes in the new position. With no active row: True.)"""
     if getattr(scheduler, "draft_seconds", None) is None:
         return jnp.asarray(True)
     sps = jnp.asarray(scheduler.sps, jnp.float32)
@@ -109,7 +110,7 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.
     r = jnp.sum(active)
     draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]
     speculative = jnp.where(exists, tau / (1.0 / _sps_at(sps, tokens) + draft), -jnp.inf)
-    return jnp.max(speculative) > r * _sps_at(sps, r)
+    return (r == 0) | (jnp.max(speculative) > r * _sps_at(sps, r))
 
 
 @dataclasses.dataclass(frozen=True)

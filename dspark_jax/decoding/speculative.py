@@ -15,10 +15,10 @@ row whose scheduler verifies nothing produces exactly the autoregressive sample.
 
 With a draft, a scheduler that knows the draft's cost may decide, from the confidences of
 the last round drafted, that drafting does not pay (`speculation_pays`; or the caller decides,
-`drafting`); the round is then autoregressive for every row and the draft only catches up on context: the anchor's target
-feature joins the pending positions, and when a row's pending buffer is full the draft
-appends all pending positions to its cache first (`Draft.extend_context`, no proposal), so
-the draft's context stays complete for the next drafted round.
+`drafting`); the round is then autoregressive for every row and the draft only catches up on
+context: it appends the pending positions to its cache (`Draft.extend_context`, no proposal)
+and the anchor's target feature becomes the pending position, so the draft's context stays
+complete for the next drafted round.
 
 All per-sequence state lives in one pytree (`DecodeState`) whose fields lead with the batch
 axis, so rows are independent and a caller (`generate`, an engine) owns the state and runs
@@ -200,21 +200,24 @@ def _autoregressive(target, params, s: DecodeState, active, keys, taps=()):
     return next_token, tcache, _features(anchor_taps)[:, 0]
 
 
+PROBE_DRIFT = 0.1  # confidence logits a row's last confidences gain per round without a draft
+
+
 def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys):
-    """A round without drafting (module docstring): returns what `_drafted` returns, with the
-    pending features of a row holding its anchor's feature appended, and its new pending count."""
+    """A round without drafting (module docstring): returns what `_drafted` returns. The draft
+    appends the pending positions to its cache; the anchor's feature becomes the only pending
+    one (pending count 0 before the round's token is appended). The rows' last confidences
+    drift up by PROBE_DRIFT, so that drafting is tried again after a while: without that, a
+    batch whose rows stay the same would never draft again, whatever the draft could do now."""
     b, g1 = s.pending_next.shape
     next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
-    count = jnp.where(active, s.pending_count, 0)
-    full = jnp.any(count >= g1)
-    dcache = jax.lax.cond(full, lambda c: draft.extend_context(draft_params, c, s.pending_features, s.pending_next, count),
-                          lambda c: c, s.draft_cache)
-    count = jnp.where(full, 0, count)
-    rows = jnp.arange(b)
-    features = s.pending_features.at[rows, count].set(jnp.where(active[:, None], feature, s.pending_features[rows, count]))
+    dcache = draft.extend_context(draft_params, s.draft_cache, s.pending_features, s.pending_next,
+                                  jnp.where(active, s.pending_count, 0))
+    features = s.pending_features.at[:, 0].set(jnp.where(active[:, None], feature, s.pending_features[:, 0]))
+    confidence = jnp.where(active[:, None], s.last_confidence + PROBE_DRIFT, s.last_confidence)
     zeros = jnp.zeros((b,), jnp.int32)
-    return (tcache, dcache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, s.last_confidence,
-            s.scheduler_state, features, count)
+    return (tcache, dcache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, confidence,
+            s.scheduler_state, features, zeros)
 
 
 def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeState, active, keys):

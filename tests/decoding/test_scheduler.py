@@ -62,6 +62,8 @@ def pays(conf, active, sps, draft_seconds):
     conf = np.asarray([prior if np.isnan(c[0]) else c for c in conf])
     a = np.cumprod(1 / (1 + np.exp(-conf)), axis=1)
     r = int(np.sum(active))
+    if r == 0:
+        return True
     survivals = sorted((a[i, j] for i in range(len(a)) for j in range(a.shape[1]) if active[i]), reverse=True)
     sps_at = lambda b: sps[min(max(b, 1), len(sps)) - 1]
     draft = draft_seconds[min(max(r, 1), len(draft_seconds)) - 1]
