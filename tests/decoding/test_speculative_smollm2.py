@@ -7,8 +7,11 @@ from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.models.draft_config import draft_config_for_target
 
 
-@pytest.mark.parametrize("algorithm,with_scheduler", [("dspark", False), ("dspark", True), ("dflash", False),
-                                                      ("eagle3", False)])
+# DFlash and Eagle3 on SmolLM2 run with the slow tests (every drafter runs on the tiny target in
+# CI: tests/decoding/test_speculative.py).
+@pytest.mark.parametrize("algorithm,with_scheduler", [
+    ("dspark", False), ("dspark", True), pytest.param("dflash", False, marks=pytest.mark.slow),
+    pytest.param("eagle3", False, marks=pytest.mark.slow)])
 def test_smollm2_greedy_equals_autoregressive(smollm2, algorithm, with_scheduler):
     """Real weights and chat prompts, with a random draft of each kind (shared embedding)."""
     tok = smollm2.tokenizer
