@@ -30,8 +30,10 @@ class GenerationResult:
     target and accepted_lengths[i][r] of them accepted; the round committed accepted + 1
     tokens (the residual or bonus token), or just the accepted ones when one was a stop token
     or max_new_tokens cut the round short. confidence_logits[i] is [rounds, gamma], the
-    draft's confidence logits of each round (zeros without a confidence head). All are empty
-    for autoregressive decoding. `dspark_jax.evaluation.evaluation.acceptance_stats` turns
+    draft's confidence logits of each round (zeros without a confidence head). A round that
+    did not draft (a scheduler with the draft's cost judged that drafting did not pay) appears
+    with verify length 0, accepted 0 and zero confidences. All are empty for autoregressive
+    decoding. `dspark_jax.evaluation.evaluation.acceptance_stats` turns
     them into tau and per-position acceptance.
     """
 
