@@ -5,8 +5,8 @@ autoregressively, on http://127.0.0.1:8000/v1. With --draft it decodes speculati
 --scheduler prefix|async the confidence scheduler picks each round's verify lengths from an
 SPS table (--sps FILE, or measured on this device at start-up with the draft's seconds per
 pass, and cached under $DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps); with the draft's
-cost in the table it also skips drafting in rounds where drafting does not pay. The engine is built and stepped in a
-child process (`EngineProcess`) unless --no-engine-process.
+cost in the table it also skips drafting in rounds where drafting does not pay. The engine
+is built and stepped in a child process (`EngineProcess`) unless --no-engine-process.
 """
 
 from __future__ import annotations

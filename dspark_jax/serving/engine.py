@@ -16,9 +16,10 @@ A request goes waiting -> prefilling -> decoding -> finished:
   pays for its rows (`speculation_pays`, from their latest confidences); while it does not,
   the host launches autoregressive rounds instead (a second round program, without the
   draft's proposal: the draft only takes in the new positions), which decide again (their
-  rows' confidences drift up while they do not draft, so drafting is retried now and then). The decision is made on the host, a step or
-  two late, rather than by a branch inside the program: on an H200 with SmolLM2, rounds
-  behind such a branch took as long as drafted ones (docs/benchmarks.md).
+  rows' confidences drift up while they do not draft, so drafting is retried now and then).
+  The decision is made on the host, a step or two late, rather than by a branch inside the
+  program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
+  (docs/benchmarks.md).
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The
