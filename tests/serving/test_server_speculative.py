@@ -2,8 +2,9 @@
 
 The server runs a tiny random target (written as a transformers directory) with a random
 DSpark draft in DeepSpec's format and the confidence scheduler (`--scheduler prefix` over
-test_lossless's SPS table, so rows verify 1..4 tokens depending on confidence), two decoding
-rounds per engine step (`--num-scheduler-steps 2`):
+test_lossless's SPS table, so rows verify 1..4 tokens depending on confidence, with the draft
+cost of its SERVING_GATED, so some rounds skip drafting), two decoding rounds per engine step
+(`--num-scheduler-steps 2`):
 
 - 64 concurrent clients each get exactly their offline greedy answer;
 - answers sampled at T=1 through HTTP (8 requests of n=512 choices, seeded) follow the
@@ -28,7 +29,7 @@ from dspark_jax.checkpoints.deepspec import save_draft
 from dspark_jax.checkpoints.target import save_target
 from tests.decoding.test_speculative import V, chi_square, joint, tiny_draft, tiny_target
 from tests.serving.live import LiveServer
-from tests.serving.test_lossless import SERVING_SCHEDULER, SERVING_SPS
+from tests.serving.test_lossless import SERVING_GATED, SERVING_SCHEDULER, SERVING_SPS
 
 N_CLIENTS = 64
 N_SAMPLES = 4096  # 8 requests of n=512
@@ -40,7 +41,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     save_target(tiny_target(), str(d / "target"))
     save_draft(tiny_draft("dspark"), str(d / "draft"))
-    (d / "sps.json").write_text(json.dumps({"sps": list(SERVING_SPS)}))
+    table = {"sps": list(SERVING_SPS), "draft_seconds": list(SERVING_GATED.draft_seconds)}
+    (d / "sps.json").write_text(json.dumps(table))
     srv = LiveServer("--model", str(d / "target"), "--draft", str(d / "draft"), "--scheduler", "prefix",
                      "--sps", str(d / "sps.json"), "--dtype", "float32", "--max-num-seqs", "64", "--page-size", "4",
                      "--kv-memory", str(4 << 20), "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
@@ -76,6 +78,8 @@ def test_concurrent_clients_get_their_greedy_answers(server):
     assert metrics["dspark_draft_accepted_total{position=1}"] > 0 and metrics["dspark_tokens_per_round"] > 1
     lengths = [metrics[f"dspark_verify_length_total{{length={b}}}"] for b in range(5)]
     assert sum(v > 0 for v in lengths[1:]) >= 2  # the scheduler chose varied lengths
+    # the table's draft cost made it skip drafting in some rounds, not all
+    assert 0 < metrics["dspark_undrafted_rounds_total"] < 0.9 * metrics["dspark_decode_rounds_total"], metrics
 
 
 def test_statistical_power():
