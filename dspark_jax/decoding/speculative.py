@@ -16,9 +16,11 @@ row whose scheduler verifies nothing produces exactly the autoregressive sample.
 With a draft, a scheduler that knows the draft's cost may decide, from the confidences of
 the last round drafted, that drafting does not pay (`speculation_pays`; or the caller decides,
 `drafting`); the round is then autoregressive for every row and the draft only catches up on
-context: it appends the pending positions to its cache (`Draft.extend_context`, no proposal)
-and the anchor's target feature becomes the pending position, so the draft's context stays
-complete for the next drafted round.
+context: it appends the pending positions to its cache (`flush_pending`: `Draft.extend_context`,
+no proposal) and the anchor's target feature becomes the pending position, so the draft's
+context stays complete for the next drafted round. A caller running several undrafted rounds
+in a row can flush once before them instead (`catch_up=False`): each round then appends its
+anchor to the pending positions, and the draft runs once for all of them.
 
 All per-sequence state lives in one pytree (`DecodeState`) whose fields lead with the batch
 axis, so rows are independent and a caller (`generate`, an engine) owns the state and runs
@@ -203,21 +205,33 @@ def _autoregressive(target, params, s: DecodeState, active, keys, taps=()):
 PROBE_DRIFT = 0.1  # confidence logits a row's last confidences gain per round without a draft
 
 
-def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys):
-    """A round without drafting (module docstring): returns what `_drafted` returns. The draft
-    appends the pending positions to its cache; the anchor's feature becomes the only pending
-    one (pending count 0 before the round's token is appended). The rows' last confidences
-    drift up by PROBE_DRIFT, so that drafting is tried again after a while: without that, a
-    batch whose rows stay the same would never draft again, whatever the draft could do now."""
-    b, g1 = s.pending_next.shape
-    next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
+def flush_pending(draft, draft_params, s: DecodeState, active) -> DecodeState:
+    """The active rows' pending positions appended to the draft cache (`Draft.extend_context`,
+    no proposal), their pending count 0."""
     dcache = draft.extend_context(draft_params, s.draft_cache, s.pending_features, s.pending_next,
                                   jnp.where(active, s.pending_count, 0))
-    features = s.pending_features.at[:, 0].set(jnp.where(active[:, None], feature, s.pending_features[:, 0]))
+    return s._replace(draft_cache=dcache, pending_count=jnp.where(active, 0, s.pending_count))
+
+
+def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys, catch_up: bool):
+    """A round without drafting (module docstring): returns what `_drafted` returns. With
+    catch_up the draft first appends the pending positions to its cache (`flush_pending`);
+    then the anchor's feature is appended to the pending ones (at index pending count, which
+    the round's token pairs with). Without catch_up the caller guarantees a free pending slot.
+    The rows' last confidences drift up by PROBE_DRIFT, so that drafting is tried again after a
+    while: without that, a batch whose rows stay the same would never draft again, whatever
+    the draft could do now."""
+    b, g1 = s.pending_next.shape
+    next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
+    if catch_up:
+        s = flush_pending(draft, draft_params, s, active)
+    rows = jnp.arange(b)
+    at = jnp.where(active, s.pending_count, g1)  # inactive rows write nowhere
+    features = s.pending_features.at[rows, at].set(feature, mode="drop")
     confidence = jnp.where(active[:, None], s.last_confidence + PROBE_DRIFT, s.last_confidence)
     zeros = jnp.zeros((b,), jnp.int32)
-    return (tcache, dcache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, confidence,
-            s.scheduler_state, features, zeros)
+    return (tcache, s.draft_cache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, confidence,
+            s.scheduler_state, features, s.pending_count)
 
 
 def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeState, active, keys):
@@ -245,9 +259,9 @@ def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeSta
             _features(vtaps), s.pending_count)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames="drafting")
-def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState, drafting: bool | None = None
-               ) -> tuple[DecodeState, RoundOutput]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("drafting", "catch_up"))
+def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeState, drafting: bool | None = None,
+               catch_up: bool = True) -> tuple[DecodeState, RoundOutput]:
     """One round for every row that is not done (see the module docstring).
 
     target, draft: a TargetModel and a DraftModel (None: plain autoregressive decoding);
@@ -256,6 +270,8 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     unless the scheduler, knowing the draft's cost, decides on the device that it does not
     pay (a branch in the program); True or False fixes the round's kind when the caller
     decided (a serving engine decides on the host, which keeps its programs free of branches).
+    catch_up=False: an undrafted round leaves the pending positions to the caller, who
+    flushes them (`flush_pending`) so that every active row has a free pending slot.
     """
     b = s.anchor.shape[0]
     active = ~s.done
@@ -270,7 +286,7 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     else:
         g = draft.config.block_size
         drafted = lambda _: _drafted(target, draft, scheduler, target_params, draft_params, s, active, keys)
-        undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys)
+        undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys, catch_up)
         if drafting is None and getattr(scheduler, "draft_seconds", None) is not None:
             speculate = speculation_pays(scheduler, s.last_confidence, active)
             branch = jax.lax.cond(speculate, drafted, undrafted, None)

@@ -5,9 +5,10 @@ rows) whose caches are `PagedKVCache` pools with no rows attached. Between progr
 owns the block tables; each program attaches the tables of the rows it runs:
 
 1. `engine_round`: `num_rounds` decoding rounds in a row (`spec_round`: speculative, or
-   autoregressive without a draft or when the host decided that drafting does not pay) over
-   slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a row that
-   finishes sits out the remaining rounds);
+   autoregressive without a draft or when the host decided that drafting does not pay, in
+   which case the draft takes in the pending positions once before the rounds rather than in
+   each) over slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a
+   row that finishes sits out the remaining rounds);
 2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
    (`extend_context`), written through the rows' own tables; rows whose chunk ends their
    context join the state at their slots, ready for a round.
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.scheduler import speculation_pays
-from dspark_jax.decoding.speculative import DecodeState, RoundOutput, extend_context, spec_round
+from dspark_jax.decoding.speculative import DecodeState, RoundOutput, extend_context, flush_pending, spec_round
 from dspark_jax.sampling import SamplingParams
 
 
@@ -81,8 +82,13 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         draft_cache=None if draft is None else state.draft_cache.rows(table, state.draft_cache.lengths[:cap]),
         done=before.done | ~running,
     )
+    # Undrafted rounds leave their anchors pending; the draft takes in the step's pending
+    # positions once, before the rounds, when the pending buffer holds all the rounds' anchors.
+    catch_up = drafting or draft is None or num_rounds > rows.pending_next.shape[1]
+    if not catch_up:
+        rows = flush_pending(draft, draft_params, rows, ~rows.done)
     rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
-                                                     drafting=drafting), rows, length=num_rounds)
+                                                     drafting=drafting, catch_up=catch_up), rows, length=num_rounds)
     pays = speculation_pays(scheduler, rows.last_confidence, ~rows.done)
     # rows that did not run keep their state as it was (a row just prefilled waits for its first round)
     keep = lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(

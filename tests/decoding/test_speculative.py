@@ -15,7 +15,7 @@ from dspark_jax.sampling import SamplingParams, probabilities
 from dspark_jax.decoding.batching import pad_prompts
 from dspark_jax.decoding.generate import request_keys
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
-from dspark_jax.decoding.speculative import extend_context, prefill, spec_round
+from dspark_jax.decoding.speculative import extend_context, flush_pending, prefill, spec_round
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft_config import draft_config_for_target
 
@@ -108,10 +108,13 @@ def test_undrafted_rounds_sample_exactly_like_autoregressive_decoding():
     assert gated.tokens == ar.tokens and undrafted_rounds(gated) == sum(map(len, gated.confidence_logits))
 
 
-def test_undrafted_rounds_keep_the_draft_context_complete():
+@pytest.mark.parametrize("flush_first", [False, True], ids=["each-round", "flushed-before"])
+def test_undrafted_rounds_keep_the_draft_context_complete(flush_first):
     """Rounds without drafting feed the draft every committed position (the first one takes in
-    all the positions the last drafted round verified): afterwards the draft proposes what a
-    draft prefilled on the whole committed context proposes."""
+    all the positions the last drafted round verified), or leave them pending for the caller,
+    who flushes them before a run of at most G + 1 such rounds (`catch_up=False`, as the
+    engine runs them): afterwards the draft proposes what a draft prefilled on the whole
+    committed context proposes."""
     target, draft = tiny_target(), tiny_draft("dspark")
     never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
     models = (target.model, draft.model)
@@ -123,8 +126,8 @@ def test_undrafted_rounds_keep_the_draft_context_complete():
                            sampling, keys, max_new, stops, cache_length=128)
     committed = [p + [int(t)] for p, t in zip(PROMPTS, first)]
 
-    def run_round(state, scheduler, committed):
-        state, out = spec_round(*models, scheduler, target.params, draft.params, state)
+    def run_round(state, scheduler, committed, catch_up=True):
+        state, out = spec_round(*models, scheduler, target.params, draft.params, state, catch_up=catch_up)
         assert bool(jnp.all(out.drafted)) == (scheduler is None)
         for row, (t, n) in enumerate(zip(np.asarray(out.tokens), np.asarray(out.count))):
             committed[row] += t[:n].tolist()
@@ -135,8 +138,12 @@ def test_undrafted_rounds_keep_the_draft_context_complete():
         assert drafted < 12, "no drafted round accepted a token"
         drafted += 1
         state = run_round(state, None, committed)
-    for _ in range(6):  # the first of these takes in several positions at once
-        state = run_round(state, never, committed)
+    for i in range(6):  # the first of these takes in several positions at once
+        if flush_first and i % 4 == 0:  # runs of 4 and 2 rounds
+            state = flush_pending(draft.model, draft.params, state, ~state.done)
+        state = run_round(state, never, committed, catch_up=not flush_first)
+    if flush_first:
+        assert np.asarray(state.pending_count).tolist() == [2] * b  # the last run's anchors wait
     context = [c[:-1] for c in committed]
     width = max(map(len, context))
     ids = np.asarray([c + [0] * (width - len(c)) for c in context], np.int32)

@@ -385,6 +385,17 @@ def test_several_rounds_per_step_keep_greedy_tokens():
     assert_drained(eng)
 
 
+def test_undrafted_steps_of_several_rounds_keep_greedy_tokens():
+    """With the gate, a step that does not draft runs its rounds with the draft taking in the
+    pending positions once, before them (`catch_up=False`); greedy tokens stay generate's."""
+    eng = tiny_engine("dspark-gated", num_scheduler_steps=3)
+    tokens, _, _ = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
+    assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
+    stats = eng.stats()
+    assert 0 < stats.undrafted_rounds < 0.8 * stats.rounds and stats.rounds > 2 * stats.steps
+    assert_drained(eng)
+
+
 def test_several_rounds_per_step_keep_sampled_tokens():
     """Seeded sampled requests (mixed temperatures and top_p) get the same tokens with three
     rounds per step as with one. (With a scheduler they may not: the verify lengths it picks
