@@ -17,6 +17,7 @@ do not depend on which other requests share its batch.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -70,8 +71,9 @@ def _concrete(x) -> bool:
 
 
 def _on_host(x) -> bool:
-    """A Python number or numpy value: checking it costs no device transfer."""
-    return not isinstance(x, jax.Array)
+    """A Python number or numpy value: checking it costs no device transfer (device arrays,
+    tracers and the placeholders of ahead-of-time lowering are not checked here)."""
+    return isinstance(x, (numbers.Number, np.ndarray, np.generic, list, tuple))
 
 
 # field -> (allowed dtype kinds, predicate, what a valid value is)

@@ -69,3 +69,12 @@ def test_samples_follow_the_distribution(temperature, top_k, top_p):
 def test_invalid_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_programs_over_sampling_params_compile_ahead_of_time():
+    """Lowering and compiling ahead of time rebuilds SamplingParams from placeholders of its
+    arrays; the compiled program then gives the jitted function's result."""
+    params = SamplingParams.rows(3, temperature=[0.0, 0.5, 1.0], top_p=[1.0, 0.9, 0.5])
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 11)), jnp.float32)
+    compiled = jax.jit(probabilities).lower(logits, params).compile()
+    np.testing.assert_array_equal(compiled(logits, params), probabilities(logits, params))
