@@ -372,7 +372,7 @@ class Engine:
             for r in decoding:
                 table[r.slot, : len(r.pages)] = r.pages
                 running[r.slot] = True
-                r.unread += self.num_scheduler_steps * (self.gamma + 1)
+                r.unread += self.num_scheduler_steps * self._round_width(self._drafting)
                 r.launched += self.num_scheduler_steps
         return _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting), filtered, table, running, batch
 
@@ -408,18 +408,25 @@ class Engine:
         if launch.rnd is not None:
             self._drafting = bool(rnd[2])
         for r in launch.decoding:
-            r.unread -= self.num_scheduler_steps * (self.gamma + 1)
+            r.unread -= self.num_scheduler_steps * self._round_width(launch.drafting)
             r.launched -= self.num_scheduler_steps
             if self._requests.get(r.id) is r:
                 outputs.append(self._finish_round(r, *rnd[:2]))
         return outputs
 
+    def _round_width(self, drafting: bool) -> int:
+        """Tokens a round may commit, and positions past its anchor it writes, plus one: a
+        verify block when it drafts, the anchor alone when it does not."""
+        return self.gamma + 1 if drafting else 1
+
     def _round_positions(self, r: _Request) -> int:
-        """Positions r's next step may write up to: its context, the tokens steps in flight and
-        the step's rounds before its last may commit (a request with max_new tokens is done
-        and writes nothing), and a verify block."""
-        ahead = r.unread + (self.num_scheduler_steps - 1) * (self.gamma + 1)
-        return len(r.prompt) + min(len(r.output) + ahead, r.max_new - 1) + self.gamma
+        """Positions r's next step may write up to (a step drafts when `_drafting`): its
+        context, the tokens steps in flight and the step's rounds before its last may commit (a
+        request with max_new tokens is done and writes nothing), and the last round's writes
+        past its anchor. Undrafted steps need fewer pages, and narrower block tables."""
+        width = self._round_width(self._drafting)
+        ahead = r.unread + (self.num_scheduler_steps - 1) * width
+        return len(r.prompt) + min(len(r.output) + ahead, r.max_new - 1) + width - 1
 
     def _surely_done(self, r: _Request) -> bool:
         """Steps in flight will finish r: each round commits at least one token unless r stops."""
