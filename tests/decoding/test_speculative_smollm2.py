@@ -10,7 +10,8 @@ from dspark_jax.models.draft_config import draft_config_for_target
 # DFlash and Eagle3 on SmolLM2 run with the slow tests (every drafter runs on the tiny target in
 # CI: tests/decoding/test_speculative.py).
 @pytest.mark.parametrize("algorithm,with_scheduler", [
-    ("dspark", False), ("dspark", True), pytest.param("dflash", False, marks=pytest.mark.slow),
+    pytest.param("dspark", False, marks=pytest.mark.slow), ("dspark", True),
+    pytest.param("dflash", False, marks=pytest.mark.slow),
     pytest.param("eagle3", False, marks=pytest.mark.slow)])
 def test_smollm2_greedy_equals_autoregressive(smollm2, algorithm, with_scheduler):
     """Real weights and chat prompts, with a random draft of each kind (shared embedding)."""

@@ -109,9 +109,9 @@ def test_sampled_answers_follow_the_target_law(server):
 
 def test_sigterm_drains_streams_in_flight(server):
     """Runs last: it stops the module's server."""
-    n, length = 16, 120
+    n, length = 16, 48
 
-    async def stream(api, k, started):
+    async def stream(api, k, started, finished):
         got, reason = [], None
         response = await api.completions.create(model="tiny", prompt=[k % V, 1], max_tokens=length, temperature=1.0,
                                                 seed=k, stream=True,
@@ -120,17 +120,20 @@ def test_sigterm_drains_streams_in_flight(server):
             got += chunk.choices[0].token_ids
             reason = chunk.choices[0].finish_reason or reason
             started.add(k)
+        finished.add(k)
         return got, reason
 
     async def main():
-        api, started = client(server), set()
-        tasks = [asyncio.ensure_future(stream(api, k, started)) for k in range(n)]
+        api, started, finished = client(server), set(), set()
+        tasks = [asyncio.ensure_future(stream(api, k, started, finished)) for k in range(n)]
         while len(started) < n:
             await asyncio.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        in_flight = n - len(finished)
+        return in_flight, await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
-    results = asyncio.run(main())
+    in_flight, results = asyncio.run(main())
+    assert in_flight > 0  # the signal came while streams were running
     assert all(len(got) == length and reason == "length" for got, reason in results)
     code = server.process.wait(60)
     assert code in (0, -signal.SIGTERM), server.output()

@@ -32,7 +32,7 @@ def metrics(config) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+@pytest.mark.parametrize("algorithm", ["dspark", pytest.param("eagle3", marks=pytest.mark.slow)])
 def test_eight_devices_match_one_device(tmp_path, algorithm):
     """data=2, fsdp=2, tensor=2 vs a single device: the same 20-step loss trajectory in fp32
     (both on the 8 CPU devices of tests/conftest.py, whatever the default backend)."""
