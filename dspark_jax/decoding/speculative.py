@@ -213,14 +213,16 @@ def flush_pending(draft, draft_params, s: DecodeState, active) -> DecodeState:
     return s._replace(draft_cache=dcache, pending_count=jnp.where(active, 0, s.pending_count))
 
 
-def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys, catch_up: bool):
+def _undrafted(target, draft, target_params, draft_params, s: DecodeState, active, keys, catch_up: bool,
+               drift: float):
     """A round without drafting (module docstring): returns what `_drafted` returns. With
     catch_up the draft first appends the pending positions to its cache (`flush_pending`);
     then the anchor's feature is appended to the pending ones (at index pending count, which
     the round's token pairs with). Without catch_up the caller guarantees a free pending slot.
-    The rows' last confidences drift up by PROBE_DRIFT, so that drafting is tried again after a
-    while: without that, a batch whose rows stay the same would never draft again, whatever
-    the draft could do now."""
+    The rows' last confidences drift up by `drift` (PROBE_DRIFT when the round decides for
+    itself), so that drafting is tried again after a while: without that, a batch whose rows
+    stay the same would never draft again, whatever the draft could do now. A caller that
+    decides (`drafting`) also decides when to try again, with no drift."""
     b, g1 = s.pending_next.shape
     next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
     if catch_up:
@@ -228,7 +230,7 @@ def _undrafted(target, draft, target_params, draft_params, s: DecodeState, activ
     rows = jnp.arange(b)
     at = jnp.where(active, s.pending_count, g1)  # inactive rows write nowhere
     features = s.pending_features.at[rows, at].set(feature, mode="drop")
-    confidence = jnp.where(active[:, None], s.last_confidence + PROBE_DRIFT, s.last_confidence)
+    confidence = jnp.where(active[:, None], s.last_confidence + drift, s.last_confidence)
     zeros = jnp.zeros((b,), jnp.int32)
     return (tcache, s.draft_cache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, confidence,
             s.scheduler_state, features, s.pending_count)
@@ -269,7 +271,9 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     draft's confidences, or None to verify all gamma draft tokens. drafting: None drafts
     unless the scheduler, knowing the draft's cost, decides on the device that it does not
     pay (a branch in the program); True or False fixes the round's kind when the caller
-    decided (a serving engine decides on the host, which keeps its programs free of branches).
+    decided (a serving engine decides on the host, which keeps its programs free of branches),
+    and leaves the rows' last confidences as they are in an undrafted round (the caller
+    decides when to try drafting again).
     catch_up=False: an undrafted round leaves the pending positions to the caller, who
     flushes them (`flush_pending`) so that every active row has a free pending slot.
     """
@@ -286,7 +290,8 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     else:
         g = draft.config.block_size
         drafted = lambda _: _drafted(target, draft, scheduler, target_params, draft_params, s, active, keys)
-        undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys, catch_up)
+        undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys, catch_up,
+                                         PROBE_DRIFT if drafting is None else 0.0)
         if drafting is None and getattr(scheduler, "draft_seconds", None) is not None:
             speculate = speculation_pays(scheduler, s.last_confidence, active)
             branch = jax.lax.cond(speculate, drafted, undrafted, None)

@@ -15,8 +15,12 @@ A request goes waiting -> prefilling -> decoding -> finished:
   When the scheduler knows the draft's cost, each round program also says whether drafting
   pays for its rows (`speculation_pays`, from their latest confidences); while it does not,
   the host launches autoregressive rounds instead (a second round program, without the
-  draft's proposal: the draft only takes in the new positions), which decide again (their
-  rows' confidences drift up while they do not draft, so drafting is retried now and then).
+  draft's proposal: the draft only takes in the new positions), which decide again as rows
+  come and go. While drafting does not pay, the host probes it with one drafted step now
+  and then, after a gap of undrafted steps that doubles each time a drafted step finds that
+  drafting does not pay (2, 4, 8, ... steps, up to PROBE_LIMIT rounds) and starts again from
+  1 when one finds that it pays: a draft that does not pay costs a few percent, and one that
+  starts to pay is found within PROBE_LIMIT rounds.
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
@@ -65,6 +69,8 @@ from dspark_jax.serving.params import RequestOutput, SamplingParams
 from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
+
+PROBE_LIMIT = 128  # rounds: the longest gap between two probes of a draft that does not pay
 
 
 class EngineFull(RuntimeError):
@@ -245,8 +251,10 @@ class Engine:
 
         self._state = self._initial_state(num_pages)
         self._inflight: _Launch | None = None
-        # whether the next rounds draft: as the last rounds read back found (`speculation_pays`)
+        # whether the next rounds draft: as the last rounds read back found (`speculation_pays`),
+        # or to probe after _probe_gap undrafted steps (_undrafted_steps since the last probe)
         self._drafting = True
+        self._probe_gap, self._undrafted_steps = 1, 0
         self._shapes: set[tuple] = set()  # the device programs' shapes run so far
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -309,6 +317,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def state(self) -> DecodeState:
+        """The device state over every slot (benchmarks and tests read it; `step` replaces it)."""
+        return self._state
 
     def stats(self) -> EngineStats:
         s = self._stats
@@ -406,13 +419,28 @@ class Engine:
                 r.output.append(token)
                 outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
         if launch.rnd is not None:
-            self._drafting = bool(rnd[2])
+            self._decide_drafting(launch.drafting, bool(rnd[2]))
         for r in launch.decoding:
             r.unread -= self.num_scheduler_steps * self._round_width(launch.drafting)
             r.launched -= self.num_scheduler_steps
             if self._requests.get(r.id) is r:
                 outputs.append(self._finish_round(r, *rnd[:2]))
         return outputs
+
+    def _decide_drafting(self, drafted: bool, pays: bool) -> None:
+        """Whether the next step drafts, from a step read back: it does when drafting pays for
+        the step's rows or when a probe is due. A drafted step that found that drafting does
+        not pay doubles the gap between probes (to PROBE_LIMIT rounds at most); one that found
+        that it pays resets it. The step after a probe was planned before the probe was read
+        back, so it counts towards the next gap rather than probing again."""
+        if drafted:
+            self._probe_gap = 1 if pays else min(2 * self._probe_gap, max(1, PROBE_LIMIT // self.num_scheduler_steps))
+        else:
+            self._undrafted_steps += 1
+        probe = not pays and self._undrafted_steps >= self._probe_gap
+        if drafted or probe:
+            self._undrafted_steps = 0
+        self._drafting = pays or probe
 
     def _round_width(self, drafting: bool) -> int:
         """Tokens a round may commit, and positions past its anchor it writes, plus one: a

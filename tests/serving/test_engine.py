@@ -18,6 +18,7 @@ from dspark_jax import Draft, generate
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
+from dspark_jax.serving import engine as engine_module
 from tests.decoding.test_speculative import GATED, SCHEDULER, V, tiny_draft, tiny_target
 
 EOS = 7  # the tiny target's only EOS id
@@ -394,6 +395,30 @@ def test_undrafted_steps_of_several_rounds_keep_greedy_tokens():
     stats = eng.stats()
     assert 0 < stats.undrafted_rounds < 0.8 * stats.rounds and stats.rounds > 2 * stats.steps
     assert_drained(eng)
+
+
+def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch):
+    """Drafting never pays here: after the first step, one drafted step (a probe) follows
+    gaps of 2, 4, 8, ... undrafted steps, up to PROBE_LIMIT rounds (16 here; steps of 2
+    rounds, one at a time, so that each read-back decides the next step)."""
+    monkeypatch.setattr(engine_module, "PROBE_LIMIT", 16)
+    never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
+    rounds = 2
+    eng = Engine(tiny_target(), tiny_draft("dspark"), scheduler=never, max_num_seqs=1, page_size=32, num_pages=6,
+                 async_scheduling=False, num_scheduler_steps=rounds)
+    eng.add_request(PROMPTS[0][:8], greedy(max_tokens=100, ignore_eos=True))
+    kinds, before = "", eng.stats()
+    while eng.has_unfinished():
+        eng.step()
+        now = eng.stats()
+        if now.rounds > before.rounds:
+            kinds += "U" if now.undrafted_rounds > before.undrafted_rounds else "D"
+        before = now
+    expected, gap = "D", 2
+    while len(expected) < len(kinds):
+        expected += "U" * gap + "D"
+        gap = min(2 * gap, 16 // rounds)
+    assert kinds == expected[:len(kinds)] and len(kinds) >= 45, kinds  # gaps of 2, 4, 8, 8, 8
 
 
 def test_several_rounds_per_step_keep_sampled_tokens():

@@ -134,9 +134,9 @@ def test_tensor_parallel_greedy_equals_single_device(name, speculative, data, te
     # KV head where the heads divide it (else replicated).
     q_spec = eng.target.params["layers_0"]["self_attn"]["q_proj"].sharding.spec
     assert "tensor" in jax.tree.leaves(tuple(q_spec)), q_spec
-    pools = [eng._state.target_cache.k[0], eng._state.target_cache.v[-1]]
+    pools = [eng.state.target_cache.k[0], eng.state.target_cache.v[-1]]
     if draft is not None:
-        pools.append(eng._state.draft_cache.k[0])
+        pools.append(eng.state.draft_cache.k[0])
     kv_split = target.config.num_kv_heads % tensor == 0
     assert kv_split == (name == "kv_split" and tensor < 8)
     for pool in pools:  # [pages, page_size, kv_heads, head_dim]
