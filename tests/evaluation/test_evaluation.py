@@ -44,6 +44,7 @@ def test_load_prompts(tmp_path):
         load_prompts(str(empty))
 
 
+@pytest.mark.slow  # CI runs eval.py end to end through the README's command (tests/test_cli.py)
 def test_eval_script_end_to_end(tmp_path, capsys):
     import eval as eval_script
 
