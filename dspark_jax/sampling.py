@@ -17,7 +17,6 @@ do not depend on which other requests share its batch.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -71,9 +70,11 @@ def _concrete(x) -> bool:
 
 
 def _on_host(x) -> bool:
-    """A Python number or numpy value: checking it costs no device transfer (device arrays,
-    tracers and the placeholders of ahead-of-time lowering are not checked here)."""
-    return isinstance(x, (numbers.Number, np.ndarray, np.generic, list, tuple))
+    """A value checking costs no device transfer for: anything but a device array, a tracer or
+    a shaped placeholder of ahead-of-time lowering (which has a shape and dtype and is not
+    numpy)."""
+    shaped = hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (np.ndarray, np.generic))
+    return not (isinstance(x, jax.Array) or shaped)
 
 
 # field -> (allowed dtype kinds, predicate, what a valid value is)

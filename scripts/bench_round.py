@@ -53,7 +53,8 @@ def main(argv=None) -> None:
         engine = Engine(target, d, scheduler=s, max_num_seqs=cap, page_size=args.page_size,
                         num_pages=cap * width + 1, num_scheduler_steps=args.rounds)
         weights = (target.params, None if d is None else d.params)
-        state = engine.state._replace(done=engine.state.done & False)  # every row decodes
+        state = engine.state
+        state = state._replace(done=state.done & False, max_new=state.max_new + 2**30)  # every row decodes throughout
         start = time.perf_counter()
         step = engine_round.lower(target.model, None if d is None else d.model, s, *weights, state, table, running,
                                   args.rounds, drafting).compile()

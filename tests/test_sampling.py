@@ -64,7 +64,8 @@ def test_samples_follow_the_distribution(temperature, top_k, top_p):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")],
+    [(dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+     (dict(temperature=None), "temperature"), (dict(top_p="0.5"), "top_p")],
 )
 def test_invalid_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):

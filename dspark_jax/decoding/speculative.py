@@ -202,7 +202,7 @@ def _autoregressive(target, params, s: DecodeState, active, keys, taps=()):
     return next_token, tcache, _features(anchor_taps)[:, 0]
 
 
-PROBE_DRIFT = 0.1  # confidence logits a row's last confidences gain per round without a draft
+PROBE_DRIFT = 0.1  # confidence logits a row's last confidences gain per round that decided not to draft
 
 
 def flush_pending(draft, draft_params, s: DecodeState, active) -> DecodeState:
@@ -277,6 +277,9 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
     catch_up=False: an undrafted round leaves the pending positions to the caller, who
     flushes them (`flush_pending`) so that every active row has a free pending slot.
     """
+    if not catch_up and drafting is not False:
+        raise ValueError("catch_up=False is for rounds the caller made undrafted (drafting=False): a drafted "
+                         "round can fill the pending positions")
     b = s.anchor.shape[0]
     active = ~s.done
     start = s.target_cache.lengths  # anchor positions

@@ -17,10 +17,10 @@ A request goes waiting -> prefilling -> decoding -> finished:
   the host launches autoregressive rounds instead (a second round program, without the
   draft's proposal: the draft only takes in the new positions), which decide again as rows
   come and go. While drafting does not pay, the host probes it with one drafted step now
-  and then, after a gap of undrafted steps that doubles each time a drafted step finds that
+  and then, after a gap of undrafted steps that doubles each time a probe finds that
   drafting does not pay (2, 4, 8, ... steps, up to PROBE_LIMIT rounds) and starts again from
-  1 when one finds that it pays: a draft that does not pay costs a few percent, and one that
-  starts to pay is found within PROBE_LIMIT rounds.
+  1 when a drafted step finds that it pays: a draft that does not pay costs a few percent,
+  and one that starts to pay is found within about PROBE_LIMIT rounds.
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
@@ -189,6 +189,7 @@ class _Launch:
     prefilling: list[_Request]  # rows of the prefill batch
     firsts: list[bool]  # per prefill row: its chunk ends the context and samples a first token
     drafting: bool = True  # the rounds draft
+    probe: bool = False  # they draft to probe whether drafting pays (it did not when last read back)
     rnd: list | None = None  # engine_round's (RoundOutput, done, drafting pays) on the device, once dispatched
     prefilled: list | None = None  # engine_prefill's (first token, done) on the device
 
@@ -253,7 +254,7 @@ class Engine:
         self._inflight: _Launch | None = None
         # whether the next rounds draft: as the last rounds read back found (`speculation_pays`),
         # or to probe after _probe_gap undrafted steps (_undrafted_steps since the last probe)
-        self._drafting = True
+        self._drafting, self._probing = True, False
         self._probe_gap, self._undrafted_steps = 1, 0
         self._shapes: set[tuple] = set()  # the device programs' shapes run so far
         self._slots: list[_Request | None] = [None] * max_num_seqs
@@ -387,7 +388,10 @@ class Engine:
                 running[r.slot] = True
                 r.unread += self.num_scheduler_steps * self._round_width(self._drafting)
                 r.launched += self.num_scheduler_steps
-        return _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting), filtered, table, running, batch
+        launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing)
+        if decoding and self._probing:  # one probing step: the steps after it wait for its read-back
+            self._drafting = self._probing = False
+        return launch, filtered, table, running, batch
 
     def _dispatch(self, launch: _Launch, filtered: bool, table, running, batch) -> _Launch:
         """Runs the planned programs without waiting for them; starts copying their outputs to the host."""
@@ -419,7 +423,7 @@ class Engine:
                 r.output.append(token)
                 outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
         if launch.rnd is not None:
-            self._decide_drafting(launch.drafting, bool(rnd[2]))
+            self._decide_drafting(launch, bool(rnd[2]))
         for r in launch.decoding:
             r.unread -= self.num_scheduler_steps * self._round_width(launch.drafting)
             r.launched -= self.num_scheduler_steps
@@ -427,20 +431,26 @@ class Engine:
                 outputs.append(self._finish_round(r, *rnd[:2]))
         return outputs
 
-    def _decide_drafting(self, drafted: bool, pays: bool) -> None:
+    def _decide_drafting(self, launch: _Launch, pays: bool) -> None:
         """Whether the next step drafts, from a step read back: it does when drafting pays for
-        the step's rows or when a probe is due. A drafted step that found that drafting does
-        not pay doubles the gap between probes (to PROBE_LIMIT rounds at most); one that found
-        that it pays resets it. The step after a probe was planned before the probe was read
-        back, so it counts towards the next gap rather than probing again."""
-        if drafted:
-            self._probe_gap = 1 if pays else min(2 * self._probe_gap, max(1, PROBE_LIMIT // self.num_scheduler_steps))
+        the step's rows or when a probe is due. A drafted step that found that drafting pays
+        sets the gap between probes to 1 step; a probe that found that it does not doubles the
+        gap, to PROBE_LIMIT rounds at most; any other drafted step that found that it does not
+        makes the gap at least 2 steps (with asynchronous scheduling, a step planned before a
+        read-back may repeat its kind, so a gap of 1 would probe twice in a row)."""
+        if launch.drafting:
+            longest = max(2, PROBE_LIMIT // self.num_scheduler_steps)
+            if pays:
+                self._probe_gap = 1
+            else:
+                self._probe_gap = min(2 * self._probe_gap, longest) if launch.probe else max(self._probe_gap, 2)
+            self._undrafted_steps = 0
         else:
             self._undrafted_steps += 1
-        probe = not pays and self._undrafted_steps >= self._probe_gap
-        if drafted or probe:
+        self._probing = not pays and self._undrafted_steps >= self._probe_gap
+        if self._probing:
             self._undrafted_steps = 0
-        self._drafting = pays or probe
+        self._drafting = pays or self._probing
 
     def _round_width(self, drafting: bool) -> int:
         """Tokens a round may commit, and positions past its anchor it writes, plus one: a

@@ -127,7 +127,8 @@ def test_undrafted_rounds_keep_the_draft_context_complete(flush_first):
     committed = [p + [int(t)] for p, t in zip(PROMPTS, first)]
 
     def run_round(state, scheduler, committed, catch_up=True):
-        state, out = spec_round(*models, scheduler, target.params, draft.params, state, catch_up=catch_up)
+        state, out = spec_round(*models, scheduler, target.params, draft.params, state,
+                                drafting=None if catch_up else False, catch_up=catch_up)
         assert bool(jnp.all(out.drafted)) == (scheduler is None)
         for row, (t, n) in enumerate(zip(np.asarray(out.tokens), np.asarray(out.count))):
             committed[row] += t[:n].tolist()
