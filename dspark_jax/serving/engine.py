@@ -17,10 +17,10 @@ A request goes waiting -> prefilling -> decoding -> finished:
   the host launches autoregressive rounds instead (a second round program, without the
   draft's proposal: the draft only takes in the new positions), which decide again as rows
   come and go. While drafting does not pay, the host probes it with one drafted step now
-  and then, after a gap of undrafted steps that doubles each time a probe finds that
-  drafting does not pay (2, 4, 8, ... steps, up to PROBE_LIMIT rounds) and starts again from
-  1 when a drafted step finds that it pays: a draft that does not pay costs a few percent,
-  and one that starts to pay is found within about PROBE_LIMIT rounds.
+  and then: 2 undrafted steps after drafting stopped paying, then after a gap that doubles
+  each time a probe finds that it still does not pay (4, 8, ... steps, up to PROBE_LIMIT
+  rounds and at least 2 steps). A draft that does not pay costs a few percent, and one that
+  starts to pay is found within about PROBE_LIMIT rounds.
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
@@ -253,7 +253,7 @@ class Engine:
         self._state = self._initial_state(num_pages)
         self._inflight: _Launch | None = None
         # whether the next rounds draft: as the last rounds read back found (`speculation_pays`),
-        # or to probe after _probe_gap undrafted steps (_undrafted_steps since the last probe)
+        # or to probe after _probe_gap undrafted steps (_undrafted_steps planned in a row)
         self._drafting, self._probing = True, False
         self._probe_gap, self._undrafted_steps = 1, 0
         self._shapes: set[tuple] = set()  # the device programs' shapes run so far
@@ -388,8 +388,9 @@ class Engine:
                 running[r.slot] = True
                 r.unread += self.num_scheduler_steps * self._round_width(self._drafting)
                 r.launched += self.num_scheduler_steps
+            self._undrafted_steps = 0 if self._drafting else self._undrafted_steps + 1
         launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing)
-        if decoding and self._probing:  # one probing step: the steps after it wait for its read-back
+        if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
             self._drafting = self._probing = False
         return launch, filtered, table, running, batch
 
@@ -432,24 +433,22 @@ class Engine:
         return outputs
 
     def _decide_drafting(self, launch: _Launch, pays: bool) -> None:
-        """Whether the next step drafts, from a step read back: it does when drafting pays for
-        the step's rows or when a probe is due. A drafted step that found that drafting pays
-        sets the gap between probes to 1 step; a probe that found that it does not doubles the
-        gap, to PROBE_LIMIT rounds at most; any other drafted step that found that it does not
-        makes the gap at least 2 steps (with asynchronous scheduling, a step planned before a
-        read-back may repeat its kind, so a gap of 1 would probe twice in a row)."""
+        """Whether the steps planned from now on draft (with asynchronous scheduling, the step
+        after the next one, which is already launched), from a step read back: they do when
+        drafting pays for the step's rows, or to probe once the undrafted steps planned in a row
+        reach the gap. A drafted step that found that drafting pays sets the gap to 1 step; a
+        probe that found that it does not doubles it, to max(2, PROBE_LIMIT / rounds per step)
+        steps at most; any other drafted step that found that it does not makes it at least 2
+        steps. Counting steps when they are planned (`_plan`) keeps a decided probe standing
+        across read-backs until a step is planned, and the gaps exact with asynchronous
+        scheduling."""
         if launch.drafting:
             longest = max(2, PROBE_LIMIT // self.num_scheduler_steps)
             if pays:
                 self._probe_gap = 1
             else:
                 self._probe_gap = min(2 * self._probe_gap, longest) if launch.probe else max(self._probe_gap, 2)
-            self._undrafted_steps = 0
-        else:
-            self._undrafted_steps += 1
         self._probing = not pays and self._undrafted_steps >= self._probe_gap
-        if self._probing:
-            self._undrafted_steps = 0
         self._drafting = pays or self._probing
 
     def _round_width(self, drafting: bool) -> int:

@@ -397,15 +397,16 @@ def test_undrafted_steps_of_several_rounds_keep_greedy_tokens():
     assert_drained(eng)
 
 
-def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch):
-    """Drafting never pays here: after the first step, one drafted step (a probe) follows
-    gaps of 2, 4, 8, ... undrafted steps, up to PROBE_LIMIT rounds (8 here; steps of 2
-    rounds, one at a time, so that each read-back decides the next step)."""
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch, async_scheduling):
+    """Drafting never pays here: after the first step (and, with asynchronous scheduling, the
+    one launched before the first read-back), one drafted step (a probe) follows gaps of 2, 4,
+    8, ... undrafted steps, up to PROBE_LIMIT rounds (8 here, in steps of 2 rounds)."""
     monkeypatch.setattr(engine_module, "PROBE_LIMIT", 8)
     never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
     rounds = 2
     eng = Engine(tiny_target(), tiny_draft("dspark"), scheduler=never, max_num_seqs=1, page_size=32, num_pages=6,
-                 async_scheduling=False, num_scheduler_steps=rounds)
+                 async_scheduling=async_scheduling, num_scheduler_steps=rounds)
     eng.add_request(PROMPTS[0][:8], greedy(max_tokens=48, ignore_eos=True))
     kinds, before = "", eng.stats()
     while eng.has_unfinished():
@@ -414,7 +415,7 @@ def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch):
         if now.rounds > before.rounds:
             kinds += "U" if now.undrafted_rounds > before.undrafted_rounds else "D"
         before = now
-    expected, gap = "D", 2
+    expected, gap = "DD" if async_scheduling else "D", 2
     while len(expected) < len(kinds):
         expected += "U" * gap + "D"
         gap = min(2 * gap, 8 // rounds)
