@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-memory", type=float, default=0.5,
                    help="KV pages' budget: a fraction of free device memory, or bytes if > 1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--kernels", nargs="+", default=[None], choices=["pallas", "xla"],
+                   help="the engines' paged attention, each in turn (default: the engine's choice)")
     p.add_argument("--out", default="bench_engine.json")
     args = p.parse_args(argv)
 
@@ -145,19 +147,20 @@ def main(argv=None) -> None:
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
-    for mode, scheduling, rounds in itertools.product(args.modes, args.scheduling, args.scheduler_steps):
+    for kernels, mode, scheduling, rounds in itertools.product(args.kernels, args.modes, args.scheduling,
+                                                               args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,
                         scheduler=schedulers.get(mode),
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
-                        num_scheduler_steps=rounds)
+                        num_scheduler_steps=rounds, kernels=kernels)
         for c in args.concurrency:
             total = max(2 * c, 8)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             before = engine.stats()
-            row = {"mode": mode, "scheduling": scheduling, "scheduler_steps": rounds, "concurrency": c,
-                   **closed_loop(engine, prompts, c, total, params)}
+            row = {"mode": mode, "kernels": engine.target.config.attention, "scheduling": scheduling,
+                   "scheduler_steps": rounds, "concurrency": c, **closed_loop(engine, prompts, c, total, params)}
             after = engine.stats()
             row["compiled_during"] = after.program_shapes - before.program_shapes
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
@@ -171,11 +174,11 @@ def main(argv=None) -> None:
           f"mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
-    print("| mode | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | tokens/round | "
-          "undrafted |\n|---|---|---|---|---|---|---|---|---|")
+    print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | "
+          "tokens/round | undrafted |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['mode']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
+        print(f"| {r['mode']} | {r['kernels']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | "
+              f"{r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
 
 
 if __name__ == "__main__":

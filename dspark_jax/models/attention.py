@@ -1,9 +1,10 @@
 """Every attention computation of the project, behind one implementation setting.
 
-Four attention patterns exist; model code calls these functions and never computes attention
+Five attention patterns exist; model code calls these functions and never computes attention
 itself, so a kernel plugs in here and nowhere else:
 
 - `cached_attention`: a decoder's queries over its KV cache (prefill, decode and verify);
+- `paged_attention`: the same over a paged cache (a serving engine's page pools);
 - `sequence_attention`: the causal attention of a cache-free full forward (training targets);
 - `block_attention`: DSpark/DFlash block slots over injected context plus their own block;
 - `ttt_attention`: Eagle3's training-time-test unroll.
@@ -11,7 +12,9 @@ itself, so a kernel plugs in here and nowhere else:
 `implementation` (`ModelConfig.attention`, or the caller's argument) picks the computation:
 "xla" is plain jnp (softmax in fp32, the reference every other implementation is tested
 against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
-forward in bf16/fp16 on a GPU) and XLA elsewhere. Numerics: attention logits and softmax in
+forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the ragged paged attention
+kernel of `pallas_kernels` where it applies (`paged_attention`; interpreted off a GPU) and XLA
+elsewhere. Numerics: attention logits and softmax in
 fp32, products in the inputs' dtype.
 
 Einsum letters follow the legend in `dspark_jax.models`.
@@ -19,10 +22,17 @@ Einsum letters follow the legend in `dspark_jax.models`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+if TYPE_CHECKING:
+    from dspark_jax.models.kv_cache import PagedLayerCache
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def check_implementation(implementation: str) -> str:
@@ -56,6 +66,17 @@ def cached_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkrts,bksd->btkrd", probs, v)
     return out.reshape(b, t, n, d)
+
+
+def paged_attention(q: jax.Array, layer: PagedLayerCache, q_positions: jax.Array, kv_lengths: jax.Array,
+                    implementation: str = "xla") -> jax.Array:
+    """`cached_attention` over a paged layer cache: the pools [P, page_size, K, D] and the rows'
+    block table [B, M]. "pallas" reads only the pages below each row's length (and its last
+    query's position); the others gather every page of the table first. A query that sees
+    nothing gets zeros from "pallas" and a finite (unused) output from the others."""
+    if check_implementation(implementation) == "pallas":
+        return ragged_paged_attention(q, layer.k, layer.v, layer.block_table, q_positions, kv_lengths)
+    return cached_attention(q, *layer.view(), q_positions, kv_lengths, implementation)
 
 
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

@@ -14,8 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dspark_jax.models.attention import IMPLEMENTATIONS
+
 FAMILIES = ("llama", "qwen3")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # see dspark_jax.models.attention
 
 # transformers `architectures[0]` / `model_type` -> our family name.
 _ARCHITECTURES = {
@@ -96,7 +97,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    attention: str = "xla"  # implementation (`dspark_jax.models.attention`): "xla" or "cudnn"
+    attention: str = "xla"  # implementation (`dspark_jax.models.attention`): "xla", "cudnn" or "pallas"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -108,8 +109,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {IMPLEMENTATIONS}")
 
     @property
     def qk_norm(self) -> bool:

@@ -50,6 +50,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decoding rounds per engine step: more share the host's work per step (faster for "
                         "small models) but a new request waits for the step in flight")
+    p.add_argument("--kernels", choices=["pallas", "xla"],
+                   help="paged attention: the Pallas kernel or XLA (default: pallas on one GPU, else xla)")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -102,7 +104,8 @@ def build_engine(args):
     engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
                     kv_memory=kv, max_model_len=args.max_model_len,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, seed=args.seed,
-                    mesh=mesh, async_scheduling=args.async_scheduling, num_scheduler_steps=args.num_scheduler_steps)
+                    mesh=mesh, async_scheduling=args.async_scheduling, num_scheduler_steps=args.num_scheduler_steps,
+                    kernels=args.kernels)
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
                                       os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
     return engine, target.tokenizer, name

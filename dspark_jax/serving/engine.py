@@ -207,14 +207,19 @@ class Engine:
     included); seed: where requests without a seed get theirs; mesh: a (data, fsdp, tensor)
     mesh to run under (weights and KV pages are split over its tensor axis);
     async_scheduling: plan each step while the previous one runs (`step`);
-    num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea).
+    num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea);
+    kernels: how the target attends over its pages: "pallas" (the ragged paged attention
+    kernel, which reads only the pages a row's length reaches; interpreted off a GPU, so only
+    for tests there) or "xla" (gathers every page of the block table); default "pallas" on a
+    single GPU and "xla" elsewhere.
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
                  page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int = 1, kernels: str | None = None):
+        target = _with_kernels(target, kernels, mesh)
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
         check_setup(cfg, None if draft is None else draft.config, scheduler)
@@ -650,6 +655,23 @@ class Engine:
             (cache.block_table, cache.lengths), replicated))  # the pools keep their KV-head split
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
         return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
+
+
+KERNELS = ("pallas", "xla")
+
+
+def _with_kernels(target: Target, kernels: str | None, mesh: Mesh | None) -> Target:
+    """The target with its paged attention set to `kernels` (`Engine`), the choice logged."""
+    if kernels is None:
+        kernels = "pallas" if mesh is None and jax.default_backend() == "gpu" else "xla"
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "pallas" and mesh is not None:
+        raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
+    log.info("paged attention: %s", kernels)
+    attention = "pallas" if kernels == "pallas" else ("xla" if target.config.attention == "pallas" else
+                                                       target.config.attention)
+    return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=attention))
 
 
 def _kv_shards(mesh: Mesh, kv_heads: int) -> int:

@@ -11,6 +11,7 @@ EngineFull) while the engine goes on serving correctly.
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
 from dspark_jax.serving import engine as engine_module
+from dspark_jax.sharding import make_mesh
 from tests.decoding.test_speculative import GATED, SCHEDULER, V, tiny_draft, tiny_target
 
 EOS = 7  # the tiny target's only EOS id
@@ -111,10 +113,13 @@ def assert_drained(engine):
     assert stats.pages_free == engine.pages.usable == engine.pages.num_free
 
 
-@pytest.mark.parametrize("config,shape", [pytest.param(c, SMALL, id=c) for c in CONFIGS] + [
-    pytest.param(c, WIDE, id=f"{c}-wide", marks=pytest.mark.slow) for c in CONFIGS])
-def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, shape):
-    eng = tiny_engine(config, **shape)
+@pytest.mark.parametrize("config,shape,kernels", [pytest.param(c, SMALL, "xla", id=c) for c in CONFIGS] + [
+    pytest.param(c, SMALL, "pallas", id=f"{c}-pallas") for c in ("ar", "dspark-prefix", "dflash")] + [
+    pytest.param(c, WIDE, "xla", id=f"{c}-wide", marks=pytest.mark.slow) for c in CONFIGS])
+def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, shape, kernels):
+    """kernels="pallas": the target attends with the Pallas kernel (interpreted on CPU)."""
+    eng = tiny_engine(config, kernels=kernels, **shape)
+    assert eng.target.config.attention == kernels
     tokens, reasons, most_waiting = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
 
     assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
@@ -289,6 +294,15 @@ def test_preempted_requests_wait_outside_the_queue_bound():
         tokens.setdefault(rid, []).extend(new)
     assert {index[r]: t for r, t in tokens.items()} == {i: expected(i, MAX_TOKENS) for i in longest}
     assert_drained(eng)
+
+
+def test_bad_kernels_settings_are_refused():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        tiny_engine("ar", kernels="triton")
+    mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
+    with pytest.raises(ValueError, match="kernels='pallas' runs on one device"):
+        tiny_engine("ar", kernels="pallas", mesh=mesh)
+    assert tiny_engine("ar", mesh=mesh).target.config.attention == "xla"  # the default under a mesh
 
 
 def test_bad_requests_are_refused_and_the_engine_serves_on():

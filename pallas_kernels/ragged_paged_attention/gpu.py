@@ -1,0 +1,136 @@
+"""Ragged paged attention for GPUs: a Pallas kernel lowered through Triton.
+
+Layout: each program takes one row b, one KV head k, one block of `block_q` query rows of that
+head's group (query row i = t * R + r, R query heads per KV head, padded with rows that see
+nothing) and one split of the row's pages. It walks the pages its queries can see, `pages`
+block-table entries at a time (`block_k` = pages * page_size keys per step, gathered from the
+pool by page id), with an online softmax in fp32, and writes its normalised output and the
+log-sum-exp of its scores. A row reads only the pages below min(kv_length, its last query
+position + 1): the work follows each row's length, not the block table's width. With several
+splits (long contexts over few rows: flash-decoding), the partial outputs are merged in XLA.
+
+The kernel runs on the Triton backend of Pallas (power-of-two block shapes, `dot` with at
+least 16 rows and columns); off a GPU it runs in interpret mode, which checks its logic but not
+those rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+_MASKED = -1e30  # a finite "minus infinity" for scores a query must not see
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Block sizes and launch settings (`tuning.py` picks them)."""
+
+    block_q: int  # query rows per program (a power of two >= 16)
+    pages: int  # pages per inner step (block_k = pages * page_size keys)
+    splits: int  # programs sharing one row's pages
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, *, pages: int,
+            blocks_per_split: int, scale: float):
+    """q_ref [block_q, D]; qpos_ref [block_q]; length_ref [1]; table_ref [M]; k_ref, v_ref
+    [P, page_size, D] (this KV head's pools); o_ref [block_q, D]; lse_ref [block_q]."""
+    split = pl.program_id(3)
+    block_q, d = q_ref.shape
+    page_size = k_ref.shape[1]
+    block_k = pages * page_size
+    q = q_ref[...]
+    qpos = qpos_ref[...]  # [block_q], -1 for padding rows
+    # keys this block can see: below the row's length and its last query's position + 1
+    needed = jnp.minimum(length_ref[0], jnp.max(qpos) + 1)
+    first = split * blocks_per_split
+    last = jnp.minimum(first + blocks_per_split, pl.cdiv(needed, block_k))
+
+    final = table_ref.shape[0] // pages - 1  # the last step the block table holds
+    step_ids = lambda j: table_ref[pl.ds(jnp.minimum(j, final) * pages, pages)]  # [pages]
+
+    def body(j, carry):
+        acc, peak, total, ids = carry  # [block_q, D], [block_q], [block_q] fp32; this step's page ids
+        upcoming = step_ids(j + 1)  # read ahead, so that the gathers below wait for one load, not two
+        k = k_ref[ids].reshape(block_k, d)  # [block_k, D]
+        v = v_ref[ids].reshape(block_k, d)
+        scores = pl_triton.dot(q, k, trans_b=True, allow_tf32=False) * scale  # [block_q, block_k] fp32
+        slots = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        visible = (slots <= qpos[:, None]) & (slots < needed)
+        scores = jnp.where(visible, scores, _MASKED)
+        new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
+        probs = jnp.where(visible, jnp.exp(scores - new_peak[:, None]), 0.0)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + jnp.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + pl_triton.dot(probs.astype(v.dtype), v, allow_tf32=False)
+        return acc, new_peak, total, upcoming
+
+    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32), step_ids(first))
+    acc, peak, total, _ = lax.fori_loop(first, last, body, init)
+    seen = total > 0
+    o_ref[...] = (acc / jnp.where(seen, total, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
+                           q_positions: jax.Array, kv_lengths: jax.Array, *, blocks: Blocks,
+                           interpret: bool = False) -> jax.Array:
+    """As `reference.ragged_paged_attention` (same arguments and result)."""
+    b, t, n, d = q.shape
+    num_pages, page_size, kv_heads, _ = k_pages.shape
+    m = block_table.shape[1]
+    group = n // kv_heads
+    rows = t * group
+    block_q, pages, splits = blocks.block_q, blocks.pages, blocks.splits
+    if m % pages:
+        raise ValueError(f"blocks.pages={pages} does not divide the block table's {m} columns")
+    q_blocks = pl.cdiv(rows, block_q)
+    padded = q_blocks * block_q
+    # [B, T, K, R, D] -> [B, K, T * R, D], query row i = t * R + r, padded to whole blocks
+    qr = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows, d)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
+    qpos = jnp.repeat(q_positions.astype(jnp.int32), group, axis=1)  # [B, T * R]
+    qpos = jnp.pad(qpos, ((0, 0), (0, padded - rows)), constant_values=-1)
+    blocks_per_split = pl.cdiv(m // pages, splits)
+    out_dtype = q.dtype if splits == 1 else jnp.float32
+    kernel = functools.partial(_kernel, pages=pages, blocks_per_split=blocks_per_split, scale=d**-0.5)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kv_heads, q_blocks, splits),
+        in_specs=[
+            pl.BlockSpec((None, None, block_q, d), lambda i, h, j, s: (i, h, j, 0)),
+            pl.BlockSpec((None, block_q), lambda i, h, j, s: (i, j)),
+            pl.BlockSpec((None, 1), lambda i, h, j, s: (i, 0)),
+            pl.BlockSpec((None, m), lambda i, h, j, s: (i, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, j, s: (0, 0, h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, j, s: (0, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_q, d), lambda i, h, j, s: (s, i, h, j, 0)),
+            pl.BlockSpec((None, None, None, block_q), lambda i, h, j, s: (s, i, h, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, kv_heads, padded, d), out_dtype),
+                   jax.ShapeDtypeStruct((splits, b, kv_heads, padded), jnp.float32)],
+        compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(qr, qpos, kv_lengths.astype(jnp.int32)[:, None], block_table.astype(jnp.int32), k_pages, v_pages)
+    if splits == 1:
+        out = o[0]
+    else:  # merge the splits' partial softmaxes
+        top = jnp.max(lse, axis=0)  # [B, K, rows]
+        weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+        total = jnp.sum(weight, axis=0)
+        out = jnp.einsum("sbkq,sbkqd->bkqd", weight, o) / jnp.where(total > 0, total, 1.0)[..., None]
+    out = out[:, :, :rows].reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, n, d).astype(q.dtype)

@@ -1,0 +1,38 @@
+"""The entry point: ragged paged attention on the current backend.
+
+`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton, elsewhere
+in interpret mode (slow; for tests). `"xla"` runs the jnp reference. TPUs have no kernel here
+yet and are refused rather than silently given the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.ragged_paged_attention import gpu, reference
+from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
+                           q_positions: jax.Array, kv_lengths: jax.Array, *, implementation: str = "pallas",
+                           blocks: gpu.Blocks | None = None) -> jax.Array:
+    """Attention of each row's queries over its pages (`reference.ragged_paged_attention` says
+    what it computes). q: [B, T, N, D]; k_pages, v_pages: [P, page_size, K, D]; block_table:
+    [B, M] int32; q_positions: [B, T] int32; kv_lengths: [B] int32. Returns [B, T, N, D].
+    blocks: the kernel's block sizes (default: `tuning.pick_blocks`)."""
+    if implementation == "xla":
+        return reference.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths)
+    if implementation != "pallas":
+        raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    backend = jax.default_backend()
+    if backend == "tpu":
+        raise NotImplementedError("ragged_paged_attention has no TPU kernel yet; use implementation='xla'")
+    b, t, n, d = q.shape
+    kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
+    if blocks is None:
+        blocks = pick_blocks(batch=b, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
+                             page_size=page_size, table_columns=block_table.shape[1])
+    return gpu.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths, blocks=blocks,
+                                      interpret=backend != "gpu")

@@ -1,0 +1,32 @@
+"""Block sizes for the GPU kernel, from the shapes of a call.
+
+The choices follow the measurements in docs/benchmarks.md ("Ragged paged attention"):
+`keys_per_step` by head dim, and enough programs to fill the chip (splitting a row's pages
+between programs when there are few rows and long contexts).
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.ragged_paged_attention.gpu import Blocks
+
+KEYS_PER_STEP = {64: 128, 128: 64, 256: 32}  # head dim -> keys per inner step (default 64)
+TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors
+MAX_SPLITS = 32
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, page_size: int,
+                table_columns: int) -> Blocks:
+    """Blocks for `batch` rows of `query_rows` query rows per KV head (tokens x group)."""
+    block_q = min(64, max(16, 1 << (query_rows - 1).bit_length()))
+    pages = _pow2_at_most(max(1, KEYS_PER_STEP.get(head_dim, 64) // page_size))
+    while table_columns % pages:
+        pages //= 2
+    programs = batch * kv_heads * -(-query_rows // block_q)
+    splits = 1
+    if programs < TARGET_PROGRAMS:
+        splits = min(MAX_SPLITS, table_columns // pages, _pow2_at_most(TARGET_PROGRAMS // programs))
+    return Blocks(block_q, pages, max(1, splits), num_warps=4 if block_q * head_dim <= 32 * 128 else 8)

@@ -1,0 +1,140 @@
+"""Ragged paged attention: the jnp reference against a float64 numpy loop, and the Pallas kernel
+(interpreted on CPU, compiled with `-m gpu` on a GPU) against the reference, on random ragged
+batches: empty rows, decode rows (one query), verify blocks (1 + gamma queries), prefill chunks
+spanning several query blocks, blocks that cross a page boundary, GQA groups of 1, 3, 4 and 8,
+one or several pages per inner step, and rows split between programs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference
+from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+
+on_gpu = jax.default_backend() == "gpu"
+
+
+def ragged_batch(seed, *, queries, kv_heads, group, head_dim, page_size, columns, num_new, dtype=jnp.float32):
+    """Rows of len(num_new) requests: row b has written num_new[b] new tokens (its queries) after
+    a random context, so its length is context + num_new[b] <= columns * page_size; queries past
+    num_new[b] are padding (they see the whole row). Pages are shuffled across rows of one
+    shared pool; the first row with no new tokens is empty (length 0)."""
+    rng = np.random.default_rng(seed)
+    b = len(num_new)
+    num_new = np.asarray(num_new)
+    capacity = columns * page_size
+    lengths = rng.integers(num_new, capacity + 1)
+    lengths[np.flatnonzero(num_new == 0)[:1]] = 0
+    pool = b * columns + 3
+    table = rng.permutation(pool)[: b * columns].reshape(b, columns).astype(np.int32)
+    positions = (lengths - num_new)[:, None] + np.arange(queries)[None]
+    n = kv_heads * group
+    q = rng.standard_normal((b, queries, n, head_dim))
+    k = rng.standard_normal((pool, page_size, kv_heads, head_dim))
+    v = rng.standard_normal((pool, page_size, kv_heads, head_dim))
+    arrays = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    return (*arrays, jnp.asarray(table), jnp.asarray(positions, jnp.int32), jnp.asarray(lengths, jnp.int32)), num_new
+
+
+def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
+    """float64 loops: each query over the positions it may see, read page by page."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    b, t, n, d = q.shape
+    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        for j in range(t):
+            seen = [s for s in range(int(lengths[i])) if s <= positions[i, j]]
+            if not seen:
+                continue
+            pages = [int(table[i, s // page_size]) for s in seen]
+            keys = np.stack([k_pages[p, s % page_size] for p, s in zip(pages, seen)])  # [S, K, D]
+            values = np.stack([v_pages[p, s % page_size] for p, s in zip(pages, seen)])
+            for h in range(n):
+                g = h // (n // kv_heads)
+                scores = keys[:, g] @ q[i, j, h] / np.sqrt(d)
+                weights = np.exp(scores - scores.max())
+                out[i, j, h] = weights @ values[:, g] / weights.sum()
+    return out
+
+
+CASES = {  # id: ragged_batch arguments
+    "decode-gqa4": dict(queries=1, kv_heads=2, group=4, head_dim=16, page_size=4, columns=8,
+                        num_new=[1, 1, 0, 1, 1]),
+    "verify-gqa3": dict(queries=5, kv_heads=3, group=3, head_dim=16, page_size=4, columns=8,
+                        num_new=[5, 1, 0, 3, 5, 2]),
+    "verify-mha": dict(queries=8, kv_heads=4, group=1, head_dim=32, page_size=8, columns=4,
+                       num_new=[8, 1, 8, 0, 4]),
+    "verify-gqa8": dict(queries=4, kv_heads=1, group=8, head_dim=16, page_size=4, columns=16,
+                        num_new=[4, 2, 0, 1, 4]),
+    "prefill-chunks": dict(queries=40, kv_heads=2, group=2, head_dim=16, page_size=8, columns=8,
+                           num_new=[40, 13, 0, 27]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_equals_a_float64_loop(case):
+    args, _ = ragged_batch(0, **CASES[case])
+    got = np.asarray(reference.ragged_paged_attention(*args))
+    np.testing.assert_allclose(got, numpy_attention(*args), atol=2e-5, rtol=1e-5)
+    lengths = np.asarray(args[-1])
+    assert (lengths == 0).any() and np.all(got[lengths == 0] == 0)  # an empty row sees nothing: zeros
+
+
+BLOCKS = {  # id: Blocks for the kernel, or None for tuning.pick_blocks
+    "tuned": None,
+    "page-steps": gpu.Blocks(block_q=16, pages=1, splits=1),
+    "split": gpu.Blocks(block_q=16, pages=2, splits=3),
+}
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_reference(case, blocks):
+    args, _ = ragged_batch(1, **CASES[case])
+    got = np.asarray(ragged_paged_attention(*args, blocks=BLOCKS[blocks]))
+    want = np.asarray(reference.ragged_paged_attention(*args))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_several_query_blocks_skip_keys_past_their_last_position():
+    """A 40-token chunk of group 2 spans query blocks of 16 rows; each block stops at its own
+    last position, and the rows still equal the reference."""
+    case = CASES["prefill-chunks"]
+    args, _ = ragged_batch(2, **case)
+    blocks = gpu.Blocks(block_q=16, pages=1, splits=1)
+    np.testing.assert_allclose(np.asarray(ragged_paged_attention(*args, blocks=blocks)),
+                               np.asarray(reference.ragged_paged_attention(*args)), atol=2e-5, rtol=1e-5)
+
+
+def test_tuning_fills_the_chip_with_splits_only_when_rows_are_few():
+    few = pick_blocks(batch=1, kv_heads=8, query_rows=4, head_dim=128, page_size=32, table_columns=256)
+    many = pick_blocks(batch=64, kv_heads=8, query_rows=4, head_dim=128, page_size=32, table_columns=16)
+    assert few.splits > 1 and many.splits == 1
+    assert (few.block_q, few.pages, many.pages) == (16, 2, 2)
+    assert pick_blocks(batch=4, kv_heads=2, query_rows=32, head_dim=64, page_size=16, table_columns=6).pages == 2
+
+
+def test_unknown_implementation_is_refused():
+    args, _ = ragged_batch(0, **CASES["decode-gqa4"])
+    with pytest.raises(ValueError, match="implementation 'triton' is not one of"):
+        ragged_paged_attention(*args, implementation="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(queries=1, kv_heads=8, group=4, head_dim=128, page_size=32, columns=16, num_new=[1] * 63 + [0]),
+    dict(queries=8, kv_heads=3, group=3, head_dim=64, page_size=32, columns=8, num_new=[8, 1, 0, 5] * 4),
+    dict(queries=8, kv_heads=8, group=4, head_dim=128, page_size=16, columns=64, num_new=[8]),
+    dict(queries=128, kv_heads=8, group=4, head_dim=128, page_size=32, columns=8, num_new=[128, 77, 0, 1]),
+], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill"])
+def test_compiled_kernel_equals_reference_on_gpu(shape, dtype):
+    args, _ = ragged_batch(3, dtype=dtype, **shape)
+    got = np.asarray(ragged_paged_attention(*args), np.float32)
+    want = np.asarray(reference.ragged_paged_attention(*args), np.float32)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert np.isfinite(got).all() and err < (1e-5 if dtype == jnp.float32 else 1e-2), err
