@@ -112,8 +112,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-memory", type=float, default=0.5,
                    help="KV pages' budget: a fraction of free device memory, or bytes if > 1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--kernels", nargs="+", default=[None], choices=["pallas", "xla"],
-                   help="the engines' paged attention, each in turn (default: the engine's choice)")
+    p.add_argument("--kernels", nargs="+", default=["xla"], choices=["pallas", "xla"],
+                   help="the engines' paged attention, each in turn")
     p.add_argument("--out", default="bench_engine.json")
     args = p.parse_args(argv)
 

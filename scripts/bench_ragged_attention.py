@@ -110,9 +110,8 @@ def main(argv=None) -> None:
                 raise SystemExit(f"the kernel is wrong at batch {b}, context {context}: relative error {err:.3g}")
             variants = [tuned]
             if args.sweep:  # other keys per step, warps and stages; and no splits, where the tuning splits
-                variants += [v for v in (gpu.Blocks(tuned.block_q, pages, tuned.splits, warps, stages)
-                                         for pages in (1, 2, 4) for warps in (4, 8) for stages in (2, 3))
-                             if columns % v.pages == 0]
+                variants += [gpu.Blocks(tuned.block_q, pages, tuned.splits, warps, stages)
+                             for pages in (1, 2, 4) for warps in (4, 8) for stages in (2, 3)]
                 variants += [dataclasses.replace(tuned, splits=1)]
                 variants = list(dict.fromkeys(variants))
             for v in variants:

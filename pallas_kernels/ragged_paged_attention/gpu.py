@@ -10,8 +10,8 @@ position + 1): the work follows each row's length, not the block table's width. 
 splits (long contexts over few rows: flash-decoding), the partial outputs are merged in XLA.
 
 The kernel runs on the Triton backend of Pallas (power-of-two block shapes, `dot` with at
-least 16 rows and columns); off a GPU it runs in interpret mode, which checks its logic but not
-those rules.
+least 16 rows and columns: `unsupported` says which calls it cannot take); off a GPU it runs in
+interpret mode, which checks its logic but not those rules.
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ class Blocks:
     num_stages: int = 2
 
 
+def unsupported(head_dim: int, page_size: int) -> str | None:
+    """Why the compiled kernel cannot take this shape (None: it can)."""
+    pow2 = lambda x: x > 0 and x & (x - 1) == 0
+    if not (pow2(head_dim) and head_dim >= 16):
+        return f"head_dim={head_dim} is not a power of two >= 16"
+    if not pow2(page_size):
+        return f"page_size={page_size} is not a power of two"
+    return None
+
+
 def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, *, pages: int,
             blocks_per_split: int, scale: float):
     """q_ref [block_q, D]; qpos_ref [block_q]; length_ref [1]; table_ref [M]; k_ref, v_ref
@@ -54,12 +64,9 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(needed, block_k))
 
-    final = table_ref.shape[0] // pages - 1  # the last step the block table holds
-    step_ids = lambda j: table_ref[pl.ds(jnp.minimum(j, final) * pages, pages)]  # [pages]
-
     def body(j, carry):
-        acc, peak, total, ids = carry  # [block_q, D], [block_q], [block_q] fp32; this step's page ids
-        upcoming = step_ids(j + 1)  # read ahead, so that the gathers below wait for one load, not two
+        acc, peak, total = carry  # [block_q, D], [block_q], [block_q] fp32
+        ids = table_ref[pl.ds(j * pages, pages)]  # [pages]
         k = k_ref[ids].reshape(block_k, d)  # [block_k, D]
         v = v_ref[ids].reshape(block_k, d)
         scores = pl_triton.dot(q, k, trans_b=True, allow_tf32=False) * scale  # [block_q, block_k] fp32
@@ -71,11 +78,11 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         rescale = jnp.exp(peak - new_peak)
         total = total * rescale + jnp.sum(probs, axis=1)
         acc = acc * rescale[:, None] + pl_triton.dot(probs.astype(v.dtype), v, allow_tf32=False)
-        return acc, new_peak, total, upcoming
+        return acc, new_peak, total
 
     init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32), step_ids(first))
-    acc, peak, total, _ = lax.fori_loop(first, last, body, init)
+            jnp.zeros((block_q,), jnp.float32))
+    acc, peak, total = lax.fori_loop(first, last, body, init)
     seen = total > 0
     o_ref[...] = (acc / jnp.where(seen, total, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
@@ -88,12 +95,12 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """As `reference.ragged_paged_attention` (same arguments and result)."""
     b, t, n, d = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
-    m = block_table.shape[1]
     group = n // kv_heads
     rows = t * group
     block_q, pages, splits = blocks.block_q, blocks.pages, blocks.splits
-    if m % pages:
-        raise ValueError(f"blocks.pages={pages} does not divide the block table's {m} columns")
+    # whole steps of `pages` columns (the padding columns lie past every row's length: never read)
+    block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages)))
+    m = block_table.shape[1]
     q_blocks = pl.cdiv(rows, block_q)
     padded = q_blocks * block_q
     # [B, T, K, R, D] -> [B, K, T * R, D], query row i = t * R + r, padded to whole blocks

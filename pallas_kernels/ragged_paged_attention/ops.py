@@ -1,8 +1,9 @@
 """The entry point: ragged paged attention on the current backend.
 
-`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton, elsewhere
-in interpret mode (slow; for tests). `"xla"` runs the jnp reference. TPUs have no kernel here
-yet and are refused rather than silently given the reference.
+`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton (for the
+shapes `unsupported` does not name), elsewhere in interpret mode (slow; for tests). `"xla"`
+runs the jnp reference. TPUs have no kernel here yet and are refused rather than silently
+given the reference.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.ragged_paged_attention import gpu, reference
+from pallas_kernels.ragged_paged_attention.gpu import unsupported
 from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
 
 IMPLEMENTATIONS = ("pallas", "xla")
+__all__ = ["IMPLEMENTATIONS", "ragged_paged_attention", "unsupported"]
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
@@ -31,6 +34,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         raise NotImplementedError("ragged_paged_attention has no TPU kernel yet; use implementation='xla'")
     b, t, n, d = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
+    if backend == "gpu" and (why := unsupported(d, page_size)):
+        raise ValueError(f"the ragged paged attention kernel cannot run here: {why}; use implementation='xla'")
     if blocks is None:
         blocks = pick_blocks(batch=b, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
                              page_size=page_size, table_columns=block_table.shape[1])

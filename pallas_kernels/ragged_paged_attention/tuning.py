@@ -1,8 +1,9 @@
 """Block sizes for the GPU kernel, from the shapes of a call.
 
-The choices follow the measurements in docs/benchmarks.md ("Ragged paged attention"):
-`keys_per_step` by head dim, and enough programs to fill the chip (splitting a row's pages
-between programs when there are few rows and long contexts).
+The choices follow the sweep in docs/benchmarks.md ("Ragged paged attention"): keys per inner
+step by head dim, 4 warps for the small query blocks of decoding and verifying, and enough
+programs to fill the chip (splitting a row's pages between programs when there are few rows,
+which matters most for long contexts).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, pa
                 table_columns: int) -> Blocks:
     """Blocks for `batch` rows of `query_rows` query rows per KV head (tokens x group)."""
     block_q = min(64, max(16, 1 << (query_rows - 1).bit_length()))
-    pages = _pow2_at_most(max(1, KEYS_PER_STEP.get(head_dim, 64) // page_size))
-    while table_columns % pages:
-        pages //= 2
+    pages = _pow2_at_most(KEYS_PER_STEP.get(head_dim, 64) // page_size)
+    pages = min(pages, 1 << (table_columns - 1).bit_length())  # no more than the table holds
+    pages = max(pages, -(-16 // page_size))  # the smallest dot takes 16 keys
     programs = batch * kv_heads * -(-query_rows // block_q)
     splits = 1
     if programs < TARGET_PROGRAMS:
-        splits = min(MAX_SPLITS, table_columns // pages, _pow2_at_most(TARGET_PROGRAMS // programs))
+        splits = min(MAX_SPLITS, -(-table_columns // pages), _pow2_at_most(TARGET_PROGRAMS // programs))
     return Blocks(block_q, pages, max(1, splits), num_warps=4 if block_q * head_dim <= 32 * 128 else 8)

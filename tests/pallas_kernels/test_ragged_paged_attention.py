@@ -2,14 +2,15 @@
 (interpreted on CPU, compiled with `-m gpu` on a GPU) against the reference, on random ragged
 batches: empty rows, decode rows (one query), verify blocks (1 + gamma queries), prefill chunks
 spanning several query blocks, blocks that cross a page boundary, GQA groups of 1, 3, 4 and 8,
-one or several pages per inner step, and rows split between programs."""
+one or several pages per inner step (also more than the block table holds), and rows split
+between programs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference
+from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, unsupported
 from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
 
 on_gpu = jax.default_backend() == "gpu"
@@ -68,6 +69,8 @@ CASES = {  # id: ragged_batch arguments
                        num_new=[8, 1, 8, 0, 4]),
     "verify-gqa8": dict(queries=4, kv_heads=1, group=8, head_dim=16, page_size=4, columns=16,
                         num_new=[4, 2, 0, 1, 4]),
+    "odd-table": dict(queries=3, kv_heads=2, group=4, head_dim=16, page_size=4, columns=5,
+                      num_new=[3, 0, 1, 2]),
     "prefill-chunks": dict(queries=40, kv_heads=2, group=2, head_dim=16, page_size=8, columns=8,
                            num_new=[40, 13, 0, 27]),
 }
@@ -114,7 +117,15 @@ def test_tuning_fills_the_chip_with_splits_only_when_rows_are_few():
     many = pick_blocks(batch=64, kv_heads=8, query_rows=4, head_dim=128, page_size=32, table_columns=16)
     assert few.splits > 1 and many.splits == 1
     assert (few.block_q, few.pages, many.pages) == (16, 2, 2)
-    assert pick_blocks(batch=4, kv_heads=2, query_rows=32, head_dim=64, page_size=16, table_columns=6).pages == 2
+    odd = pick_blocks(batch=4, kv_heads=2, query_rows=32, head_dim=64, page_size=16, table_columns=6)
+    assert odd.pages == 8  # 128 keys; the kernel pads the table to whole steps
+    assert pick_blocks(batch=4, kv_heads=2, query_rows=1, head_dim=64, page_size=4, table_columns=2).pages == 4
+
+
+def test_shapes_the_compiled_kernel_cannot_take_are_named():
+    assert unsupported(128, 32) is None and unsupported(64, 16) is None
+    assert "head_dim=96" in unsupported(96, 16) and "head_dim=8" in unsupported(8, 16)
+    assert "page_size=24" in unsupported(128, 24)
 
 
 def test_unknown_implementation_is_refused():

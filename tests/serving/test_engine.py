@@ -296,6 +296,21 @@ def test_preempted_requests_wait_outside_the_queue_bound():
     assert_drained(eng)
 
 
+def test_the_kernel_gives_an_autoregressive_engine_one_table_width():
+    """Attention in XLA gathers every block-table column, so tables grow in power-of-two widths
+    as contexts do (a program each); the kernel reads only what a row's length reaches, so an
+    engine without a draft keeps whole-context tables and never compiles for a new width."""
+    requests = [(p, greedy(m)) for p, m in zip(PROMPTS[:12], LIMITS[:12])]
+    widths = {}
+    for kernels in ("xla", "pallas"):
+        eng = tiny_engine("ar", kernels=kernels, **WIDE)
+        tokens, _, _ = serve(eng, requests)
+        assert tokens == [expected(i, m) for i, m in enumerate(LIMITS[:12])]
+        tables = [shape[1] if shape[0] == "round" else shape[2] for shape in eng._shapes]  # [rows, columns]
+        widths[kernels] = {columns for _, columns in tables}
+    assert widths == {"xla": {4, 8}, "pallas": {eng.max_pages}}
+
+
 def test_bad_kernels_settings_are_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         tiny_engine("ar", kernels="triton")
