@@ -1,20 +1,20 @@
 """Every attention computation of the project, behind one implementation setting.
 
-Five attention patterns exist; model code calls these functions and never computes attention
+Four attention patterns exist; model code calls these functions and never computes attention
 itself, so a kernel plugs in here and nowhere else:
 
 - `cached_attention`: a decoder's queries over its KV cache (prefill, decode and verify);
-- `paged_attention`: the same over a paged cache (a serving engine's page pools);
+  `kv_attention` takes the layer cache itself, contiguous or paged;
 - `sequence_attention`: the causal attention of a cache-free full forward (training targets);
 - `block_attention`: DSpark/DFlash block slots over injected context plus their own block;
+  `kv_block_attention` takes the context's layer cache itself;
 - `ttt_attention`: Eagle3's training-time-test unroll.
 
 `implementation` (`ModelConfig.attention`, or the caller's argument) picks the computation:
 "xla" is plain jnp (softmax in fp32, the reference every other implementation is tested
 against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
 forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the ragged paged attention
-kernel of `pallas_kernels` where it applies (`paged_attention`; interpreted off a GPU) and XLA
-elsewhere. Numerics: attention logits and softmax in
+kernel of `pallas_kernels` over paged caches (interpreted off a GPU) and XLA elsewhere. Numerics: attention logits and softmax in
 fp32, products in the inputs' dtype.
 
 Einsum letters follow the legend in `dspark_jax.models`.
@@ -22,22 +22,17 @@ Einsum letters follow the legend in `dspark_jax.models`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-
-if TYPE_CHECKING:
-    from dspark_jax.models.kv_cache import PagedLayerCache
-
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def check_implementation(implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     return implementation
 
 
@@ -68,15 +63,16 @@ def cached_attention(
     return out.reshape(b, t, n, d)
 
 
-def paged_attention(q: jax.Array, layer: PagedLayerCache, q_positions: jax.Array, kv_lengths: jax.Array,
-                    implementation: str = "xla") -> jax.Array:
-    """`cached_attention` over a paged layer cache: the pools [P, page_size, K, D] and the rows'
-    block table [B, M]. "pallas" reads only the pages below each row's length (and its last
-    query's position); the others gather every page of the table first. A query that sees
-    nothing gets zeros from "pallas" and a finite (unused) output from the others."""
-    if check_implementation(implementation) == "pallas":
-        return ragged_paged_attention(q, layer.k, layer.v, layer.block_table, q_positions, kv_lengths)
-    return cached_attention(q, *layer.view(), q_positions, kv_lengths, implementation)
+def kv_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, q_positions: jax.Array, kv_lengths: jax.Array,
+                 implementation: str = "xla") -> jax.Array:
+    """`cached_attention` over a layer cache. With "pallas" a paged cache is read by the ragged
+    paged attention kernel, which reads only the pages below each row's length (and its last
+    query's position); otherwise the cache's view is gathered first (every page of a paged
+    cache's block table). A query that sees nothing gets zeros from the kernel and a finite
+    (unused) output otherwise."""
+    if isinstance(kv, PagedLayerCache) and check_implementation(implementation) == "pallas":
+        return ragged_paged_attention(q, kv.k, kv.v, kv.block_table, q_positions, kv_lengths)
+    return cached_attention(q, *kv.view(), q_positions, kv_lengths, implementation)
 
 
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
@@ -132,6 +128,41 @@ def block_attention(
         "bakrjl,balkd->bajkrd", probs[..., s:], v_blk
     )
     return out.reshape(b, a, g, n, d)
+
+
+def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: jax.Array, k_blk: jax.Array,
+                       v_blk: jax.Array, keep: jax.Array, implementation: str = "xla") -> jax.Array:
+    """`block_attention` with the context in a layer cache (a draft proposing at inference).
+    With "pallas" a paged context is read by the ragged paged attention kernel (only the pages
+    below each block's context length); its softmax over the context is then merged with the
+    block's own keys through the kernel's log-sum-exp, which is the one softmax of
+    `block_attention` up to rounding. Otherwise the cache's view is gathered first."""
+    b, a, g, n, d = q.shape
+    if a == 0:  # the context is only being written (a draft taking in positions): nothing attends
+        return jnp.zeros(q.shape, q.dtype)
+    if not (isinstance(kv, PagedLayerCache) and check_implementation(implementation) == "pallas"):
+        return block_attention(q, *kv.view(), ctx_len, k_blk, v_blk, keep, implementation)
+    kv_heads = k_blk.shape[3]
+    # every slot of block a sees context positions < ctx_len[b, a]; a dropped block sees nothing
+    last = jnp.where(keep, ctx_len - 1, -1)  # [B, A]
+    positions = jnp.repeat(last, g, axis=1)  # [B, A * G]
+    lengths = jnp.max(jnp.where(keep, ctx_len, 0), axis=1)  # [B]
+    out_ctx, lse_ctx = ragged_paged_attention(q.reshape(b, a * g, n, d), kv.k, kv.v, kv.block_table, positions,
+                                              lengths, return_lse=True)
+    out_ctx = out_ctx.reshape(b, a, g, kv_heads, n // kv_heads, d).astype(jnp.float32)  # [B, A, G, K, R, D]
+    lse_ctx = lse_ctx.reshape(b, a, g, kv_heads, n // kv_heads)  # [B, A, G, K, R]
+    qg = q.reshape(b, a, g, kv_heads, n // kv_heads, d)  # [B, A, G, K, R, D]
+    s_blk = jnp.einsum("bajkrd,balkd->bajkrl", qg, k_blk, preferred_element_type=jnp.float32) * (d**-0.5)
+    s_blk = jnp.where(keep[:, :, None, None, None, None], s_blk, -jnp.inf)  # [B, A, G, K, R, G]
+    peak = jnp.maximum(lse_ctx, jnp.max(s_blk, axis=-1))
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    w_ctx = jnp.exp(lse_ctx - peak)  # the context's share (0 where it has none)
+    p_blk = jnp.exp(s_blk - peak[..., None])
+    total = w_ctx + jnp.sum(p_blk, axis=-1)
+    out = w_ctx[..., None] * out_ctx + jnp.einsum("bajkrl,balkd->bajkrd", p_blk.astype(v_blk.dtype), v_blk,
+                                                  preferred_element_type=jnp.float32)
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]  # dropped blocks: zeros
+    return out.reshape(b, a, g, n, d).astype(q.dtype)
 
 
 def ttt_attention(q, k0, v0, diag_k, diag_v, implementation: str = "xla"):

@@ -14,9 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dspark_jax.models.attention import IMPLEMENTATIONS
-
 FAMILIES = ("llama", "qwen3")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")  # see dspark_jax.models.attention
 
 # transformers `architectures[0]` / `model_type` -> our family name.
 _ARCHITECTURES = {
@@ -109,8 +108,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ConfigError(f"attention {self.attention!r} is not one of {IMPLEMENTATIONS}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def qk_norm(self) -> bool:

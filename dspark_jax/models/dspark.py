@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.sampling import SamplingParams, draw, probabilities, split
-from dspark_jax.models.attention import block_attention
+from dspark_jax.models.attention import block_attention, kv_block_attention
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
 from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
@@ -62,10 +62,10 @@ class BlockDraftLayer(nn.Module):
         k_ctx, v_ctx = attn.key_value(ctx, *ctx_cs)  # [B, T, K, D]
         if kv is None:
             k_ctx, v_ctx = k_ctx.transpose(0, 2, 1, 3), v_ctx.transpose(0, 2, 1, 3)  # [B, K, T, D]
+            out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention)
         else:
             kv = kv.write(write_slots, k_ctx, v_ctx)
-            k_ctx, v_ctx = kv.view()
-        out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention)
+            out = kv_block_attention(q, kv, ctx_len, k_blk, v_blk, keep, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         return x + mlp(norm("post_attention_layernorm")(x)), kv

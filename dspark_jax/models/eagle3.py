@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache, new_slots
-from dspark_jax.models.attention import cached_attention, ttt_attention
+from dspark_jax.models.attention import kv_attention, ttt_attention
 from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention
 
@@ -116,7 +116,7 @@ class Eagle3Drafter(nn.Module):
         emb = jnp.take(embed, next_ids, axis=0).astype(self.dtype)
         q, k_new, v_new = self.layers_0.qkv(g, emb, *self._rope(positions))
         kv = kv.write(slots, k_new, v_new)
-        attended = cached_attention(q, *kv.view(), positions, lengths + num_new, self.config.layers.attention)
+        attended = kv_attention(q, kv, positions, lengths + num_new, self.config.layers.attention)
         return self.layers_0.finish(g, attended), kv
 
     def step(self, embed, kv: LayerCache | PagedLayerCache, g, token, position):
@@ -124,7 +124,7 @@ class Eagle3Drafter(nn.Module):
         emb = jnp.take(embed, token, axis=0).astype(self.dtype)[:, None]
         q, k_new, v_new = self.layers_0.qkv(g[:, None], emb, *self._rope(position[:, None]))
         kv = kv.write(position[:, None], k_new, v_new)
-        attended = cached_attention(q, *kv.view(), position[:, None], position + 1, self.config.layers.attention)
+        attended = kv_attention(q, kv, position[:, None], position + 1, self.config.layers.attention)
         return self.layers_0.finish(g[:, None], attended)[:, 0], kv
 
     def chain(self, embed, lm_head, kv: LayerCache | PagedLayerCache, out, start, keys, sampling: SamplingParams, forced=None):

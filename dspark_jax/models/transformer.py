@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
-from dspark_jax.models.attention import cached_attention, paged_attention, sequence_attention
+from dspark_jax.models.attention import kv_attention, sequence_attention
 from dspark_jax.models.layers import MLP, RMSNorm, apply_rope, lm_logits, param_init, rope_cos_sin
 from dspark_jax.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -108,10 +108,7 @@ class DecoderLayer(nn.Module):
             out = sequence_attention(q, k_new, v_new, kv_lengths, cfg.attention)
         else:
             kv = kv.write(write_slots, k_new, v_new)
-            if isinstance(kv, PagedLayerCache):
-                out = paged_attention(q, kv, positions, kv_lengths, cfg.attention)
-            else:
-                out = cached_attention(q, *kv.view(), positions, kv_lengths, cfg.attention)
+            out = kv_attention(q, kv, positions, kv_lengths, cfg.attention)
         x = x + attn.output(out)
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
         x = x + mlp(norm("post_attention_layernorm")(x))

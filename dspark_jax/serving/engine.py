@@ -40,8 +40,8 @@ dropped and nothing changes. A request that could never fit the pool is refused 
 The device programs (`dspark_jax.serving.step`: a prefill, then the rounds) are specialised
 on bucketed shapes only: the round's capacity (a power of two covering the highest decoding
 slot), each program's block-table width (a power of two of pages; always a whole context's
-when the Pallas attention kernel serves an engine without a draft, since the kernel reads only
-the pages a row's length reaches), the prefill's chunk width and rows (powers of two holding
+with `kernels="pallas"`, since the kernel reads only the pages a row's length reaches), the
+prefill's chunk width and rows (powers of two holding
 the longest chunk and the chunks) and whether any request uses top-k/top-p; the rounds per
 step are fixed per engine.
 """
@@ -212,11 +212,11 @@ class Engine:
     mesh to run under (weights and KV pages are split over its tensor axis);
     async_scheduling: plan each step while the previous one runs (`step`);
     num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea);
-    kernels: how the target attends over its pages: "xla" (the default: every page of the
-    block table gathered, then attention over them) or "pallas" (the ragged paged attention
-    kernel of `pallas_kernels`, which reads only the pages below each row's length: 1.1x to
-    3.5x faster than "xla" per layer on an H200, docs/benchmarks.md; one device only, and
-    interpreted off a GPU, which is for tests).
+    kernels: how the target and the draft attend over their pages: "xla" (the default: every
+    page of the block table gathered, then attention over them) or "pallas" (the ragged paged
+    attention kernel of `pallas_kernels`, which reads only the pages below each row's length:
+    1.1x to 3.5x faster than "xla" per layer on an H200, docs/benchmarks.md; one device only,
+    and interpreted off a GPU, which is for tests).
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
@@ -224,7 +224,7 @@ class Engine:
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
                  num_scheduler_steps: int = 1, kernels: str = "xla"):
-        target = _with_kernels(target, kernels, mesh, page_size)
+        target, draft = _with_kernels(target, draft, kernels, mesh, page_size)
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
         check_setup(cfg, None if draft is None else draft.config, scheduler)
@@ -246,9 +246,9 @@ class Engine:
         self.max_num_batched_tokens, self.max_waiting, self.max_stop_ids = max_num_batched_tokens, max_waiting, max_stop_ids
         self.eos_ids = tuple(cfg.eos_token_ids)
         self.max_pages = math.ceil((self.max_model_len + self.gamma + 1) / page_size)  # per request
-        # The kernel reads only the pages below each row's length, so with no draft gathering
-        # them too, every program takes whole-context block tables: one shape per capacity.
-        self._full_tables = draft is None and target.config.attention == "pallas"
+        # The kernel reads only the pages below each row's length (the target's and the draft's),
+        # so every program takes whole-context block tables: one shape per capacity.
+        self._full_tables = kernels == "pallas"
 
         layer_configs = [cfg] + ([] if draft is None else [draft.config.layers])
         shards = 1 if mesh is None else _kv_shards(mesh, cfg.num_kv_heads)
@@ -578,8 +578,8 @@ class Engine:
 
     def _table_width(self, requests) -> int:
         """Block-table columns of a program over these requests: a power of two that holds
-        their pages (attention in XLA, and a draft, gather every column), or a whole context's
-        pages (`_full_tables`)."""
+        their pages (attention in XLA gathers every column), or a whole context's pages
+        (`_full_tables`)."""
         if self._full_tables:
             return self.max_pages
         return min(bucket(max(len(r.pages) for r in requests), 4), self.max_pages)
@@ -673,19 +673,30 @@ class Engine:
 KERNELS = ("pallas", "xla")
 
 
-def _with_kernels(target: Target, kernels: str, mesh: Mesh | None, page_size: int) -> Target:
-    """The target with its paged attention set to `kernels` (`Engine`), the choice logged."""
+def _with_kernels(target: Target, draft: Draft | None, kernels: str, mesh: Mesh | None,
+                  page_size: int) -> tuple[Target, Draft | None]:
+    """The target and draft with their paged attention set to `kernels` (`Engine`), the choice
+    logged."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "pallas" and mesh is not None:
         raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
-    if kernels == "pallas" and jax.default_backend() == "gpu" and (
-            why := unsupported_attention(target.config.head_dim, page_size)):
-        raise ValueError(f"kernels='pallas' cannot run this engine: {why}")
+    if kernels == "pallas" and jax.default_backend() == "tpu":
+        raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
+    if kernels == "pallas" and jax.default_backend() == "gpu":
+        for config in [target.config] + ([] if draft is None else [draft.config.layers]):
+            if why := unsupported_attention(config.head_dim, page_size):
+                raise ValueError(f"kernels='pallas' cannot run this engine: {why}")
     log.info("paged attention: %s", kernels)
-    attention = "pallas" if kernels == "pallas" else ("xla" if target.config.attention == "pallas" else
-                                                       target.config.attention)
-    return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=attention))
+
+    def chosen(config):
+        attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)
+        return dataclasses.replace(config, attention=attention)
+
+    target = dataclasses.replace(target, config=chosen(target.config))
+    if draft is not None:
+        draft = dataclasses.replace(draft, config=dataclasses.replace(draft.config, layers=chosen(draft.config.layers)))
+    return target, draft
 
 
 def _kv_shards(mesh: Mesh, kv_heads: int) -> int:

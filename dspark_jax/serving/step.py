@@ -60,10 +60,19 @@ def _put_rows(tree, rows, index):
     return jax.tree.map(lambda x, r: x.at[index].set(r, mode="drop"), tree, rows)
 
 
-def _detach(rows_cache, pools, cap: int):
-    """The pools as updated by a pass over the first cap slots, their lengths written back,
-    and the block table detached again."""
-    return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(rows_cache.lengths))
+def _attach(pools, table, running):
+    """The pools seen by slots 0..cap-1 through `table`; slots not running get length 0, so
+    that attention over them reads nothing (a kernel reads up to a row's length)."""
+    cap = table.shape[0]
+    return pools.rows(table, jnp.where(running, pools.lengths[:cap], 0))
+
+
+def _detach(rows_cache, pools, running):
+    """The pools as updated by a pass over the first cap slots, the running rows' lengths
+    written back (the others keep theirs), and the block table detached again."""
+    cap = running.shape[0]
+    lengths = jnp.where(running, rows_cache.lengths, pools.lengths[:cap])
+    return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(lengths))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 8, 9), donate_argnums=(5,))
@@ -78,8 +87,8 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
     cap = table.shape[0]
     before = _rows(state._replace(target_cache=None, draft_cache=None), cap)
     rows = before._replace(
-        target_cache=state.target_cache.rows(table, state.target_cache.lengths[:cap]),
-        draft_cache=None if draft is None else state.draft_cache.rows(table, state.draft_cache.lengths[:cap]),
+        target_cache=_attach(state.target_cache, table, running),
+        draft_cache=None if draft is None else _attach(state.draft_cache, table, running),
         done=before.done | ~running,
     )
     # Undrafted rounds leave their anchors pending; the draft takes in the step's pending
@@ -97,8 +106,8 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
     pools_t, pools_d = state.target_cache, state.draft_cache
     state = jax.tree.map(lambda x, r: x.at[:cap].set(r), state._replace(target_cache=None, draft_cache=None),
                          rows_state)
-    state = state._replace(target_cache=_detach(rows.target_cache, pools_t, cap),
-                           draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, cap))
+    state = state._replace(target_cache=_detach(rows.target_cache, pools_t, running),
+                           draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, running))
     return state, out, state.done[:cap], pays
 
 

@@ -46,11 +46,13 @@ def unsupported(head_dim: int, page_size: int) -> str | None:
         return f"head_dim={head_dim} is not a power of two >= 16"
     if not pow2(page_size):
         return f"page_size={page_size} is not a power of two"
+    if page_size * head_dim > 128 * 128:  # a page of keys and values per pipeline stage in shared memory
+        return f"page_size={page_size} x head_dim={head_dim} is too large (at most 128 x 128)"
     return None
 
 
 def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, *, pages: int,
-            blocks_per_split: int, scale: float):
+            blocks_per_split: int, capacity: int, scale: float):
     """q_ref [block_q, D]; qpos_ref [block_q]; length_ref [1]; table_ref [M]; k_ref, v_ref
     [P, page_size, D] (this KV head's pools); o_ref [block_q, D]; lse_ref [block_q]."""
     split = pl.program_id(3)
@@ -59,8 +61,9 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
     block_k = pages * page_size
     q = q_ref[...]
     qpos = qpos_ref[...]  # [block_q], -1 for padding rows
-    # keys this block can see: below the row's length and its last query's position + 1
-    needed = jnp.minimum(length_ref[0], jnp.max(qpos) + 1)
+    # keys this block can see: below the row's length, its last query's position + 1 and the
+    # positions its block table holds (`capacity`; the padding columns past it are never read)
+    needed = jnp.minimum(jnp.minimum(length_ref[0], jnp.max(qpos) + 1), capacity)
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(needed, block_k))
 
@@ -88,18 +91,18 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
     lse_ref[...] = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "return_lse"))
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
                            q_positions: jax.Array, kv_lengths: jax.Array, *, blocks: Blocks,
-                           interpret: bool = False) -> jax.Array:
-    """As `reference.ragged_paged_attention` (same arguments and result)."""
+                           interpret: bool = False, return_lse: bool = False):
+    """As `reference.ragged_paged_attention` (same arguments and results)."""
     b, t, n, d = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
     group = n // kv_heads
     rows = t * group
     block_q, pages, splits = blocks.block_q, blocks.pages, blocks.splits
-    # whole steps of `pages` columns (the padding columns lie past every row's length: never read)
-    block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages)))
+    capacity = block_table.shape[1] * page_size
+    block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages)))  # whole steps
     m = block_table.shape[1]
     q_blocks = pl.cdiv(rows, block_q)
     padded = q_blocks * block_q
@@ -110,7 +113,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     qpos = jnp.pad(qpos, ((0, 0), (0, padded - rows)), constant_values=-1)
     blocks_per_split = pl.cdiv(m // pages, splits)
     out_dtype = q.dtype if splits == 1 else jnp.float32
-    kernel = functools.partial(_kernel, pages=pages, blocks_per_split=blocks_per_split, scale=d**-0.5)
+    kernel = functools.partial(_kernel, pages=pages, blocks_per_split=blocks_per_split, capacity=capacity,
+                               scale=d**-0.5)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, q_blocks, splits),
@@ -133,11 +137,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         name="ragged_paged_attention",
     )(qr, qpos, kv_lengths.astype(jnp.int32)[:, None], block_table.astype(jnp.int32), k_pages, v_pages)
     if splits == 1:
-        out = o[0]
+        out, lse = o[0], lse[0]
     else:  # merge the splits' partial softmaxes
         top = jnp.max(lse, axis=0)  # [B, K, rows]
-        weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - top), 0.0)
         total = jnp.sum(weight, axis=0)
         out = jnp.einsum("sbkq,sbkqd->bkqd", weight, o) / jnp.where(total > 0, total, 1.0)[..., None]
+        lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
     out = out[:, :, :rows].reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, n, d).astype(q.dtype)
+    out = out.reshape(b, t, n, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    return out, lse[:, :, :rows].reshape(b, kv_heads, t, group).transpose(0, 2, 1, 3).reshape(b, t, n)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
-                           q_positions: jax.Array, kv_lengths: jax.Array) -> jax.Array:
+                           q_positions: jax.Array, kv_lengths: jax.Array, return_lse: bool = False):
     """Grouped-query attention of each row's queries over its pages.
 
     q: [B, T, N, D]; k_pages, v_pages: [P, page_size, K, D] (the pools every row shares);
@@ -19,7 +19,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     offset s % page_size; q_positions: [B, T] int32; kv_lengths: [B] int32.
     Query t of row b sees position s iff s <= q_positions[b, t] and s < kv_lengths[b]; a query
     that sees nothing (padding) gets zeros. Scores and softmax in fp32, the probabilities cast
-    to v's dtype for the value product. Returns [B, T, N, D] in q's dtype.
+    to v's dtype for the value product. Returns [B, T, N, D] in q's dtype, and with return_lse
+    also the log-sum-exp of each query's scaled scores [B, T, N] fp32 (-inf where it sees
+    nothing), which lets a caller merge this attention with attention over other keys.
     """
     b, t, n, d = q.shape
     _, page_size, kv_heads, _ = k_pages.shape
@@ -36,5 +38,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
     total = jnp.sum(probs, axis=-1, keepdims=True)
     probs = (probs / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
-    out = jnp.einsum("bkrts,bskd->btkrd", probs, v)
-    return out.reshape(b, t, n, d).astype(q.dtype)
+    out = jnp.einsum("bkrts,bskd->btkrd", probs, v).reshape(b, t, n, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(total > 0, peak + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)[..., 0]  # [B, K, R, T]
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, t, n)

@@ -39,11 +39,12 @@ def ragged_batch(seed, *, queries, kv_heads, group, head_dim, page_size, columns
 
 
 def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
-    """float64 loops: each query over the positions it may see, read page by page."""
+    """float64 loops: each query over the positions it may see, read page by page. Returns the
+    outputs [B, T, N, D] and the log-sum-exp of the scaled scores [B, T, N]."""
     q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
     b, t, n, d = q.shape
     page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
-    out = np.zeros_like(q)
+    out, lse = np.zeros_like(q), np.full((b, t, n), -np.inf)
     for i in range(b):
         for j in range(t):
             seen = [s for s in range(int(lengths[i])) if s <= positions[i, j]]
@@ -57,7 +58,8 @@ def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
                 scores = keys[:, g] @ q[i, j, h] / np.sqrt(d)
                 weights = np.exp(scores - scores.max())
                 out[i, j, h] = weights @ values[:, g] / weights.sum()
-    return out
+                lse[i, j, h] = scores.max() + np.log(weights.sum())
+    return out, lse
 
 
 CASES = {  # id: ragged_batch arguments
@@ -79,8 +81,10 @@ CASES = {  # id: ragged_batch arguments
 @pytest.mark.parametrize("case", CASES)
 def test_reference_equals_a_float64_loop(case):
     args, _ = ragged_batch(0, **CASES[case])
-    got = np.asarray(reference.ragged_paged_attention(*args))
-    np.testing.assert_allclose(got, numpy_attention(*args), atol=2e-5, rtol=1e-5)
+    got, lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True))
+    want, want_lse = numpy_attention(*args)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)  # -inf where a query sees nothing
     lengths = np.asarray(args[-1])
     assert (lengths == 0).any() and np.all(got[lengths == 0] == 0)  # an empty row sees nothing: zeros
 
@@ -96,10 +100,11 @@ BLOCKS = {  # id: Blocks for the kernel, or None for tuning.pick_blocks
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_reference(case, blocks):
     args, _ = ragged_batch(1, **CASES[case])
-    got = np.asarray(ragged_paged_attention(*args, blocks=BLOCKS[blocks]))
-    want = np.asarray(reference.ragged_paged_attention(*args))
+    got, lse = map(np.asarray, ragged_paged_attention(*args, blocks=BLOCKS[blocks], return_lse=True))
+    want, want_lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)
 
 
 def test_several_query_blocks_skip_keys_past_their_last_position():
@@ -126,6 +131,19 @@ def test_shapes_the_compiled_kernel_cannot_take_are_named():
     assert unsupported(128, 32) is None and unsupported(64, 16) is None
     assert "head_dim=96" in unsupported(96, 16) and "head_dim=8" in unsupported(8, 16)
     assert "page_size=24" in unsupported(128, 24)
+    assert "too large" in unsupported(128, 256) and unsupported(128, 128) is None
+
+
+def test_lengths_past_the_block_table_are_cut_at_its_capacity():
+    """A length beyond what the table holds reads no padding column (a step of 4 pages over a
+    3-page table), as the reference, which sees only the table's positions."""
+    args, _ = ragged_batch(4, queries=2, kv_heads=1, group=2, head_dim=16, page_size=4, columns=3, num_new=[2, 1])
+    q, k, v, table, _, _ = args
+    lengths = jnp.asarray([20, 30], jnp.int32)
+    positions = lengths[:, None] - 2 + jnp.arange(2)[None]
+    got = ragged_paged_attention(q, k, v, table, positions, lengths, blocks=gpu.Blocks(16, 4, 2))
+    want = reference.ragged_paged_attention(q, k, v, table, positions, lengths)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
 def test_unknown_implementation_is_refused():
@@ -142,10 +160,15 @@ def test_unknown_implementation_is_refused():
     dict(queries=8, kv_heads=3, group=3, head_dim=64, page_size=32, columns=8, num_new=[8, 1, 0, 5] * 4),
     dict(queries=8, kv_heads=8, group=4, head_dim=128, page_size=16, columns=64, num_new=[8]),
     dict(queries=128, kv_heads=8, group=4, head_dim=128, page_size=32, columns=8, num_new=[128, 77, 0, 1]),
-], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill"])
+    # the engine's whole-context tables (not a power of two wide), SmolLM2's heads on 16-position pages
+    dict(queries=8, kv_heads=3, group=3, head_dim=64, page_size=16, columns=257, num_new=[8, 3, 0, 1] * 2),
+    dict(queries=4, kv_heads=8, group=4, head_dim=128, page_size=32, columns=129, num_new=[4, 4, 0]),
+], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split"])
 def test_compiled_kernel_equals_reference_on_gpu(shape, dtype):
     args, _ = ragged_batch(3, dtype=dtype, **shape)
-    got = np.asarray(ragged_paged_attention(*args), np.float32)
-    want = np.asarray(reference.ragged_paged_attention(*args), np.float32)
+    got, lse = ragged_paged_attention(*args, return_lse=True)
+    want, want_lse = reference.ragged_paged_attention(*args, return_lse=True)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert np.isfinite(got).all() and err < (1e-5 if dtype == jnp.float32 else 1e-2), err
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=1e-2, rtol=1e-3)
