@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
+                   help="generate's attention (pallas: paged caches and the kernel; the ideal's step times stay XLA's)")
     p.add_argument("--out", default="speed.json")
     args = p.parse_args(argv)
     drafts = dict(spec.split("=", 1) for spec in args.draft if "=" in spec)
@@ -62,10 +64,10 @@ def main(argv=None) -> None:
     prompts = chat_ids(target.tokenizer, load_prompts(args.prompts, args.num_prompts))
     loaded = {name: draft_from_spec(spec, target, args.dtype) for name, spec in drafts.items()}
     sampling = SamplingParams(args.temperature)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, kernels=args.kernels)
     report = {"device": jax.devices()[0].device_kind, "target": args.target or "SmolLM2-135M-Instruct",
               "prompts": args.prompts, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "batches": {}}
+              "temperature": args.temperature, "kernels": args.kernels, "batches": {}}
     for b in args.batch_sizes:
         logger.info(f"batch {b}: autoregressive")
         ar, ar_seconds = timed_generate(target, None, prompts, batch_size=b, **kwargs)
@@ -99,7 +101,8 @@ def main(argv=None) -> None:
 
 def print_table(report) -> None:
     print(f"\n{report['target']} on {report['device']}, T={report['temperature']}, "
-          f"{report['num_prompts']} prompts of {report['prompts']}, {report['max_new_tokens']} new tokens")
+          f"{report['num_prompts']} prompts of {report['prompts']}, {report['max_new_tokens']} new tokens, "
+          f"{report.get('kernels', 'xla')} attention")
     print(f"{'batch':>5} {'decoder':<10} {'tok/s':>9} {'speedup':>8} {'ideal':>6} {'tau':>6} {'draft ms':>9} "
           f"{'verify ms':>9} {'AR step ms':>10}")
     for b, entry in report["batches"].items():

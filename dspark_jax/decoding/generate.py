@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding.batching import bucket, check_prompts, pad_prompts
-from dspark_jax.decoding.speculative import check_setup, prefill, spec_round
+from dspark_jax.decoding.speculative import check_setup, prefill, spec_round, use_kernels
 from dspark_jax.sampling import SamplingParams
 
 
@@ -74,6 +74,7 @@ def generate(
     seed: int | Sequence[int] = 0,
     scheduler=None,
     stop_ids: Sequence[int] | None = None,
+    kernels: str = "xla",
 ) -> GenerationResult:
     """Generates a continuation of each prompt (lists of token ids).
 
@@ -81,8 +82,11 @@ def generate(
     object) picks per-sequence verify lengths from the draft's confidence head; None verifies
     every draft token. temperature (0 = greedy), top_p, top_k and seed are each one value for
     every prompt or a sequence of one value per prompt; sampling is applied identically to
-    target and draft. stop_ids default to the target config's EOS ids.
+    target and draft. stop_ids default to the target config's EOS ids. kernels: "xla", or
+    "pallas" to attend over paged caches with the ragged paged attention kernel
+    (`dspark_jax.decoding.speculative.use_kernels`; one device, interpreted off a GPU).
     """
+    target, draft = use_kernels(target, draft, kernels)
     cfg = target.config
     stop_ids = tuple(cfg.eos_token_ids if stop_ids is None else stop_ids)
     gamma = 0 if draft is None else draft.config.block_size

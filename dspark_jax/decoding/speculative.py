@@ -39,6 +39,7 @@ tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
+from pallas_kernels.ragged_paged_attention import unsupported as unsupported_attention
 
 
 class DecodeState(NamedTuple):
@@ -88,6 +90,48 @@ def check_setup(target_config, draft_config, scheduler) -> None:
         check_draft_fits(draft_config, target_config)
         if scheduler is not None and not draft_config.confidence_head:
             raise ValueError(f"a scheduler needs a draft with a confidence head ({draft_config.algorithm} has none)")
+
+
+KERNELS = ("xla", "pallas")
+PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the kernel
+
+
+def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
+    """(target, draft) attending over their caches with `kernels`: "xla", or "pallas" (the
+    ragged paged attention kernel; caches are then paged). Raises a ValueError naming what
+    cannot run it: a mesh (the target's or the caller's), a TPU, or on a GPU a head dim or page
+    size the kernel does not take."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "pallas":
+        if mesh is not None or target.mesh is not None:
+            raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
+        if jax.default_backend() == "tpu":
+            raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
+        if jax.default_backend() == "gpu":
+            for config in [target.config] + ([] if draft is None else [draft.config.layers]):
+                if why := unsupported_attention(config.head_dim, page_size):
+                    raise ValueError(f"kernels='pallas' cannot run here: {why}")
+
+    def chosen(config):
+        attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)
+        return dataclasses.replace(config, attention=attention)
+
+    target = dataclasses.replace(target, config=chosen(target.config))
+    if draft is not None:
+        draft = dataclasses.replace(draft, config=dataclasses.replace(draft.config, layers=chosen(draft.config.layers)))
+    return target, draft
+
+
+def _new_cache(model, attention: str, batch: int, length: int):
+    """An empty cache of `length` positions per row: contiguous, or paged with each row owning
+    its own run of pages when the kernel attends ("pallas" reads paged caches only)."""
+    if attention != "pallas":
+        return model.init_cache(batch, length)
+    page_size = min(PAGE_SIZE, length)
+    columns = -(-length // page_size)
+    table = jnp.arange(batch * columns, dtype=jnp.int32).reshape(batch, columns)  # [B, M]
+    return model.init_paged_cache(batch * columns, page_size).rows(table, jnp.zeros((batch,), jnp.int32))
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -161,8 +205,10 @@ def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengt
     next_ids = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     zeros = jnp.zeros((b,), jnp.int32)
     return extend_context(
-        target, draft, scheduler, target_params, draft_params, target.init_cache(b, cache_length),
-        None if draft is None else draft.init_cache(b, cache_length), tokens, next_ids, lengths,
+        target, draft, scheduler, target_params, draft_params,
+        _new_cache(target, target.config.attention, b, cache_length),
+        None if draft is None else _new_cache(draft, draft.config.layers.attention, b, cache_length), tokens,
+        next_ids, lengths,
         jnp.ones((b,), bool), zeros - 1, zeros, max_new, sampling, keys, stop_ids)
 
 

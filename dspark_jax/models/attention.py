@@ -14,8 +14,8 @@ itself, so a kernel plugs in here and nowhere else:
 "xla" is plain jnp (softmax in fp32, the reference every other implementation is tested
 against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
 forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the ragged paged attention
-kernel of `pallas_kernels` over paged caches (interpreted off a GPU) and XLA elsewhere. Numerics: attention logits and softmax in
-fp32, products in the inputs' dtype.
+kernel of `pallas_kernels` over paged caches (interpreted off a GPU) and XLA elsewhere.
+Numerics: attention logits and softmax in fp32, products in the inputs' dtype.
 
 Einsum letters follow the legend in `dspark_jax.models`.
 """

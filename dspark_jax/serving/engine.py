@@ -60,11 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.ragged_paged_attention import unsupported as unsupported_attention
-
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
-from dspark_jax.decoding.speculative import DecodeState, check_setup
+from dspark_jax.decoding.speculative import DecodeState, check_setup, use_kernels
 from dspark_jax.models.draft import Draft
 from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sampling import SamplingParams as RowSampling
@@ -224,7 +222,8 @@ class Engine:
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
                  num_scheduler_steps: int = 1, kernels: str = "xla"):
-        target, draft = _with_kernels(target, draft, kernels, mesh, page_size)
+        target, draft = use_kernels(target, draft, kernels, mesh=mesh, page_size=page_size)
+        log.info("paged attention: %s", kernels)
         cfg = target.config
         self.gamma = 0 if draft is None else draft.config.block_size
         check_setup(cfg, None if draft is None else draft.config, scheduler)
@@ -668,35 +667,6 @@ class Engine:
             (cache.block_table, cache.lengths), replicated))  # the pools keep their KV-head split
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
         return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
-
-
-KERNELS = ("pallas", "xla")
-
-
-def _with_kernels(target: Target, draft: Draft | None, kernels: str, mesh: Mesh | None,
-                  page_size: int) -> tuple[Target, Draft | None]:
-    """The target and draft with their paged attention set to `kernels` (`Engine`), the choice
-    logged."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "pallas" and mesh is not None:
-        raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
-    if kernels == "pallas" and jax.default_backend() == "tpu":
-        raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
-    if kernels == "pallas" and jax.default_backend() == "gpu":
-        for config in [target.config] + ([] if draft is None else [draft.config.layers]):
-            if why := unsupported_attention(config.head_dim, page_size):
-                raise ValueError(f"kernels='pallas' cannot run this engine: {why}")
-    log.info("paged attention: %s", kernels)
-
-    def chosen(config):
-        attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)
-        return dataclasses.replace(config, attention=attention)
-
-    target = dataclasses.replace(target, config=chosen(target.config))
-    if draft is not None:
-        draft = dataclasses.replace(draft, config=dataclasses.replace(draft.config, layers=chosen(draft.config.layers)))
-    return target, draft
 
 
 def _kv_shards(mesh: Mesh, kv_heads: int) -> int:

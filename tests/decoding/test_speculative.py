@@ -59,11 +59,20 @@ def tiny_draft(algorithm):
 PROMPTS = [[1, 2, 3], [4, 5, 6, 1, 2, 0, 3], [3], [5, 5], [7, 1], [2, 2, 2], [0, 1, 0], [6, 6, 6, 6]]
 
 
-@pytest.mark.parametrize("algorithm,scheduler", DRAFTERS)
-def test_greedy_equals_autoregressive(algorithm, scheduler):
+# kernels="pallas": speculative decoding attends over paged caches with the Pallas kernel
+# (interpreted on CPU), against autoregressive decoding in XLA (the scheduled DSpark with the
+# kernel in the slow set: the engine's tests run it in CI)
+GREEDY = [pytest.param(d, s, "xla") for d, s in DRAFTERS] + [
+    pytest.param("dspark", SCHEDULER, "pallas", id="dspark-scheduler-pallas", marks=pytest.mark.slow),
+    pytest.param("dflash", None, "pallas", id="dflash-pallas")]
+
+
+@pytest.mark.parametrize("algorithm,scheduler,kernels", GREEDY)
+def test_greedy_equals_autoregressive(algorithm, scheduler, kernels):
     target, draft = tiny_target(), tiny_draft(algorithm)
     ar = generate(target, None, PROMPTS, max_new_tokens=20, temperature=0.0)
-    spec = generate(target, draft, PROMPTS, max_new_tokens=20, temperature=0.0, scheduler=scheduler)
+    spec = generate(target, draft, PROMPTS, max_new_tokens=20, temperature=0.0, scheduler=scheduler,
+                    kernels=kernels)
     assert spec.tokens == ar.tokens
     assert any(t[-1] == 7 for t in ar.tokens) and any(len(t) == 20 for t in ar.tokens)  # both endings occur
     for tokens, verified, accepted in zip(spec.tokens, spec.verify_lengths, spec.accepted_lengths):

@@ -114,8 +114,8 @@ def assert_drained(engine):
 
 
 @pytest.mark.parametrize("config,shape,kernels", [pytest.param(c, SMALL, "xla", id=c) for c in CONFIGS] + [
-    pytest.param(c, SMALL, "pallas", id=f"{c}-pallas") for c in ("ar", "dspark-prefix", "dflash")] + [
-    pytest.param("eagle3", SMALL, "pallas", id="eagle3-pallas", marks=pytest.mark.slow)] + [
+    pytest.param("dspark-prefix", SMALL, "pallas", id="dspark-prefix-pallas")] + [
+    pytest.param(c, SMALL, "pallas", id=f"{c}-pallas", marks=pytest.mark.slow) for c in ("ar", "dflash", "eagle3")] + [
     pytest.param(c, WIDE, "xla", id=f"{c}-wide", marks=pytest.mark.slow) for c in CONFIGS])
 def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, shape, kernels):
     """kernels="pallas": the target and the draft attend with the Pallas kernel (interpreted on CPU)."""
