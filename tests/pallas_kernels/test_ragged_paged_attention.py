@@ -96,7 +96,8 @@ BLOCKS = {  # id: Blocks for the kernel, or None for tuning.pick_blocks
 }
 
 
-@pytest.mark.parametrize("blocks", [pytest.param(b, marks=pytest.mark.slow) if b == "page-steps" else b for b in BLOCKS])
+@pytest.mark.parametrize("blocks", [pytest.param(b, marks=pytest.mark.slow) if b == "page-steps" else b
+                                    for b in BLOCKS])
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_reference(case, blocks):
     args, _ = ragged_batch(1, **CASES[case])
