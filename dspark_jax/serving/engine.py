@@ -41,9 +41,8 @@ The device programs (`dspark_jax.serving.step`: a prefill, then the rounds) are 
 on bucketed shapes only: the round's capacity (a power of two covering the highest decoding
 slot), each program's block-table width (a power of two of pages; always a whole context's
 with `kernels="pallas"`, since the kernel reads only the pages a row's length reaches), the
-prefill's chunk width and rows (powers of two holding
-the longest chunk and the chunks) and whether any request uses top-k/top-p; the rounds per
-step are fixed per engine.
+prefill's chunk width and rows (powers of two holding the longest chunk and the chunks) and
+whether any request uses top-k/top-p; the rounds per step are fixed per engine.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ def assert_drained(engine):
     pytest.param(c, SMALL, "pallas", id=f"{c}-pallas", marks=pytest.mark.slow) for c in ("ar", "dflash", "eagle3")] + [
     pytest.param(c, WIDE, "xla", id=f"{c}-wide", marks=pytest.mark.slow) for c in CONFIGS])
 def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, shape, kernels):
-    """kernels="pallas": the target and the draft attend with the Pallas kernel (interpreted on CPU)."""
+    """kernels="pallas": the target and the draft attend with the Pallas kernel (interpreted on
+    CPU), which reads only what a row's length reaches, so every program takes whole-context
+    block tables (no program per table width)."""
     eng = tiny_engine(config, kernels=kernels, **shape)
     assert eng.target.config.attention == kernels
     tokens, reasons, most_waiting = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
@@ -137,6 +139,9 @@ def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, s
         assert sum(stats.accepted_at_position) > 0  # draft tokens were accepted: not AR in disguise
         assert sum(stats.verify_length_histogram) == stats.rounds - stats.undrafted_rounds
         assert (0 < stats.undrafted_rounds < 0.8 * stats.rounds) == (config == "dspark-gated")
+    if kernels == "pallas":
+        tables = [shape[1] if shape[0] == "round" else shape[2] for shape in eng._shapes]  # [rows, columns]
+        assert {columns for _, columns in tables} == {eng.max_pages}
     assert_drained(eng)
 
 
@@ -295,23 +300,6 @@ def test_preempted_requests_wait_outside_the_queue_bound():
         tokens.setdefault(rid, []).extend(new)
     assert {index[r]: t for r, t in tokens.items()} == {i: expected(i, MAX_TOKENS) for i in longest}
     assert_drained(eng)
-
-
-def test_the_kernel_gives_an_engine_one_table_width():
-    """Attention in XLA gathers every block-table column, so tables grow in power-of-two widths
-    as contexts do (a program each); the kernel reads only what a row's length reaches (the
-    target's and the draft's), so the engine keeps whole-context tables and never compiles for
-    a new width. (An autoregressive engine here; the drafted ones take the same tables, and
-    their tokens are checked with the kernel above.)"""
-    requests = [(p, greedy(m)) for p, m in zip(PROMPTS[:8], LIMITS[:8])]
-    widths = {}
-    for kernels in ("xla", "pallas"):
-        eng = tiny_engine("ar", kernels=kernels, **WIDE)
-        tokens, _, _ = serve(eng, requests)
-        assert tokens == [expected(i, m) for i, m in enumerate(LIMITS[:8])]
-        tables = [shape[1] if shape[0] == "round" else shape[2] for shape in eng._shapes]  # [rows, columns]
-        widths[kernels] = {columns for _, columns in tables}
-    assert widths == {"xla": {4, 8}, "pallas": {eng.max_pages}}
 
 
 def test_bad_kernels_settings_are_refused():
