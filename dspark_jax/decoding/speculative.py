@@ -51,6 +51,7 @@ from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
+from pallas_kernels.ragged_paged_attention import IMPLEMENTATIONS as KERNELS
 from pallas_kernels.ragged_paged_attention import unsupported as unsupported_attention
 
 
@@ -92,19 +93,20 @@ def check_setup(target_config, draft_config, scheduler) -> None:
             raise ValueError(f"a scheduler needs a draft with a confidence head ({draft_config.algorithm} has none)")
 
 
-KERNELS = ("xla", "pallas")
 PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the kernel
 
 
 def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
     """(target, draft) attending over their caches with `kernels`: "xla", or "pallas" (the
-    ragged paged attention kernel; caches are then paged). Raises a ValueError naming what
-    cannot run it: a mesh (the target's or the caller's), a TPU, or on a GPU a head dim or page
-    size the kernel does not take."""
+    ragged paged attention kernel; caches are then paged). Either replaces the models'
+    `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
+    forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
+    mesh (the models' or the caller's), a TPU, or on a GPU a head dim or page size it does not
+    take (`pallas_kernels.ragged_paged_attention.unsupported`)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "pallas":
-        if mesh is not None or target.mesh is not None:
+        if mesh is not None or target.mesh is not None or (draft is not None and draft.mesh is not None):
             raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
         if jax.default_backend() == "tpu":
             raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
@@ -128,10 +130,9 @@ def _new_cache(model, attention: str, batch: int, length: int):
     its own run of pages when the kernel attends ("pallas" reads paged caches only)."""
     if attention != "pallas":
         return model.init_cache(batch, length)
-    page_size = min(PAGE_SIZE, length)
-    columns = -(-length // page_size)
+    columns = -(-length // PAGE_SIZE)  # room for at least `length` positions
     table = jnp.arange(batch * columns, dtype=jnp.int32).reshape(batch, columns)  # [B, M]
-    return model.init_paged_cache(batch * columns, page_size).rows(table, jnp.zeros((batch,), jnp.int32))
+    return model.init_paged_cache(batch * columns, PAGE_SIZE).rows(table, jnp.zeros((batch,), jnp.int32))
 
 
 def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:

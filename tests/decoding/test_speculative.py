@@ -15,9 +15,10 @@ from dspark_jax.sampling import SamplingParams, probabilities
 from dspark_jax.decoding.batching import pad_prompts
 from dspark_jax.decoding.generate import request_keys
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
-from dspark_jax.decoding.speculative import extend_context, flush_pending, prefill, spec_round
+from dspark_jax.decoding.speculative import extend_context, flush_pending, prefill, spec_round, use_kernels
 from dspark_jax.models.config import ModelConfig
 from dspark_jax.models.draft_config import draft_config_for_target
+from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 
 V = 8  # a small vocabulary: random drafts overlap the target enough to accept often
 TINY = ModelConfig(family="qwen3", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
@@ -79,6 +80,27 @@ def test_greedy_equals_autoregressive(algorithm, scheduler, kernels):
         assert len(verified) == len(accepted) >= 1
         assert all(0 <= a <= v <= 4 for v, a in zip(verified, accepted))
         assert sum(accepted) + len(accepted) >= len(tokens) - 1  # a round commits at most accepted + 1
+
+
+def test_the_kernel_setting_picks_the_caches():
+    """With kernels="pallas" prefill keeps the target's and the draft's caches in pages (the
+    kernel reads paged caches only) with room for the whole generation, holding what the
+    contiguous caches of "xla" hold."""
+    tokens, lengths = pad_prompts(PROMPTS)
+    b = tokens.shape[0]
+    sampling = SamplingParams.rows(len(PROMPTS), temperature=0.0, pad_to=b)
+    caches = {}
+    for kernels in ("xla", "pallas"):
+        target, draft = use_kernels(tiny_target(), tiny_draft("eagle3"), kernels)
+        assert target.config.attention == draft.config.layers.attention == kernels
+        state, _ = prefill(target.model, draft.model, None, target.params, draft.params, jnp.asarray(tokens),
+                           jnp.asarray(lengths), sampling, request_keys(0, len(PROMPTS), b), jnp.full((b,), 8),
+                           jnp.full((b, 1), 7), cache_length=48)
+        caches[kernels] = (state.target_cache, state.draft_cache)
+    for contiguous, paged in zip(caches["xla"], caches["pallas"]):
+        assert isinstance(contiguous, KVCache) and isinstance(paged, PagedKVCache) and paged.max_length >= 48
+        np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
+    np.testing.assert_array_equal(caches["pallas"][0].lengths, lengths)  # the prompts are in the target's cache
 
 
 def test_greedy_drafts_are_accepted_somewhere():
