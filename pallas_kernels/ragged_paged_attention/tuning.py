@@ -30,4 +30,4 @@ def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, pa
     splits = 1
     if programs < TARGET_PROGRAMS:
         splits = min(MAX_SPLITS, -(-table_columns // pages), _pow2_at_most(TARGET_PROGRAMS // programs))
-    return Blocks(block_q, pages, max(1, splits), num_warps=4 if block_q * head_dim <= 32 * 128 else 8)
+    return Blocks(block_q, pages, splits, num_warps=4 if block_q * head_dim <= 32 * 128 else 8)
