@@ -6,7 +6,8 @@ nothing) and one split of the row's pages. It walks the pages its queries can se
 block-table entries at a time (`block_k` = pages * page_size keys per step, gathered from the
 pool by page id), with an online softmax in fp32, and writes its normalised output and the
 log-sum-exp of its scores. A row reads only the pages below min(kv_length, its last query
-position + 1): the work follows each row's length, not the block table's width. With several
+position + 1), and with a sliding window only those from its first query's window on: the
+work follows each row's length, not the block table's width. With several
 splits (long contexts over few rows: flash-decoding), the partial outputs are merged in XLA.
 
 The kernel runs on the Triton backend of Pallas (power-of-two block shapes, `dot` with at
@@ -52,7 +53,7 @@ def unsupported(head_dim: int, page_size: int) -> str | None:
 
 
 def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref, *, pages: int,
-            blocks_per_split: int, capacity: int, scale: float):
+            blocks_per_split: int, capacity: int, scale: float, window: int | None):
     """q_ref [block_q, D]; qpos_ref [block_q]; length_ref [1]; table_ref [M]; k_ref, v_ref
     [P, page_size, D] (this KV head's pools); o_ref [block_q, D]; lse_ref [block_q]."""
     split = pl.program_id(3)
@@ -66,6 +67,9 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
     needed = jnp.minimum(jnp.minimum(length_ref[0], jnp.max(qpos) + 1), capacity)
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(needed, block_k))
+    if window is not None:  # steps wholly before the first real query's window are skipped
+        lowest = jnp.min(jnp.where(qpos >= 0, qpos, capacity))
+        first = jnp.maximum(first, jnp.maximum(lowest - window + 1, 0) // block_k)
 
     def body(j, carry):
         acc, peak, total = carry  # [block_q, D], [block_q], [block_q] fp32
@@ -75,6 +79,8 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         scores = pl_triton.dot(q, k, trans_b=True, allow_tf32=False) * scale  # [block_q, block_k] fp32
         slots = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         visible = (slots <= qpos[:, None]) & (slots < needed)
+        if window is not None:
+            visible = visible & (qpos[:, None] - slots < window)
         scores = jnp.where(visible, scores, _MASKED)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
         probs = jnp.where(visible, jnp.exp(scores - new_peak[:, None]), 0.0)
@@ -91,10 +97,11 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
     lse_ref[...] = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "return_lse", "scale", "window"))
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
                            q_positions: jax.Array, kv_lengths: jax.Array, *, blocks: Blocks,
-                           interpret: bool = False, return_lse: bool = False):
+                           interpret: bool = False, return_lse: bool = False, scale: float | None = None,
+                           window: int | None = None):
     """As `reference.ragged_paged_attention` (same arguments and results)."""
     b, t, n, d = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
@@ -114,7 +121,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     blocks_per_split = pl.cdiv(m // pages, splits)
     out_dtype = q.dtype if splits == 1 else jnp.float32
     kernel = functools.partial(_kernel, pages=pages, blocks_per_split=blocks_per_split, capacity=capacity,
-                               scale=d**-0.5)
+                               scale=d**-0.5 if scale is None else scale, window=window)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, q_blocks, splits),

@@ -20,15 +20,17 @@ __all__ = ["IMPLEMENTATIONS", "ragged_paged_attention", "unsupported"]
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
                            q_positions: jax.Array, kv_lengths: jax.Array, *, implementation: str = "pallas",
-                           blocks: gpu.Blocks | None = None, return_lse: bool = False):
+                           blocks: gpu.Blocks | None = None, return_lse: bool = False, scale: float | None = None,
+                           window: int | None = None):
     """Attention of each row's queries over its pages (`reference.ragged_paged_attention` says
     what it computes). q: [B, T, N, D]; k_pages, v_pages: [P, page_size, K, D]; block_table:
     [B, M] int32; q_positions: [B, T] int32; kv_lengths: [B] int32. Returns [B, T, N, D], and
-    with return_lse each query's log-sum-exp [B, T, N] too. blocks: the kernel's block sizes
+    with return_lse each query's log-sum-exp [B, T, N] too. scale: of the scores (default
+    1/sqrt(D)); window: a sliding window's length (None: none). blocks: the kernel's block sizes
     (default: `tuning.pick_blocks`)."""
     if implementation == "xla":
         return reference.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths,
-                                                return_lse)
+                                                return_lse, scale, window)
     if implementation != "pallas":
         raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
@@ -42,4 +44,4 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         blocks = pick_blocks(batch=b, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
                              page_size=page_size, table_columns=block_table.shape[1])
     return gpu.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths, blocks=blocks,
-                                      interpret=backend != "gpu", return_lse=return_lse)
+                                      interpret=backend != "gpu", return_lse=return_lse, scale=scale, window=window)

@@ -11,17 +11,20 @@ import jax.numpy as jnp
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
-                           q_positions: jax.Array, kv_lengths: jax.Array, return_lse: bool = False):
+                           q_positions: jax.Array, kv_lengths: jax.Array, return_lse: bool = False,
+                           scale: float | None = None, window: int | None = None):
     """Grouped-query attention of each row's queries over its pages.
 
     q: [B, T, N, D]; k_pages, v_pages: [P, page_size, K, D] (the pools every row shares);
     block_table: [B, M] int32, position s of row b lives at page block_table[b, s // page_size],
     offset s % page_size; q_positions: [B, T] int32; kv_lengths: [B] int32.
-    Query t of row b sees position s iff s <= q_positions[b, t] and s < kv_lengths[b]; a query
-    that sees nothing (padding) gets zeros. Scores and softmax in fp32, the probabilities cast
-    to v's dtype for the value product. Returns [B, T, N, D] in q's dtype, and with return_lse
-    also the log-sum-exp of each query's scaled scores [B, T, N] fp32 (-inf where it sees
-    nothing), which lets a caller merge this attention with attention over other keys.
+    Query t of row b sees position s iff s <= q_positions[b, t] and s < kv_lengths[b] (and, with
+    a sliding `window`, q_positions[b, t] - s < window); a query that sees nothing (padding)
+    gets zeros. Scores are q.k times `scale` (default 1/sqrt(D)), they and the softmax in fp32,
+    the probabilities cast to v's dtype for the value product. Returns [B, T, N, D] in q's
+    dtype, and with return_lse also the log-sum-exp of each query's scaled scores [B, T, N]
+    fp32 (-inf where it sees nothing), which lets a caller merge this attention with attention
+    over other keys.
     """
     b, t, n, d = q.shape
     _, page_size, kv_heads, _ = k_pages.shape
@@ -29,9 +32,13 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     k = k_pages[block_table].reshape(b, m * page_size, kv_heads, d)  # [B, S, K, D]
     v = v_pages[block_table].reshape(b, m * page_size, kv_heads, d)
     qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, R, D]
-    logits = jnp.einsum("btkrd,bskd->bkrts", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    slots = jnp.arange(m * page_size, dtype=jnp.int32)
-    visible = (slots[None, None, :] <= q_positions[:, :, None]) & (slots[None, None, :] < kv_lengths[:, None, None])
+    logits = jnp.einsum("btkrd,bskd->bkrts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5 if scale is None else scale)
+    slots = jnp.arange(m * page_size, dtype=jnp.int32)[None, None, :]
+    qpos = q_positions[:, :, None]
+    visible = (slots <= qpos) & (slots < kv_lengths[:, None, None])
+    if window is not None:
+        visible = visible & (qpos - slots < window)
     visible = visible[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(visible, logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)

@@ -2,8 +2,8 @@
 (interpreted on CPU, compiled with `-m gpu` on a GPU) against the reference, on random ragged
 batches: empty rows, decode rows (one query), verify blocks (1 + gamma queries), prefill chunks
 spanning several query blocks, blocks that cross a page boundary, GQA groups of 1, 3, 4 and 8,
-one or several pages per inner step (also more than the block table holds), and rows split
-between programs."""
+one or several pages per inner step (also more than the block table holds), rows split
+between programs, and sliding windows with another score scale (Gemma4)."""
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ def ragged_batch(seed, *, queries, kv_heads, group, head_dim, page_size, columns
     return (*arrays, jnp.asarray(table), jnp.asarray(positions, jnp.int32), jnp.asarray(lengths, jnp.int32)), num_new
 
 
-def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
+def numpy_attention(q, k_pages, v_pages, table, positions, lengths, scale=None, window=None):
     """float64 loops: each query over the positions it may see, read page by page. Returns the
     outputs [B, T, N, D] and the log-sum-exp of the scaled scores [B, T, N]."""
     q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
@@ -47,7 +47,8 @@ def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
     out, lse = np.zeros_like(q), np.full((b, t, n), -np.inf)
     for i in range(b):
         for j in range(t):
-            seen = [s for s in range(int(lengths[i])) if s <= positions[i, j]]
+            seen = [s for s in range(int(lengths[i]))
+                    if s <= positions[i, j] and (window is None or positions[i, j] - s < window)]
             if not seen:
                 continue
             pages = [int(table[i, s // page_size]) for s in seen]
@@ -55,7 +56,7 @@ def numpy_attention(q, k_pages, v_pages, table, positions, lengths):
             values = np.stack([v_pages[p, s % page_size] for p, s in zip(pages, seen)])
             for h in range(n):
                 g = h // (n // kv_heads)
-                scores = keys[:, g] @ q[i, j, h] / np.sqrt(d)
+                scores = keys[:, g] @ q[i, j, h] * (1 / np.sqrt(d) if scale is None else scale)
                 weights = np.exp(scores - scores.max())
                 out[i, j, h] = weights @ values[:, g] / weights.sum()
                 lse[i, j, h] = scores.max() + np.log(weights.sum())
@@ -75,14 +76,26 @@ CASES = {  # id: ragged_batch arguments
                       num_new=[3, 0, 1, 2]),
     "prefill-chunks": dict(queries=40, kv_heads=2, group=2, head_dim=16, page_size=8, columns=8,
                            num_new=[40, 13, 0, 27]),
+    # Gemma4's sliding-window layers: windows shorter than a page step and than a chunk
+    "sliding-verify": dict(queries=5, kv_heads=2, group=2, head_dim=16, page_size=4, columns=8,
+                           num_new=[5, 1, 0, 3], scale=1.0, window=6),
+    "sliding-prefill": dict(queries=40, kv_heads=1, group=4, head_dim=32, page_size=8, columns=8,
+                            num_new=[40, 13, 0, 27], scale=0.5, window=11),
 }
+
+
+def case_args(case, seed):
+    """(ragged_batch's arrays, the attention options scale and window) of a case."""
+    spec = dict(CASES[case])
+    options = {key: spec.pop(key) for key in ("scale", "window") if key in spec}
+    return ragged_batch(seed, **spec)[0], options
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_equals_a_float64_loop(case):
-    args, _ = ragged_batch(0, **CASES[case])
-    got, lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True))
-    want, want_lse = numpy_attention(*args)
+    args, options = case_args(case, 0)
+    got, lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True, **options))
+    want, want_lse = numpy_attention(*args, **options)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)  # -inf where a query sees nothing
     lengths = np.asarray(args[-1])
@@ -100,9 +113,9 @@ BLOCKS = {  # id: Blocks for the kernel, or None for tuning.pick_blocks
                                     for b in BLOCKS])
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_reference(case, blocks):
-    args, _ = ragged_batch(1, **CASES[case])
-    got, lse = map(np.asarray, ragged_paged_attention(*args, blocks=BLOCKS[blocks], return_lse=True))
-    want, want_lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True))
+    args, options = case_args(case, 1)
+    got, lse = map(np.asarray, ragged_paged_attention(*args, blocks=BLOCKS[blocks], return_lse=True, **options))
+    want, want_lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True, **options))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)
@@ -164,11 +177,18 @@ def test_unknown_implementation_is_refused():
     # the engine's whole-context tables (not a power of two wide), SmolLM2's heads on 16-position pages
     dict(queries=8, kv_heads=3, group=3, head_dim=64, page_size=16, columns=257, num_new=[8, 3, 0, 1] * 2),
     dict(queries=4, kv_heads=8, group=4, head_dim=128, page_size=32, columns=129, num_new=[4, 4, 0]),
-], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split"])
+    # Gemma-4-12B's sliding layers (window 1024, scale 1) and its global layers' head dim
+    dict(queries=8, kv_heads=8, group=2, head_dim=256, page_size=32, columns=64, num_new=[8, 1, 0, 5],
+         scale=1.0, window=1024),
+    dict(queries=8, kv_heads=1, group=16, head_dim=512, page_size=32, columns=16, num_new=[8, 1, 0, 5], scale=1.0),
+], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split",
+        "sliding-gemma4", "global-gemma4"])
 def test_compiled_kernel_equals_reference_on_gpu(shape, dtype):
+    shape = dict(shape)
+    options = {key: shape.pop(key) for key in ("scale", "window") if key in shape}
     args, _ = ragged_batch(3, dtype=dtype, **shape)
-    got, lse = ragged_paged_attention(*args, return_lse=True)
-    want, want_lse = reference.ragged_paged_attention(*args, return_lse=True)
+    got, lse = ragged_paged_attention(*args, return_lse=True, **options)
+    want, want_lse = reference.ragged_paged_attention(*args, return_lse=True, **options)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert np.isfinite(got).all() and err < (1e-5 if dtype == jnp.float32 else 1e-2), err
