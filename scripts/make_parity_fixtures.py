@@ -15,7 +15,15 @@ Outputs:
   transformers) on a fixed ChatML prompt: top-20 logits per position and logsumexp, plus the
   greedy answer to "What is the capital of France?";
 - tests/fixtures/smollm2_tokenizer.json: token ids of sample strings and a rendered chat from
-  the reference tokenizer.json, to check the tokenizer built from GGUF metadata.
+  the reference tokenizer.json, to check the tokenizer built from GGUF metadata;
+- tests/fixtures/gemma4_12b.json: the parameter count of Gemma-4-12B's text decoder;
+- with --deepspec DIR (a checkout of deepseek-ai/DeepSpec, run under the transformers release
+  it pins, 5.10.2, whose Gemma4 modules it was written against):
+  tests/fixtures/gemma4_drafts/<name>/,
+  random tiny Gemma4 DSpark and Eagle3 drafters built by the reference's own PyTorch modules,
+  saved with save_pretrained, and golden.npz with their inputs and outputs (DSpark: the
+  training forward's Markov-biased draft logits and confidence logits at fixed anchors;
+  Eagle3: the layer's logits over a sequence, the first training-time-test step).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from unittest import mock
 
 import numpy as np
 import torch
@@ -65,7 +75,45 @@ TINY = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
         max_shard_size="40KB",
     ),
+    # Gemma4: sliding-window layers (window 5 < the 12 input tokens) between full layers with
+    # their own head dim, one key/value head whose keys double as values, proportional RoPE,
+    # soft-capped logits, tied head.
+    "gemma4_sliding_k_eq_v": dict(
+        cls="Gemma4", config_cls="Gemma4TextConfig",
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        vocab_size=160, tie_word_embeddings=True, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
+        rms_norm_eps=1e-6,
+    ),
+    # Gemma4 with separate value projections everywhere, no soft-cap, an untied head.
+    "gemma4_untied_v_proj": dict(
+        cls="Gemma4", config_cls="Gemma4TextConfig",
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=16, attention_k_eq_v=False, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 100000.0},
+        },
+        vocab_size=128, tie_word_embeddings=False, final_logit_softcapping=None, hidden_size_per_layer_input=0,
+        rms_norm_eps=1e-6,
+    ),
 }
+
+# google/gemma-4-12B-it's text decoder (as transformers' Gemma4UnifiedTextConfig describes it).
+GEMMA4_12B_TEXT = dict(
+    hidden_size=3840, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8,
+    num_global_key_value_heads=1, intermediate_size=15360, vocab_size=262144, head_dim=256, global_head_dim=512,
+    attention_k_eq_v=True, tie_word_embeddings=True, sliding_window=1024, max_position_embeddings=131072,
+    final_logit_softcapping=30.0,
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)],
+)
 
 SMOLLM2_PROMPT = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -85,9 +133,13 @@ TOKENIZER_SAMPLES = [
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights with healthy activations: N(0, 1/fan_in) matrices, N(1, 0.1) norm scales."""
+    """Weights with healthy activations: N(0, 1/fan_in) matrices, N(1, 0.1) norm scales and
+    Gemma4 layer scalars (buffers, 1.0 in released checkpoints, so a test sees them applied)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(1.0 + 0.1 * torch.randn(b.shape, generator=gen))
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
@@ -120,7 +172,7 @@ def make_tiny(name: str, spec: dict, seed: int) -> None:
     spec = dict(spec)
     cls = spec.pop("cls")
     shard = spec.pop("max_shard_size", None)
-    config = getattr(transformers, f"{cls}Config")(**spec)
+    config = getattr(transformers, spec.pop("config_cls", f"{cls}Config"))(**spec)
     model = getattr(transformers, f"{cls}ForCausalLM")(config).float().eval()
     randomize(model, seed)
     out_dir = os.path.join(FIXTURES, "tiny", name)
@@ -145,6 +197,89 @@ def make_tiny(name: str, spec: dict, seed: int) -> None:
         layers_bf16=as_f32(layers16),
     )
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {out_dir}")
+
+
+def count_gemma4_12b() -> None:
+    """The parameter count of Gemma-4-12B's text decoder with LM head, from transformers'
+    module built on the meta device (no memory), for the eval_shape test."""
+    from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    with torch.device("meta"):
+        model = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**GEMMA4_12B_TEXT))
+    count = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith("layer_scalar"))
+    with open(os.path.join(FIXTURES, "gemma4_12b.json"), "w") as f:
+        json.dump({"text_config": GEMMA4_12B_TEXT, "num_params": count}, f, indent=1)
+    print(f"gemma4-12b text decoder: {count} parameters (tied head, layer scalars included)")
+
+
+# Tiny Gemma4 drafter layers: the draft-layer fields DeepSpec copies from a Gemma4 target.
+GEMMA4_DRAFT_TEXT = dict(
+    hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    attention_k_eq_v=True, vocab_size=160, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+    rms_norm_eps=1e-6,
+)
+
+
+def _gemma4_draft_config(num_layers: int, fields: dict):
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+
+    config = Gemma4TextConfig(**GEMMA4_DRAFT_TEXT, num_hidden_layers=num_layers, global_head_dim=32,
+                              num_global_key_value_heads=1, layer_types=["full_attention"] * num_layers)
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
+
+
+def make_gemma4_drafts(deepspec_dir: str) -> None:
+    sys.path.insert(0, deepspec_dir)
+    import deepspec.modeling.dspark.gemma4.modeling as dspark_gemma4
+    from deepspec.modeling.eagle3.gemma4.modeling import Gemma4Eagle3Model
+
+    out_root = os.path.join(FIXTURES, "gemma4_drafts")
+    gen = torch.Generator().manual_seed(7)
+    b, s, taps = 2, 24, [0, 1, 2, 4, 5]
+    ids = torch.randint(0, GEMMA4_DRAFT_TEXT["vocab_size"], (b, s), generator=gen)
+    features = torch.randn(b, s, len(taps) * GEMMA4_DRAFT_TEXT["hidden_size"], generator=gen)
+
+    dspark = _gemma4_draft_config(2, dict(
+        architectures=["Gemma4DSparkModel"], target_layer_ids=taps, num_target_layers=6, block_size=4,
+        mask_token_id=4, num_anchors=3, enable_confidence_head=True, confidence_head_with_markov=True,
+        markov_rank=8, markov_head_type="vanilla", _attn_implementation="flex_attention"))
+    model = dspark_gemma4.Gemma4DSparkModel(dspark).float().eval()
+    randomize(model, seed=11)
+    anchors = torch.tensor([[2, 9, 17], [0, 5, 20]])
+    keep = torch.tensor([[True, True, True], [True, False, True]])
+    loss_mask = torch.ones(b, s, dtype=torch.bool)
+    with torch.no_grad(), mock.patch.object(dspark_gemma4, "sample_anchor_positions", lambda **_: (anchors, keep)):
+        out = model(ids, features, loss_mask)
+    _save_draft(model, os.path.join(out_root, "dspark"), input_ids=ids, features=features, anchors=anchors, keep=keep,
+                draft_logits=out.draft_logits, confidence=out.confidence_pred)
+
+    eagle3 = _gemma4_draft_config(1, dict(
+        architectures=["Gemma4Eagle3Model"], target_layer_ids=taps, num_target_layers=6, ttt_length=3,
+        step_loss_decay=0.8, draft_num_hidden_layers=1, _attn_implementation="sdpa"))
+    model = Gemma4Eagle3Model(eagle3).float().eval()
+    randomize(model, seed=12)
+    next_ids = torch.cat([ids[:, 1:], torch.zeros(b, 1, dtype=ids.dtype)], dim=1)  # x_{t+1}, 0 past the end
+    with torch.no_grad():
+        out = model(hidden_states=features, input_ids=next_ids, position_ids=torch.arange(s).expand(b, s),
+                    return_logits=True)
+    _save_draft(model, os.path.join(out_root, "eagle3"), input_ids=ids, features=features,
+                step0_logits=out.draft_logits)
+
+
+def _save_draft(model, out_dir: str, **arrays) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    np.savez_compressed(os.path.join(out_dir, "golden.npz"),
+                        **{k: v.numpy() if v.dtype != torch.long else v.numpy().astype(np.int32)
+                           for k, v in arrays.items()})
+    print(f"{model.__class__.__name__}: {sum(p.numel() for p in model.parameters())} params -> {out_dir}")
 
 
 def make_smollm2(gguf_path: str, tokenizer_dir: str) -> None:
@@ -188,10 +323,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2-gguf", help="SmolLM2-135M-Instruct GGUF (python -m dspark_jax fetch-smollm2 prints it)")
     parser.add_argument("--smollm2-tokenizer", help="directory with SmolLM2's reference tokenizer.json")
+    parser.add_argument("--only", nargs="*", help="write only these tiny checkpoints (default: all of them)")
+    parser.add_argument("--deepspec", help="a checkout of deepseek-ai/DeepSpec: write the Gemma4 draft fixtures")
     args = parser.parse_args()
     torch.manual_seed(0)
     for seed, (name, spec) in enumerate(TINY.items()):
-        make_tiny(name, spec, seed=100 * seed)
+        if not args.only or name in args.only:
+            make_tiny(name, spec, seed=100 * seed)
+    count_gemma4_12b()
+    if args.deepspec:
+        make_gemma4_drafts(args.deepspec)
     if args.smollm2_gguf and args.smollm2_tokenizer:
         make_smollm2(args.smollm2_gguf, args.smollm2_tokenizer)
 

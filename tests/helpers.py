@@ -5,7 +5,8 @@ import os
 import numpy as np
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-TINY_MODELS = ("qwen3_gqa_untied", "qwen3_mha_tied", "llama_gqa_llama3rope", "llama_tied_sharded")
+TINY_MODELS = ("qwen3_gqa_untied", "qwen3_mha_tied", "llama_gqa_llama3rope", "llama_tied_sharded",
+               "gemma4_sliding_k_eq_v", "gemma4_untied_v_proj")
 
 
 def tiny_path(name: str) -> str:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from dspark_jax.checkpoints.binding import bindings_for, check_store, place, to_stored
 from dspark_jax.checkpoints.safetensors_io import CheckpointError, save_file
 from dspark_jax.checkpoints.store import hf_store, read_config_json
-from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings, hf_table
+from dspark_jax.checkpoints.target_weights import gguf_bindings, hf_bindings, hf_prefix, hf_table
 from dspark_jax.models.config import from_hf_config, to_hf_config
 from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -39,6 +39,8 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None,
         shapes, shardings = param_shardings(config, dtype, mesh, rules)
         bindings = hf_bindings(shapes, store)
         ignorable = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        if hf_prefix(store) == "model.language_model.":  # a multimodal checkpoint: its other towers stay unread
+            ignorable += tuple(n for n in store if not n.startswith("model.language_model.") and n != "lm_head.weight")
         tokenizer = _hf_tokenizer(path)
     elif path.endswith(".gguf"):
         from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint

@@ -16,6 +16,9 @@ from dspark_jax.checkpoints.store import Store
 LAYER_TENSORS: dict[tuple[str, ...], tuple[str, int | None]] = {
     ("input_layernorm", "scale"): ("input_layernorm.weight", None),
     ("post_attention_layernorm", "scale"): ("post_attention_layernorm.weight", None),
+    ("pre_feedforward_layernorm", "scale"): ("pre_feedforward_layernorm.weight", None),
+    ("post_feedforward_layernorm", "scale"): ("post_feedforward_layernorm.weight", None),
+    ("layer_scalar",): ("layer_scalar", None),
     ("self_attn", "q_proj"): ("self_attn.q_proj.weight", 1),
     ("self_attn", "k_proj"): ("self_attn.k_proj.weight", 1),
     ("self_attn", "v_proj"): ("self_attn.v_proj.weight", 1),
@@ -63,13 +66,22 @@ _GGUF_TABLE: NameTable = {
     **{
         ("layers",) + path: (f"blk.{{i}}.{_GGUF_LAYER_NAMES[path]}.weight", n_in)
         for path, (_, n_in) in LAYER_TENSORS.items()
+        if path in _GGUF_LAYER_NAMES  # Llama and Qwen3 layers (Gemma4 GGUF files are not read yet)
     },
 }
 
 
+def hf_prefix(store: Store) -> str:
+    """Where the decoder's tensors live: "model." (a ForCausalLM checkpoint),
+    "model.language_model." (Gemma4's multimodal checkpoints) or "" (a bare decoder)."""
+    for prefix in ("model.language_model.", "model."):
+        if any(name.startswith(prefix) for name in store):
+            return prefix
+    return ""
+
+
 def hf_bindings(abstract_params: Any, store: Store) -> list[Binding]:
-    prefix = "model." if any(name.startswith("model.") for name in store) else ""
-    return bindings_for(abstract_params, hf_table(prefix))
+    return bindings_for(abstract_params, hf_table(hf_prefix(store)))
 
 
 def gguf_bindings(abstract_params: Any) -> list[Binding]:

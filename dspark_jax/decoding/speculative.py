@@ -101,8 +101,8 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     ragged paged attention kernel; caches are then paged). Either replaces the models'
     `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
     forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
-    mesh (the models' or the caller's), a TPU, or on a GPU a head dim or page size it does not
-    take (`pallas_kernels.ragged_paged_attention.unsupported`)."""
+    mesh (the models' or the caller's), a TPU, or on a GPU a head dim (of any layer) or page
+    size it does not take (`pallas_kernels.ragged_paged_attention.unsupported`)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "pallas":
@@ -112,8 +112,9 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
             raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
         if jax.default_backend() == "gpu":
             for config in [target.config] + ([] if draft is None else [draft.config.layers]):
-                if why := unsupported_attention(config.head_dim, page_size):
-                    raise ValueError(f"kernels='pallas' cannot run here: {why}")
+                for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:
+                    if why := unsupported_attention(head_dim, page_size):
+                        raise ValueError(f"kernels='pallas' cannot run here: {why}")
 
     def chosen(config):
         attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)
@@ -125,11 +126,12 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     return target, draft
 
 
-def _new_cache(model, attention: str, batch: int, length: int):
+def _new_cache(model, attention: str, batch: int, length: int, **ring):
     """An empty cache of `length` positions per row: contiguous, or paged with each row owning
-    its own run of pages when the kernel attends ("pallas" reads paged caches only)."""
+    its own run of pages when the kernel attends ("pallas" reads paged caches only). `ring`
+    (the target's max_extension) lets sliding-window layers keep only their window."""
     if attention != "pallas":
-        return model.init_cache(batch, length)
+        return model.init_cache(batch, length, **ring)
     columns = -(-length // PAGE_SIZE)  # room for at least `length` positions
     table = jnp.arange(batch * columns, dtype=jnp.int32).reshape(batch, columns)  # [B, M]
     return model.init_paged_cache(batch * columns, PAGE_SIZE).rows(table, jnp.zeros((batch,), jnp.int32))
@@ -207,7 +209,8 @@ def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengt
     zeros = jnp.zeros((b,), jnp.int32)
     return extend_context(
         target, draft, scheduler, target_params, draft_params,
-        _new_cache(target, target.config.attention, b, cache_length),
+        _new_cache(target, target.config.attention, b, cache_length,
+                   max_extension=max(tokens.shape[1], 1 + (0 if draft is None else draft.config.block_size))),
         None if draft is None else _new_cache(draft, draft.config.layers.attention, b, cache_length), tokens,
         next_ids, lengths,
         jnp.ones((b,), bool), zeros - 1, zeros, max_new, sampling, keys, stop_ids)

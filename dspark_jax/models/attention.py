@@ -17,6 +17,10 @@ forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the ragged paged
 kernel of `pallas_kernels` over paged caches (interpreted off a GPU) and XLA elsewhere.
 Numerics: attention logits and softmax in fp32, products in the inputs' dtype.
 
+Every function takes `scale` (the logit scale; None is 1/sqrt(head_dim), Gemma4 uses 1) and
+the decoder's ones take `window` (a sliding-window layer: a query at position p sees only
+positions > p - window); the kernel takes both.
+
 Einsum letters follow the legend in `dspark_jax.models`.
 """
 
@@ -36,27 +40,35 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
+def _scale(scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else scale
+
+
 def cached_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_lengths: jax.Array,
-    implementation: str = "xla",
+    implementation: str = "xla", *, scale: float | None = None, window: int | None = None,
+    slot_positions: jax.Array | None = None,
 ) -> jax.Array:
-    """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s).
+    """Grouped-query attention of queries over key slots 0..S-1 (slot s holds position s, or
+    slot_positions[b, s] [B, S] for a ring cache; a negative one was never written).
 
     q: [B, T, N, D]; k, v: [B, K, S, D] (head-major, the KV-cache layout); q_positions: [B, T]
-    int32; kv_lengths: [B] int32. Query t of row b sees slot s iff s <= q_positions[b, t] and
-    s < kv_lengths[b]. Returns [B, T, N, D] in q's dtype. A query that sees nothing gets a
-    finite (unused) output. Every implementation runs XLA here for now.
+    int32; kv_lengths: [B] int32. Query t of row b sees position s iff s <= q_positions[b, t],
+    s < kv_lengths[b] (and q_positions[b, t] - s < window). Returns [B, T, N, D] in q's dtype.
+    A query that sees nothing gets a finite (unused) output. Every implementation runs XLA here.
     """
     check_implementation(implementation)
     b, t, n, d = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, K, R, D]
     logits = jnp.einsum("btkrd,bksd->bkrts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d**-0.5)
-    slots = jnp.arange(k.shape[2], dtype=jnp.int32)
-    visible = (slots[None, None, :] <= q_positions[:, :, None]) & (
-        slots[None, None, :] < kv_lengths[:, None, None]
-    )  # [B, T, S]
+    logits = logits * _scale(scale, d)
+    slots = jnp.arange(k.shape[2], dtype=jnp.int32)[None, None, :] if slot_positions is None \
+        else slot_positions[:, None, :]  # [B or 1, 1, S]
+    qpos = q_positions[:, :, None]  # [B, T, 1]
+    visible = (slots <= qpos) & (slots < kv_lengths[:, None, None]) & (slots >= 0)  # [B, T, S]
+    if window is not None:
+        visible = visible & (qpos - slots < window)
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkrts,bksd->btkrd", probs, v)
@@ -64,19 +76,23 @@ def cached_attention(
 
 
 def kv_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, q_positions: jax.Array, kv_lengths: jax.Array,
-                 implementation: str = "xla") -> jax.Array:
+                 implementation: str = "xla", *, scale: float | None = None, window: int | None = None) -> jax.Array:
     """`cached_attention` over a layer cache. With "pallas" a paged cache is read by the ragged
     paged attention kernel, which reads only the pages below each row's length (and its last
     query's position); otherwise the cache's view is gathered first (every page of a paged
     cache's block table). A query that sees nothing gets zeros from the kernel and a finite
     (unused) output otherwise."""
     if isinstance(kv, PagedLayerCache) and check_implementation(implementation) == "pallas":
-        return ragged_paged_attention(q, kv.k, kv.v, kv.block_table, q_positions, kv_lengths)
-    return cached_attention(q, *kv.view(), q_positions, kv_lengths, implementation)
+        return ragged_paged_attention(q, kv.k, kv.v, kv.block_table, q_positions, kv_lengths, scale=scale,
+                                      window=window)
+    slot_positions = kv.slot_positions(kv_lengths) if isinstance(kv, LayerCache) else None
+    return cached_attention(q, *kv.view(), q_positions, kv_lengths, implementation, scale=scale, window=window,
+                            slot_positions=slot_positions)
 
 
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-                       implementation: str = "xla") -> jax.Array:
+                       implementation: str = "xla", *, scale: float | None = None,
+                       window: int | None = None) -> jax.Array:
     """Causal attention of a cache-free forward over positions 0..T-1.
 
     q: [B, T, N, D]; k, v: [B, T, K, D] (token-major); lengths: [B] (T in a full forward).
@@ -84,10 +100,12 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Ar
     hold padding and are unused either way (causality keeps them out of real rows).
     """
     if check_implementation(implementation) == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                                            local_window_size=None if window is None else (window - 1, 0))
     b, t = q.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, lengths)
+    return cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, lengths, scale=scale,
+                            window=window)
 
 
 def block_attention(
@@ -99,6 +117,8 @@ def block_attention(
     v_blk: jax.Array,
     keep: jax.Array,
     implementation: str = "xla",
+    *,
+    scale: float | None = None,
 ) -> jax.Array:
     """Attention of block slots over injected context plus their own block, one softmax.
 
@@ -116,7 +136,7 @@ def block_attention(
     ctx_visible = jnp.arange(k_ctx.shape[2])[None, None, :] < ctx_len[:, :, None]  # [B, A, S]
     ctx_visible = ctx_visible & keep[:, :, None]
     blk_visible = jnp.broadcast_to(keep[:, :, None], (b, a, g))  # [B, A, G]
-    logits = jnp.concatenate([s_ctx, s_blk], axis=-1) * (d**-0.5)  # [B, A, K, R, G, S + G]
+    logits = jnp.concatenate([s_ctx, s_blk], axis=-1) * _scale(scale, d)  # [B, A, K, R, G, S + G]
     visible = jnp.concatenate([ctx_visible, blk_visible], axis=-1)[:, :, None, None, None, :]
     logits = jnp.where(visible, logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
@@ -131,7 +151,8 @@ def block_attention(
 
 
 def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: jax.Array, k_blk: jax.Array,
-                       v_blk: jax.Array, keep: jax.Array, implementation: str = "xla") -> jax.Array:
+                       v_blk: jax.Array, keep: jax.Array, implementation: str = "xla", *,
+                       scale: float | None = None) -> jax.Array:
     """`block_attention` with the context in a layer cache (a draft proposing at inference).
     With "pallas" a paged context is read by the ragged paged attention kernel (only the pages
     below each block's context length); its softmax over the context is then merged with the
@@ -141,18 +162,18 @@ def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: 
     if a == 0:  # the context is only being written (a draft taking in positions): nothing attends
         return jnp.zeros(q.shape, q.dtype)
     if not (isinstance(kv, PagedLayerCache) and check_implementation(implementation) == "pallas"):
-        return block_attention(q, *kv.view(), ctx_len, k_blk, v_blk, keep, implementation)
+        return block_attention(q, *kv.view(), ctx_len, k_blk, v_blk, keep, implementation, scale=scale)
     kv_heads = k_blk.shape[3]
     # every slot of block a sees context positions < ctx_len[b, a]; a dropped block sees nothing
     last = jnp.where(keep, ctx_len - 1, -1)  # [B, A]
     positions = jnp.repeat(last, g, axis=1)  # [B, A * G]
     lengths = jnp.max(jnp.where(keep, ctx_len, 0), axis=1)  # [B]
     out_ctx, lse_ctx = ragged_paged_attention(q.reshape(b, a * g, n, d), kv.k, kv.v, kv.block_table, positions,
-                                              lengths, return_lse=True)
+                                              lengths, return_lse=True, scale=scale)
     out_ctx = out_ctx.reshape(b, a, g, kv_heads, n // kv_heads, d).astype(jnp.float32)  # [B, A, G, K, R, D]
     lse_ctx = lse_ctx.reshape(b, a, g, kv_heads, n // kv_heads)  # [B, A, G, K, R]
     qg = q.reshape(b, a, g, kv_heads, n // kv_heads, d)  # [B, A, G, K, R, D]
-    s_blk = jnp.einsum("bajkrd,balkd->bajkrl", qg, k_blk, preferred_element_type=jnp.float32) * (d**-0.5)
+    s_blk = jnp.einsum("bajkrd,balkd->bajkrl", qg, k_blk, preferred_element_type=jnp.float32) * _scale(scale, d)
     s_blk = jnp.where(keep[:, :, None, None, None, None], s_blk, -jnp.inf)  # [B, A, G, K, R, G]
     peak = jnp.maximum(lse_ctx, jnp.max(s_blk, axis=-1))
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
@@ -165,7 +186,7 @@ def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: 
     return out.reshape(b, a, g, n, d).astype(q.dtype)
 
 
-def ttt_attention(q, k0, v0, diag_k, diag_v, implementation: str = "xla"):
+def ttt_attention(q, k0, v0, diag_k, diag_v, implementation: str = "xla", *, scale: float | None = None):
     """Eagle3's training-time-test attention at unroll step len(diag_k).
 
     q [B, T, N, D] over step-0 keys k0/v0 [B, K, T, D] at positions <= t and, at the same t,
@@ -179,7 +200,7 @@ def ttt_attention(q, k0, v0, diag_k, diag_v, implementation: str = "xla"):
     pos = jnp.arange(t)
     causal = jnp.where((pos[None, :] <= pos[:, None])[None, None, None], causal, -jnp.inf)
     diag = [jnp.einsum("btkrd,btkd->bkrt", qg, k, preferred_element_type=jnp.float32)[..., None] for k in diag_k]
-    logits = jnp.concatenate([causal] + diag, axis=-1) * (d**-0.5)  # [B, K, R, T, T + steps]
+    logits = jnp.concatenate([causal] + diag, axis=-1) * _scale(scale, d)  # [B, K, R, T, T + steps]
     probs = jax.nn.softmax(logits, axis=-1).astype(v0.dtype)
     out = jnp.einsum("bkrts,bksd->btkrd", probs[..., :t], v0)
     for i, v in enumerate(diag_v):

@@ -5,7 +5,9 @@ A DeepSpec draft `config.json` is a full copy of the target's config with overri
 `DraftConfig` keeps the parsed fields plus the original JSON, so a loaded config is written
 back unchanged. DFlash is the DSpark architecture with `markov_rank=0` and no confidence head.
 Draft layers follow the target family: `Qwen3DSparkModel` / `Qwen3Eagle3Model` for Qwen3
-targets (as released), `LlamaDSparkModel` / `LlamaEagle3Model` for Llama targets.
+targets (as released), `Gemma4DSparkModel` / `Gemma4Eagle3Model` for Gemma4 targets (their
+layers are Gemma4 full-attention layers: global head dim, keys as values, sandwich norms),
+`LlamaDSparkModel` / `LlamaEagle3Model` for Llama targets.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ _ARCHITECTURES = {
     "LlamaDSparkModel": ("llama", "block"),
     "Qwen3Eagle3Model": ("qwen3", "eagle3"),
     "LlamaEagle3Model": ("llama", "eagle3"),
+    "Gemma4DSparkModel": ("gemma4", "block"),
+    "Gemma4Eagle3Model": ("gemma4", "eagle3"),
 }
-_UNSUPPORTED = ("Gemma4DSparkModel", "Gemma4Eagle3Model")
+_FAMILY_NAMES = {"qwen3": "Qwen3", "llama": "Llama", "gemma4": "Gemma4"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,7 @@ class DraftConfig:
 
     @property
     def architecture(self) -> str:
-        family = {"qwen3": "Qwen3", "llama": "Llama"}[self.layers.family]
+        family = _FAMILY_NAMES[self.layers.family]
         return f"{family}{'Eagle3' if self.algorithm == 'eagle3' else 'DSpark'}Model"
 
 
@@ -113,13 +117,15 @@ def check_draft_fits(config: DraftConfig, target: ModelConfig) -> None:
 def draft_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> DraftConfig:
     """Parses a DeepSpec draft config.json."""
     archs = list(cfg.get("architectures") or [])
-    if any(a in _UNSUPPORTED for a in archs):
-        raise ConfigError(f"{source}: {archs[0]}: target family gemma4 is not supported yet")
     arch = next((a for a in archs if a in _ARCHITECTURES), None)
     if arch is None:
         raise ConfigError(f"{source}: unknown draft architecture {archs}; supported: {sorted(_ARCHITECTURES)}")
     family, kind = _ARCHITECTURES[arch]
-    layers = from_hf_config({**cfg, "architectures": [], "model_type": family, "tie_word_embeddings": False}, source)
+    # a Gemma4 draft's config is a copy of its target's text config: every draft layer is full
+    model_type = {"gemma4": "gemma4_text"}.get(family, family)
+    extra = {"layer_types": ["full_attention"] * int(cfg.get("num_hidden_layers", 1))} if family == "gemma4" else {}
+    layers = from_hf_config({**cfg, **extra, "architectures": [], "model_type": model_type,
+                             "tie_word_embeddings": False}, source)
 
     def need(key):
         if key not in cfg:
@@ -211,9 +217,10 @@ def draft_config_for_target(
     the Markov and confidence options.
     """
     num_layers = num_layers or (1 if algorithm == "eagle3" else 5)
-    layers = dataclasses.replace(target, num_layers=num_layers, tie_word_embeddings=False)
-    base = to_hf_config(target)
-    base.update(num_hidden_layers=num_layers, tie_word_embeddings=False)
+    full = ("full_attention",) * num_layers if target.gemma else ()
+    layers = dataclasses.replace(target, num_layers=num_layers, tie_word_embeddings=False, layer_types=full,
+                                 sliding_window=None)
+    base = to_hf_config(layers)
     common = dict(layers=layers, target_layer_ids=tuple(target_layer_ids), num_target_layers=target.num_layers,
                   block_size=block_size, target_model_name_or_path=target_model_name_or_path,
                   hf_json=json.dumps(base, sort_keys=True))

@@ -32,8 +32,8 @@ from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.attention import block_attention, kv_block_attention
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
-from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
-from dspark_jax.models.transformer import Attention
+from dspark_jax.models.layers import MLP, RMSNorm, embed_tokens, lm_logits, param_init, rope_cos_sin
+from dspark_jax.models.transformer import Attention, layer_scalar, residuals
 
 
 class BlockDraftLayer(nn.Module):
@@ -55,20 +55,21 @@ class BlockDraftLayer(nn.Module):
         """
         cfg = self.config.layers
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
+        attn = Attention(cfg, cfg.layer_spec(0), self.dtype, self.param_dtype, name="self_attn")
         xn = norm("input_layernorm")(x)
         q = attn.query(xn, *blk_cs)  # [B, A, G, N, D]
         k_blk, v_blk = attn.key_value(xn, *blk_cs)  # [B, A, G, K, D]
         k_ctx, v_ctx = attn.key_value(ctx, *ctx_cs)  # [B, T, K, D]
         if kv is None:
             k_ctx, v_ctx = k_ctx.transpose(0, 2, 1, 3), v_ctx.transpose(0, 2, 1, 3)  # [B, K, T, D]
-            out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention)
+            out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention,
+                                  scale=cfg.attention_scale)
         else:
             kv = kv.write(write_slots, k_ctx, v_ctx)
-            out = kv_block_attention(q, kv, ctx_len, k_blk, v_blk, keep, cfg.attention)
-        x = x + attn.output(out)
-        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")
-        return x + mlp(norm("post_attention_layernorm")(x)), kv
+            out = kv_block_attention(q, kv, ctx_len, k_blk, v_blk, keep, cfg.attention, scale=cfg.attention_scale)
+        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, cfg.hidden_activation,
+                  name="mlp")
+        return residuals(cfg, x, attn.output(out), mlp, norm, lambda: layer_scalar(self, self.param_dtype)), kv
 
 
 class MarkovHead(nn.Module):
@@ -184,10 +185,11 @@ class BlockDrafter(nn.Module):
         gamma = c.block_size
         slot = jnp.arange(gamma, dtype=jnp.int32)
         ids = jnp.where((slot == 0)[None, None, :] & keep[:, :, None], anchor_ids[:, :, None], c.mask_token_id)
-        x = jnp.take(embed, ids, axis=0).astype(self.dtype)  # [B, A, G, H]
-        blk_cs = rope_cos_sin(anchors[:, :, None] + slot, c.layers.rope, c.layers.head_dim)  # [B, A, G, D]
+        x = embed_tokens(embed, ids, c.layers, self.dtype)  # [B, A, G, H]
+        spec = c.layers.layer_spec(0)
+        blk_cs = rope_cos_sin(anchors[:, :, None] + slot, spec.rope, spec.head_dim)  # [B, A, G, D]
         ctx = self.context(features)  # [B, T, H]
-        ctx_cs = rope_cos_sin(ctx_positions, c.layers.rope, c.layers.head_dim)  # [B, T, D]
+        ctx_cs = rope_cos_sin(ctx_positions, spec.rope, spec.head_dim)  # [B, T, D]
         new_kv = []
         for i, layer in enumerate(self.layers):
             x, layer_kv = layer(x, blk_cs, ctx, ctx_cs, ctx_len, keep, None if kv is None else kv[i], write_slots)
@@ -200,7 +202,7 @@ class BlockDrafter(nn.Module):
         Returns (draft logits D [B, A, G, V] fp32 after the Markov bias, confidence logits
         [B, A, G] fp32, zeros without a confidence head).
         """
-        logits = lm_logits(hidden, embed, lm_head)
+        logits = lm_logits(hidden, embed, lm_head, self.config.layers.final_logit_softcapping)
         e = None
         if self.config.markov_rank:
             bias, e = self.markov_head.teacher_forced(hidden, prev)
@@ -220,7 +222,7 @@ class BlockDrafter(nn.Module):
         """
         c = self.config
         slot_keys = split(keys, c.block_size)  # [B, G]
-        base = lm_logits(hidden, embed, lm_head)  # [B, G, V]
+        base = lm_logits(hidden, embed, lm_head, c.layers.final_logit_softcapping)  # [B, G, V]
         if not c.markov_rank:  # DFlash: slots are independent, sample them at once
             probs = probabilities(base, sampling)
             return draw(slot_keys, probs), probs, jnp.zeros(hidden.shape[:-1], jnp.float32)

@@ -25,8 +25,8 @@ from dspark_jax.sampling import SamplingParams, draw, probabilities, split
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache, new_slots
 from dspark_jax.models.attention import kv_attention, ttt_attention
-from dspark_jax.models.layers import MLP, RMSNorm, lm_logits, param_init, rope_cos_sin
-from dspark_jax.models.transformer import Attention
+from dspark_jax.models.layers import MLP, RMSNorm, embed_tokens, lm_logits, param_init, rope_cos_sin
+from dspark_jax.models.transformer import Attention, layer_scalar, residuals
 
 
 class Eagle3Layer(nn.Module):
@@ -38,8 +38,12 @@ class Eagle3Layer(nn.Module):
         cfg = self.config.layers
         norm = lambda: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
         self.hidden_norm, self.input_layernorm, self.post_attention_layernorm = norm(), norm(), norm()
-        self.self_attn = Attention(cfg, self.dtype, self.param_dtype, in_features=2 * cfg.hidden_size)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
+        if cfg.gemma:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+            self.layer_scalar = layer_scalar(self, self.param_dtype)
+        self.self_attn = Attention(cfg, cfg.layer_spec(0), self.dtype, self.param_dtype,
+                                   in_features=2 * cfg.hidden_size)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype, cfg.hidden_activation)
 
     def qkv(self, g: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
         """g, emb: [..., H] -> (q [..., N, D], k [..., K, D], v [..., K, D])."""
@@ -48,8 +52,8 @@ class Eagle3Layer(nn.Module):
 
     def finish(self, g: jax.Array, attended: jax.Array) -> jax.Array:
         """Residual, o_proj and MLP: g [..., H], attended [..., N, D] -> out [..., H]."""
-        h = g + self.self_attn.output(attended)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return residuals(self.config.layers, g, self.self_attn.output(attended), self.mlp,
+                         lambda name: getattr(self, name), lambda: self.layer_scalar)
 
 
 class Eagle3Drafter(nn.Module):
@@ -67,7 +71,8 @@ class Eagle3Drafter(nn.Module):
         self.norm = RMSNorm(c.layers.rms_norm_eps, self.dtype, self.param_dtype)
 
     def _rope(self, positions: jax.Array):
-        return rope_cos_sin(positions, self.config.layers.rope, self.config.layers.head_dim)
+        spec = self.config.layers.layer_spec(0)
+        return rope_cos_sin(positions, spec.rope, spec.head_dim)
 
     def project(self, features: jax.Array) -> jax.Array:
         """g = fc(features): [..., L_t * H] -> [..., H]."""
@@ -75,7 +80,7 @@ class Eagle3Drafter(nn.Module):
 
     def logits(self, embed, lm_head, out: jax.Array) -> jax.Array:
         """fp32 logits [..., V] of layer outputs [..., H]."""
-        return lm_logits(self.norm(out), embed, lm_head)
+        return lm_logits(self.norm(out), embed, lm_head, self.config.layers.final_logit_softcapping)
 
     def ttt(self, embed, features: jax.Array, tokens: jax.Array) -> jax.Array:
         """Training-time-test unroll over whole sequences.
@@ -94,14 +99,15 @@ class Eagle3Drafter(nn.Module):
         k0 = v0 = None
         for k in range(c.block_size):
             shifted = jnp.pad(tokens, ((0, 0), (0, k + 1)))[:, k + 1 :]  # x_{t+k+1}, 0 past the end
-            emb = jnp.take(embed, shifted, axis=0).astype(self.dtype)
+            emb = embed_tokens(embed, shifted, c.layers, self.dtype)
             q, kk, vv = layer.qkv(g, emb, *self._rope(jnp.broadcast_to(t + k, (b, s))))
             if k == 0:
                 k0, v0 = kk.transpose(0, 2, 1, 3), vv.transpose(0, 2, 1, 3)  # [B, K, S, D]
             else:
                 diag_k.append(kk)
                 diag_v.append(vv)
-            g = layer.finish(g, ttt_attention(q, k0, v0, diag_k, diag_v, c.layers.attention))
+            g = layer.finish(g, ttt_attention(q, k0, v0, diag_k, diag_v, c.layers.attention,
+                                              scale=c.layers.attention_scale))
             outs.append(g)
         return jnp.stack(outs)
 
@@ -113,18 +119,20 @@ class Eagle3Drafter(nn.Module):
         """
         positions, slots = new_slots(lengths, num_new, features.shape[1], kv.max_length)  # [B, Q]
         g = self.project(features)
-        emb = jnp.take(embed, next_ids, axis=0).astype(self.dtype)
+        emb = embed_tokens(embed, next_ids, self.config.layers, self.dtype)
         q, k_new, v_new = self.layers_0.qkv(g, emb, *self._rope(positions))
         kv = kv.write(slots, k_new, v_new)
-        attended = kv_attention(q, kv, positions, lengths + num_new, self.config.layers.attention)
+        attended = kv_attention(q, kv, positions, lengths + num_new, self.config.layers.attention,
+                                scale=self.config.layers.attention_scale)
         return self.layers_0.finish(g, attended), kv
 
     def step(self, embed, kv: LayerCache | PagedLayerCache, g, token, position):
         """One recurrent step: g [B, H] previous output, token [B] at position [B] -> (out [B, H], kv)."""
-        emb = jnp.take(embed, token, axis=0).astype(self.dtype)[:, None]
+        emb = embed_tokens(embed, token, self.config.layers, self.dtype)[:, None]
         q, k_new, v_new = self.layers_0.qkv(g[:, None], emb, *self._rope(position[:, None]))
         kv = kv.write(position[:, None], k_new, v_new)
-        attended = kv_attention(q, kv, position[:, None], position + 1, self.config.layers.attention)
+        attended = kv_attention(q, kv, position[:, None], position + 1, self.config.layers.attention,
+                                scale=self.config.layers.attention_scale)
         return self.layers_0.finish(g[:, None], attended)[:, 0], kv
 
     def chain(self, embed, lm_head, kv: LayerCache | PagedLayerCache, out, start, keys, sampling: SamplingParams, forced=None):

@@ -9,7 +9,10 @@ Model code sees one layer at a time through two operations, so it never knows th
 `layer.write(positions, k, v)` stores new entries and `layer.view()` returns the row's keys
 and values as [B, K, S, D] with slot s holding position s (what `models.attention` consumes).
 
-- `KVCache`: one [B, K, S, D] array per layer; a row owns S slots.
+- `KVCache`: one [B, K, S, D] array per layer; a row owns S slots. A sliding-window layer
+  (Gemma4) can instead keep a ring of R < S slots, position s in slot s % R: R = window + the
+  longest extension keeps every key a query can see, also after a rollback (the rejected tail
+  of an extension never overwrote a position that is still in some query's window).
 - `PagedKVCache`: one pool of pages [P, page_size, K, D] per layer, shared by every sequence,
   and a block table [B, M]: position s of row b lives in page block_table[b, s // page_size]
   at offset s % page_size. A serving engine owns the pages and hands each step the table of
@@ -32,26 +35,41 @@ PAGE_AXES = ("kv_pages", "page_slot", "act_kv_heads", "head_dim")
 
 @struct.dataclass
 class LayerCache:
-    """One layer of a contiguous cache."""
+    """One layer of a contiguous cache; a ring of k.shape[2] slots when `ring_of` (the cache's
+    max_length) is set."""
 
-    k: jax.Array  # [B, K, S, D]
+    k: jax.Array  # [B, K, S, D] (S = R for a ring)
     v: jax.Array  # [B, K, S, D]
+    ring_of: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.ring_of or self.k.shape[2]
 
     def write(self, slots: jax.Array, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
-        """Stores k_new, v_new [B, T, K, D] at positions slots [B, T]; slots >= S are dropped
-        (how padded non-tokens are skipped)."""
+        """Stores k_new, v_new [B, T, K, D] at positions slots [B, T]; slots >= max_length are
+        dropped (how padded non-tokens are skipped)."""
+        if self.ring_of:
+            ring = self.k.shape[2]
+            slots = jnp.where(slots >= self.ring_of, ring, slots % ring)
         rows = jnp.arange(slots.shape[0], dtype=jnp.int32)[:, None]  # [B, 1]
         # Advanced indices split by a slice index as [B, T, K, D], the layout of the new entries.
-        return LayerCache(self.k.at[rows, :, slots].set(k_new.astype(self.k.dtype), mode="drop"),
-                          self.v.at[rows, :, slots].set(v_new.astype(self.v.dtype), mode="drop"))
+        return self.replace(k=self.k.at[rows, :, slots].set(k_new.astype(self.k.dtype), mode="drop"),
+                            v=self.v.at[rows, :, slots].set(v_new.astype(self.v.dtype), mode="drop"))
 
     def view(self) -> tuple[jax.Array, jax.Array]:
-        """(k, v) [B, K, S, D], slot s = position s."""
+        """(k, v) [B, K, S, D]; slot s holds position s, or `slot_positions` for a ring."""
         return self.k, self.v
+
+    def slot_positions(self, kv_lengths: jax.Array) -> jax.Array | None:
+        """For a ring: the position each slot holds [B, R] once rows have kv_lengths [B]
+        positions (the latest position congruent to the slot; negative: never written).
+        None when slot s holds position s."""
+        if not self.ring_of:
+            return None
+        ring = self.k.shape[2]
+        last = kv_lengths[:, None] - 1  # [B, 1]
+        return last - (last - jnp.arange(ring, dtype=jnp.int32)) % ring
 
 
 @struct.dataclass
@@ -90,26 +108,43 @@ class PagedLayerCache:
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, D] (K, D and, for a ring, S per layer)
     v: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     lengths: jax.Array  # [B] int32, valid positions per sequence
+    capacity: int = struct.field(pytree_node=False, default=0)  # max_length (0: every layer's S)
+    rings: tuple[int, ...] = struct.field(pytree_node=False, default=())  # per layer: window of a ring, or 0
 
     @classmethod
-    def create(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=jnp.bfloat16) -> "KVCache":
-        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    def create(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=jnp.bfloat16,
+               max_extension: int | None = None) -> "KVCache":
+        """Empty caches of `max_length` positions per row. With `max_extension` (the most tokens
+        any one extension appends), each sliding-window layer keeps only a ring of
+        window + max_extension slots."""
+        specs = [config.layer_spec(i) for i in range(config.num_layers)]
+        shapes = [(batch_size, spec.num_kv_heads, ring_size(spec.window, max_length, max_extension), spec.head_dim)
+                  for spec in specs]
         return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            k=tuple(jnp.zeros(shape, dtype) for shape in shapes),
+            v=tuple(jnp.zeros(shape, dtype) for shape in shapes),
             lengths=jnp.zeros((batch_size,), jnp.int32),
+            capacity=max_length,
+            rings=tuple(spec.window if shape[2] < max_length else 0 for spec, shape in zip(specs, shapes)),
         )
 
     @property
     def max_length(self) -> int:
-        return self.k[0].shape[2]
+        return self.capacity or self.k[0].shape[2]
+
+    @property
+    def max_extension(self) -> int | None:
+        """The most tokens one extension may append without breaking a ring (None: no ring)."""
+        slack = [k.shape[2] - window for k, window in zip(self.k, self.rings) if window]
+        return min(slack) if slack else None
 
     @property
     def layers(self) -> tuple[LayerCache, ...]:
-        return tuple(LayerCache(k, v) for k, v in zip(self.k, self.v))
+        rings = self.rings or (0,) * len(self.k)
+        return tuple(LayerCache(k, v, self.max_length if window else None) for k, v, window in zip(self.k, self.v, rings))
 
     def updated(self, layers, lengths: jax.Array) -> "KVCache":
         """This cache with the layers returned by a model pass and new lengths."""
@@ -131,13 +166,17 @@ class PagedKVCache:
     def create(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16, mesh: Mesh | None = None,
                rules: ShardingRules = DEFAULT_RULES) -> "PagedKVCache":
         """Empty pools with no rows attached (a [0, 0] block table), created sharded by KV head
-        under a mesh."""
-        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-        sharding = None if mesh is None else named_sharding(mesh, PAGE_AXES, shape, rules)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        under a mesh. Sliding-window layers keep every position here (their window is a mask)."""
+
+        def zeros(spec):
+            shape = (num_pages, page_size, spec.num_kv_heads, spec.head_dim)
+            sharding = None if mesh is None else named_sharding(mesh, PAGE_AXES, shape, rules)
+            return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+        specs = [config.layer_spec(i) for i in range(config.num_layers)]
         return cls(
-            k=tuple(zeros() for _ in range(config.num_layers)),
-            v=tuple(zeros() for _ in range(config.num_layers)),
+            k=tuple(zeros(spec) for spec in specs),
+            v=tuple(zeros(spec) for spec in specs),
             block_table=jnp.zeros((0, 0), jnp.int32),
             lengths=jnp.zeros((0,), jnp.int32),
         )
@@ -159,6 +198,14 @@ class PagedKVCache:
 
     def rollback(self, lengths: jax.Array) -> "PagedKVCache":
         return self.replace(lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
+
+
+def ring_size(window: int | None, max_length: int, max_extension: int | None) -> int:
+    """Slots a layer keeps: a ring of window + max_extension for a sliding-window layer when
+    that is shorter than max_length, else max_length."""
+    if window is None or max_extension is None:
+        return max_length
+    return min(max_length, window + max_extension)
 
 
 def new_slots(lengths: jax.Array, num_new: jax.Array, width: int, max_length: int) -> tuple[jax.Array, jax.Array]:

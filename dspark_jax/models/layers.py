@@ -1,4 +1,4 @@
-"""Layers shared by target and draft models: RMSNorm, RoPE, the LM head, SwiGLU MLP.
+"""Layers shared by target and draft models: RMSNorm, RoPE, embedding, the LM head, gated MLP.
 
 Attention lives in `dspark_jax.models.attention`. Numerics: normalisation and RoPE tables run
 in fp32; matmuls run in the compute dtype. Every parameter carries logical axis names (see `dspark_jax.sharding`).
@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.models.config import RopeConfig
+from dspark_jax.models.config import ModelConfig, RopeConfig
 
 Dtype = jnp.dtype
 
@@ -23,7 +23,7 @@ def param_init(scale: float = 0.02):
 
 def random_params(abstract, key: jax.Array, shardings=None):
     """Parameters for an abstract pytree (ShapeDtypeStructs) with the modules' initialisers:
-    norm scales 1, biases 0, everything else N(0, 0.02).
+    norm scales and Gemma4's layer scalars 1, biases 0, everything else N(0, 0.02).
 
     Leaves are drawn by small programs compiled once per (kind, shape, dtype, sharding), far
     cheaper than tracing a whole model's `init`; with `shardings` (a matching pytree) every
@@ -33,7 +33,7 @@ def random_params(abstract, key: jax.Array, shardings=None):
     shardings = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
     out = []
     for i, ((path, leaf), sharding) in enumerate(zip(leaves, shardings)):
-        kind = {"scale": "ones", "bias": "zeros"}.get(path[-1].key, "normal")
+        kind = {"scale": "ones", "layer_scalar": "ones", "bias": "zeros"}.get(path[-1].key, "normal")
         out.append(_creator(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype), sharding)(jax.random.fold_in(key, i)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -51,20 +51,24 @@ def _creator(kind: str, shape: tuple[int, ...], dtype, sharding):
 
 
 class RMSNorm(nn.Module):
-    """y = w * cast(x * rsqrt(mean(x^2) + eps)), normalised in fp32 (HF Llama/Qwen3 order)."""
+    """y = w * cast(x * rsqrt(mean(x^2) + eps)), normalised in fp32 (HF Llama/Qwen3 order);
+    without `use_scale` there is no w (Gemma4's value norm)."""
 
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+        if not self.use_scale:
+            return normed
         scale = self.param(
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
         )
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * scale.astype(self.dtype)
+        return normed * scale.astype(self.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -84,22 +88,39 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def lm_logits(hidden: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+def embed_tokens(embed: jax.Array, tokens: jax.Array, config: ModelConfig, dtype) -> jax.Array:
+    """Embeddings [..., H] of tokens [...] in `dtype`; Gemma4 multiplies them by sqrt(H)
+    rounded to the table's dtype (62.0 for H = 3840 in bf16), as transformers does."""
+    x = jnp.take(embed, tokens, axis=0)
+    if config.gemma:
+        x = x * jnp.asarray(config.hidden_size**0.5, embed.dtype)
+    return x.astype(dtype)
+
+
+def lm_logits(hidden: jax.Array, embed: jax.Array, lm_head: jax.Array | None, softcap: float | None = None
+              ) -> jax.Array:
     """fp32 logits [..., V] of final-normed hidden [..., H]: hidden @ lm_head [H, V], or
-    hidden @ embed.T [V, H] for tied embeddings (lm_head None)."""
+    hidden @ embed.T [V, H] for tied embeddings (lm_head None); with `softcap` c (Gemma4's
+    final_logit_softcapping) they become c * tanh(logits / c)."""
     hidden_dtype = hidden.dtype
     if lm_head is None:
-        return jnp.einsum("...h,vh->...v", hidden, embed.astype(hidden_dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("...h,hv->...v", hidden, lm_head.astype(hidden_dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...h,vh->...v", hidden, embed.astype(hidden_dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...h,hv->...v", hidden, lm_head.astype(hidden_dtype), preferred_element_type=jnp.float32)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
+ACTIVATION_FUNCTIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or tanh-approximated gelu (Gemma4)."""
 
     hidden_size: int
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -112,4 +133,4 @@ class MLP(nn.Module):
         ).astype(self.dtype)
         gate = jnp.einsum("...h,hi->...i", x, w_gate)  # [..., I]
         up = jnp.einsum("...h,hi->...i", x, w_up)  # [..., I]
-        return jnp.einsum("...i,ih->...h", nn.silu(gate) * up, w_down)  # [..., H]
+        return jnp.einsum("...i,ih->...h", ACTIVATION_FUNCTIONS[self.activation](gate) * up, w_down)  # [..., H]

@@ -29,6 +29,14 @@ HF_CONFIGS: dict[str, dict] = {
                           original_max_position_embeddings=8192),
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
     ),
+    # google/gemma-4-12B-it's text decoder (its config.json's text_config)
+    "gemma4-12b": dict(
+        model_type="gemma4_unified_text", hidden_size=3840, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, num_global_key_value_heads=1, intermediate_size=15360, vocab_size=262144,
+        head_dim=256, global_head_dim=512, attention_k_eq_v=True, tie_word_embeddings=True, sliding_window=1024,
+        max_position_embeddings=131072, final_logit_softcapping=30.0,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)],
+    ),
     "smollm2-135m": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -80,15 +80,17 @@ class TargetModel:
         """fp32 logits [..., V] from final-normed hidden states [..., H]."""
         return self.module.apply({"params": params}, hidden, method=Decoder.logits)
 
-    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty KV cache with room for `max_length` positions per sequence."""
-        cache = KVCache.create(self.config, batch_size, max_length, self.dtype)
+    def init_cache(self, batch_size: int, max_length: int, max_extension: int | None = None) -> KVCache:
+        """An empty KV cache with room for `max_length` positions per sequence; with
+        `max_extension` (the most tokens one `extend` appends) sliding-window layers keep only
+        their window plus that many positions."""
+        cache = KVCache.create(self.config, batch_size, max_length, self.dtype, max_extension)
         if self.mesh is None:
             return cache
-        kv = named_sharding(self.mesh, CACHE_AXES, cache.k[0].shape, self.rules)
-        return KVCache(
-            k=jax.device_put(cache.k, kv),
-            v=jax.device_put(cache.v, kv),
+        place = lambda x: jax.device_put(x, named_sharding(self.mesh, CACHE_AXES, x.shape, self.rules))
+        return cache.replace(
+            k=tuple(map(place, cache.k)),
+            v=tuple(map(place, cache.v)),
             lengths=jax.device_put(cache.lengths, named_sharding(self.mesh, ("batch",), cache.lengths.shape, self.rules)),
         )
 
@@ -116,6 +118,10 @@ class TargetModel:
         Rows of padding carry unspecified values. The cache must have room:
         cache.lengths + num_new <= cache.max_length.
         """
+        limit = getattr(cache, "max_extension", None)
+        if limit is not None and tokens.shape[1] > limit:
+            raise ValueError(f"extending by {tokens.shape[1]} tokens, but the cache's sliding-window rings were sized "
+                             f"for extensions of at most {limit}")
         num_new = num_new.astype(jnp.int32)
         positions, slots = new_slots(cache.lengths, num_new, tokens.shape[1], cache.max_length)
         kv_lengths = cache.lengths + num_new

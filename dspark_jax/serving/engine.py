@@ -250,7 +250,7 @@ class Engine:
         self._full_tables = kernels == "pallas"
 
         layer_configs = [cfg] + ([] if draft is None else [draft.config.layers])
-        shards = 1 if mesh is None else _kv_shards(mesh, cfg.num_kv_heads)
+        shards = 1 if mesh is None else _kv_shards(mesh, cfg)
         per_page = page_bytes(layer_configs, page_size, target.dtype, shards)
         if num_pages is None:
             num_pages = pages_for_budget(kv_memory, per_page, jax.devices()[0] if mesh is None else mesh.devices.flat[0])
@@ -669,9 +669,12 @@ class Engine:
         return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
 
 
-def _kv_shards(mesh: Mesh, kv_heads: int) -> int:
+def _kv_shards(mesh: Mesh, config) -> int:
+    """How many ways every layer's page pools split over the tensor axis (1 if some layer's
+    key/value heads do not divide)."""
     tensor = mesh.shape["tensor"]
-    return tensor if kv_heads % tensor == 0 else 1
+    heads = {config.layer_spec(i).num_kv_heads for i in range(config.num_layers)}
+    return tensor if all(k % tensor == 0 for k in heads) else 1
 
 
 def _place(target: Target, draft: Draft | None, mesh: Mesh):

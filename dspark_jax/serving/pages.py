@@ -46,7 +46,7 @@ def page_bytes(layer_configs, page_size: int, dtype, kv_shards: int = 1) -> int:
     """Device bytes of one page id across every pool (keys and values of each layer of each
     given ModelConfig), per device when KV heads are split kv_shards ways."""
     itemsize = jax.numpy.dtype(dtype).itemsize
-    total = sum(2 * c.num_layers * c.num_kv_heads * c.head_dim for c in layer_configs)
+    total = sum(c.kv_width for c in layer_configs)
     return page_size * total * itemsize // kv_shards
 
 

@@ -36,7 +36,7 @@ class TrainConfig:
     data_seed: int = 42
     target_mode: str = "online"  # online (target runs in the train step) | offline (read cache_dir)
     cache_dir: str = ""
-    # Demo data (target = "demo"): sequences the demo target samples itself.
+    # Without train_files: sequences the target samples itself from random prompts (the demo).
     demo_sequences: int = 256
     demo_prompt_length: int = 8
     # Losses. The three alphas weight DSpark's terms; DFlash trains on cross-entropy alone and

@@ -85,7 +85,7 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, A, G]
 
     aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, A, G, H]
-    target_logits = lm_logits(aligned, *frozen_head(params))  # [B, A, G, V]
+    target_logits = lm_logits(aligned, *frozen_head(params), cfg.layers.final_logit_softcapping)  # [B, A, G, V]
 
     log_p = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, A, G]
@@ -139,7 +139,8 @@ def eagle3_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights
     g = cfg.block_size
     outs = draft.ttt_forward(params, batch["features"], ids)  # [G, B, S, H]
     logits = draft.logits(params, outs)  # [G, B, S, V]
-    target_logp = jax.nn.log_softmax(lm_logits(batch["last_hidden"], *frozen_head(params)), axis=-1)  # [B, S, V]
+    target_logits = lm_logits(batch["last_hidden"], *frozen_head(params), cfg.layers.final_logit_softcapping)
+    target_logp = jax.nn.log_softmax(target_logits, axis=-1)  # [B, S, V]
     t = jnp.arange(s)
     valid = t[None, :] < lengths[:, None]
     m0 = mask & valid & (t[None, :] != lengths[:, None] - 1)  # [B, S]

@@ -10,7 +10,6 @@ fewer, lower it (`--set micro_batch_size=1`): 512 sequences per update stay 512.
 
 from __future__ import annotations
 
-from dspark_jax.models.config import ConfigError
 from dspark_jax.models.draft_config import spread_layer_ids
 from dspark_jax.training.config import TrainConfig
 
@@ -26,9 +25,6 @@ REFERENCE_TARGETS = {
 def reference_recipe(algorithm: str, target: str, **changes) -> TrainConfig:
     """DeepSpec's recipe: AdamW 6e-4, 4% warmup + cosine, 512 sequences per step, 10 epochs,
     4096 tokens, 512 anchors, block 7, 5 draft layers (Eagle3: 1, TTT 7)."""
-    if target.startswith("gemma4"):
-        raise ConfigError(f"{algorithm}_{target}: the Gemma4 target family is not supported yet "
-                          "(its attention and norms differ from Qwen3/Llama; see the reference section 2.4)")
     hf_id, layers, mask, template = REFERENCE_TARGETS[target]
     return TrainConfig(
         algorithm=algorithm, target=hf_id, target_layer_ids=layers, mask_token_id=mask, chat_template=template,

@@ -91,8 +91,9 @@ def build_draft_config(config: TrainConfig, target):
 
 
 def training_examples(config: TrainConfig, target) -> list[dict]:
-    """Tokenised conversations of the recipe's files (or the demo target's own samples)."""
-    if config.target == "demo" and not config.train_files:
+    """Tokenised conversations of the recipe's files; with none, sequences the target samples
+    itself from random prompts (how the demo recipe, and any recipe on a random target, trains)."""
+    if not config.train_files:
         from dspark_jax.training.demo import demo_examples
 
         return demo_examples(target, count=config.demo_sequences, prompt_length=config.demo_prompt_length,

@@ -7,10 +7,11 @@ from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.models.draft_config import draft_config_for_target
 
 
-# DFlash and Eagle3 on SmolLM2 run with the slow tests (every drafter runs on the tiny target in
-# CI: tests/decoding/test_speculative.py).
+# Speculative decoding on SmolLM2 runs with the slow tests (every drafter runs on the tiny
+# target in CI: tests/decoding/test_speculative.py; SmolLM2's greedy tokens through the engine:
+# tests/serving/test_engine.py).
 @pytest.mark.parametrize("algorithm,with_scheduler", [
-    pytest.param("dspark", False, marks=pytest.mark.slow), ("dspark", True),
+    pytest.param("dspark", False, marks=pytest.mark.slow), pytest.param("dspark", True, marks=pytest.mark.slow),
     pytest.param("dflash", False, marks=pytest.mark.slow),
     pytest.param("eagle3", False, marks=pytest.mark.slow)])
 def test_smollm2_greedy_equals_autoregressive(smollm2, algorithm, with_scheduler):

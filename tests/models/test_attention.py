@@ -32,21 +32,24 @@ def _paged_layer(rng, rows, kv_heads, head_dim, page_size, columns):
     return PagedLayerCache(k, v, table)
 
 
-def test_the_kernel_over_a_paged_cache_matches_the_gathered_view():
+@pytest.mark.parametrize("pattern", [{}, dict(scale=1.0, window=7)], ids=["causal", "gemma4-sliding"])
+def test_the_kernel_over_a_paged_cache_matches_the_gathered_view(pattern):
     """kv_attention with "pallas" (the Pallas kernel, interpreted here) against "xla" over the
-    same paged cache: decode and verify rows of different lengths."""
+    same paged cache: decode and verify rows of different lengths, with the default scale or
+    Gemma4's scale 1 and a sliding window shorter than the rows."""
     rng = np.random.default_rng(0)
     layer = _paged_layer(rng, 3, 2, 16, 4, 6)
     q = jnp.asarray(rng.standard_normal((3, 5, 8, 16)), jnp.float32)
     lengths = jnp.asarray([24, 9, 3], jnp.int32)
     positions = lengths[:, None] - 5 + jnp.arange(5)[None]  # the last 5 positions of each row
-    got = kv_attention(q, layer, positions, lengths, "pallas")
-    want = kv_attention(q, layer, positions, lengths, "xla")
+    got = kv_attention(q, layer, positions, lengths, "pallas", **pattern)
+    want = kv_attention(q, layer, positions, lengths, "xla", **pattern)
     seen = np.asarray(positions >= 0)  # a query at a negative position sees nothing (its output is unused)
     np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(want)[seen], atol=2e-5, rtol=1e-5)
 
 
-def test_a_draft_block_over_a_paged_context_matches_one_softmax():
+@pytest.mark.parametrize("scale", [None, 1.0], ids=["default-scale", "gemma4-scale"])
+def test_a_draft_block_over_a_paged_context_matches_one_softmax(scale):
     """kv_block_attention with "pallas" merges the kernel's softmax over the context with the
     block's own keys; it equals block_attention's one softmax over both (context lengths per
     block, an empty context, and a dropped block, which gives zeros)."""
@@ -57,7 +60,7 @@ def test_a_draft_block_over_a_paged_context_matches_one_softmax():
     k_blk, v_blk = (jnp.asarray(rng.standard_normal((b, a, g, kv_heads, d)), jnp.float32) for _ in range(2))
     ctx_len = jnp.asarray([[20, 24], [0, 7], [13, 5]], jnp.int32)
     keep = jnp.asarray([[True, True], [True, True], [True, False]])
-    got = np.asarray(kv_block_attention(q, layer, ctx_len, k_blk, v_blk, keep, "pallas"))
-    want = np.asarray(kv_block_attention(q, layer, ctx_len, k_blk, v_blk, keep, "xla"))
+    got = np.asarray(kv_block_attention(q, layer, ctx_len, k_blk, v_blk, keep, "pallas", scale=scale))
+    want = np.asarray(kv_block_attention(q, layer, ctx_len, k_blk, v_blk, keep, "xla", scale=scale))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     assert np.all(got[2, 1] == 0) and np.abs(got[1, 0]).max() > 0  # dropped block; the block alone

@@ -13,7 +13,7 @@ PROMPT_LENS = [5, 9, 1]
 TAPS = (0, 2)
 
 
-@pytest.fixture(scope="module", params=["qwen3_gqa_untied", "llama_gqa_llama3rope"])
+@pytest.fixture(scope="module", params=["qwen3_gqa_untied", "llama_gqa_llama3rope", "gemma4_sliding_k_eq_v"])
 def setup(request):
     target = load_target(tiny_path(request.param), dtype="float32")
     rng = np.random.default_rng(0)
@@ -105,3 +105,33 @@ def test_last_only_logits(setup):
     logits, _, _, _ = extend(target.params, cache, tokens, np.asarray(PROMPT_LENS, np.int32), last_only=True)
     for b, n in enumerate(PROMPT_LENS):
         assert max_rel_err(logits[b], ref_logits[b, n - 1]) <= 1e-5
+
+
+def test_sliding_window_rings_across_wraps_and_rollbacks():
+    """Gemma4 with rings of window + 4 slots in its sliding layers: ragged extensions of up to
+    4 tokens, each first written with wrong tokens and rolled back to a random accepted prefix,
+    reproduce the full forward far past the window and across many wraps of the ring."""
+    target = load_target(tiny_path("gemma4_sliding_k_eq_v"), dtype="float32")
+    window, total, width = target.config.sliding_window, 40, 4
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(0, target.config.vocab_size, (3, total)).astype(np.int32)
+    forward = jax.jit(target.forward, static_argnames="hidden_layers")
+    ref = [forward(target.params, s[None], hidden_layers=TAPS) for s in seqs]
+    ref_logits = np.stack([np.asarray(r[0][0]) for r in ref])
+    ref_taps = np.stack([np.asarray(r[2][0]) for r in ref])
+    extend = jax.jit(target.extend, static_argnames=("hidden_layers", "last_only"))
+    cache = target.init_cache(len(seqs), 64, max_extension=width)
+    sliding = [i for i, kind in enumerate(target.config.layer_types) if kind == "sliding_attention"]
+    assert [cache.k[i].shape[2] for i in range(target.config.num_layers)] == [
+        window + width if i in sliding else 64 for i in range(target.config.num_layers)]
+    wrong = (seqs + 1) % target.config.vocab_size
+    lengths = [0, 0, 0]
+    while min(lengths) < total:
+        counts = [int(min(rng.integers(0, width + 1), total - n)) for n in lengths]
+        _, _, cache = _step(target, extend, cache, wrong, lengths, counts, width)  # a rejected draft
+        cache = target.rollback(cache, jnp.asarray(lengths))
+        logits, taps, cache = _step(target, extend, cache, seqs, lengths, counts, width)
+        _check(logits, taps, ref_logits, ref_taps, lengths, counts)
+        lengths = [n + c for n, c in zip(lengths, counts)]
+    with pytest.raises(ValueError, match="at most 4"):
+        _step(target, extend, cache, seqs, [0, 0, 0], [0, 0, 0], width + 1)

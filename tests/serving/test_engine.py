@@ -21,7 +21,7 @@ from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
 from dspark_jax.serving import engine as engine_module
 from dspark_jax.sharding import make_mesh
-from tests.decoding.test_speculative import GATED, SCHEDULER, V, tiny_draft, tiny_target
+from tests.decoding.test_speculative import GATED, SCHEDULER, V, gemma_draft, gemma_target, tiny_draft, tiny_target
 
 EOS = 7  # the tiny target's only EOS id
 MAX_TOKENS = 16
@@ -142,6 +142,19 @@ def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, s
     if kernels == "pallas":
         tables = [shape[1] if shape[0] == "round" else shape[2] for shape in eng._shapes]  # [rows, columns]
         assert {columns for _, columns in tables} == {eng.max_pages}
+    assert_drained(eng)
+
+
+@pytest.mark.parametrize("kernels", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_gemma4_greedy_equals_generate(kernels):
+    """Gemma4 in the engine: its sliding-window layers keep every position in their pages and
+    mask by window; `generate` keeps them in rings. Prompts far longer than the window."""
+    prompts, limits = PROMPTS[:16], LIMITS[:16]
+    ref = generate(gemma_target(), None, prompts, max_new_tokens=MAX_TOKENS, temperature=0.0).tokens
+    eng = Engine(gemma_target(), gemma_draft("dspark"), kernels=kernels, **SMALL)
+    tokens, _, _ = serve(eng, [(p, greedy(m)) for p, m in zip(prompts, limits)])
+    assert tokens == [r[:m] for r, m in zip(ref, limits)]
+    assert eng.stats().preemptions > 0 and sum(eng.stats().accepted_at_position) > 0
     assert_drained(eng)
 
 

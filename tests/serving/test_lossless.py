@@ -189,6 +189,7 @@ def test_wrong_law_is_rejected():
 N_ASYNC = 1024
 
 
+@pytest.mark.slow
 def test_async_scheduler_is_lossless():
     """The asynchronous scheduler (its budget from confidences two rounds old, per slot, reset
     when a request joins the slot) in the same mixed batches, with fewer requests

@@ -17,6 +17,7 @@ from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
 from dspark_jax.training.config import load_config
 from dspark_jax.training.trainer import checkpointer, prepare_cache, restore, setup, train
+from tests.helpers import tiny_path
 from tests.training.tensorboard_records import scalars
 
 SMALL = ["demo_sequences=64", "max_length=32", "num_anchors=8", "global_batch_size=16", "micro_batch_size=8",
@@ -128,3 +129,24 @@ def test_demo_recipe_learns_and_exports_a_loadable_draft(tmp_path):
             if key != "step":
                 assert logged[(key, row["step"])] == pytest.approx(value, rel=1e-6, abs=1e-30), (key, row["step"])
     assert len(logged) == sum(len(row) - 1 for row in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", pytest.param("dflash", marks=pytest.mark.slow),
+                                       pytest.param("eagle3", marks=pytest.mark.slow)])
+def test_gemma4_recipe_trains_on_a_tiny_gemma4_target(tmp_path, algorithm):
+    """The gemma4_12b recipe with its target swapped for a tiny random Gemma4 (sliding and full
+    layers, keys as values, soft-capped logits) and no data files (the target's own samples)."""
+    recipe = f"configs/{algorithm}_gemma4_12b.py"
+    reference = load_config(recipe)
+    assert (reference.target, reference.mask_token_id, reference.chat_template) == ("google/gemma-4-12B-it", 4, "gemma4")
+    config = load_config(recipe, SMALL + [
+        f"target={tiny_path('gemma4_sliding_k_eq_v')}", "target_layer_ids=[0,1,2,3]", "train_files=[]",
+        f"num_draft_layers={1 if algorithm == 'eagle3' else 2}", "max_steps=30", "learning_rate=3e-3",
+        "warmup_ratio=0.0", "target_dtype=float32", f"output_dir={tmp_path / algorithm}"])
+    run = train(config, devices=jax.devices()[:1])
+    rows = metrics(config)
+    assert np.isfinite([r["loss"] for r in rows]).all()
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.8 * np.mean([r["loss"] for r in rows[:5]]), rows
+    draft = load_draft(os.path.join(config.output_dir, "draft"), target=run.target, dtype="float32")
+    assert draft.config.architecture == f"Gemma4{'Eagle3' if algorithm == 'eagle3' else 'DSpark'}Model"
+    assert draft.config.layers.layer_spec(0).k_eq_v
