@@ -24,38 +24,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchlib import announce_bandwidth, median_seconds
 from dspark_jax.models.presets import preset
 from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference
 from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
 
 READ_BYTES = 1 << 29  # read at least this much per timed program (an H200's L2 is 60 MB)
-
-
-def median_seconds(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def copy_bandwidth() -> float:
-    """Bytes read plus written per second by an elementwise pass over 4 GiB (after a second of
-    such passes, so that the clocks have risen)."""
-    x = jnp.ones((1 << 31,), jnp.bfloat16)
-    step = jax.jit(lambda a: a + 1)
-    start = time.perf_counter()
-    while time.perf_counter() - start < 1.0:
-        jax.block_until_ready(step(x))
-    return 2 * x.nbytes / median_seconds(step, x, reps=50)
 
 
 def main(argv=None) -> None:
@@ -72,9 +51,8 @@ def main(argv=None) -> None:
     cfg = preset(args.preset)
     kv_heads, n, d, ps, t = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, args.page_size, args.queries
     dtype = jnp.bfloat16
-    bandwidth = copy_bandwidth()
-    print(f"{jax.devices()[0].device_kind}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); "
-          f"{args.preset} layer shape (K={kv_heads}, N={n}, D={d}), pages of {ps}, {t} queries per row")
+    bandwidth = announce_bandwidth(f"{args.preset} layer shape (K={kv_heads}, N={n}, D={d}), pages of {ps}, "
+                                   f"{t} queries per row")
     print("| batch | context | implementation | blocks | us per layer | KV GB/s | of copy bandwidth |")
     print("|---|---|---|---|---|---|---|")
     for context in args.context:

@@ -8,6 +8,10 @@ the next token is drawn from the residual norm(max(p_A - q_{A+1}, 0)) if A < L, 
 p_L (the bonus token). Every draw uses the given fp32 distributions, so the committed
 sequence is distributed exactly as the target's own samples (greedy included: one-hot p and q
 accept exactly the tokens the target's argmax would emit).
+
+`verify_logits` is the same law from the target's logits and per-row temperatures, through the
+fused kernel of `pallas_kernels.rejection_sampling` (the softmax is never written): the same
+keys give the same uniforms and Gumbel noise, hence the same tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.sampling import draw, fold, split
+from pallas_kernels.rejection_sampling import rejection_sample
 
 # Independent random streams of one round of one row, folded into the row's key.
 DRAFT_STREAM, ACCEPT_STREAM, NEXT_STREAM = 0, 1, 2
@@ -39,7 +44,7 @@ def verify(keys: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
         keys = split(keys, b)
     p_d = jnp.take_along_axis(p[:, :g], draft_tokens[..., None], axis=-1)[..., 0]  # p_{j}(d_{j+1}) [B, G]
     q_d = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]  # [B, G]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(fold(keys, ACCEPT_STREAM))  # [B, G]
+    u = _uniforms(keys, g)  # [B, G]
     # u < p/q without dividing (q_d > 0 for every sampled token; u in [0, 1) so ratio >= 1 accepts).
     ok = (u * q_d < p_d) & (jnp.arange(g)[None, :] < lengths[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # leading accepts
@@ -50,3 +55,27 @@ def verify(keys: jax.Array, draft_tokens, q, p, lengths) -> Verdict:
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
     return Verdict(accepted.astype(jnp.int32), draw(fold(keys, NEXT_STREAM), residual))
+
+
+def _uniforms(keys: jax.Array, g: int) -> jax.Array:
+    """The acceptance tests' uniforms [B, G] of a round's keys [B]."""
+    return jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(fold(keys, ACCEPT_STREAM))
+
+
+def verify_logits(keys: jax.Array, draft_tokens, q, logits, temperature, lengths, implementation: str = "pallas"
+                  ) -> Verdict:
+    """`verify` with p = softmax(logits / temperature) (one-hot argmax at temperature 0) never
+    materialised: logits [B, G + 1, V] of the target; temperature [B] (or a scalar); the rest as
+    in `verify`. `implementation`: "pallas" (the fused kernel; interpreted off a GPU) or "xla"
+    (its jnp reference). Rows with top-k or top-p need `verify`."""
+    b, g = draft_tokens.shape
+    v = logits.shape[-1]
+    if keys.shape == ():
+        keys = split(keys, b)
+    # what `draw` adds to log-probabilities inside jax.random.categorical
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(fold(keys, NEXT_STREAM))  # [B, V]
+    q_tokens = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]  # [B, G]
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32).reshape(-1), (b,))
+    accepted, next_token = rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths,
+                                            _uniforms(keys, g), gumbel, implementation=implementation)
+    return Verdict(accepted, next_token)

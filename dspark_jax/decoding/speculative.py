@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify
+from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify, verify_logits
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
@@ -97,8 +97,9 @@ PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the
 
 
 def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
-    """(target, draft) attending over their caches with `kernels`: "xla", or "pallas" (the
-    ragged paged attention kernel; caches are then paged). Either replaces the models'
+    """(target, draft) running with `kernels`: "xla", or "pallas" (the ragged paged attention
+    kernel, over caches that are then paged, and the fused rejection sampling kernel for rows
+    without top-k/top-p). Either replaces the models'
     `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
     forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
     mesh (the models' or the caller's), a TPU, or on a GPU a head dim (of any layer) or page
@@ -305,7 +306,10 @@ def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeSta
     logits, vtaps, tcache = _verify_step(target, target_params, s.target_cache, candidates,
                                          jnp.where(active, length + 1, 0), draft.config.target_layer_ids,
                                          _verify_widths(g, scheduler))
-    verdict = verify(keys, prop.tokens, prop.probs, probabilities(logits, s.sampling), length)
+    if target.config.attention == "pallas" and not s.sampling.filtered:  # the kernels' setting: fused rejection
+        verdict = verify_logits(keys, prop.tokens, prop.probs, logits, s.sampling.temperature, length)
+    else:
+        verdict = verify(keys, prop.tokens, prop.probs, probabilities(logits, s.sampling), length)
     confidence = jnp.where(active[:, None], prop.confidence.astype(jnp.float32), s.last_confidence)
     return (tcache, dcache, prop.tokens, length, verdict.accepted, verdict.next_token, confidence, sched_state,
             _features(vtaps), s.pending_count)

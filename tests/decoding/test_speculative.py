@@ -338,3 +338,17 @@ def test_bad_input():
                               dtype="float32")
     with pytest.raises(ValueError, match=r"tapped layers \[0, 6\] of a 8-layer target"):
         generate(target, bad_layers, [[1]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", pytest.param("dflash", marks=pytest.mark.slow)])
+def test_sampled_tokens_are_the_same_with_the_kernels(algorithm):
+    """kernels="pallas" (paged attention and fused rejection sampling, interpreted here) draws
+    from the same keys what the XLA path draws: the same tokens, at T = 1.0 and 0.6 in one
+    batch, so the XLA path's chi-square tests carry over."""
+    target, draft = tiny_target(), tiny_draft(algorithm)
+    temperature = [1.0, 0.6] * (len(PROMPTS) // 2)
+    runs = [generate(target, draft, PROMPTS, max_new_tokens=12, temperature=temperature, seed=3, kernels=kernels)
+            for kernels in ("xla", "pallas")]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].accepted_lengths == runs[1].accepted_lengths
+    assert sum(map(sum, runs[1].accepted_lengths)) > 0

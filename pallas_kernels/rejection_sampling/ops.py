@@ -1,0 +1,33 @@
+"""The entry point: fused speculative rejection sampling on the current backend.
+
+`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton, elsewhere
+in interpret mode (slow; for tests). `"xla"` runs the jnp reference. TPUs have no kernel here
+yet and are refused rather than silently given the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.rejection_sampling import gpu, reference
+
+IMPLEMENTATIONS = ("pallas", "xla")
+__all__ = ["IMPLEMENTATIONS", "rejection_sample"]
+
+
+def rejection_sample(logits: jax.Array, temperature: jax.Array, q: jax.Array, q_tokens: jax.Array,
+                     draft_tokens: jax.Array, lengths: jax.Array, uniforms: jax.Array, gumbel: jax.Array, *,
+                     implementation: str = "pallas", tile: int = 1024):
+    """The accepted draft count [B] and the next token [B] of each row
+    (`reference.rejection_sample` says what it computes). logits [B, G + 1, V]; temperature
+    [B] (0: greedy); q [B, G, V] fp32; q_tokens [B, G]; draft_tokens [B, G]; lengths [B];
+    uniforms [B, G]; gumbel [B, V]. tile: vocabulary entries per kernel step."""
+    if implementation == "xla":
+        return reference.rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel)
+    if implementation != "pallas":
+        raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    backend = jax.default_backend()
+    if backend == "tpu":
+        raise NotImplementedError("rejection_sample has no TPU kernel yet; use implementation='xla'")
+    return gpu.rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel,
+                                tile=tile, interpret=backend != "gpu")
