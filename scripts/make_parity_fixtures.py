@@ -16,6 +16,9 @@ Outputs:
   greedy answer to "What is the capital of France?";
 - tests/fixtures/smollm2_tokenizer.json: token ids of sample strings and a rendered chat from
   the reference tokenizer.json, to check the tokenizer built from GGUF metadata;
+- tests/fixtures/tiny/gemma4_*.gguf: the tiny Gemma4 checkpoints written as llama.cpp's
+  converter writes Gemma4 (its tensor names from the gguf package's map, its metadata keys,
+  the rope_freqs tensor of the full layers' proportional RoPE), read against golden.npz;
 - tests/fixtures/gemma4_12b.json: the parameter count of Gemma-4-12B's text decoder;
 - with --deepspec DIR (a checkout of deepseek-ai/DeepSpec, run under the transformers release
   it pins, 5.10.2, whose Gemma4 modules it was written against):
@@ -199,6 +202,53 @@ def make_tiny(name: str, spec: dict, seed: int) -> None:
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {out_dir}")
 
 
+def write_gemma4_gguf(name: str) -> None:
+    """tests/fixtures/tiny/<name>.gguf from the tiny Gemma4 checkpoint <name>, in fp32, with
+    the metadata and tensors llama.cpp's Gemma4 converter writes (no tokenizer)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    src = os.path.join(FIXTURES, "tiny", name)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    full_dims = {**{"head_dim": cfg["head_dim"]}, **next(iter((cfg.get("per_layer_config") or {"": {}}).values()))}
+    swa = [kind == "sliding_attention" for kind in cfg["layer_types"]]
+    w = gguf.GGUFWriter(os.path.join(FIXTURES, "tiny", f"{name}.gguf"), arch="gemma4")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_sliding_window_pattern(swa)
+    w.add_key_length(full_dims["head_dim"])
+    w.add_value_length(full_dims["head_dim"])
+    w.add_key_length_swa(cfg["head_dim"])
+    w.add_value_length_swa(cfg["head_dim"])
+    full_kv = full_dims.get("num_key_value_heads", cfg["num_key_value_heads"])
+    w.add_head_count_kv([cfg["num_key_value_heads"] if s else full_kv for s in swa])
+    w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(cfg["rope_parameters"]["sliding_attention"]["rope_theta"])
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(0)
+    rotated = int(full_dims["head_dim"] * cfg["rope_parameters"]["full_attention"]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.asarray([1.0] * rotated + [1e30] * (full_dims["head_dim"] // 2 - rotated),
+                                                 np.float32))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, cfg["num_hidden_layers"])
+    for key, array in load_file(os.path.join(src, "model.safetensors")).items():
+        # every tensor is a ".weight" in the file, layer_scalar too (as the converter names it)
+        w.add_tensor(names.get_name(key.removesuffix(".weight")) + ".weight", array.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{name}.gguf written")
+
+
 def count_gemma4_12b() -> None:
     """The parameter count of Gemma-4-12B's text decoder with LM head, from transformers'
     module built on the meta device (no memory), for the eval_shape test."""
@@ -330,6 +380,8 @@ def main() -> None:
     for seed, (name, spec) in enumerate(TINY.items()):
         if not args.only or name in args.only:
             make_tiny(name, spec, seed=100 * seed)
+    for name in ("gemma4_sliding_k_eq_v", "gemma4_untied_v_proj"):
+        write_gemma4_gguf(name)
     count_gemma4_12b()
     if args.deepspec:
         make_gemma4_drafts(args.deepspec)

@@ -1,14 +1,22 @@
-"""GGUF files (llama.cpp format) of the Llama and Qwen3 architectures.
+"""GGUF files (llama.cpp format) of the Llama, Qwen3 and Gemma4 architectures.
 
 Weights are dequantized with the `gguf` package one block of rows at a time. llama.cpp's
 converter permutes the rows of Llama q/k projections for its interleaved RoPE; we undo that
 on read, so GGUF and transformers checkpoints share one (rotate-half) RoPE convention. The
 model config and the tokenizer (BPE vocabulary, merges, special tokens, chat template) come
 from the file's metadata.
+
+Gemma4 as llama.cpp's converter writes it: `attention.sliding_window_pattern` marks the
+sliding layers, `attention.key_length` / `key_length_swa` are the full and sliding head dims,
+`attention.head_count_kv` is per layer where they differ, full layers without `attn_v` use
+their keys as values, `rope.freq_base` / `freq_base_swa` are the two RoPE bases, and the
+`rope_freqs` tensor (1 for rotated pairs, 1e30 for the rest) is the full layers'
+proportional RoPE. Norm weights are stored as they are (Gemma4's norms multiply by w).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import gguf
@@ -18,7 +26,7 @@ from dspark_jax.checkpoints.safetensors_io import CheckpointError
 from dspark_jax.checkpoints.store import Store, StoredTensor
 from dspark_jax.models.config import ConfigError, ModelConfig, RopeConfig
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen3", "gemma4")
 
 # GGUF "tokenizer.ggml.pre" -> regex of the pre-tokenizer that the model was trained with.
 _LLAMA3_SPLIT = (
@@ -30,6 +38,7 @@ _QWEN2_SPLIT = (
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GGML_CONTROL, _GGML_USER_DEFINED = 3, 4
+logger = logging.getLogger(__name__)
 
 
 class GGUFCheckpoint:
@@ -58,6 +67,8 @@ class GGUFCheckpoint:
         return field.contents()
 
     def config(self) -> ModelConfig:
+        if self.arch == "gemma4":
+            return self._gemma4_config()
         arch, m = self.arch, self.metadata
         hidden = int(m(f"{arch}.embedding_length"))
         heads = int(m(f"{arch}.attention.head_count"))
@@ -87,6 +98,59 @@ class GGUFCheckpoint:
             max_position_embeddings=int(m(f"{arch}.context_length", 4096)),
             bos_token_id=m("tokenizer.ggml.bos_token_id", None),
             eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+    def _gemma4_config(self) -> ModelConfig:
+        m = self.metadata
+        for key, what in (("embedding_length_per_layer_input", "per-layer input embeddings"),
+                          ("attention.shared_kv_layers", "key/value sharing across layers"),
+                          ("expert_count", "mixture-of-experts blocks")):
+            if m(f"gemma4.{key}", 0):
+                raise ConfigError(f"{self.path}: gemma4.{key}={m(f'gemma4.{key}')} ({what}) is not supported")
+        layers = int(m("gemma4.block_count"))
+        pattern = m("gemma4.attention.sliding_window_pattern", [False] * layers)
+        if not isinstance(pattern, list):  # a period n: every n-th layer is full
+            pattern = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+        kinds = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+        kv = m("gemma4.attention.head_count_kv")
+        kv = list(kv) if isinstance(kv, list) else [int(kv)] * layers
+        full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+        sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        keys_as_values = any(f"blk.{i}.attn_v.weight" not in self._tensors for i in full)
+        head_dim = int(m("gemma4.attention.key_length"))
+        global_rope = RopeConfig(theta=float(m("gemma4.rope.freq_base", 1000000.0)))
+        if "rope_freqs.weight" in self._tensors:
+            factors = self._dequantize("rope_freqs.weight", 0, None).reshape(-1)
+            rotated = int(np.sum(factors < 1e20))  # the rest never turn (factor 1e30)
+            if factors.size != head_dim // 2 or np.any(factors[:rotated] != 1) or np.any(factors[rotated:] < 1e20):
+                raise ConfigError(f"{self.path}: rope_freqs is not a proportional RoPE of head dim {head_dim}")
+            global_rope = RopeConfig(theta=global_rope.theta, rope_type="proportional",
+                                     partial_rotary_factor=2 * rotated / head_dim)
+        softcap = m("gemma4.final_logit_softcapping", None)
+        eos = m("tokenizer.ggml.eos_token_id", 1)
+        return ModelConfig(
+            family="gemma4",
+            vocab_size=int(m("gemma4.vocab_size", None) or self.shape("token_embd.weight")[0]),
+            hidden_size=int(m("gemma4.embedding_length")),
+            intermediate_size=int(m("gemma4.feed_forward_length")),
+            num_layers=layers,
+            num_heads=int(m("gemma4.attention.head_count")),
+            num_kv_heads=int(kv[sliding[0]] if sliding else kv[0]),
+            head_dim=int(m("gemma4.attention.key_length_swa", head_dim)),
+            rms_norm_eps=float(m("gemma4.attention.layer_norm_rms_epsilon")),
+            rope=RopeConfig(theta=float(m("gemma4.rope.freq_base_swa", 10000.0))),
+            tie_word_embeddings="output.weight" not in self._tensors,
+            max_position_embeddings=int(m("gemma4.context_length", 131072)),
+            bos_token_id=m("tokenizer.ggml.bos_token_id", 2),
+            eos_token_ids=(int(eos),),
+            hidden_activation="gelu_pytorch_tanh",
+            final_logit_softcapping=None if softcap is None else float(softcap),
+            layer_types=tuple(kinds),
+            sliding_window=int(m("gemma4.attention.sliding_window")) if sliding else None,
+            global_head_dim=head_dim,
+            num_global_kv_heads=int(kv[full[0]]) if keys_as_values else None,
+            attention_k_eq_v=keys_as_values,
+            global_rope=global_rope,
         )
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -140,8 +204,9 @@ class GGUFCheckpoint:
         model = self.metadata("tokenizer.ggml.model", None)
         if model is None:
             return None
-        if model != "gpt2":
-            raise ConfigError(f"{self.path}: tokenizer.ggml.model={model!r} is not supported (only BPE 'gpt2')")
+        if model != "gpt2":  # the weights still load; prompts then come as token ids
+            logger.warning(f"{self.path}: tokenizer.ggml.model={model!r} is not read (only BPE 'gpt2'): no tokenizer")
+            return None
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 

@@ -49,7 +49,7 @@ def load_target(path: str, *, dtype: str = "bfloat16", mesh: Mesh | None = None,
         config = dataclasses.replace(ckpt.config(), attention=attention)
         store = ckpt.store(config)
         shapes, shardings = param_shardings(config, dtype, mesh, rules)
-        bindings = gguf_bindings(shapes)
+        bindings = gguf_bindings(shapes, config.family)
         ignorable = ("rope_freqs.weight",)
         tokenizer = ckpt.tokenizer()
     else:

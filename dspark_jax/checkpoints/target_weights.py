@@ -47,7 +47,7 @@ def hf_table(prefix: str) -> NameTable:
 
 _GGUF_LAYER_NAMES = {
     ("input_layernorm", "scale"): "attn_norm",
-    ("post_attention_layernorm", "scale"): "ffn_norm",
+    ("post_attention_layernorm", "scale"): "ffn_norm",  # Llama/Qwen3: the norm before the MLP
     ("self_attn", "q_proj"): "attn_q",
     ("self_attn", "k_proj"): "attn_k",
     ("self_attn", "v_proj"): "attn_v",
@@ -58,17 +58,24 @@ _GGUF_LAYER_NAMES = {
     ("mlp", "up_proj"): "ffn_up",
     ("mlp", "down_proj"): "ffn_down",
 }
-
-_GGUF_TABLE: NameTable = {
-    ("embed_tokens",): ("token_embd.weight", None),
-    ("lm_head",): ("output.weight", 1),
-    ("norm", "scale"): ("output_norm.weight", None),
-    **{
-        ("layers",) + path: (f"blk.{{i}}.{_GGUF_LAYER_NAMES[path]}.weight", n_in)
-        for path, (_, n_in) in LAYER_TENSORS.items()
-        if path in _GGUF_LAYER_NAMES  # Llama and Qwen3 layers (Gemma4 GGUF files are not read yet)
-    },
+# Gemma4's sandwich norms and layer scalar, as llama.cpp's tensor map names them
+_GGUF_GEMMA4_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    ("post_attention_layernorm", "scale"): "post_attention_norm",
+    ("pre_feedforward_layernorm", "scale"): "ffn_norm",
+    ("post_feedforward_layernorm", "scale"): "post_ffw_norm",
+    ("layer_scalar",): "layer_output_scale",
 }
+
+
+def _gguf_table(layer_names: dict) -> NameTable:
+    return {
+        ("embed_tokens",): ("token_embd.weight", None),
+        ("lm_head",): ("output.weight", 1),
+        ("norm", "scale"): ("output_norm.weight", None),
+        **{("layers",) + path: (f"blk.{{i}}.{layer_names[path]}.weight", n_in)
+           for path, (_, n_in) in LAYER_TENSORS.items() if path in layer_names},
+    }
 
 
 def hf_prefix(store: Store) -> str:
@@ -84,5 +91,5 @@ def hf_bindings(abstract_params: Any, store: Store) -> list[Binding]:
     return bindings_for(abstract_params, hf_table(hf_prefix(store)))
 
 
-def gguf_bindings(abstract_params: Any) -> list[Binding]:
-    return bindings_for(abstract_params, _GGUF_TABLE)
+def gguf_bindings(abstract_params: Any, family: str) -> list[Binding]:
+    return bindings_for(abstract_params, _gguf_table(_GGUF_GEMMA4_NAMES if family == "gemma4" else _GGUF_LAYER_NAMES))

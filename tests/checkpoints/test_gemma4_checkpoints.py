@@ -88,3 +88,21 @@ def test_save_and_load_back(tmp_path):
     saved = json.load(open(tmp_path / "saved" / "config.json"))
     assert (saved["architectures"], saved["global_head_dim"], saved["attention_k_eq_v"]) == (
         ["Gemma4ForCausalLM"], 32, True)
+
+
+@pytest.mark.parametrize("name", ["gemma4_sliding_k_eq_v", "gemma4_untied_v_proj"])
+def test_gguf_as_llama_cpp_writes_gemma4(name):
+    """The tiny checkpoints written as llama.cpp's converter writes Gemma4 (sliding-window
+    pattern, per-layer key/value heads, full layers without attn_v, the rope_freqs tensor of
+    proportional RoPE) load to the same model: transformers' logits within 1e-5."""
+    target = load_target(tiny_path(name) + ".gguf", dtype="float32")
+    reference = load_target(tiny_path(name), dtype="float32").config
+    same = ("layer_types", "sliding_window", "global_head_dim", "attention_k_eq_v", "final_logit_softcapping",
+            "tie_word_embeddings", "num_kv_heads", "head_dim", "hidden_activation")
+    assert {k: getattr(target.config, k) for k in same} == {k: getattr(reference, k) for k in same}
+    assert [target.config.layer_spec(i) for i in range(reference.num_layers)] == [
+        reference.layer_spec(i) for i in range(reference.num_layers)]
+    assert target.tokenizer is None  # the fixture carries no vocabulary
+    g = golden(name)
+    logits, _, _ = target.forward(target.params, g["input_ids"])
+    assert max_rel_err(logits, g["logits_fp32"]) <= 1e-5
