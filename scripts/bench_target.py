@@ -73,7 +73,7 @@ def main() -> None:
 
     target = Target.random(config, dtype="bfloat16")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(target.params))
-    kv_bytes_per_pos = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k and v, bf16
+    kv_bytes_per_pos = config.kv_width * 2  # k and v of every layer, bf16
     embed = config.vocab_size * config.hidden_size
     dense_params = config.num_params - embed * (1 if config.tie_word_embeddings else 2)  # excl. embeddings
     attn_dim = config.num_heads * config.head_dim

@@ -71,7 +71,8 @@ class RopeConfig:
             return inv_freq
         if self.rope_type == "proportional":
             rotated = int(self.partial_rotary_factor * head_dim // 2)
-            return (np.where(np.arange(inv_freq.size) < rotated, inv_freq, 0) / np.float32(self.factor)).astype(np.float32)
+            kept = np.where(np.arange(inv_freq.size) < rotated, inv_freq, 0)
+            return (kept / np.float32(self.factor)).astype(np.float32)
         if self.rope_type == "freq_factors":
             factors = np.asarray(self.freq_factors, dtype=np.float32)
             if factors.shape != inv_freq.shape:
@@ -253,7 +254,8 @@ def rope_from_hf(cfg: Mapping[str, Any], source: str = "config", params: Mapping
                 _require(params, "original_max_position_embeddings", f"{source} {key}")
             ),
         )
-    raise ConfigError(f"{source}: {key}: unsupported rope_type {rope_type!r} (supported: default, llama3, proportional)")
+    raise ConfigError(f"{source}: {key}: unsupported rope_type {rope_type!r} "
+                      "(supported: default, llama3, proportional)")
 
 
 def _eos_ids(cfg: Mapping[str, Any]) -> tuple[int, ...]:
@@ -358,7 +360,8 @@ def _gemma4_overrides(overrides: Mapping[str, Any], layer_types: list[str], cfg:
     """(global head dim, global key/value heads) from transformers' `per_layer_config`, which
     must give every full_attention layer, and only those, the same overrides."""
     full = {json.dumps(v, sort_keys=True) for v in overrides.values()}
-    if len(full) > 1 or any(layer_types[int(i)] != "full_attention" for i in overrides) or (
+    if len(full) > 1 or any(not 0 <= int(i) < len(layer_types) or layer_types[int(i)] != "full_attention"
+                            for i in overrides) or (
             overrides and len(overrides) != layer_types.count("full_attention")):
         raise ConfigError(f"{source}: per_layer_config {dict(overrides)} must give every full_attention layer, and "
                           "only those, the same overrides")
@@ -413,7 +416,8 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     out.update(
         hidden_activation=config.hidden_activation, final_logit_softcapping=config.final_logit_softcapping,
         layer_types=layer_types, sliding_window=config.sliding_window or 512, rope_parameters=ropes,
-        global_head_dim=config.global_head_dim or config.head_dim, num_global_key_value_heads=config.num_global_kv_heads,
+        global_head_dim=config.global_head_dim or config.head_dim,
+        num_global_key_value_heads=config.num_global_kv_heads,
         attention_k_eq_v=config.attention_k_eq_v, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
         enable_moe_block=False, use_double_wide_mlp=False, attention_dropout=0.0,
     )

@@ -122,7 +122,9 @@ def draft_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> DraftC
         raise ConfigError(f"{source}: unknown draft architecture {archs}; supported: {sorted(_ARCHITECTURES)}")
     family, kind = _ARCHITECTURES[arch]
     # a Gemma4 draft's config is a copy of its target's text config: every draft layer is full
-    model_type = {"gemma4": "gemma4_text"}.get(family, family)
+    model_type = family
+    if family == "gemma4":  # keep a unified text type: its defaults (no per-layer inputs) differ
+        model_type = "gemma4_unified_text" if "unified" in str(cfg.get("model_type", "")) else "gemma4_text"
     extra = {"layer_types": ["full_attention"] * int(cfg.get("num_hidden_layers", 1))} if family == "gemma4" else {}
     layers = from_hf_config({**cfg, **extra, "architectures": [], "model_type": model_type,
                              "tie_word_embeddings": False}, source)

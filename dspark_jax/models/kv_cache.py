@@ -144,7 +144,8 @@ class KVCache:
     @property
     def layers(self) -> tuple[LayerCache, ...]:
         rings = self.rings or (0,) * len(self.k)
-        return tuple(LayerCache(k, v, self.max_length if window else None) for k, v, window in zip(self.k, self.v, rings))
+        return tuple(LayerCache(k, v, self.max_length if window else None)
+                     for k, v, window in zip(self.k, self.v, rings))
 
     def updated(self, layers, lengths: jax.Array) -> "KVCache":
         """This cache with the layers returned by a model pass and new lengths."""
@@ -168,10 +169,14 @@ class PagedKVCache:
         """Empty pools with no rows attached (a [0, 0] block table), created sharded by KV head
         under a mesh. Sliding-window layers keep every position here (their window is a mask)."""
 
+        makers = {}  # one compiled program per pool shape
+
         def zeros(spec):
             shape = (num_pages, page_size, spec.num_kv_heads, spec.head_dim)
-            sharding = None if mesh is None else named_sharding(mesh, PAGE_AXES, shape, rules)
-            return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+            if shape not in makers:
+                sharding = None if mesh is None else named_sharding(mesh, PAGE_AXES, shape, rules)
+                makers[shape] = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+            return makers[shape]()
 
         specs = [config.layer_spec(i) for i in range(config.num_layers)]
         return cls(

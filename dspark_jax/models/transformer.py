@@ -141,7 +141,7 @@ def residuals(cfg: ModelConfig, x: jax.Array, attended: jax.Array, mlp, norm, sc
         return x + mlp(norm("post_attention_layernorm")(x))
     x = x + norm("post_attention_layernorm")(attended)
     x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
-    return x * scalar().astype(x.dtype)
+    return x * jax.lax.stop_gradient(scalar()).astype(x.dtype)  # a fixed buffer in Gemma4: never trained
 
 
 def layer_scalar(module: nn.Module, param_dtype) -> jax.Array:

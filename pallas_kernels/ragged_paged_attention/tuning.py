@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pallas_kernels.ragged_paged_attention.gpu import Blocks
 
-KEYS_PER_STEP = {64: 128, 128: 64, 256: 32}  # head dim -> keys per inner step (default 64)
+KEYS_PER_STEP = {64: 128, 128: 64, 256: 32, 512: 16}  # head dim -> keys per inner step (default 64)
 TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors
 MAX_SPLITS = 32
 

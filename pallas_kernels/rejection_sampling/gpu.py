@@ -44,13 +44,13 @@ def _kernel(logits_ref, temp_ref, q_ref, qtok_ref, tok_ref, len_ref, u_ref, nois
     steps = pl.cdiv(vocab, tile)
     temperature = temp_ref[0]
     greedy = temperature == 0
-    inv_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    divisor = jnp.where(greedy, 1.0, temperature)
     lanes = lax.broadcasted_iota(jnp.int32, (tile,), 0)
 
     def z_tile(row, step):
         cols = step * tile + lanes
         x = pl_triton.load(logits_ref.at[row, pl.ds(step * tile, tile)], mask=cols < vocab, other=_NEG)
-        return cols, jnp.where(cols < vocab, x.astype(jnp.float32) * inv_t, _NEG)
+        return cols, jnp.where(cols < vocab, x.astype(jnp.float32) / divisor, _NEG)
 
     def softmax_row(row, token, live):
         """(max of z, its first index, sum exp(z - max), z at token) over the row's vocabulary;

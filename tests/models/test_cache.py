@@ -109,8 +109,9 @@ def test_last_only_logits(setup):
 
 def test_sliding_window_rings_across_wraps_and_rollbacks():
     """Gemma4 with rings of window + 4 slots in its sliding layers: ragged extensions of up to
-    4 tokens, each first written with wrong tokens and rolled back to a random accepted prefix,
-    reproduce the full forward far past the window and across many wraps of the ring."""
+    4 tokens, each after a rejected draft at least as long (wrong tokens written, then rolled
+    back, leaving stale slots past the row's length), reproduce the full forward far past the
+    window and across many wraps of the ring."""
     target = load_target(tiny_path("gemma4_sliding_k_eq_v"), dtype="float32")
     window, total, width = target.config.sliding_window, 40, 4
     rng = np.random.default_rng(1)
@@ -128,7 +129,8 @@ def test_sliding_window_rings_across_wraps_and_rollbacks():
     lengths = [0, 0, 0]
     while min(lengths) < total:
         counts = [int(min(rng.integers(0, width + 1), total - n)) for n in lengths]
-        _, _, cache = _step(target, extend, cache, wrong, lengths, counts, width)  # a rejected draft
+        drafted = [int(min(rng.integers(c, width + 1), total - n)) for c, n in zip(counts, lengths)]  # >= kept
+        _, _, cache = _step(target, extend, cache, wrong, lengths, drafted, width)  # a rejected draft
         cache = target.rollback(cache, jnp.asarray(lengths))
         logits, taps, cache = _step(target, extend, cache, seqs, lengths, counts, width)
         _check(logits, taps, ref_logits, ref_taps, lengths, counts)

@@ -131,14 +131,15 @@ def test_demo_recipe_learns_and_exports_a_loadable_draft(tmp_path):
     assert len(logged) == sum(len(row) - 1 for row in rows)
 
 
-@pytest.mark.parametrize("algorithm", ["dspark", pytest.param("dflash", marks=pytest.mark.slow),
-                                       pytest.param("eagle3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
 def test_gemma4_recipe_trains_on_a_tiny_gemma4_target(tmp_path, algorithm):
     """The gemma4_12b recipe with its target swapped for a tiny random Gemma4 (sliding and full
     layers, keys as values, soft-capped logits) and no data files (the target's own samples)."""
     recipe = f"configs/{algorithm}_gemma4_12b.py"
     reference = load_config(recipe)
-    assert (reference.target, reference.mask_token_id, reference.chat_template) == ("google/gemma-4-12B-it", 4, "gemma4")
+    assert (reference.target, reference.mask_token_id, reference.chat_template) == (
+        "google/gemma-4-12B-it", 4, "gemma4")
     config = load_config(recipe, SMALL + [
         f"target={tiny_path('gemma4_sliding_k_eq_v')}", "target_layer_ids=[0,1,2,3]", "train_files=[]",
         f"num_draft_layers={1 if algorithm == 'eagle3' else 2}", "max_steps=30", "learning_rate=3e-3",
