@@ -6,8 +6,10 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from dspark_jax import load_draft, save_draft
+from dspark_jax.models.config import ConfigError
 from tests.helpers import FIXTURES, max_rel_err
 
 
@@ -44,3 +46,16 @@ def test_gemma4_drafts_save_and_load_back(tmp_path):
         saved = json.load(open(tmp_path / name / "config.json"))
         assert saved["architectures"] == [f"Gemma4{'Eagle3' if name == 'eagle3' else 'DSpark'}Model"]
         jax.tree.map(np.testing.assert_array_equal, again.params, draft.params)
+
+
+def test_a_draft_copied_from_a_unified_config_keeps_its_defaults():
+    """DeepSpec copies gemma-4-12B-it's gemma4_unified_text config into the draft's; a key left
+    at that type's default (no per-layer inputs) must not take gemma4_text's (256 of them)."""
+    from dspark_jax.models.draft_config import draft_from_hf
+
+    with open(os.path.join(FIXTURES, "gemma4_drafts", "dspark", "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["hidden_size_per_layer_input"]
+    assert draft_from_hf({**cfg, "model_type": "gemma4_unified_text"}).layers.gemma
+    with pytest.raises(ConfigError, match="hidden_size_per_layer_input=256"):
+        draft_from_hf(cfg)
