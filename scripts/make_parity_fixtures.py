@@ -8,7 +8,7 @@ environment:
     /tmp/ref/bin/python scripts/make_parity_fixtures.py --smollm2-gguf PATH.gguf --smollm2-tokenizer DIR
 
 Outputs:
-- tests/fixtures/tiny/<name>/: a random tiny Qwen3 or Llama checkpoint (config.json +
+- tests/fixtures/tiny/<name>/: a random tiny Qwen3, Llama or Gemma4 checkpoint (config.json +
   safetensors, one of them sharded with an index) and golden.npz with input ids, fp32 and bf16
   logits, final-normed hidden states, and the raw output of every decoder layer;
 - tests/fixtures/smollm2_golden.npz: SmolLM2-135M-Instruct (GGUF, dequantized by
@@ -20,9 +20,9 @@ Outputs:
   converter writes Gemma4 (its tensor names from the gguf package's map, its metadata keys,
   the rope_freqs tensor of the full layers' proportional RoPE), read against golden.npz;
 - tests/fixtures/gemma4_12b.json: the parameter count of Gemma-4-12B's text decoder;
-- with --deepspec DIR (a checkout of deepseek-ai/DeepSpec, run under the transformers release
-  it pins, 5.10.2, whose Gemma4 modules it was written against):
-  tests/fixtures/gemma4_drafts/<name>/,
+- with --deepspec DIR instead (a checkout of deepseek-ai/DeepSpec, run under the transformers
+  release it pins, 5.10.2, whose Gemma4 modules it was written against; nothing else is written
+  then): tests/fixtures/gemma4_drafts/<name>/,
   random tiny Gemma4 DSpark and Eagle3 drafters built by the reference's own PyTorch modules,
   saved with save_pretrained, and golden.npz with their inputs and outputs (DSpark: the
   training forward's Markov-biased draft logits and confidence logits at fixed anchors;
@@ -374,8 +374,11 @@ def main() -> None:
     parser.add_argument("--smollm2-gguf", help="SmolLM2-135M-Instruct GGUF (python -m dspark_jax fetch-smollm2 prints it)")
     parser.add_argument("--smollm2-tokenizer", help="directory with SmolLM2's reference tokenizer.json")
     parser.add_argument("--only", nargs="*", help="write only these tiny checkpoints (default: all of them)")
-    parser.add_argument("--deepspec", help="a checkout of deepseek-ai/DeepSpec: write the Gemma4 draft fixtures")
+    parser.add_argument("--deepspec", help="a DeepSpec checkout: write only the Gemma4 draft fixtures")
     args = parser.parse_args()
+    if args.deepspec:  # under the reference's pinned transformers, which the other fixtures do not use
+        make_gemma4_drafts(args.deepspec)
+        return
     torch.manual_seed(0)
     for seed, (name, spec) in enumerate(TINY.items()):
         if not args.only or name in args.only:
@@ -383,8 +386,6 @@ def main() -> None:
     for name in ("gemma4_sliding_k_eq_v", "gemma4_untied_v_proj"):
         write_gemma4_gguf(name)
     count_gemma4_12b()
-    if args.deepspec:
-        make_gemma4_drafts(args.deepspec)
     if args.smollm2_gguf and args.smollm2_tokenizer:
         make_smollm2(args.smollm2_gguf, args.smollm2_tokenizer)
 

@@ -197,6 +197,11 @@ class PagedKVCache:
     def updated(self, layers, lengths: jax.Array) -> "PagedKVCache":
         return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers), lengths=lengths)
 
+    @property
+    def max_extension(self) -> None:
+        """No limit: sliding-window layers keep every page (see `KVCache.max_extension`)."""
+        return None
+
     def rows(self, block_table: jax.Array, lengths: jax.Array) -> "PagedKVCache":
         """The same pools seen by the rows of `block_table` [B, M] with `lengths` [B]."""
         return self.replace(block_table=block_table.astype(jnp.int32), lengths=lengths.astype(jnp.int32))

@@ -118,7 +118,7 @@ class TargetModel:
         Rows of padding carry unspecified values. The cache must have room:
         cache.lengths + num_new <= cache.max_length.
         """
-        limit = getattr(cache, "max_extension", None)
+        limit = cache.max_extension
         if limit is not None and tokens.shape[1] > limit:
             raise ValueError(f"extending by {tokens.shape[1]} tokens, but the cache's sliding-window rings were sized "
                              f"for extensions of at most {limit}")
