@@ -147,6 +147,18 @@ def draw(key: jax.Array, probs: jax.Array) -> jax.Array:
     return flat.reshape(key.shape).astype(jnp.int32)
 
 
+def gumbel(keys: jax.Array, vocab: int) -> jax.Array:
+    """The standard Gumbel noise [..., V] that `draw` adds to log-probabilities with per-row keys
+    [...] (argmax_v log p_v + g_v is its token): for kernels that take the noise as input."""
+    flat = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys.reshape(-1))
+    return flat.reshape(keys.shape + (vocab,))
+
+
+def row_temperatures(params: SamplingParams, logits: jax.Array) -> jax.Array:
+    """Each row's temperature [...] fp32 for logits [..., V]."""
+    return jnp.broadcast_to(_per_row(params.temperature, logits, jnp.float32)[..., 0], logits.shape[:-1])
+
+
 def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Array:
     """int32 token ids [...] drawn from `probabilities(logits, params)`."""
     return draw(key, probabilities(logits, params))

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling import draw, fold, split
+from dspark_jax.sampling import draw, fold, gumbel, split
 from pallas_kernels.rejection_sampling import rejection_sample
 
 # Independent random streams of one round of one row, folded into the row's key.
@@ -72,10 +72,9 @@ def verify_logits(keys: jax.Array, draft_tokens, q, logits, temperature, lengths
     v = logits.shape[-1]
     if keys.shape == ():
         keys = split(keys, b)
-    # what `draw` adds to log-probabilities inside jax.random.categorical
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(fold(keys, NEXT_STREAM))  # [B, V]
     q_tokens = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]  # [B, G]
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32).reshape(-1), (b,))
     accepted, next_token = rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths,
-                                            _uniforms(keys, g), gumbel, implementation=implementation)
+                                            _uniforms(keys, g), gumbel(fold(keys, NEXT_STREAM), v),
+                                            implementation=implementation)
     return Verdict(accepted, next_token)

@@ -52,6 +52,7 @@ from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
 from pallas_kernels.ragged_paged_attention import IMPLEMENTATIONS as KERNELS
+from pallas_kernels.markov_sampling import unsupported as unsupported_markov
 from pallas_kernels.ragged_paged_attention import unsupported as unsupported_attention
 
 
@@ -98,12 +99,13 @@ PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the
 
 def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
     """(target, draft) running with `kernels`: "xla", or "pallas" (the ragged paged attention
-    kernel, over caches that are then paged, and the fused rejection sampling kernel for rows
-    without top-k/top-p). Either replaces the models'
+    kernel, over caches that are then paged, and for rows without top-k/top-p the fused
+    sampling kernels of the draft's slots and of rejection sampling). Either replaces the models'
     `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
     forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
     mesh (the models' or the caller's), a TPU, or on a GPU a head dim (of any layer) or page
-    size it does not take (`pallas_kernels.ragged_paged_attention.unsupported`)."""
+    size it does not take (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov
+    rank (`pallas_kernels.markov_sampling.unsupported`)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "pallas":
@@ -116,6 +118,8 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
                 for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:
                     if why := unsupported_attention(head_dim, page_size):
                         raise ValueError(f"kernels='pallas' cannot run here: {why}")
+            if draft is not None and draft.config.markov_rank and (why := unsupported_markov(draft.config.markov_rank)):
+                raise ValueError(f"kernels='pallas' cannot run here: {why}")
 
     def chosen(config):
         attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)

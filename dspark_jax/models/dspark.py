@@ -28,12 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling import SamplingParams, draw, probabilities, split
+from dspark_jax.sampling import SamplingParams, draw, gumbel, probabilities, row_temperatures, split
 from dspark_jax.models.attention import block_attention, kv_block_attention
 from dspark_jax.models.draft_config import DraftConfig
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
 from dspark_jax.models.layers import MLP, RMSNorm, embed_tokens, lm_logits, param_init, rope_cos_sin
 from dspark_jax.models.transformer import Attention, layer_scalar, residuals
+from pallas_kernels.markov_sampling import markov_sample
 
 
 class BlockDraftLayer(nn.Module):
@@ -219,11 +220,20 @@ class BlockDrafter(nn.Module):
         Slot j's distribution is probabilities(U_j + bias(prev_j), sampling) in fp32, and the
         token is drawn from exactly that array. Returns (tokens [B, G] int32, probs [B, G, V]
         fp32, confidence logits [B, G] fp32).
+
+        With the kernels' setting (`layers.attention == "pallas"`) and no top-k/top-p, each
+        slot's step is the fused kernel of `pallas_kernels.markov_sampling`: the same law, its
+        token the Gumbel-max of the same noise over z / T rather than over log q.
         """
         c = self.config
         slot_keys = split(keys, c.block_size)  # [B, G]
         base = lm_logits(hidden, embed, lm_head, c.layers.final_logit_softcapping)  # [B, G, V]
         if not c.markov_rank:  # DFlash: slots are independent, sample them at once
+            if self.fused(sampling):
+                b, g, v = base.shape
+                probs, tokens = markov_sample(base.reshape(b * g, v), row_temperatures(sampling, base).reshape(-1),
+                                              gumbel(slot_keys, v).reshape(b * g, v))
+                return tokens.reshape(b, g), probs.reshape(b, g, v), jnp.zeros(hidden.shape[:-1], jnp.float32)
             probs = probabilities(base, sampling)
             return draw(slot_keys, probs), probs, jnp.zeros(hidden.shape[:-1], jnp.float32)
         scan = nn.scan(
@@ -236,14 +246,22 @@ class BlockDrafter(nn.Module):
         _, (tokens, probs, conf) = scan(self, carry, xs)
         return tokens.swapaxes(0, 1), probs.swapaxes(0, 1), conf.swapaxes(0, 1)
 
+    def fused(self, sampling: SamplingParams) -> bool:
+        """Whether sampling runs through the fused kernel (see `sample`)."""
+        return self.config.layers.attention == "pallas" and not sampling.filtered
+
     def sample_slot(self, carry, xs, sampling: SamplingParams):
         """One step of `sample`: carry (prev [B], state), xs (h [B, H], base logits [B, V], keys [B])."""
         prev, state = carry
         h, base, keys = xs
         e = self.markov_head.embed(prev)
         vec, state = self.markov_head.step(h, e, state)
-        probs = probabilities(base + self.markov_head.bias(vec), sampling)  # [B, V] fp32
-        token = draw(keys, probs)
+        if self.fused(sampling):
+            probs, token = markov_sample(base, row_temperatures(sampling, base), gumbel(keys, base.shape[-1]), vec,
+                                         self.markov_head.markov_w2.astype(self.dtype))
+        else:
+            probs = probabilities(base + self.markov_head.bias(vec), sampling)  # [B, V] fp32
+            token = draw(keys, probs)
         conf = jnp.zeros(prev.shape, jnp.float32)
         if self.config.confidence_head:
             conf = self.confidence_head(h, e if self.config.confidence_with_markov else None)
