@@ -8,7 +8,7 @@ four running values per row: the max of z / T and its first index, the sum of ex
 and the Gumbel-max argmax of z / T + g. So the logits, the bias and the noise are each read
 once and nothing of width V is written but z / T.
 
-`markov_sample` then merges the splits' running values (a [splits, B] reduction) and writes
+`ops.finish` then merges the splits' running values (a [splits, B] reduction) and writes
 q = exp(z / T - max) / sum (the one-hot of the first argmax at T = 0): one elementwise pass.
 `reference.markov_sample` is the definition; the kernel's sums and products run in another
 order, so a comparison that ties to the last bit can differ (measure zero for random inputs).
@@ -98,7 +98,9 @@ def _kernel(base_ref, temp_ref, noise_ref, *refs, rows: int, tile: int, steps: i
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def markov_sample(base, temperature, gumbel, vec=None, w2=None, *, blocks: Blocks, interpret: bool = False):
-    """As `reference.markov_sample` (same arguments and results)."""
+    """The kernel's results for `reference.markov_sample`'s arguments: z / T [B, V] fp32 and,
+    per split [splits, B], the running values (max of z / T, sum of exp(z / T - max), first
+    argmax, Gumbel-max score, its index); `ops.finish` merges them."""
     b, v = base.shape
     bias = vec is not None
     steps = pl.cdiv(pl.cdiv(v, blocks.tile), blocks.splits)
@@ -118,14 +120,4 @@ def markov_sample(base, temperature, gumbel, vec=None, w2=None, *, blocks: Block
         interpret=interpret,
         name="markov_sample",
     )(*inputs)
-    # merge the splits, first occurrences first: argmax takes the lowest split among equal maxima
-    top = jnp.argmax(peak, axis=0)[None]  # [1, B]
-    peak_all = jnp.max(peak, axis=0)  # [B]
-    total_all = jnp.sum(total * jnp.exp(peak - peak_all), axis=0)
-    first_max = jnp.take_along_axis(arg, top, axis=0)[0]
-    token = jnp.take_along_axis(pick, jnp.argmax(best, axis=0)[None], axis=0)[0]
-    greedy = temperature == 0
-    columns = lax.broadcasted_iota(jnp.int32, (b, v), 1)
-    q = jnp.where(greedy[:, None], (columns == first_max[:, None]).astype(jnp.float32),
-                  jnp.exp(zt - peak_all[:, None]) / total_all[:, None])
-    return q, jnp.where(greedy, first_max, token).astype(jnp.int32)
+    return zt, peak, total, arg, best, pick

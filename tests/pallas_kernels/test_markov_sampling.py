@@ -1,7 +1,7 @@
 """Fused draft-slot sampling: the jnp reference draws from exactly the distribution it returns
 and equals `dspark_jax.sampling`'s (probabilities, draw) up to the rounding of log q; the
-Pallas kernel (interpreted on CPU, compiled with `-m gpu`) gives the reference's q and tokens
-from the same noise, with and without a Markov bias, for greedy rows beside rows at T = 1 and
+Pallas kernels (the GPU kernel interpreted on CPU and compiled with `-m gpu`, the TPU kernel on
+the TPU interpreter) give the reference's q and tokens from the same noise, with and without a Markov bias, for greedy rows beside rows at T = 1 and
 0.6, batches that end inside a row block and vocabularies that end inside a tile."""
 
 import jax
@@ -11,10 +11,13 @@ import pytest
 from scipy import stats
 
 from dspark_jax.sampling import SamplingParams, draw, gumbel, probabilities
-from pallas_kernels.markov_sampling import markov_sample, reference, unsupported
+from jax.experimental.pallas import tpu as pltpu
+from pallas_kernels.markov_sampling import markov_sample, reference, tpu, unsupported
 from pallas_kernels.markov_sampling.gpu import Blocks
+from pallas_kernels.markov_sampling.ops import finish
 
 on_gpu = jax.default_backend() == "gpu"
+TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")
 
 
 def slot_inputs(seed, *, rows, vocab, rank, temperatures, dtype=jnp.float32):
@@ -60,6 +63,17 @@ def test_kernel_gives_the_reference_distribution_and_tokens(case, blocks):
     np.testing.assert_array_equal(tokens, want_tokens)
     greedy = np.asarray(args[1]) == 0
     assert np.all(np.asarray(q)[greedy].max(axis=1) == 1.0)  # one-hot rows at T = 0
+
+
+@pytest.mark.parametrize("tile", [128, 256])
+@pytest.mark.parametrize("case", CASES)
+def test_tpu_kernel_gives_the_reference_distribution_and_tokens(case, tile):
+    """The Mosaic kernel on the TPU interpreter, which raises on any read out of bounds."""
+    args, _ = slot_inputs(1, **CASES[case])
+    q, tokens = finish(args[1], *tpu.markov_sample(*args, tile=tile, interpret=TPU_INTERPRET))
+    want_q, want_tokens = reference.markov_sample(*args)
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(tokens, want_tokens)
 
 
 def test_tokens_follow_the_returned_distribution():
