@@ -4,6 +4,8 @@ Pallas kernels (the GPU kernel interpreted on CPU and compiled with `-m gpu`, th
 the TPU interpreter) give the reference's q and tokens from the same noise, with and without a Markov bias, for greedy rows beside rows at T = 1 and
 0.6, batches that end inside a row block and vocabularies that end inside a tile."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,11 @@ from scipy import stats
 
 from dspark_jax.sampling import SamplingParams, draw, gumbel, probabilities
 from jax.experimental.pallas import tpu as pltpu
-from pallas_kernels.markov_sampling import markov_sample, reference, tpu, unsupported
+from pallas_kernels.markov_sampling import gpu, markov_sample, reference, tpu, unsupported
 from pallas_kernels.markov_sampling.gpu import Blocks
 from pallas_kernels.markov_sampling.ops import finish
+from pallas_kernels.markov_sampling.tuning import pick_blocks
+from tests.pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")
@@ -98,6 +102,19 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="implementation 'cuda' is not one of"):
         markov_sample(base, temperature, noise, vec, w2, implementation="cuda")
     assert "power of two" in unsupported(48) and "power of two" in unsupported(8) and unsupported(256) is None
+
+
+@pytest.mark.parametrize("rank", [0, 256])
+def test_kernels_lower_for_gpu_and_tpu(rank):
+    """Qwen3's vocabulary and DSpark's rank (or DFlash's none), 100 rows: Triton's and Mosaic's
+    lowering rules accept both kernels."""
+    b, v = 100, 151936
+    shape = lambda *dims, dtype=jnp.float32: jax.ShapeDtypeStruct(dims, dtype)
+    args = (shape(b, v), shape(b), shape(b, v)) + ((shape(b, rank, dtype=jnp.bfloat16),
+                                                    shape(v, rank, dtype=jnp.bfloat16)) if rank else ())
+    blocks = pick_blocks(batch=b, vocab=v, bias=bool(rank))
+    assert "markov_sample" in lower(functools.partial(gpu.markov_sample, blocks=blocks), *args, platform="cuda")
+    assert "tpu_custom_call" in lower(tpu.markov_sample, *args, platform="tpu")
 
 
 @pytest.mark.gpu

@@ -5,6 +5,8 @@ spanning several query blocks, blocks that cross a page boundary, GQA groups of 
 one or several pages per inner step (also more than the block table holds), rows split
 between programs, and sliding windows with another score scale (Gemma4)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, unsupported
 from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+from tests.pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 
@@ -166,10 +169,7 @@ def test_unknown_implementation_is_refused():
         ragged_paged_attention(*args, implementation="triton")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not on_gpu, reason="needs a GPU")
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape", [
+GPU_SHAPES = [
     dict(queries=1, kv_heads=8, group=4, head_dim=128, page_size=32, columns=16, num_new=[1] * 63 + [0]),
     dict(queries=8, kv_heads=3, group=3, head_dim=64, page_size=32, columns=8, num_new=[8, 1, 0, 5] * 4),
     dict(queries=8, kv_heads=8, group=4, head_dim=128, page_size=16, columns=64, num_new=[8]),
@@ -181,12 +181,37 @@ def test_unknown_implementation_is_refused():
     dict(queries=8, kv_heads=8, group=2, head_dim=256, page_size=32, columns=64, num_new=[8, 1, 0, 5],
          scale=1.0, window=1024),
     dict(queries=8, kv_heads=1, group=16, head_dim=512, page_size=32, columns=16, num_new=[8, 1, 0, 5], scale=1.0),
-], ids=["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split",
-        "sliding-gemma4", "global-gemma4"])
-def test_compiled_kernel_equals_reference_on_gpu(shape, dtype):
+]
+GPU_IDS = ["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split",
+           "sliding-gemma4", "global-gemma4"]
+
+
+def gpu_case(shape, dtype):
+    """(arrays, the kernel's keyword options) of one of GPU_SHAPES."""
     shape = dict(shape)
     options = {key: shape.pop(key) for key in ("scale", "window") if key in shape}
     args, _ = ragged_batch(3, dtype=dtype, **shape)
+    return args, options
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
+def test_kernel_lowers_for_gpu(shape):
+    """Triton's lowering rules accept the kernel at each compiled test's shape (in bf16) with the
+    block sizes `tuning.pick_blocks` gives it."""
+    args, options = gpu_case(shape, jnp.bfloat16)
+    q, k = args[0], args[1]
+    blocks = pick_blocks(batch=q.shape[0], kv_heads=k.shape[2], query_rows=q.shape[1] * (q.shape[2] // k.shape[2]),
+                         head_dim=q.shape[3], page_size=k.shape[1], table_columns=args[3].shape[1])
+    kernel = functools.partial(gpu.ragged_paged_attention, blocks=blocks, **options)
+    assert "ragged_paged_attention" in lower(kernel, *args, platform="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
+def test_compiled_kernel_equals_reference_on_gpu(shape, dtype):
+    args, options = gpu_case(shape, dtype)
     got, lse = ragged_paged_attention(*args, return_lse=True, **options)
     want, want_lse = reference.ragged_paged_attention(*args, return_lse=True, **options)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)

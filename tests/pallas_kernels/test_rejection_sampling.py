@@ -11,7 +11,8 @@ import pytest
 
 from dspark_jax.decoding.rejection import ACCEPT_STREAM, NEXT_STREAM, verify
 from dspark_jax.sampling import SamplingParams, fold, probabilities
-from pallas_kernels.rejection_sampling import rejection_sample, reference
+from pallas_kernels.rejection_sampling import gpu, rejection_sample, reference
+from tests.pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 
@@ -96,6 +97,15 @@ def test_unknown_implementation_is_refused():
     args = kernel_args(*round_inputs(3, rows=2, gamma=2, vocab=16, temperatures=[1.0]))
     with pytest.raises(ValueError, match="implementation 'cuda' is not one of"):
         rejection_sample(*args, implementation="cuda")
+
+
+def test_kernel_lowers_for_gpu():
+    """Triton's lowering rules accept the kernel for Qwen3's vocabulary, gamma 7, 256 rows."""
+    b, g, v = 256, 7, 151936
+    shape = lambda *dims, dtype=jnp.float32: jax.ShapeDtypeStruct(dims, dtype)
+    args = (shape(b, g + 1, v, dtype=jnp.bfloat16), shape(b), shape(b, g, v), shape(b, g), shape(b, g, dtype=jnp.int32),
+            shape(b, dtype=jnp.int32), shape(b, g), shape(b, v))
+    assert "rejection_sample" in lower(gpu.rejection_sample, *args, platform="cuda")
 
 
 @pytest.mark.gpu
