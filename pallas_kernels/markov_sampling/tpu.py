@@ -78,6 +78,7 @@ def markov_sample(base, temperature, gumbel, vec=None, w2=None, *, tile: int = 5
     the TPU interpreter."""
     b, v = base.shape
     bias = vec is not None
+    tile = min(tile, v)  # a vocabulary narrower than a tile is one block
     rows = b if b <= MAX_ROWS else MAX_ROWS
     grid = (pl.cdiv(b, rows), pl.cdiv(v, tile))
     wide = pl.BlockSpec((rows, tile), lambda i, j: (i, j))

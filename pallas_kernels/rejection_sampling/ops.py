@@ -1,15 +1,15 @@
 """The entry point: fused speculative rejection sampling on the current backend.
 
-`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton, elsewhere
-in interpret mode (slow; for tests). `"xla"` runs the jnp reference. TPUs have no kernel here
-yet and are refused rather than silently given the reference.
+`implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton, on a TPU
+compiled through Mosaic, elsewhere the GPU kernel in interpret mode (slow; for tests, which
+run the TPU kernel on its interpreter too). `"xla"` runs the jnp reference.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.rejection_sampling import gpu, reference
+from pallas_kernels.rejection_sampling import gpu, reference, tpu
 
 IMPLEMENTATIONS = ("pallas", "xla")
 __all__ = ["IMPLEMENTATIONS", "rejection_sample"]
@@ -28,6 +28,6 @@ def rejection_sample(logits: jax.Array, temperature: jax.Array, q: jax.Array, q_
         raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
     if backend == "tpu":
-        raise NotImplementedError("rejection_sample has no TPU kernel yet; use implementation='xla'")
+        return tpu.rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel)
     return gpu.rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel,
                                 tile=tile, interpret=backend != "gpu")

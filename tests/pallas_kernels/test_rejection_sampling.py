@@ -1,8 +1,8 @@
 """Fused rejection sampling: the jnp reference gives the tokens of `decoding.rejection.verify`
-from the same keys, and the Pallas kernel (interpreted on CPU, compiled with `-m gpu`) gives
-the reference's tokens from the same uniforms and noise, on ragged batches: rows verifying
-nothing (L = 0), everything (L = G) or a part, greedy rows beside rows at T = 1 and 0.6,
-vocabularies that end inside a kernel tile."""
+from the same keys, and the Pallas kernels (the GPU kernel interpreted on CPU and compiled with
+`-m gpu`, the TPU kernels on the TPU interpreter) give the reference's tokens from the same
+uniforms and noise, on ragged batches: rows verifying nothing (L = 0), everything (L = G) or a
+part, greedy rows beside rows at T = 1 and 0.6, vocabularies that end inside a kernel tile."""
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +11,12 @@ import pytest
 
 from dspark_jax.decoding.rejection import ACCEPT_STREAM, NEXT_STREAM, verify
 from dspark_jax.sampling import SamplingParams, fold, probabilities
-from pallas_kernels.rejection_sampling import gpu, rejection_sample, reference
+from jax.experimental.pallas import tpu as pltpu
+from pallas_kernels.rejection_sampling import gpu, rejection_sample, reference, tpu
 from tests.pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
+TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")
 
 
 def round_inputs(seed, *, rows, gamma, vocab, temperatures, closeness=2.0):
@@ -75,6 +77,18 @@ def test_kernel_gives_the_reference_tokens(case, tile):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
+@pytest.mark.parametrize("tile", [128, 256])
+@pytest.mark.parametrize("case", CASES)
+def test_tpu_kernel_gives_the_reference_tokens(case, tile):
+    """The Mosaic kernels on the TPU interpreter, which raises on any read out of bounds
+    (vocabularies of 300, 257 and 96: a last tile that overhangs, or one narrower than a tile)."""
+    args = kernel_args(*round_inputs(1, **CASES[case]))
+    got = tpu.rejection_sample(*args, tile=tile, interpret=TPU_INTERPRET)
+    want = reference.rejection_sample(*args)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 def test_a_residual_without_mass_falls_back_to_the_target():
     """Where rounding leaves max(p - q, 0) all zero after a rejection (q = p here, and the
     uniform made to reject), the next token comes from p, as in `verify`."""
@@ -88,6 +102,8 @@ def test_a_residual_without_mass_falls_back_to_the_target():
     want = reference.rejection_sample(*args)
     np.testing.assert_array_equal(accepted, want[0])
     np.testing.assert_array_equal(next_token, want[1])
+    on_tpu_interpreter = tpu.rejection_sample(*args, tile=128, interpret=TPU_INTERPRET)
+    np.testing.assert_array_equal(np.asarray(on_tpu_interpreter[1]), np.asarray(want[1]))
     assert np.all(np.asarray(accepted) == 0)
     p0 = reference.target_probabilities(logits, temperature)[:, 0]
     np.testing.assert_array_equal(next_token, jnp.argmax(jnp.log(p0) + gumbel, axis=-1))
@@ -99,13 +115,15 @@ def test_unknown_implementation_is_refused():
         rejection_sample(*args, implementation="cuda")
 
 
-def test_kernel_lowers_for_gpu():
-    """Triton's lowering rules accept the kernel for Qwen3's vocabulary, gamma 7, 256 rows."""
+def test_kernels_lower_for_gpu_and_tpu():
+    """Triton's and Mosaic's lowering rules accept the kernels for Qwen3's vocabulary, gamma 7,
+    256 rows."""
     b, g, v = 256, 7, 151936
     shape = lambda *dims, dtype=jnp.float32: jax.ShapeDtypeStruct(dims, dtype)
     args = (shape(b, g + 1, v, dtype=jnp.bfloat16), shape(b), shape(b, g, v), shape(b, g), shape(b, g, dtype=jnp.int32),
             shape(b, dtype=jnp.int32), shape(b, g), shape(b, v))
     assert "rejection_sample" in lower(gpu.rejection_sample, *args, platform="cuda")
+    assert "tpu_custom_call" in lower(tpu.rejection_sample, *args, platform="tpu")
 
 
 @pytest.mark.gpu
