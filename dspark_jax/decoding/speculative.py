@@ -103,7 +103,7 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     sampling kernels of the draft's slots and of rejection sampling). Either replaces the models'
     `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
     forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
-    mesh (the models' or the caller's), a TPU, or on a GPU a head dim (of any layer) or page
+    mesh (the models' or the caller's), or on a GPU a head dim (of any layer) or page
     size it does not take (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov
     rank (`pallas_kernels.markov_sampling.unsupported`)."""
     if kernels not in KERNELS:
@@ -111,8 +111,6 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     if kernels == "pallas":
         if mesh is not None or target.mesh is not None or (draft is not None and draft.mesh is not None):
             raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
-        if jax.default_backend() == "tpu":
-            raise ValueError("kernels='pallas' has no TPU kernel yet; use 'xla'")
         if jax.default_backend() == "gpu":
             for config in [target.config] + ([] if draft is None else [draft.config.layers]):
                 for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:

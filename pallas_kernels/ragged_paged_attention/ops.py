@@ -1,18 +1,18 @@
 """The entry point: ragged paged attention on the current backend.
 
 `implementation="pallas"` runs the Pallas kernel: on a GPU compiled through Triton (for the
-shapes `unsupported` does not name), elsewhere in interpret mode (slow; for tests). `"xla"`
-runs the jnp reference. TPUs have no kernel here yet and are refused rather than silently
-given the reference.
+shapes `unsupported` does not name), on a TPU compiled through Mosaic, elsewhere the GPU kernel
+in interpret mode (slow; for tests, which run the TPU kernel on its interpreter too). `"xla"`
+runs the jnp reference.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.ragged_paged_attention import gpu, reference
+from pallas_kernels.ragged_paged_attention import gpu, reference, tpu
 from pallas_kernels.ragged_paged_attention.gpu import unsupported
-from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+from pallas_kernels.ragged_paged_attention.tuning import pick_blocks, tpu_pages
 
 IMPLEMENTATIONS = ("pallas", "xla")
 __all__ = ["IMPLEMENTATIONS", "ragged_paged_attention", "unsupported"]
@@ -34,10 +34,12 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if implementation != "pallas":
         raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
-    if backend == "tpu":
-        raise NotImplementedError("ragged_paged_attention has no TPU kernel yet; use implementation='xla'")
     b, t, n, d = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
+    if backend == "tpu":
+        return tpu.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths,
+                                          pages=tpu_pages(page_size, block_table.shape[1]), return_lse=return_lse,
+                                          scale=scale, window=window)
     if backend == "gpu" and (why := unsupported(d, page_size)):
         raise ValueError(f"the ragged paged attention kernel cannot run here: {why}; use implementation='xla'")
     if blocks is None:

@@ -1,9 +1,10 @@
-"""Block sizes for the GPU kernel, from the shapes of a call.
+"""Block sizes for the kernels, from the shapes of a call.
 
-The choices follow the sweep in docs/benchmarks.md ("Ragged paged attention"): keys per inner
-step by head dim, 4 warps for the small query blocks of decoding and verifying, and enough
-programs to fill the chip (splitting a row's pages between programs when there are few rows,
-which matters most for long contexts).
+GPU: the choices follow the sweep in docs/benchmarks.md ("Ragged paged attention"): keys per
+inner step by head dim, 4 warps for the small query blocks of decoding and verifying, and
+enough programs to fill the chip (splitting a row's pages between programs when there are few
+rows, which matters most for long contexts). TPU: a fixed number of keys per step, not yet
+tuned on a TPU.
 """
 
 from __future__ import annotations
@@ -31,3 +32,12 @@ def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, pa
     if programs < TARGET_PROGRAMS:
         splits = min(MAX_SPLITS, -(-table_columns // pages), _pow2_at_most(TARGET_PROGRAMS // programs))
     return Blocks(block_q, pages, splits, num_warps=4 if block_q * head_dim <= 32 * 128 else 8)
+
+
+TPU_KEYS_PER_STEP = 256  # keys per step of the TPU kernel (two MXU passes of 128)
+
+
+def tpu_pages(page_size: int, table_columns: int) -> int:
+    """Block-table columns per step of the TPU kernel: TPU_KEYS_PER_STEP keys, no more than the
+    table holds."""
+    return max(1, min(TPU_KEYS_PER_STEP // page_size, table_columns))

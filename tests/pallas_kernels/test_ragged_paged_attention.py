@@ -1,5 +1,6 @@
-"""Ragged paged attention: the jnp reference against a float64 numpy loop, and the Pallas kernel
-(interpreted on CPU, compiled with `-m gpu` on a GPU) against the reference, on random ragged
+"""Ragged paged attention: the jnp reference against a float64 numpy loop, and the Pallas kernels
+(the GPU kernel interpreted on CPU and compiled with `-m gpu` on a GPU, the TPU kernel on the
+TPU interpreter) against the reference, on random ragged
 batches: empty rows, decode rows (one query), verify blocks (1 + gamma queries), prefill chunks
 spanning several query blocks, blocks that cross a page boundary, GQA groups of 1, 3, 4 and 8,
 one or several pages per inner step (also more than the block table holds), rows split
@@ -12,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, unsupported
-from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+from jax.experimental.pallas import tpu as pltpu
+from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, tpu, unsupported
+from pallas_kernels.ragged_paged_attention.tuning import pick_blocks, tpu_pages
 from tests.pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
+TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")
 
 
 def ragged_batch(seed, *, queries, kv_heads, group, head_dim, page_size, columns, num_new, dtype=jnp.float32):
@@ -124,6 +127,20 @@ def test_kernel_equals_reference(case, blocks):
     np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pages", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.parametrize("case", CASES)
+def test_tpu_kernel_equals_reference(case, pages):
+    """The Mosaic kernel on the TPU interpreter, which raises on any read out of bounds: one or
+    two table columns per step (tables of 5 columns: a last step that overhangs)."""
+    args, options = case_args(case, 1)
+    got, lse = map(np.asarray, tpu.ragged_paged_attention(*args, pages=pages, interpret=TPU_INTERPRET,
+                                                          return_lse=True, **options))
+    want, want_lse = map(np.asarray, reference.ragged_paged_attention(*args, return_lse=True, **options))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=1e-5)
+
+
 def test_several_query_blocks_skip_keys_past_their_last_position():
     """A 40-token chunk of group 2 spans query blocks of 16 rows; each block stops at its own
     last position, and the rows still equal the reference."""
@@ -195,15 +212,17 @@ def gpu_case(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=GPU_IDS)
-def test_kernel_lowers_for_gpu(shape):
-    """Triton's lowering rules accept the kernel at each compiled test's shape (in bf16) with the
-    block sizes `tuning.pick_blocks` gives it."""
+def test_kernels_lower_for_gpu_and_tpu(shape):
+    """Triton's and Mosaic's lowering rules accept the kernels at each compiled test's shape (in
+    bf16) with the block sizes `tuning` gives them."""
     args, options = gpu_case(shape, jnp.bfloat16)
     q, k = args[0], args[1]
     blocks = pick_blocks(batch=q.shape[0], kv_heads=k.shape[2], query_rows=q.shape[1] * (q.shape[2] // k.shape[2]),
                          head_dim=q.shape[3], page_size=k.shape[1], table_columns=args[3].shape[1])
     kernel = functools.partial(gpu.ragged_paged_attention, blocks=blocks, **options)
     assert "ragged_paged_attention" in lower(kernel, *args, platform="cuda")
+    kernel = functools.partial(tpu.ragged_paged_attention, pages=tpu_pages(k.shape[1], args[3].shape[1]), **options)
+    assert "tpu_custom_call" in lower(kernel, *args, platform="tpu")
 
 
 @pytest.mark.gpu
