@@ -51,8 +51,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="decoding rounds per engine step: more share the host's work per step (faster for "
                         "small models) but a new request waits for the step in flight")
     p.add_argument("--kernels", choices=["pallas", "xla"], default="xla",
-                   help="paged attention and draft verification: XLA, or the Pallas kernels (one device; "
-                        "interpreted off a GPU)")
+                   help="paged attention, draft sampling and verification: XLA, or the Pallas kernels (one "
+                        "device; interpreted off a GPU or TPU)")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

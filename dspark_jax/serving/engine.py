@@ -212,9 +212,9 @@ class Engine:
     kernels: how the target and the draft attend over their pages: "xla" (the default: every
     page of the block table gathered, then attention over them) or "pallas" (the ragged paged
     attention kernel of `pallas_kernels`, which reads only the pages below each row's length:
-    1.1x to 3.5x faster than "xla" per layer on an H200, docs/benchmarks.md; one device, no
-    TPU, the shapes `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for
-    tests).
+    1.1x to 3.5x faster than "xla" per layer on an H200, docs/benchmarks.md), with the fused
+    sampling kernels of draft slots and rejection sampling (one device, the shapes
+    `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for tests).
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
