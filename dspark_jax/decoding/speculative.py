@@ -112,9 +112,10 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
         if mesh is not None or target.mesh is not None or (draft is not None and draft.mesh is not None):
             raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
         if jax.default_backend() == "gpu":
-            for config in [target.config] + ([] if draft is None else [draft.config.layers]):
+            for config, dtype in [(target.config, target.dtype)] + ([] if draft is None else
+                                                                     [(draft.config.layers, draft.dtype)]):
                 for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:
-                    if why := unsupported_attention(head_dim, page_size):
+                    if why := unsupported_attention(head_dim, page_size, jnp.dtype(dtype).itemsize):
                         raise ValueError(f"kernels='pallas' cannot run here: {why}")
             if draft is not None and draft.config.markov_rank and (why := unsupported_markov(draft.config.markov_rank)):
                 raise ValueError(f"kernels='pallas' cannot run here: {why}")

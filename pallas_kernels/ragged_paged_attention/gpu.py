@@ -40,15 +40,16 @@ class Blocks:
     num_stages: int = 2
 
 
-def unsupported(head_dim: int, page_size: int) -> str | None:
-    """Why the compiled kernel cannot take this shape (None: it can)."""
+def unsupported(head_dim: int, page_size: int, itemsize: int = 2) -> str | None:
+    """Why the compiled kernel cannot take this shape of `itemsize`-byte keys (None: it can)."""
     pow2 = lambda x: x > 0 and x & (x - 1) == 0
     if not (pow2(head_dim) and head_dim >= 16):
         return f"head_dim={head_dim} is not a power of two >= 16"
     if not pow2(page_size):
         return f"page_size={page_size} is not a power of two"
-    if page_size * head_dim > 128 * 128:  # a page of keys and values per pipeline stage in shared memory
-        return f"page_size={page_size} x head_dim={head_dim} is too large (at most 128 x 128)"
+    if page_size * head_dim * itemsize > 128 * 128 * 2:  # a page of keys and values per pipeline stage in shared memory
+        return (f"page_size={page_size} x head_dim={head_dim} x {itemsize} bytes is too large (at most 128 x 128 x 2: "
+                f"the shared memory of an H200)")
     return None
 
 

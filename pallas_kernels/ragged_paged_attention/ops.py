@@ -40,7 +40,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         return tpu.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths,
                                           pages=tpu_pages(page_size, block_table.shape[1]), return_lse=return_lse,
                                           scale=scale, window=window)
-    if backend == "gpu" and (why := unsupported(d, page_size)):
+    if backend == "gpu" and (why := unsupported(d, page_size, k_pages.dtype.itemsize)):
         raise ValueError(f"the ragged paged attention kernel cannot run here: {why}; use implementation='xla'")
     if blocks is None:
         blocks = pick_blocks(batch=b, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,

@@ -66,7 +66,8 @@ def _kernel(logits_ref, temp_ref, q_ref, qtok_ref, tok_ref, len_ref, u_ref, nois
             return new_peak, arg, total, at_token
 
         init = (jnp.float32(_NEG), jnp.int32(0), jnp.float32(1), jnp.float32(0))
-        return lax.fori_loop(0, jnp.where(live, steps, 0), body, init)
+        # both bounds int32 (a Python 0 beside a traced bound gives Triton's loop mixed types)
+        return lax.fori_loop(jnp.int32(0), jnp.where(live, jnp.int32(steps), jnp.int32(0)), body, init)
 
     # Pass 1, row by row while drafts are accepted: row j is read only if d_1..d_j were, and it
     # is the residual's row (A = j) until d_{j+1} is accepted too.

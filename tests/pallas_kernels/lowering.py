@@ -1,17 +1,30 @@
 """Lowering a kernel for a platform this machine lacks: `jax.export` runs the Pallas lowering
 rules of Triton (GPU) or Mosaic (TPU) on abstract arguments, which catches what those rules
-refuse (block shapes, layouts, unsupported operations) without the device. It stops short of
-the device compiler's own passes."""
+refuse (block shapes, layouts, unsupported operations) without the device. For Triton the
+kernel's module is also run through MLIR's verifier, as the GPU compiler does first (it
+catches, for one, a loop whose bounds have different integer types). Neither reaches the
+device compiler's own passes (shared memory or register limits)."""
 
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import jax
 from jax import export
 from jax._src import mesh as mesh_lib  # AbstractDevice: the GPU kind Triton's lowering asks for
+from jax._src.pallas.triton import pallas_call_registration as triton_registration
 
 _TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+def _verified(lower_module):
+    def lowered(*args, **kwargs):
+        result = lower_module(*args, **kwargs)
+        result.module.operation.verify()  # raises an MLIRError naming the operation
+        return result
+
+    return lowered
 
 
 def lower(fn, *args, platform: str) -> str:
@@ -19,7 +32,12 @@ def lower(fn, *args, platform: str) -> str:
     jax.ShapeDtypeStructs."""
     if platform == "cuda":
         device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-        scope = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+        scope = contextlib.ExitStack()
+        scope.enter_context(jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)))
+        to_triton = triton_registration.lowering.lower_jaxpr_to_triton_module
+        scope.enter_context(mock.patch.object(triton_registration.lowering, "lower_jaxpr_to_triton_module",
+                                              _verified(to_triton)))
         checks = (_TRITON,)
     else:
         scope, checks = contextlib.nullcontext(), ()

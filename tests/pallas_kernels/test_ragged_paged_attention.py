@@ -166,6 +166,7 @@ def test_shapes_the_compiled_kernel_cannot_take_are_named():
     assert "head_dim=96" in unsupported(96, 16) and "head_dim=8" in unsupported(8, 16)
     assert "page_size=24" in unsupported(128, 24)
     assert "too large" in unsupported(128, 256) and unsupported(128, 128) is None
+    assert "too large" in unsupported(512, 32, itemsize=4) and unsupported(512, 16, itemsize=4) is None
 
 
 def test_lengths_past_the_block_table_are_cut_at_its_capacity():
@@ -197,7 +198,7 @@ GPU_SHAPES = [
     # Gemma-4-12B's sliding layers (window 1024, scale 1) and its global layers' head dim
     dict(queries=8, kv_heads=8, group=2, head_dim=256, page_size=32, columns=64, num_new=[8, 1, 0, 5],
          scale=1.0, window=1024),
-    dict(queries=8, kv_heads=1, group=16, head_dim=512, page_size=32, columns=16, num_new=[8, 1, 0, 5], scale=1.0),
+    dict(queries=8, kv_heads=1, group=16, head_dim=512, page_size=16, columns=32, num_new=[8, 1, 0, 5], scale=1.0),
 ]
 GPU_IDS = ["decode-qwen3", "verify-smollm2", "verify-long-split", "prefill", "wide-table-smollm2", "wide-table-split",
            "sliding-gemma4", "global-gemma4"]
