@@ -3,6 +3,7 @@
     python scripts/bench_engine.py --target smollm2 --draft runs/dspark_smollm2/draft \\
         --prompts ../shared/data/eval/mt-bench.jsonl --concurrency 1 4 16 64 256
     python scripts/bench_engine.py --target qwen3-4b --draft random:dspark --concurrency 1 4 16 64 256
+    python scripts/bench_engine.py --target qwen3-8b --modes ar sched --tensor-parallel 2 --static-batch 0
 
 For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; sched: the draft
 with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
@@ -16,7 +17,9 @@ the measured loop are reported (each one compiled there, unless an earlier engin
 run with the same models and rounds per step had compiled it). Output tokens/s counts every
 generated token over the loop's wall time; time per output token (TPOT) is a request's
 (finish - first token) / (tokens - 1), p50/p99 over requests. The static baseline is
-`generate` on c prompts at once (compilation excluded).
+`generate` on c prompts at once (compilation excluded). `--tensor-parallel N` runs the target,
+the draft and the engine under a mesh of N devices on its tensor axis (the Pallas kernels,
+one device's, are refused there).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_pro
 from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
+from dspark_jax.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +118,35 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=["pallas", "xla"],
                    help="the engines' paged attention, each in turn")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="split the target and the draft over this many devices (a tensor mesh axis)")
     p.add_argument("--out", default="bench_engine.json")
     args = p.parse_args(argv)
 
     import jax
 
+    mesh = None
+    if args.tensor_parallel > 1:
+        if args.tensor_parallel > len(jax.devices()):
+            p.error(f"--tensor-parallel {args.tensor_parallel} needs that many devices, this host has "
+                    f"{len(jax.devices())}")
+        mesh = make_mesh(tensor=args.tensor_parallel, devices=jax.devices()[:args.tensor_parallel])
     if args.target == "smollm2":
         from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 
-        target = load_target(smollm2_gguf(), dtype=args.dtype)
+        target = load_target(smollm2_gguf(), dtype=args.dtype, mesh=mesh)
     elif "/" not in args.target and not args.target.endswith(".gguf"):
-        target = Target.random(preset(args.target), dtype=args.dtype)
+        target = Target.random(preset(args.target), dtype=args.dtype, mesh=mesh)
     else:
-        target = load_target(args.target, dtype=args.dtype)
+        target = load_target(args.target, dtype=args.dtype, mesh=mesh)
     prompts = workload(target, args)
     draft = draft_from_spec(args.draft, target, args.dtype) if set(args.modes) - {"ar"} else None
     gamma = 0 if draft is None else draft.config.block_size
     temperatures = None if args.draft.startswith("random:") else load_sts(args.draft)  # as serve.py uses them
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     mean_prompt = int(np.mean([len(x) for x in prompts]))
-    results = {"device": jax.devices()[0].device_kind, "target": args.target, "draft": args.draft,
+    results = {"device": jax.devices()[0].device_kind, "tensor_parallel": args.tensor_parallel,
+               "target": args.target, "draft": args.draft,
                "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
     levels, context = sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2
     schedulers = {}
@@ -154,7 +167,7 @@ def main(argv=None) -> None:
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
-                        num_scheduler_steps=rounds, kernels=kernels)
+                        num_scheduler_steps=rounds, kernels=kernels, mesh=mesh)
         for c in args.concurrency:
             total = max(2 * c, 8)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
@@ -170,8 +183,8 @@ def main(argv=None) -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         del engine  # its KV pool, before the next engine sizes its own
-    print(f"\n{results['device']}, target {args.target}, draft {args.draft}, {args.max_tokens} tokens per request, "
-          f"mean prompt {mean_prompt}")
+    print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, draft {args.draft}, "
+          f"{args.max_tokens} tokens per request, mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
     print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | "

@@ -32,13 +32,13 @@ SEED = 980406
 
 def draft_from_spec(spec: str, target, dtype: str) -> Draft:
     """A DeepSpec draft directory, or random:<dspark|dflash|eagle3> (random weights over the
-    target's spread layers, for pipeline checks)."""
+    target's spread layers, for pipeline checks), on the target's mesh."""
     if spec.startswith("random:"):
         algorithm = spec.split(":", 1)[1]
         ids = spread_layer_ids(target.config.num_layers)
         config = draft_config_for_target(target.config, algorithm, ids, mask_token_id=target.config.vocab_size - 1)
-        return Draft.random(config, target=target, dtype=dtype)
-    return load_draft(spec, target=target, dtype=dtype)
+        return Draft.random(config, target=target, dtype=dtype, mesh=target.mesh)
+    return load_draft(spec, target=target, dtype=dtype, mesh=target.mesh)
 
 
 def load_prompts(path: str, cap: int | None = None, counts: Counts | None = None) -> list[str]:

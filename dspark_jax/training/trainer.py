@@ -171,7 +171,22 @@ def setup(config: TrainConfig, devices=None) -> Run:
     total = config.total_steps(len(source))
     optimizer, schedule = make_optimizer(config, total)
 
-    master = Draft.random(draft_config, target=target, seed=config.seed, dtype="float32")
+    state, frozen = initial_state(draft_config, target, optimizer, mesh, config.seed)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    draft = Draft(draft_config, None, jnp.dtype(config.dtype), mesh)
+    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
+               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma))
+    step = make_train_step(draft, optimizer, schedule, weights,
+                           target=target if config.target_mode == "online" else None, state_shardings=state_shardings)
+    step_fn = jax.jit(step, donate_argnums=0)
+    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, step_fn, state)
+
+
+def initial_state(draft_config, target, optimizer, mesh, seed: int) -> tuple[dict, dict]:
+    """(train state, frozen arrays) of a fresh draft for `target`: fp32 master weights and
+    optimizer state sharded over `mesh` by their logical axes (step and key replicated), and
+    the target's embedding / LM head the draft shares."""
+    master = Draft.random(draft_config, target=target, seed=seed, dtype="float32")
     own, _, _ = Draft.split(master.params)
     frozen = Draft.frozen(master.params)  # the target's own arrays
     _, specs = abstract_module_params(draft_config)
@@ -185,16 +200,9 @@ def setup(config: TrainConfig, devices=None) -> Run:
         "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
         "params": own,
         "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(own),
-        "key": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), named_sharding(mesh, (None,), (2,))),
+        "key": jax.device_put(jax.random.key_data(jax.random.key(seed)), named_sharding(mesh, (None,), (2,))),
     }
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    draft = Draft(draft_config, None, jnp.dtype(config.dtype), mesh)
-    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
-               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma))
-    step = make_train_step(draft, optimizer, schedule, weights,
-                           target=target if config.target_mode == "online" else None, state_shardings=state_shardings)
-    step_fn = jax.jit(step, donate_argnums=0)
-    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, step_fn, state)
+    return state, frozen
 
 
 def checkpointer(config: TrainConfig) -> ocp.CheckpointManager:

@@ -1,0 +1,52 @@
+"""The multi-device benchmark scripts run on the suite's 8 fake CPU devices and report what
+they measure: bench_engine.py --tensor-parallel serves under a tensor mesh (and the same tokens
+per request as one device, through the engine's own greedy equality tests), and
+bench_scaling.py times data and fsdp meshes against one device."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+import bench_engine  # noqa: E402
+import bench_scaling  # noqa: E402
+
+TINY = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "qwen3_gqa_untied")
+
+
+def test_bench_engine_runs_tensor_parallel(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--target", TINY, "--modes", "ar", "--tensor-parallel", "2", "--concurrency", "2",
+                       "--max-tokens", "8", "--prompt-len", "16", "--static-batch", "2", "--kv-memory", "10000000",
+                       "--dtype", "float32", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["tensor_parallel"] == 2 and results["static_tokens_per_s"] > 0
+    [row] = results["rows"]
+    assert row["concurrency"] == 2 and row["tokens"] == 8 * 8 and row["tokens_per_s"] > 0  # 8 requests of 8 tokens
+    assert "x 2 (tensor parallel)" in capsys.readouterr().out
+
+
+def test_bench_engine_names_a_mesh_too_large():
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--target", TINY, "--modes", "ar", "--tensor-parallel", "16"])
+
+
+@pytest.mark.slow
+def test_bench_scaling_reports_each_mesh(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    bench_scaling.main(["--preset", "smollm2-135m", "--devices", "1", "2", "--axes", "data", "fsdp", "--modes",
+                        "offline", "--seq", "64", "--anchors", "8", "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["axis"], r["devices"]) for r in rows] == [("data", 1), ("data", 2), ("fsdp", 1), ("fsdp", 2)]
+    for r in rows:
+        assert r["sequences_per_step"] == 2 * r["devices"] and r["ms_per_sequence"] > 0
+        assert (r["efficiency"] is None) == (r["devices"] == 1)
+    assert "| data | 2 | offline |" in capsys.readouterr().out
+
+
+def test_bench_scaling_names_too_many_devices():
+    with pytest.raises(SystemExit, match="--devices asks for 16 devices"):
+        bench_scaling.main(["--devices", "16"])
