@@ -126,6 +126,8 @@ def main(argv=None) -> None:
     import jax
 
     mesh = None
+    if args.tensor_parallel > 1 and "pallas" in args.kernels:
+        p.error("--kernels pallas runs on one device; use --kernels xla with --tensor-parallel")
     if args.tensor_parallel > 1:
         if args.tensor_parallel > len(jax.devices()):
             p.error(f"--tensor-parallel {args.tensor_parallel} needs that many devices, this host has "
@@ -183,8 +185,8 @@ def main(argv=None) -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         del engine  # its KV pool, before the next engine sizes its own
-    print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, draft {args.draft}, "
-          f"{args.max_tokens} tokens per request, mean prompt {mean_prompt}")
+    print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, "
+          f"draft {args.draft}, {args.max_tokens} tokens per request, mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
     print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | "

@@ -83,9 +83,9 @@ def generate(
     every draft token. temperature (0 = greedy), top_p, top_k and seed are each one value for
     every prompt or a sequence of one value per prompt; sampling is applied identically to
     target and draft. stop_ids default to the target config's EOS ids. kernels: "xla", or
-    "pallas" to attend over paged caches with the ragged paged attention kernel (one device,
-    no TPU, shapes it takes on a GPU, interpreted on a CPU:
-    `dspark_jax.decoding.speculative.use_kernels`).
+    "pallas" to attend over paged caches with the ragged paged attention kernel and to sample
+    DSpark/DFlash draft slots and verify drafts with the fused sampling kernels (one device,
+    shapes they take on a GPU, interpreted on a CPU: `dspark_jax.decoding.speculative.use_kernels`).
     """
     target, draft = use_kernels(target, draft, kernels)
     cfg = target.config

@@ -103,8 +103,8 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     sampling kernels of the draft's slots and of rejection sampling). Either replaces the models'
     `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
     forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
-    mesh (the models' or the caller's), or on a GPU a head dim (of any layer) or page
-    size it does not take (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov
+    mesh (the models' or the caller's), or on a GPU a head dim (of any layer), page size or
+    key width in bytes it does not take (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov
     rank (`pallas_kernels.markov_sampling.unsupported`)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")

@@ -213,7 +213,7 @@ class Engine:
     page of the block table gathered, then attention over them) or "pallas" (the ragged paged
     attention kernel of `pallas_kernels`, which reads only the pages below each row's length:
     1.1x to 3.5x faster than "xla" per layer on an H200, docs/benchmarks.md), with the fused
-    sampling kernels of draft slots and rejection sampling (one device, the shapes
+    sampling kernels of DSpark/DFlash draft slots and rejection sampling (one device, the shapes
     `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for tests).
     """
 

@@ -24,7 +24,7 @@ def markov_sample(base: jax.Array, temperature: jax.Array, gumbel: jax.Array, ve
     """The draft distribution q [B, V] fp32 and the token [B] of each row
     (`reference.markov_sample` says what it computes). base [B, V]; temperature [B] (0:
     greedy); gumbel [B, V]; vec [B, R] and w2 [V, R] for a Markov bias (or neither). blocks:
-    the kernel's block sizes (default: `tuning.pick_blocks`)."""
+    the GPU kernel's block sizes (default: `tuning.pick_blocks`; the TPU kernel takes none)."""
     if (vec is None) != (w2 is None):
         raise ValueError("markov_sample needs both vec and w2 for a Markov bias, or neither")
     if implementation == "xla":

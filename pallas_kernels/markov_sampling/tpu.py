@@ -20,15 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-_NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
+from pallas_kernels._common import NEG, first_max
+
 MAX_ROWS = 256  # rows per block (a batch up to this size is one block)
-
-
-def _first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(row max [rows, 1], index of its first occurrence + offset [rows, 1]) of [rows, tile]."""
-    best = jnp.max(values, axis=1, keepdims=True)
-    lanes = lax.broadcasted_iota(jnp.int32, values.shape, 1)
-    return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[1]), axis=1, keepdims=True)
 
 
 def _kernel(base_ref, temp_ref, noise_ref, *refs, tile: int, vocab: int, bias: bool):
@@ -42,10 +36,10 @@ def _kernel(base_ref, temp_ref, noise_ref, *refs, tile: int, vocab: int, bias: b
 
     @pl.when(step == 0)
     def _():
-        peak_ref[...] = jnp.full(peak_ref.shape, _NEG, jnp.float32)
+        peak_ref[...] = jnp.full(peak_ref.shape, NEG, jnp.float32)
         total_ref[...] = jnp.zeros(total_ref.shape, jnp.float32)
         arg_ref[...] = jnp.zeros(arg_ref.shape, jnp.int32)
-        best_ref[...] = jnp.full(best_ref.shape, _NEG, jnp.float32)
+        best_ref[...] = jnp.full(best_ref.shape, NEG, jnp.float32)
         pick_ref[...] = jnp.zeros(pick_ref.shape, jnp.int32)
 
     c0 = step * tile
@@ -57,15 +51,15 @@ def _kernel(base_ref, temp_ref, noise_ref, *refs, tile: int, vocab: int, bias: b
     temperature = temp_ref[...]
     zt = z / jnp.where(temperature == 0, 1.0, temperature)
     zt_ref[...] = zt
-    zt = jnp.where(col_ok, zt, _NEG)
+    zt = jnp.where(col_ok, zt, NEG)
     peak = peak_ref[...]
-    tile_peak, tile_arg = _first_max(zt, c0)
+    tile_peak, tile_arg = first_max(zt, c0)
     new_peak = jnp.maximum(peak, tile_peak)
     scaled = jnp.where(col_ok, jnp.exp(zt - new_peak), 0.0)
     total_ref[...] = total_ref[...] * jnp.exp(peak - new_peak) + jnp.sum(scaled, axis=1, keepdims=True)
     arg_ref[...] = jnp.where(tile_peak > peak, tile_arg, arg_ref[...])
     peak_ref[...] = new_peak
-    tile_best, tile_pick = _first_max(jnp.where(col_ok, zt + noise_ref[...], _NEG), c0)
+    tile_best, tile_pick = first_max(jnp.where(col_ok, zt + noise_ref[...], NEG), c0)
     pick_ref[...] = jnp.where(tile_best > best_ref[...], tile_pick, pick_ref[...])
     best_ref[...] = jnp.maximum(best_ref[...], tile_best)
 

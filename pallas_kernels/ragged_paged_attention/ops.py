@@ -26,8 +26,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     what it computes). q: [B, T, N, D]; k_pages, v_pages: [P, page_size, K, D]; block_table:
     [B, M] int32; q_positions: [B, T] int32; kv_lengths: [B] int32. Returns [B, T, N, D], and
     with return_lse each query's log-sum-exp [B, T, N] too. scale: of the scores (default
-    1/sqrt(D)); window: a sliding window's length (None: none). blocks: the kernel's block sizes
-    (default: `tuning.pick_blocks`)."""
+    1/sqrt(D)); window: a sliding window's length (None: none). blocks: the GPU kernel's block
+    sizes (default: `tuning.pick_blocks`; the TPU kernel's come from `tuning.tpu_pages`)."""
     if implementation == "xla":
         return reference.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths,
                                                 return_lse, scale, window)

@@ -64,7 +64,7 @@ def _kernel(table_ref, length_ref, first_ref, last_ref, q_ref, qpos_ref, k_hbm, 
         for copy in copies(step):
             copy.start()
 
-    @pl.when((step + 1 >= first) & (step + 1 < last) & (step + 1 > first))
+    @pl.when((step + 1 > first) & (step + 1 < last))
     def _():
         for copy in copies(step + 1):
             copy.start()
@@ -121,8 +121,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
     qpos = jnp.pad(jnp.repeat(q_positions.astype(jnp.int32), group, axis=1), ((0, 0), (0, padded - rows)),
                    constant_values=-1)  # [B, rows]
-    lengths = kv_lengths.astype(jnp.int32)
-    needed = jnp.minimum(jnp.minimum(lengths, jnp.max(qpos, axis=1) + 1), capacity)  # keys a row can see
+    lengths = jnp.minimum(kv_lengths.astype(jnp.int32), capacity)  # no key past what the table holds
+    needed = jnp.minimum(lengths, jnp.max(qpos, axis=1) + 1)  # keys a row can see
     last = -(-needed // block_k)
     first = jnp.zeros_like(last)
     if window is not None:  # steps wholly before the first real query's window are skipped

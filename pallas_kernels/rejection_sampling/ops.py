@@ -21,7 +21,8 @@ def rejection_sample(logits: jax.Array, temperature: jax.Array, q: jax.Array, q_
     """The accepted draft count [B] and the next token [B] of each row
     (`reference.rejection_sample` says what it computes). logits [B, G + 1, V]; temperature
     [B] (0: greedy); q [B, G, V] fp32; q_tokens [B, G]; draft_tokens [B, G]; lengths [B];
-    uniforms [B, G]; gumbel [B, V]. tile: vocabulary entries per kernel step."""
+    uniforms [B, G]; gumbel [B, V]. tile: vocabulary entries per step of the GPU kernel (the
+    TPU kernel keeps its own)."""
     if implementation == "xla":
         return reference.rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel)
     if implementation != "pallas":

@@ -27,14 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-_NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
-
-
-def _first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(max over the last axis, index of its first occurrence + offset), keeping dims."""
-    best = jnp.max(values, axis=-1, keepdims=True)
-    lanes = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
-    return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[-1]), axis=-1, keepdims=True)
+from pallas_kernels._common import NEG, first_max
 
 
 def _softmax_kernel(logits_ref, temp_ref, tok_ref, peak_ref, arg_ref, total_ref, at_ref, *, tile: int, vocab: int):
@@ -44,7 +37,7 @@ def _softmax_kernel(logits_ref, temp_ref, tok_ref, peak_ref, arg_ref, total_ref,
 
     @pl.when(step == 0)
     def _():
-        peak_ref[...] = jnp.full(peak_ref.shape, _NEG, jnp.float32)
+        peak_ref[...] = jnp.full(peak_ref.shape, NEG, jnp.float32)
         arg_ref[...] = jnp.zeros(arg_ref.shape, jnp.int32)
         total_ref[...] = jnp.zeros(total_ref.shape, jnp.float32)
         at_ref[...] = jnp.zeros(at_ref.shape, jnp.float32)
@@ -53,9 +46,9 @@ def _softmax_kernel(logits_ref, temp_ref, tok_ref, peak_ref, arg_ref, total_ref,
     cols = c0 + lax.broadcasted_iota(jnp.int32, logits_ref.shape, 1)
     col_ok = cols < vocab  # the last tile may overhang V
     temperature = temp_ref[...]
-    z = jnp.where(col_ok, logits_ref[...].astype(jnp.float32) / jnp.where(temperature == 0, 1.0, temperature), _NEG)
+    z = jnp.where(col_ok, logits_ref[...].astype(jnp.float32) / jnp.where(temperature == 0, 1.0, temperature), NEG)
     peak = peak_ref[...]
-    tile_peak, tile_arg = _first_max(z, c0)
+    tile_peak, tile_arg = first_max(z, c0)
     new_peak = jnp.maximum(peak, tile_peak)
     scaled = jnp.where(col_ok, jnp.exp(z - new_peak), 0.0)
     total_ref[...] = total_ref[...] * jnp.exp(peak - new_peak) + jnp.sum(scaled, axis=1, keepdims=True)
@@ -87,10 +80,10 @@ def _residual_kernel(acc_ref, qrow_ref, rej_ref, temp_ref, peak_ref, total_ref, 
 
     @pl.when(step == 0)
     def _():
-        best_r_ref[...] = jnp.full(best_r_ref.shape, _NEG, jnp.float32)
+        best_r_ref[...] = jnp.full(best_r_ref.shape, NEG, jnp.float32)
         arg_r_ref[...] = jnp.zeros(arg_r_ref.shape, jnp.int32)
         mass_ref[...] = jnp.zeros(mass_ref.shape, jnp.float32)
-        best_p_ref[...] = jnp.full(best_p_ref.shape, _NEG, jnp.float32)
+        best_p_ref[...] = jnp.full(best_p_ref.shape, NEG, jnp.float32)
         arg_p_ref[...] = jnp.zeros(arg_p_ref.shape, jnp.int32)
         for copy in copies(step, slot):
             copy.start()
@@ -112,8 +105,8 @@ def _residual_kernel(acc_ref, qrow_ref, rej_ref, temp_ref, peak_ref, total_ref, 
     p = jnp.where(fresh, p, 0.0)
     r = jnp.where(rej_ref[row] > 0, jnp.maximum(p - q_buf[slot], 0.0), p)
     noise = noise_buf[slot]
-    tile_r, tile_arg_r = _first_max(jnp.where(r > 0, jnp.log(r) + noise, _NEG), c0)
-    tile_p, tile_arg_p = _first_max(jnp.where(p > 0, jnp.log(p) + noise, _NEG), c0)
+    tile_r, tile_arg_r = first_max(jnp.where(r > 0, jnp.log(r) + noise, NEG), c0)
+    tile_p, tile_arg_p = first_max(jnp.where(p > 0, jnp.log(p) + noise, NEG), c0)
     arg_r_ref[...] = jnp.where(tile_r > best_r_ref[...], tile_arg_r, arg_r_ref[...])
     best_r_ref[...] = jnp.maximum(best_r_ref[...], tile_r)
     arg_p_ref[...] = jnp.where(tile_p > best_p_ref[...], tile_arg_p, arg_p_ref[...])

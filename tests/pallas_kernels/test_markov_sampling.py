@@ -1,8 +1,9 @@
 """Fused draft-slot sampling: the jnp reference draws from exactly the distribution it returns
 and equals `dspark_jax.sampling`'s (probabilities, draw) up to the rounding of log q; the
 Pallas kernels (the GPU kernel interpreted on CPU and compiled with `-m gpu`, the TPU kernel on
-the TPU interpreter) give the reference's q and tokens from the same noise, with and without a Markov bias, for greedy rows beside rows at T = 1 and
-0.6, batches that end inside a row block and vocabularies that end inside a tile."""
+the TPU interpreter) give the reference's q and tokens from the same noise, with and without a
+Markov bias, for greedy rows beside rows at T = 1 and 0.6, batches that end inside a row block
+and vocabularies that end inside a tile."""
 
 import functools
 
@@ -43,7 +44,8 @@ CASES = {  # id: slot_inputs arguments
     "markov-two-row-blocks": dict(rows=20, vocab=257, rank=32, temperatures=[0.6, 1.0, 0.0]),
     "no-bias": dict(rows=3, vocab=200, rank=0, temperatures=[1.0, 0.0]),
 }
-BLOCKS = {"default": None, "splits": Blocks(rows=16, tile=32, splits=3), "one-split": Blocks(rows=16, tile=64, splits=1)}
+BLOCKS = {"default": None, "splits": Blocks(rows=16, tile=32, splits=3),
+          "one-split": Blocks(rows=16, tile=64, splits=1)}
 
 
 def test_reference_is_the_sampling_modules_law():

@@ -171,7 +171,8 @@ def test_shapes_the_compiled_kernel_cannot_take_are_named():
 
 def test_lengths_past_the_block_table_are_cut_at_its_capacity():
     """A length beyond what the table holds reads no padding column (a step of 4 pages over a
-    3-page table), as the reference, which sees only the table's positions."""
+    3-page table, or of 2 pages on the TPU kernel), as the reference, which sees only the
+    table's positions."""
     args, _ = ragged_batch(4, queries=2, kv_heads=1, group=2, head_dim=16, page_size=4, columns=3, num_new=[2, 1])
     q, k, v, table, _, _ = args
     lengths = jnp.asarray([20, 30], jnp.int32)
@@ -179,6 +180,8 @@ def test_lengths_past_the_block_table_are_cut_at_its_capacity():
     got = ragged_paged_attention(q, k, v, table, positions, lengths, blocks=gpu.Blocks(16, 4, 2))
     want = reference.ragged_paged_attention(q, k, v, table, positions, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    on_tpu = tpu.ragged_paged_attention(q, k, v, table, positions, lengths, pages=2, interpret=TPU_INTERPRET)
+    np.testing.assert_allclose(np.asarray(on_tpu), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
 def test_unknown_implementation_is_refused():

@@ -1,0 +1,16 @@
+"""Pieces the Mosaic (TPU) kernels share; like every kernel here, nothing from dspark_jax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
+
+
+def first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
+    """(max over the last axis, index of its first occurrence + offset), keeping dims."""
+    best = jnp.max(values, axis=-1, keepdims=True)
+    lanes = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[-1]), axis=-1, keepdims=True)
