@@ -5,8 +5,8 @@ which it walks in tiles of `tile` columns. Per tile it forms the logits z = base
 (the Markov bias as a [rows, R] x [R, tile] product on the tensor cores, W2's tile read once
 for all its rows), divides by the row's temperature, writes z / T, and folds the tile into
 four running values per row: the max of z / T and its first index, the sum of exp(z / T - max),
-and the Gumbel-max argmax of z / T + g. So the logits, the bias and the noise are each read
-once and nothing of width V is written but z / T.
+and the Gumbel-max argmax of z / T + g. So the logits and the noise are each read once, W2 once
+per row block, and nothing of width V is written but z / T.
 
 `ops.finish` then merges the splits' running values (a [splits, B] reduction) and writes
 q = exp(z / T - max) / sum (the one-hot of the first argmax at T = 0): one elementwise pass.
