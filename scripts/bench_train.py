@@ -1,25 +1,32 @@
 """Training throughput of the Qwen3-4B DSpark recipe shape on one GPU, in both target modes.
 
     python scripts/bench_train.py --modes offline online
+    python scripts/bench_train.py --skip-split --modes offline --attention xla pallas
 
 One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
 supervised draft tokens), random bf16 target weights (step time does not depend on them),
-fp32 master weights and AdamW state, bf16 compute. For each mode it reports:
+fp32 master weights and AdamW state, bf16 compute. For each mode and each `--attention`
+implementation (the recipe key: `pallas` runs the draft's block attention on the Pallas
+kernels) it reports:
 - the whole train step (`make_train_step`, `--accumulation` micro-steps per AdamW update),
-  per micro-step, its first-call compile time, supervised draft tokens/s, peak memory;
+  per micro-step, its compile time, supervised draft tokens/s, XLA's planned memory of the
+  step (arguments + outputs + temporaries, less donated buffers) and the process's peak so far;
 - the split: draft forward (backbone), + LM head and losses, + backward, AdamW update, and
   online the target forward, each timed as its own jitted function;
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
   analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
   (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
-`--skip-split` times only the train steps, so their first call is a cold compile.
+The split uses the first `--attention`; `--skip-split` times only the train steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +79,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=96, help="unsupervised tokens at the start of the sequence")
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
+    parser.add_argument("--attention", nargs="+", default=["xla"], choices=["xla", "cudnn", "pallas"],
+                        help="implementations to time (the recipe key `attention`), each in every mode")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
@@ -79,13 +88,16 @@ def main() -> None:
 
     target = Target.random(preset(args.preset), dtype="bfloat16")
     tc = target.config
+    with_attention = lambda impl: dataclasses.replace(target, config=dataclasses.replace(tc, attention=impl))
     layers = spread_layer_ids(tc.num_layers)
     config = draft_config_for_target(tc, "dspark", layers, block_size=7, mask_token_id=tc.vocab_size - 1,
                                      num_anchors=args.anchors)
     master = Draft.random(config, target=target, seed=0, dtype="float32")
     own, _, _ = Draft.split(master.params)
     frozen = Draft.frozen(master.params)
-    draft = Draft(config, None, jnp.bfloat16)
+    drafts = {impl: Draft(dataclasses.replace(config, layers=dataclasses.replace(config.layers, attention=impl)), None,
+                          jnp.bfloat16)
+              for impl in args.attention}
     recipe = TrainConfig(target="preset:" + args.preset)
     optimizer, schedule = make_optimizer(recipe, total_steps=1000)
     weights = LossWeights()
@@ -101,7 +113,7 @@ def main() -> None:
     matmul = matmul_rate(args.matmul_size)
     logger.info(f"bf16 matmul {args.matmul_size}^3: {matmul / 1e12:.0f} TFLOP/s")
 
-    def loss(trainable, batch):
+    def loss(trainable, batch, draft=drafts[args.attention[0]]):
         return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen}, batch,
                           jax.random.key(0), weights)
 
@@ -110,35 +122,44 @@ def main() -> None:
     step_flops, target_flops = train_flops(config, s, args.anchors * config.block_size)
     results.update(draft_step_flops=step_flops, target_forward_flops=target_flops)
     if not args.skip_split:
-        results["split_ms"] = time_split(draft, own, frozen, loss, optimizer, target, layers, offline_micro, args.anchors)
+        results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
+                                         offline_micro, args.anchors)
 
-    for mode in args.modes:
+    for mode, impl in itertools.product(args.modes, args.attention):
         batch = offline_micro if mode == "offline" else micro
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
-        step = jax.jit(make_train_step(draft, optimizer, schedule, weights,
-                                       target=target if mode == "online" else None), donate_argnums=0)
+        step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights,
+                                       target=with_attention(impl) if mode == "online" else None), donate_argnums=0)
         state = optimizer_state(optimizer, own)
-        logger.info(f"{mode} train step")
-        per_step = timed_chain(lambda st: step(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
+        logger.info(f"{mode} train step, attention {impl}")
+        start = time.perf_counter()
+        compiled = step.lower(state, frozen, target.params, stacked).compile()
+        compile_s = time.perf_counter() - start
+        memory = compiled.memory_analysis()  # XLA's buffer plan of the step
+        planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                   - memory.alias_size_in_bytes)
+        per_step = timed_chain(lambda st: compiled(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
         per_micro = per_step / a
-        _, metrics = step(optimizer_state(optimizer, own), frozen, target.params, stacked)
+        _, metrics = compiled(optimizer_state(optimizer, own), frozen, target.params, stacked)
         supervised = float(metrics["block_supervised_tokens"][0]) / a
         flops = step_flops + (target_flops if mode == "online" else 0.0)
-        row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised, "tokens_per_s": supervised / per_micro,
-               "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
+        row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised,
+               "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
+               "compile_s": compile_s, "planned_gib": planned / 2**30,
                "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
-        results["modes"][mode] = row
-        logger.info(f"{mode}: {json.dumps(row)}")
+        results["modes"][f"{mode}/{impl}"] = row
+        logger.info(f"{mode}, attention {impl}: {json.dumps(row)}")
 
     print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors, device {results['device']}")
     if "split_ms" in results:
         print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
     print(f"model FLOPs per micro-step: draft {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
-    print(f"{'mode':8} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} {'MFU(989T)':>10} "
-          f"{'peak GiB':>9}")
+    print(f"{'mode/attention':16} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
+          f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9}")
     for mode, row in results["modes"].items():
-        print(f"{mode:8} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
-              f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['peak_gib']:9.1f}")
+        print(f"{mode:16} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
+              f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['compile_s']:9.1f} "
+              f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

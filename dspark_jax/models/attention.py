@@ -13,8 +13,10 @@ itself, so a kernel plugs in here and nowhere else:
 `implementation` (`ModelConfig.attention`, or the caller's argument) picks the computation:
 "xla" is plain jnp (softmax in fp32, the reference every other implementation is tested
 against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
-forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the ragged paged attention
-kernel of `pallas_kernels` over paged caches (interpreted off a GPU) and XLA elsewhere.
+forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the kernels of `pallas_kernels`
+(interpreted off a GPU): ragged paged attention over paged caches, and block attention where
+blocks attend to a whole context (training and scoring), with cuDNN for the causal forward on a
+GPU as "cudnn" does, and XLA elsewhere.
 Numerics: attention logits and softmax in fp32, products in the inputs' dtype.
 
 Every function takes `scale` (the logit scale; None is 1/sqrt(head_dim), Gemma4 uses 1) and
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from dspark_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
+from pallas_kernels.block_attention import block_attention as _block_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -96,10 +99,12 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Ar
     """Causal attention of a cache-free forward over positions 0..T-1.
 
     q: [B, T, N, D]; k, v: [B, T, K, D] (token-major); lengths: [B] (T in a full forward).
-    "cudnn" in bf16/fp16 never materialises the [T, T] scores. Rows past a sequence's length
+    "cudnn" (and "pallas" on a GPU) in bf16/fp16 never materialises the [T, T] scores. Rows past a sequence's length
     hold padding and are unused either way (causality keeps them out of real rows).
     """
-    if check_implementation(implementation) == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+    fused = check_implementation(implementation) == "cudnn" or (implementation == "pallas" and
+                                                                jax.default_backend() == "gpu")
+    if fused and q.dtype in (jnp.bfloat16, jnp.float16):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
                                             local_window_size=None if window is None else (window - 1, 0))
     b, t = q.shape[:2]
@@ -125,29 +130,11 @@ def block_attention(
     q: [B, A, G, N, D] (A blocks of G slots); k_ctx, v_ctx: [B, K, S, D] context keys/values
     (slot s = position s); ctx_len: [B, A], block a sees context slots s < ctx_len[b, a];
     k_blk, v_blk: [B, A, G, K, D]; keep: [B, A], False blocks see nothing and output zeros.
-    Returns [B, A, G, N, D].
+    Returns [B, A, G, N, D]. With "pallas" the block attention kernels compute it (and its
+    gradient) without building the [slots, keys] scores; otherwise their jnp reference does.
     """
-    check_implementation(implementation)
-    b, a, g, n, d = q.shape
-    kv_heads = k_ctx.shape[1]
-    qg = q.reshape(b, a, g, kv_heads, n // kv_heads, d)  # [B, A, G, K, R, D]
-    s_ctx = jnp.einsum("bajkrd,bksd->bakrjs", qg, k_ctx, preferred_element_type=jnp.float32)
-    s_blk = jnp.einsum("bajkrd,balkd->bakrjl", qg, k_blk, preferred_element_type=jnp.float32)
-    ctx_visible = jnp.arange(k_ctx.shape[2])[None, None, :] < ctx_len[:, :, None]  # [B, A, S]
-    ctx_visible = ctx_visible & keep[:, :, None]
-    blk_visible = jnp.broadcast_to(keep[:, :, None], (b, a, g))  # [B, A, G]
-    logits = jnp.concatenate([s_ctx, s_blk], axis=-1) * _scale(scale, d)  # [B, A, K, R, G, S + G]
-    visible = jnp.concatenate([ctx_visible, blk_visible], axis=-1)[:, :, None, None, None, :]
-    logits = jnp.where(visible, logits, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = (probs / jnp.where(denom > 0, denom, 1.0)).astype(v_ctx.dtype)  # all-masked rows -> 0
-    s = k_ctx.shape[2]
-    out = jnp.einsum("bakrjs,bksd->bajkrd", probs[..., :s], v_ctx) + jnp.einsum(
-        "bakrjl,balkd->bajkrd", probs[..., s:], v_blk
-    )
-    return out.reshape(b, a, g, n, d)
+    kernel = "pallas" if check_implementation(implementation) == "pallas" else "xla"
+    return _block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, implementation=kernel, scale=scale)
 
 
 def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: jax.Array, k_blk: jax.Array,
@@ -157,12 +144,13 @@ def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: 
     With "pallas" a paged context is read by the ragged paged attention kernel (only the pages
     below each block's context length); its softmax over the context is then merged with the
     block's own keys through the kernel's log-sum-exp, which is the one softmax of
-    `block_attention` up to rounding. Otherwise the cache's view is gathered first."""
+    `block_attention` up to rounding. Otherwise the cache's view is gathered first and XLA
+    attends over it."""
     b, a, g, n, d = q.shape
     if a == 0:  # the context is only being written (a draft taking in positions): nothing attends
         return jnp.zeros(q.shape, q.dtype)
     if not (isinstance(kv, PagedLayerCache) and check_implementation(implementation) == "pallas"):
-        return block_attention(q, *kv.view(), ctx_len, k_blk, v_blk, keep, implementation, scale=scale)
+        return block_attention(q, *kv.view(), ctx_len, k_blk, v_blk, keep, scale=scale)
     kv_heads = k_blk.shape[3]
     # every slot of block a sees context positions < ctx_len[b, a]; a dropped block sees nothing
     last = jnp.where(keep, ctx_len - 1, -1)  # [B, A]

@@ -62,7 +62,8 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "bfloat16"  # compute dtype; master weights and Adam state are fp32
     target_dtype: str = "bfloat16"
-    attention: str = "xla"  # implementation for target and draft: "xla", or "cudnn" (GPU; cache-free target forward)
+    attention: str = "xla"  # "xla"; "cudnn" (GPU: the target's forward on cuDNN); "pallas" (that, and the draft's
+    # block attention on the Pallas kernels, forward and backward: see dspark_jax.models.attention)
     # Mesh (data x fsdp x tensor must equal the device count).
     mesh_data: int = -1  # -1 = all devices not used by fsdp and tensor
     mesh_fsdp: int = 1
@@ -79,7 +80,7 @@ class TrainConfig:
             "target_mode": ("online", "offline"),
             "chat_template": ("auto", "qwen", "chatml", "llama3", "gemma", "gemma4"),
             "markov_head_type": ("vanilla", "gated", "rnn"),
-            "attention": ("xla", "cudnn"),
+            "attention": ("xla", "cudnn", "pallas"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
