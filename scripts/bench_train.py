@@ -1,13 +1,14 @@
 """Training throughput of the Qwen3-4B DSpark recipe shape on one GPU, in both target modes.
 
     python scripts/bench_train.py --modes offline online
-    python scripts/bench_train.py --skip-split --modes offline --attention xla pallas
+    python scripts/bench_train.py --skip-split --modes offline --attention xla pallas --vocab-tile 0 16384
 
 One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
 supervised draft tokens), random bf16 target weights (step time does not depend on them),
 fp32 master weights and AdamW state, bf16 compute. For each mode and each `--attention`
 implementation (the recipe key: `pallas` runs the draft's block attention on the Pallas
-kernels) it reports:
+kernels) and each `--vocab-tile` (the recipe key `loss_vocab_tile`: 0 builds whole logits, N
+runs the vocabulary-tiled head and losses) it reports:
 - the whole train step (`make_train_step`, `--accumulation` micro-steps per AdamW update),
   per micro-step, its compile time, supervised draft tokens/s, XLA's planned memory of the
   step (arguments + outputs + temporaries, less donated buffers) and the process's peak so far;
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
     parser.add_argument("--attention", nargs="+", default=["xla"], choices=["xla", "cudnn", "pallas"],
                         help="implementations to time (the recipe key `attention`), each in every mode")
+    parser.add_argument("--vocab-tile", nargs="+", type=int, default=[0],
+                        help="the recipe key `loss_vocab_tile` to time (0: whole logits; N: the tiled loss)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
@@ -125,13 +128,14 @@ def main() -> None:
         results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
                                          offline_micro, args.anchors)
 
-    for mode, impl in itertools.product(args.modes, args.attention):
+    for mode, impl, tile in itertools.product(args.modes, args.attention, args.vocab_tile):
         batch = offline_micro if mode == "offline" else micro
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
-        step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights,
+        step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(vocab_tile=tile),
                                        target=with_attention(impl) if mode == "online" else None), donate_argnums=0)
         state = optimizer_state(optimizer, own)
-        logger.info(f"{mode} train step, attention {impl}")
+        name = f"{mode}/{impl}/{tile or 'whole'}"
+        logger.info(f"train step {name} (mode/attention/vocabulary tile)")
         start = time.perf_counter()
         compiled = step.lower(state, frozen, target.params, stacked).compile()
         compile_s = time.perf_counter() - start
@@ -144,20 +148,21 @@ def main() -> None:
         supervised = float(metrics["block_supervised_tokens"][0]) / a
         flops = step_flops + (target_flops if mode == "online" else 0.0)
         row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised,
-               "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul, "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
+               "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul,
+               "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
                "compile_s": compile_s, "planned_gib": planned / 2**30,
                "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
-        results["modes"][f"{mode}/{impl}"] = row
-        logger.info(f"{mode}, attention {impl}: {json.dumps(row)}")
+        results["modes"][name] = row
+        logger.info(f"{name}: {json.dumps(row)}")
 
     print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors, device {results['device']}")
     if "split_ms" in results:
         print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
     print(f"model FLOPs per micro-step: draft {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
-    print(f"{'mode/attention':16} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
+    print(f"{'mode/attn/tile':20} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
           f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9}")
     for mode, row in results["modes"].items():
-        print(f"{mode:16} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
+        print(f"{mode:20} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
               f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['compile_s']:9.1f} "
               f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f}")
     if args.json:

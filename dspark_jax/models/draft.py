@@ -104,6 +104,21 @@ class DraftModel:
         Returns (draft logits [B, A, G, V] fp32, confidence logits [B, A, G] fp32, hidden
         [B, A, G, H]).
         """
+        hidden, prev = self._teacher_forced_blocks(params, features, tokens, anchors, keep)
+        return self._heads(params, hidden, prev) + (hidden,)
+
+    def block_head_inputs(self, params, features, tokens, anchors, keep):
+        """`block_forward` without the vocabulary-sized logits, for losses that compute them tile
+        by tile. Returns (hidden [B, A, G, H], the Markov vectors fed to markov_w2 [B, A, G, r]
+        or None without a Markov head, confidence logits [B, A, G] fp32): the draft logits are
+        lm_logits(hidden) + vectors @ markov_w2.T."""
+        hidden, prev = self._teacher_forced_blocks(params, features, tokens, anchors, keep)
+        own, _, _ = split_params(params)
+        vec, conf = self.module.apply({"params": own}, hidden, prev, method=BlockDrafter.head_inputs)
+        return hidden, vec, conf
+
+    def _teacher_forced_blocks(self, params, features, tokens, anchors, keep):
+        """The backbone over the blocks, and each slot's previous token: ([B, A, G, H], [B, A, G])."""
         if self.config.algorithm == "eagle3":
             raise ValueError("block_forward is for DSpark/DFlash drafters; Eagle3 trains with ttt_forward")
         s = tokens.shape[1]
@@ -111,8 +126,7 @@ class DraftModel:
         anchor_ids = jnp.take_along_axis(tokens, anchors, axis=1)
         hidden, _ = self._apply(params, BlockDrafter.backbone, features, positions, anchors, anchor_ids, keep, anchors)
         prev_pos = jnp.minimum(anchors[:, :, None] + jnp.arange(self.config.block_size), s - 1)  # [B, A, G]
-        prev = jnp.take_along_axis(tokens[:, None, :], prev_pos, axis=2)
-        return self._heads(params, hidden, prev) + (hidden,)
+        return hidden, jnp.take_along_axis(tokens[:, None, :], prev_pos, axis=2)
 
     def _heads(self, params, hidden, prev):
         own, embed, lm_head = split_params(params)
@@ -251,6 +265,7 @@ class Draft:
         return DraftModel(self.config, self.dtype, self.mesh)
 
     block_forward = property(lambda self: self.model.block_forward)
+    block_head_inputs = property(lambda self: self.model.block_head_inputs)
     ttt_forward = property(lambda self: self.model.ttt_forward)
     logits = property(lambda self: self.model.logits)
     score_block = property(lambda self: self.model.score_block)

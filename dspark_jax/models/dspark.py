@@ -115,17 +115,17 @@ class MarkovHead(nn.Module):
     def teacher_forced(self, h: jax.Array, prev: jax.Array) -> tuple[jax.Array, jax.Array]:
         """All slots at once from given previous tokens: h [B, A, G, H], prev [B, A, G].
 
-        Returns (bias [B, A, G, V] fp32, e(prev) [B, A, G, r]).
+        Returns (the vectors fed to W2 [B, A, G, r], e(prev) [B, A, G, r]).
         """
         e = self.embed(prev)
         if self.config.markov_head_type != "rnn":
-            return self.bias(self.step(h, e, None)[0]), e
+            return self.step(h, e, None)[0], e
         state = jnp.zeros(e.shape[:2] + (self.config.markov_rank,), self.dtype)  # s_{-1} = 0
         vecs = []
         for j in range(h.shape[2]):  # the recurrence over gamma slots, teacher-forced
             vec, state = self.step(h[:, :, j], e[:, :, j], state)
             vecs.append(vec)
-        return self.bias(jnp.stack(vecs, axis=2)), e
+        return jnp.stack(vecs, axis=2), e
 
     def initial_state(self, batch_shape: tuple[int, ...]) -> jax.Array | None:
         if self.config.markov_head_type != "rnn":
@@ -204,14 +204,22 @@ class BlockDrafter(nn.Module):
         [B, A, G] fp32, zeros without a confidence head).
         """
         logits = lm_logits(hidden, embed, lm_head, self.config.layers.final_logit_softcapping)
-        e = None
+        vec, conf = self.head_inputs(hidden, prev)
+        if vec is not None:
+            logits = logits + self.markov_head.bias(vec)
+        return logits, conf
+
+    def head_inputs(self, hidden, prev):
+        """What the heads add to the LM head's logits, teacher-forced: hidden [B, A, G, H], prev
+        [B, A, G]. Returns (the Markov vectors fed to W2 [B, A, G, r], None without a Markov
+        head; confidence logits [B, A, G] fp32, zeros without a confidence head)."""
+        vec = e = None
         if self.config.markov_rank:
-            bias, e = self.markov_head.teacher_forced(hidden, prev)
-            logits = logits + bias
+            vec, e = self.markov_head.teacher_forced(hidden, prev)
         conf = jnp.zeros(hidden.shape[:-1], jnp.float32)
         if self.config.confidence_head:
             conf = self.confidence_head(hidden, e if self.config.confidence_with_markov else None)
-        return logits, conf
+        return vec, conf
 
     def sample(self, embed, lm_head, hidden, anchor_ids, keys, sampling: SamplingParams):
         """Sequential sampling of one block per sequence: hidden [B, G, H], anchor_ids [B],

@@ -8,7 +8,9 @@ its target distribution is the target's own next-token distribution at position 
     tv   = sum_v |softmax(D) - softmax(Z)|                  (the full L1 norm, 2 x TV)
     conf = BCE(c, alpha*),  alpha* = clip(1 - tv / 2, 0, 1) (soft label, no gradient)
 weighted by w_j = eval_mask_j * exp(-j / loss_decay_gamma), and each term is normalised by the
-sum of weights over the whole micro-batch (the reference's global denominator).
+sum of weights over the whole micro-batch (the reference's global denominator). With
+`LossWeights.vocab_tile` the ce and tv terms come from `tiled_loss` instead, which never builds
+the [slots, V] logits.
 
 Eagle3: the training-time-test unroll; step k at position t is trained with a soft cross-
 entropy against the target distribution at t+k+1, masked by the loss mask shifted k places,
@@ -26,15 +28,19 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.models.layers import lm_logits
+from dspark_jax.training.tiled_loss import tiled_block_losses
 
 EPS = 1e-6
 
 
 class LossWeights(NamedTuple):
+    """The terms' weights, and how the block losses meet the vocabulary."""
+
     ce: float = 0.1
     tv: float = 0.9
     confidence: float = 1.0
     decay_gamma: float = 4.0  # w_j = exp(-j / decay_gamma)
+    vocab_tile: int = 0  # 0: whole [slots, V] logits; N: `tiled_loss`, N vocabulary columns at a time
 
 
 def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
@@ -73,7 +79,10 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
     s, g = ids.shape[1], cfg.block_size
     anchors, keep = sample_anchors(key, mask, cfg.num_anchors)  # [B, A]
-    logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, A, G, V], [B, A, G]
+    if weights.vocab_tile:
+        hidden, vec, conf = draft.block_head_inputs(params, batch["features"], ids, anchors, keep)  # conf: [B, A, G]
+    else:
+        logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, A, G, V], [B, A, G]
 
     j = jnp.arange(g)
     label_pos = anchors[:, :, None] + 1 + j  # [B, A, G]
@@ -85,11 +94,17 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, A, G]
 
     aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, A, G, H]
-    target_logits = lm_logits(aligned, *frozen_head(params), cfg.layers.final_logit_softcapping)  # [B, A, G, V]
-
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, A, G]
-    l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, A, G]
+    if weights.vocab_tile:
+        flat = lambda x: None if x is None else x.reshape(labels.size, x.shape[-1])  # [B, A, G, ...] -> [T, ...]
+        w2 = params["markov_head"]["markov_w2"] if vec is not None else None
+        ce, l1 = tiled_block_losses(flat(hidden), flat(aligned), labels.reshape(-1), *frozen_head(params), flat(vec),
+                                    w2, softcap=cfg.layers.final_logit_softcapping, tile=weights.vocab_tile)
+        ce, l1 = ce.reshape(labels.shape), l1.reshape(labels.shape)  # [B, A, G]
+    else:
+        target_logits = lm_logits(aligned, *frozen_head(params), cfg.layers.final_logit_softcapping)  # [B, A, G, V]
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, A, G]
+        l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, A, G]
     alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
 
     den = jnp.sum(w)

@@ -174,8 +174,10 @@ def setup(config: TrainConfig, devices=None) -> Run:
     state, frozen = initial_state(draft_config, target, optimizer, mesh, config.seed)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     draft = Draft(draft_config, None, jnp.dtype(config.dtype), mesh)
-    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
-               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma))
+    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma,
+                           config.loss_vocab_tile)
+               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma,
+                                                                config.loss_vocab_tile))
     step = make_train_step(draft, optimizer, schedule, weights,
                            target=target if config.target_mode == "online" else None, state_shardings=state_shardings)
     step_fn = jax.jit(step, donate_argnums=0)

@@ -92,8 +92,12 @@ def numpy_block_loss(p64, config, batch, anchors, keep, weights, fixed_alpha=Non
     return loss, alphas
 
 
-@pytest.mark.parametrize("algorithm,weights", [("dspark", LossWeights()), ("dflash", LossWeights(1.0, 0.0, 0.0))])
+@pytest.mark.parametrize("algorithm,weights", [
+    ("dspark", LossWeights()), ("dflash", LossWeights(1.0, 0.0, 0.0)),
+    ("dspark", LossWeights(vocab_tile=48)), ("dflash", LossWeights(1.0, 0.0, 0.0, vocab_tile=64)),
+], ids=["dspark", "dflash", "dspark-tiled", "dflash-tiled"])
 def test_block_loss_and_gradient_match_float64_reference(algorithm, weights):
+    """Whole-vocabulary logits, and `tiled_loss` with tiles that do not divide the vocabulary."""
     draft = make_draft(algorithm)
     batch = make_batch(draft)
     key = jax.random.key(7)
