@@ -146,41 +146,53 @@ def _acceptance_metrics(alpha: jax.Array, mask: jax.Array, starts: jax.Array) ->
 
 
 def eagle3_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights):
-    """Loss and metrics of one micro-batch for an Eagle3 drafter (reference 5.2). `key` unused."""
+    """Loss and metrics of one micro-batch for an Eagle3 drafter (reference 5.2). `key` unused.
+
+    The G unroll steps' losses run under a scan whose body is rematerialised, so one step's
+    [B, S, V] logits live at a time, in the forward and in the backward.
+    """
     del key, weights
     cfg = draft.config
     ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
     b, s = ids.shape
     g = cfg.block_size
     outs = draft.ttt_forward(params, batch["features"], ids)  # [G, B, S, H]
-    logits = draft.logits(params, outs)  # [G, B, S, V]
     target_logits = lm_logits(batch["last_hidden"], *frozen_head(params), cfg.layers.final_logit_softcapping)
     target_logp = jax.nn.log_softmax(target_logits, axis=-1)  # [B, S, V]
     t = jnp.arange(s)
     valid = t[None, :] < lengths[:, None]
     m0 = mask & valid & (t[None, :] != lengths[:, None] - 1)  # [B, S]
-    uniform = jnp.full_like(target_logp[:, :1], -jnp.log(target_logp.shape[-1]))
+    log_uniform = -jnp.log(target_logp.shape[-1])
 
-    loss = jnp.zeros((), jnp.float32)
-    alphas, masks, metrics = [], [], {}
-    for k in range(g):
-        shift = k + 1
-        p_logp = jnp.concatenate([target_logp[:, shift:]] + [uniform] * shift, axis=1)  # P_{t+k+1}: [B, S, V]
-        m_k = jnp.pad(m0[:, k:], ((0, 0), (0, k))).astype(jnp.float32)  # m0[t + k]
-        logp = jax.nn.log_softmax(logits[k], axis=-1)
-        p = jnp.exp(p_logp)
+    def shifted(x, by, fill):  # x[:, t + by] along the sequence, `fill` past its end
+        index = t + by
+        inside = (index < s)[None, :]
+        moved = jnp.take(x, jnp.minimum(index, s - 1), axis=1)
+        return jnp.where(inside.reshape(inside.shape + (1,) * (x.ndim - 2)), moved, fill)
+
+    @jax.checkpoint
+    def unroll_step(k, out):  # step k at every position: out [B, S, H]
+        logp = jax.nn.log_softmax(draft.logits(params, out), axis=-1)  # [B, S, V]
+        p = jnp.exp(shifted(target_logp, k + 1, log_uniform))  # P_{t+k+1}
+        m_k = shifted(m0, k, False).astype(jnp.float32)  # m0[t + k]
         soft_ce = -jnp.sum(p * logp, axis=-1)  # [B, S]
-        step_loss = jnp.mean(jnp.sum(m_k * soft_ce, axis=1) / lengths)
-        loss = loss + cfg.step_loss_decay**k * step_loss
         alpha = jnp.clip(1.0 - 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - p), axis=-1), 0.0, 1.0)
-        label = jnp.pad(ids[:, k + 2 :], ((0, 0), (0, k + 2)))  # x_{t+k+2}
-        hit = (jnp.argmax(logits[k], axis=-1) == label).astype(jnp.float32)
+        hit = (jnp.argmax(logp, axis=-1) == shifted(ids, k + 2, 0)).astype(jnp.float32)  # x_{t+k+2}
         labelled = m_k * (t[None, :] + k + 2 < lengths[:, None])  # the last masked row predicts past the end
-        metrics[f"ploss_{k}"] = (jnp.sum(m_k * soft_ce), jnp.sum(m_k))
-        metrics[f"accuracy@{k}"] = (jnp.sum(labelled * hit), jnp.sum(labelled))
-        alphas.append(jax.lax.stop_gradient(alpha))
-        masks.append(m_k)
-    metrics.update(_acceptance_metrics(jnp.stack(alphas, -1), jnp.stack(masks, -1), m0.astype(jnp.float32)))
+        step_loss = jnp.mean(jnp.sum(m_k * soft_ce, axis=1) / lengths)
+        return step_loss, (jnp.sum(m_k * soft_ce), jnp.sum(m_k), jnp.sum(labelled * hit), jnp.sum(labelled),
+                           jax.lax.stop_gradient(alpha), m_k)
+
+    steps = jnp.arange(g)
+    step_losses, (ploss, weight, hits, labelled, alphas, masks) = jax.lax.map(
+        lambda x: unroll_step(*x), (steps, outs))  # each [G, ...]
+    loss = jnp.sum(cfg.step_loss_decay ** steps.astype(jnp.float32) * step_losses)
+    metrics = {}
+    for k in range(g):
+        metrics[f"ploss_{k}"] = (ploss[k], weight[k])
+        metrics[f"accuracy@{k}"] = (hits[k], labelled[k])
+    metrics.update(_acceptance_metrics(jnp.moveaxis(alphas, 0, -1), jnp.moveaxis(masks, 0, -1),
+                                       m0.astype(jnp.float32)))
     metrics["loss"] = (loss, jnp.ones((), jnp.float32))
     return loss, metrics
 
