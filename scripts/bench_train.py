@@ -17,7 +17,8 @@ runs the vocabulary-tiled head and losses) it reports:
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
   analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
   (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
-The split uses the first `--attention`; `--skip-split` times only the train steps.
+The split uses the first `--attention` and `--vocab-tile`; `--skip-split` times only the train
+steps. The peak is the process's so far, so only the planned memory compares variants.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def main() -> None:
 
     def loss(trainable, batch, draft=drafts[args.attention[0]]):
         return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen}, batch,
-                          jax.random.key(0), weights)
+                          jax.random.key(0), weights._replace(vocab_tile=args.vocab_tile[0]))
 
     results = {"device": jax.devices()[0].device_kind, "matmul_flops": matmul, "seq": s, "anchors": args.anchors,
                "trainable_params": trainable_params, "accumulation": a, "modes": {}}

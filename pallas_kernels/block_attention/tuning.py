@@ -1,6 +1,7 @@
 """Block sizes of the GPU kernels, from the shapes of a call (not yet swept on a GPU: the rows
-of a tile are whole blocks, 64 at least, and the keys per step shrink as the head dim grows so
-that a step's keys and values fit the shared memory of an H200 with two pipeline stages)."""
+of a tile are whole blocks, at least 64 (32 for heads wider than 128), and the keys per step
+shrink as the head dim grows so that a step's keys and values fit the shared memory of an H200
+with two pipeline stages)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import pytest
 
 from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
+from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import load_config
 from dspark_jax.training.trainer import checkpointer, prepare_cache, restore, setup, train
 from tests.helpers import tiny_path
@@ -62,6 +63,12 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
     xla, kernels = (np.array([m["loss"] for m in metrics(config)]) for config in runs)
     assert len(xla) == 20 and xla[-1] < xla[0]
     np.testing.assert_allclose(kernels, xla, rtol=1e-5)
+
+
+def test_training_kernels_on_a_mesh_are_refused(tmp_path):
+    config = small_config(tmp_path, "mesh", "attention=pallas", "mesh_data=2")
+    with pytest.raises(ConfigError, match="'attention': 'pallas' trains on one device only"):
+        setup(config, devices=jax.devices("cpu")[:2])
 
 
 def final_state(config) -> dict:
