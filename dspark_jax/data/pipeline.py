@@ -38,9 +38,3 @@ def micro_batches(source, *, batch_size: int, max_length: int, seed: int, host_i
     ds = grain.MapDataset.source(source)[host_index::host_count]
     return ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True,
                                                 batch_fn=lambda samples: collate(samples, max_length))
-
-
-def accumulation_batch(dataset: grain.MapDataset, step: int, accumulation: int) -> dict:
-    """The micro-batches of optimizer step `step`, stacked: arrays [A, b, ...]."""
-    parts = [dataset[step * accumulation + a] for a in range(accumulation)]
-    return {key: np.stack([p[key] for p in parts]) for key in parts[0]}

@@ -4,7 +4,9 @@
 - the mesh (data x fsdp x tensor) over all devices, the target on it (frozen), a fresh draft
   whose trainable weights are fp32 masters sharded by their logical axes;
 - micro-batches from the grain pipeline over tokenised conversations (online mode, the target
-  computes features inside the step) or over a target cache (offline mode);
+  computes features inside the step) or over a target cache (offline mode), sent to the device
+  one at a time: each is a jitted call that adds its gradients to sums kept on the device, and
+  one more call applies AdamW (so the host never holds a whole update's batch);
 - `<output_dir>/metrics.jsonl` (one JSON object per logging step), TensorBoard events under
   `<output_dir>/tensorboard`, a progress bar with ETA;
 - orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from dspark_jax.checkpoints.deepspec import save_draft
 from dspark_jax.data.conversations import Counts, load_examples
-from dspark_jax.data.pipeline import accumulation_batch, micro_batches
+from dspark_jax.data.pipeline import micro_batches
 from dspark_jax.data.target_cache import TargetCache, write_target_cache
 from dspark_jax.models.config import ConfigError
 from dspark_jax.models.draft import Draft, abstract_module_params
@@ -41,7 +44,7 @@ from dspark_jax.sharding import make_mesh, named_sharding
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.losses import LossWeights
 from dspark_jax.training.optim import make_optimizer
-from dspark_jax.training.step import batch_shardings, make_train_step
+from dspark_jax.training.step import MicroSteps, batch_shardings, make_micro_steps
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ class Run:
     dataset: object
     num_sequences: int
     total_steps: int
-    step_fn: object
+    steps: MicroSteps  # jitted; `apply` knows the accumulation
     state: dict
 
     def export(self, path: str) -> None:
@@ -181,10 +184,12 @@ def setup(config: TrainConfig, devices=None) -> Run:
                            config.loss_vocab_tile)
                if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma,
                                                                 config.loss_vocab_tile))
-    step = make_train_step(draft, optimizer, schedule, weights,
-                           target=target if config.target_mode == "online" else None, state_shardings=state_shardings)
-    step_fn = jax.jit(step, donate_argnums=0)
-    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, step_fn, state)
+    pieces = make_micro_steps(draft, optimizer, schedule, weights, target=target if config.target_mode == "online"
+                              else None, state_shardings=state_shardings)
+    steps = MicroSteps(jax.jit(pieces.zeros), jax.jit(pieces.accumulate, donate_argnums=0),
+                       jax.jit(functools.partial(pieces.apply, accumulation=config.accumulation_steps),
+                               donate_argnums=0))
+    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, steps, state)
 
 
 def initial_state(draft_config, target, optimizer, mesh, seed: int) -> tuple[dict, dict]:
@@ -240,13 +245,28 @@ def restore(run: Run, manager: ocp.CheckpointManager) -> int:
     return latest
 
 
-def _device_batch(run: Run, step: int) -> dict:
-    """Step `step`'s global batch on the mesh, assembled from every host's share."""
-    local = accumulation_batch(run.dataset, step, run.config.accumulation_steps)  # [A, b_local, ...]
+def _device_micro_batch(run: Run, index: int) -> dict:
+    """Micro-batch `index` of the run on the mesh, assembled from every host's share."""
+    local = run.dataset[index]  # [b_local, ...]
     hosts = jax.process_count()
-    shapes = {k: (x.shape[0], x.shape[1] * hosts) + x.shape[2:] for k, x in local.items()}
-    shardings = batch_shardings(run.mesh, {k: jax.ShapeDtypeStruct(v, local[k].dtype) for k, v in shapes.items()})
+    shapes = {k: (x.shape[0] * hosts,) + x.shape[1:] for k, x in local.items()}
+    shardings = batch_shardings(run.mesh, {k: jax.ShapeDtypeStruct(v, local[k].dtype) for k, v in shapes.items()},
+                                stacked=False)
     return {k: jax.make_array_from_process_local_data(shardings[k], x, shapes[k]) for k, x in local.items()}
+
+
+def _update(run: Run, step: int) -> dict:
+    """Optimizer step `step`: its micro-batches go to the device one at a time (the host holds
+    one, never a whole update's), their gradients are summed there, then AdamW updates."""
+    accumulation = run.config.accumulation_steps
+    totals = None
+    for index in range(accumulation):
+        micro = _device_micro_batch(run, step * accumulation + index)
+        if totals is None:
+            totals = run.steps.zeros(run.state, run.frozen, run.target.params, micro)
+        totals = run.steps.accumulate(totals, run.state, run.frozen, run.target.params, micro, jnp.int32(index))
+    run.state, metrics = run.steps.apply(run.state, totals)
+    return metrics
 
 
 def _summarise(window: dict) -> dict:
@@ -278,7 +298,7 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     window, clock = None, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     for step in range(start, run.total_steps):
-        run.state, metrics = run.step_fn(run.state, run.frozen, run.target.params, _device_batch(run, step))
+        metrics = _update(run, step)
         window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
         done = step + 1
         if done % config.log_every == 0 or done == run.total_steps:

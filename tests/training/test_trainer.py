@@ -10,6 +10,7 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,7 +18,10 @@ from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
 from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import load_config
-from dspark_jax.training.trainer import checkpointer, prepare_cache, restore, setup, train
+from dspark_jax.training.losses import LossWeights
+from dspark_jax.training.optim import make_optimizer
+from dspark_jax.training.step import make_train_step
+from dspark_jax.training.trainer import _update, checkpointer, prepare_cache, restore, setup, train
 from tests.helpers import tiny_path
 from tests.training.tensorboard_records import scalars
 
@@ -69,6 +73,22 @@ def test_training_kernels_on_a_mesh_are_refused(tmp_path):
     config = small_config(tmp_path, "mesh", "attention=pallas", "mesh_data=2")
     with pytest.raises(ConfigError, match="'attention': 'pallas' trains on one device only"):
         setup(config, devices=jax.devices("cpu")[:2])
+
+
+def test_micro_batches_fed_one_at_a_time_equal_the_one_program_step(tmp_path):
+    """The trainer's update (a jitted call per micro-batch, then AdamW) against make_train_step
+    (the micro-batches stacked and scanned in one program): the same parameters and loss."""
+    config = small_config(tmp_path, "pieces", "global_batch_size=24")  # 3 micro-batches
+    run = setup(config, devices=jax.devices("cpu")[:1])
+    optimizer, schedule = make_optimizer(config, run.total_steps)
+    weights = LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
+    step = jax.jit(make_train_step(run.draft, optimizer, schedule, weights, target=run.target))  # online mode
+    stacked = {k: np.stack([run.dataset[i][k] for i in range(3)]) for k in run.dataset[0]}
+    state, metrics = step(jax.tree.map(jnp.copy, run.state), run.frozen, run.target.params, stacked)
+    fed = _update(run, 0)
+    chex.assert_trees_all_close(run.state["params"], state["params"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fed["loss"][0], metrics["loss"][0], rtol=1e-6)
+    assert float(fed["loss_tokens"][0]) == float(np.sum(stacked["loss_mask"]))
 
 
 def final_state(config) -> dict:
