@@ -15,7 +15,7 @@ itself, so a kernel plugs in here and nowhere else:
 against); "cudnn" runs cuDNN's fused flash attention where it applies (the cache-free causal
 forward in bf16/fp16 on a GPU) and XLA elsewhere; "pallas" runs the kernels of `pallas_kernels`
 (interpreted off a GPU): ragged paged attention over paged caches, and block attention where
-blocks attend to a whole context (training and scoring; not on a TPU yet), with cuDNN for the causal forward on a
+blocks attend to a whole context (training and scoring), with cuDNN for the causal forward on a
 GPU as "cudnn" does, and XLA elsewhere.
 Numerics: attention logits and softmax in fp32, products in the inputs' dtype.
 
@@ -131,11 +131,9 @@ def block_attention(
     (slot s = position s); ctx_len: [B, A], block a sees context slots s < ctx_len[b, a];
     k_blk, v_blk: [B, A, G, K, D]; keep: [B, A], False blocks see nothing and output zeros.
     Returns [B, A, G, N, D]. With "pallas" the block attention kernels compute it (and its
-    gradient) without building the [slots, keys] scores (off a TPU: they have no TPU version
-    yet); otherwise their jnp reference does.
+    gradient) without building the [slots, keys] scores; otherwise their jnp reference does.
     """
-    pallas = check_implementation(implementation) == "pallas" and jax.default_backend() != "tpu"
-    kernel = "pallas" if pallas else "xla"
+    kernel = "pallas" if check_implementation(implementation) == "pallas" else "xla"
     return _block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, implementation=kernel, scale=scale)
 
 

@@ -1,16 +1,17 @@
 """Block attention of drafter training: the jnp reference against a float64 numpy loop, and the
-Pallas kernels (interpreted on CPU, compiled with `-m gpu` on a GPU) against the reference,
+Pallas kernels (the GPU kernels interpreted on CPU and compiled with `-m gpu` on a GPU, the TPU
+kernels on the TPU interpreter, which raises on reads out of bounds) against the reference,
 forward and gradients, on random blocks: anchors near the sequence's start (no context) and end
 (the whole context), dropped blocks, gamma 4, 7 and 16 (16 fills a tile by itself), GQA groups
 of 1 and 4, and a context that is not a whole number of key steps. The kernels' lowering for
-the GPU is checked at the Qwen3-4B recipe's shape."""
+the GPU and the TPU is checked at the Qwen3-4B recipe's shape."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_attention import block_attention, gpu, reference
+from pallas_kernels.block_attention import block_attention, gpu, reference, tpu
 from pallas_kernels.block_attention.tuning import pick_blocks
 from tests.pallas_kernels.lowering import lower
 
@@ -64,24 +65,26 @@ CASES = {"gamma7-gqa2": {}, "gamma4-gqa4": {"gamma": 4, "kv_heads": 1, "group": 
          "gamma16-mha": {"gamma": 16, "kv_heads": 2, "group": 1, "anchors": 6, "context": 64}}
 
 
-def gradients(args, implementation):
+def gradients(args, implementation, backend=None):
     """Gradients of a random projection of the output, for q and the four key/value arrays."""
     cotangent = jax.random.normal(jax.random.key(1), args[0].shape, jnp.float32)
 
     def loss(q, k_ctx, v_ctx, k_blk, v_blk):
-        out = block_attention(q, k_ctx, v_ctx, args[3], k_blk, v_blk, args[6], implementation=implementation)
+        out = block_attention(q, k_ctx, v_ctx, args[3], k_blk, v_blk, args[6], implementation=implementation,
+                              backend=backend)
         return jnp.sum(out.astype(jnp.float32) * cotangent)
 
     return jax.grad(loss, argnums=range(5))(*args[:3], *args[4:6])
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("case", CASES)
-def test_kernels_equal_reference_forward_and_gradients(case):
+def test_kernels_equal_reference_forward_and_gradients(case, backend):
     args = random_blocks(2, **CASES[case])
-    out = block_attention(*args, implementation="pallas")
+    out = block_attention(*args, implementation="pallas", backend=backend)
     np.testing.assert_allclose(out, reference.block_attention(*args), atol=2e-5)
     assert np.all(np.asarray(out)[~np.asarray(args[6])] == 0)  # dropped blocks output zeros
-    for got, want in zip(gradients(args, "pallas"), gradients(args, "xla")):
+    for got, want in zip(gradients(args, "pallas", backend), gradients(args, "xla")):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
 
 
@@ -114,17 +117,20 @@ def _row_layout_args(batch, anchors, slots, heads, kv_heads, head_dim, context, 
 
 
 @pytest.mark.parametrize("slots,head_dim", [(8, 128), (16, 128), (4, 256)])
-def test_kernels_lower_for_gpu(slots, head_dim):
-    """Triton's lowering rules and MLIR's verifier accept the forward and both backward kernels at
-    the Qwen3-4B recipe's shape (512 blocks, 32 query heads over 8 KV heads, 4096 context keys),
-    in bf16, for gamma 7 (8 rows a block), 16, and 4 with Gemma4's head dim."""
+def test_kernels_lower_for_gpu_and_tpu(slots, head_dim):
+    """Triton's lowering rules and MLIR's verifier, and Mosaic's lowering rules, accept the
+    forward and both backward kernels at the Qwen3-4B recipe's shape (512 blocks, 32 query
+    heads over 8 KV heads, 4096 context keys), in bf16, for gamma 7 (8 rows a block), 16, and 4
+    with Gemma4's head dim."""
     args = _row_layout_args(1, 512, slots, 32, 8, head_dim, 4096, jnp.bfloat16)
-    blocks = pick_blocks(slots=slots, head_dim=head_dim)
-    static = dict(slots=slots, blocks=blocks, scale=head_dim**-0.5)
+    q = args[0]
+    backward_args = (*args, q, jax.ShapeDtypeStruct(q.shape[:3], jnp.float32), q)  # out, lse, d_out
+    static = dict(slots=slots, blocks=pick_blocks(slots=slots, head_dim=head_dim), scale=head_dim**-0.5)
     assert "triton" in lower(lambda *a: gpu.forward(*a, **static), *args, platform="cuda")
-    q, out = args[0], args[0]
-    lse = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
-    assert "triton" in lower(lambda *a: gpu.backward(*a, **static), *args, out, lse, q, platform="cuda")
+    assert "triton" in lower(lambda *a: gpu.backward(*a, **static), *backward_args, platform="cuda")
+    static = dict(slots=slots, scale=head_dim**-0.5)
+    assert "tpu_custom_call" in lower(lambda *a: tpu.forward(*a, **static), *args, platform="tpu")
+    assert "tpu_custom_call" in lower(lambda *a: tpu.backward(*a, **static), *backward_args, platform="tpu")
 
 
 @pytest.mark.gpu
