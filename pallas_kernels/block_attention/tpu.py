@@ -11,8 +11,11 @@ differs is how a TPU wants its blocks:
   log-sum-exp, delta and context lengths of the tile's queries broadcast along lanes; its grid
   is (sequence, KV head, key step, query head of the group), the last axis accumulating into
   the same dK/dV blocks, and the schedule of tiles comes in SMEM as scalar prefetch.
-Tiles are 128 query rows (the lane width). Checked on the TPU interpreter and against Mosaic's
-lowering; not yet run on TPU hardware.
+Tiles are 128 query rows (the lane width). VMEM holds, double-buffered, a KV head's context
+keys and values (4 MB at 4096 positions x head dim 128 in bf16) and, in the context backward,
+one query head's queries and output gradients (4 MB at 4096 rows): contexts much past 8192
+positions would need the context walked from HBM instead. Checked on the TPU interpreter and
+against Mosaic's lowering; not yet run on TPU hardware.
 """
 
 from __future__ import annotations
