@@ -41,8 +41,12 @@ def block_attention(q: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array, ctx_len: j
     b, a, g, n, d = q.shape
     s = k_ctx.shape[2]
     slots = 1 << (g - 1).bit_length()
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"backend {backend!r} is not 'gpu' or 'tpu'")
     if backend == "tpu":  # the TPU kernels' fixed tiles
-        blocks = gpu.Blocks(block_q=max(tpu.BLOCK_Q, slots), block_k=tpu.BLOCK_K)
+        if slots > tpu.BLOCK_Q:
+            raise ValueError(f"blocks of {g} slots do not fit the TPU kernels' tiles of {tpu.BLOCK_Q} rows")
+        blocks = gpu.Blocks(block_q=tpu.BLOCK_Q, block_k=tpu.BLOCK_K)
         run = (tpu, None if here == "tpu" else TPU_INTERPRET)
     else:
         blocks = blocks or pick_blocks(slots=slots, head_dim=d)

@@ -103,9 +103,11 @@ def test_tuning_takes_whole_blocks_per_tile():
     assert pick_blocks(slots=128, head_dim=64).block_q == 128
 
 
-def test_unknown_implementation_is_refused():
+def test_unknown_implementation_or_backend_is_refused():
     with pytest.raises(ValueError, match="'cuda' is not one of"):
         block_attention(*random_blocks(0), implementation="cuda")
+    with pytest.raises(ValueError, match="backend 'cpu' is not 'gpu' or 'tpu'"):
+        block_attention(*random_blocks(0), backend="cpu")
 
 
 def _row_layout_args(batch, anchors, slots, heads, kv_heads, head_dim, context, dtype):
