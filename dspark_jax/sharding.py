@@ -132,13 +132,16 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None,
 
 
 def shard_map(fn: Callable, mesh: Mesh, in_names: Sequence[Sequence[str | None]],
-              out_names: Sequence[str | None] | Sequence[Sequence[str | None]], rules: ShardingRules = DEFAULT_RULES):
+              out_names: Sequence[str | None] | Sequence[Sequence[str | None]], rules: ShardingRules = DEFAULT_RULES,
+              check_vma: bool = True):
     """`jax.shard_map` of fn with its specs derived from logical axis names by the same rules.
 
     in_names: one tuple of names per positional argument; out_names: one tuple (a single
     output) or one per output. Input specs follow the arguments' shapes; an output axis takes
     the mesh axes its name got among the inputs (a kernel's outputs are laid out like its
     inputs), and is replicated when the name did not occur there. fn sees per-device blocks.
+    check_vma=False skips JAX's check of how values vary across devices (a Pallas kernel's
+    outputs do not declare it).
     """
     single = bool(out_names) and (out_names[0] is None or isinstance(out_names[0], str))
 
@@ -150,6 +153,6 @@ def shard_map(fn: Callable, mesh: Mesh, in_names: Sequence[Sequence[str | None]]
             chosen.update({n: axes for n, axes in zip(names, spec) if n is not None})
         out_spec = lambda names: PartitionSpec(*(chosen.get(n) for n in names))
         out_specs = out_spec(out_names) if single else tuple(out_spec(names) for names in out_names)
-        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=check_vma)(*args)
 
     return wrapped

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from dspark_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from dspark_jax.models.kv_cache import LayerCache, PagedLayerCache
+from dspark_jax.sharding import shard_map
 from pallas_kernels.block_attention import block_attention as _block_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -124,6 +126,7 @@ def block_attention(
     implementation: str = "xla",
     *,
     scale: float | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Attention of block slots over injected context plus their own block, one softmax.
 
@@ -132,9 +135,16 @@ def block_attention(
     k_blk, v_blk: [B, A, G, K, D]; keep: [B, A], False blocks see nothing and output zeros.
     Returns [B, A, G, N, D]. With "pallas" the block attention kernels compute it (and its
     gradient) without building the [slots, keys] scores; otherwise their jnp reference does.
+    Under a `mesh` of several devices the kernels run on each device's sequences (a kernel call
+    has no rule of its own to split it); every device of a tensor axis computes all heads.
     """
     kernel = "pallas" if check_implementation(implementation) == "pallas" else "xla"
-    return _block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, implementation=kernel, scale=scale)
+    attend = lambda *args: _block_attention(*args, implementation=kernel, scale=scale)
+    if kernel == "pallas" and mesh is not None and mesh.size > 1:
+        per_sequence = lambda x: ("batch",) + (None,) * (x.ndim - 1)
+        args = (q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep)
+        attend = shard_map(attend, mesh, [per_sequence(x) for x in args], per_sequence(q), check_vma=False)
+    return attend(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep)
 
 
 def kv_block_attention(q: jax.Array, kv: LayerCache | PagedLayerCache, ctx_len: jax.Array, k_blk: jax.Array,

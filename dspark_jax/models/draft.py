@@ -39,9 +39,10 @@ class Proposal(NamedTuple):
     confidence: jax.Array  # [B, G] fp32 confidence logits (zeros without a confidence head)
 
 
-def draft_module(config: DraftConfig, dtype) -> nn.Module:
-    cls = Eagle3Drafter if config.algorithm == "eagle3" else BlockDrafter
-    return cls(config, dtype, dtype)
+def draft_module(config: DraftConfig, dtype, mesh: Mesh | None = None) -> nn.Module:
+    if config.algorithm == "eagle3":
+        return Eagle3Drafter(config, dtype, dtype)
+    return BlockDrafter(config, dtype, dtype, mesh)
 
 
 def abstract_module_params(config: DraftConfig, dtype=jnp.bfloat16) -> tuple[Any, Any]:
@@ -86,7 +87,7 @@ class DraftModel:
 
     @functools.cached_property
     def module(self) -> nn.Module:
-        return draft_module(self.config, self.dtype)
+        return draft_module(self.config, self.dtype, self.mesh)
 
     def _apply(self, params, method, *args, **kwargs):
         """module.apply of `method` with the module's params; the embedding goes first."""

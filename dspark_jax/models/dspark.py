@@ -27,6 +27,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from dspark_jax.sampling import SamplingParams, draw, gumbel, probabilities, row_temperatures, split
 from dspark_jax.models.attention import block_attention, kv_block_attention
@@ -43,6 +44,7 @@ class BlockDraftLayer(nn.Module):
     config: DraftConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    mesh: Mesh | None = None  # where the block attention kernels split their work by sequence
 
     @nn.compact
     def __call__(self, x, blk_cs, ctx, ctx_cs, ctx_len, keep, kv: LayerCache | PagedLayerCache | None, write_slots):
@@ -64,7 +66,7 @@ class BlockDraftLayer(nn.Module):
         if kv is None:
             k_ctx, v_ctx = k_ctx.transpose(0, 2, 1, 3), v_ctx.transpose(0, 2, 1, 3)  # [B, K, T, D]
             out = block_attention(q, k_ctx, v_ctx, ctx_len, k_blk, v_blk, keep, cfg.attention,
-                                  scale=cfg.attention_scale)
+                                  scale=cfg.attention_scale, mesh=self.mesh)
         else:
             kv = kv.write(write_slots, k_ctx, v_ctx)
             out = kv_block_attention(q, kv, ctx_len, k_blk, v_blk, keep, cfg.attention, scale=cfg.attention_scale)
@@ -155,6 +157,7 @@ class BlockDrafter(nn.Module):
     config: DraftConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
 
     def setup(self):
         c = self.config
@@ -162,7 +165,7 @@ class BlockDrafter(nn.Module):
         self.fc = self.param("fc", nn.with_logical_partitioning(param_init(), ("features", "embed")),
                              (c.feature_size, h), self.param_dtype)
         self.hidden_norm = RMSNorm(c.layers.rms_norm_eps, self.dtype, self.param_dtype)
-        self.layers = [BlockDraftLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")
+        self.layers = [BlockDraftLayer(c, self.dtype, self.param_dtype, self.mesh, name=f"layers_{i}")
                        for i in range(c.layers.num_layers)]
         self.norm = RMSNorm(c.layers.rms_norm_eps, self.dtype, self.param_dtype)
         if c.markov_rank:

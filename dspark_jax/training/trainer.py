@@ -158,9 +158,6 @@ class Run:
 
 def setup(config: TrainConfig, devices=None) -> Run:
     mesh = build_mesh(config, devices)
-    if config.attention == "pallas" and mesh.size > 1:  # a pallas_call has no rule to split it over a mesh
-        raise ConfigError(f"config key 'attention': 'pallas' trains on one device only (this mesh has {mesh.size}); "
-                          "the block attention kernels are not yet split over a mesh, use 'xla' or 'cudnn'")
     target = build_target(config, mesh)
     draft_config = build_draft_config(config, target)
     if config.target_mode == "offline":

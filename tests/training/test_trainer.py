@@ -16,7 +16,6 @@ import pytest
 
 from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
-from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import load_config
 from dspark_jax.training.losses import LossWeights
 from dspark_jax.training.optim import make_optimizer
@@ -69,10 +68,18 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(kernels, xla, rtol=1e-5)
 
 
-def test_training_kernels_on_a_mesh_are_refused(tmp_path):
-    config = small_config(tmp_path, "mesh", "attention=pallas", "mesh_data=2")
-    with pytest.raises(ConfigError, match="'attention': 'pallas' trains on one device only"):
-        setup(config, devices=jax.devices("cpu")[:2])
+def test_training_kernels_split_over_a_mesh(tmp_path):
+    """attention=pallas on data=2 x fsdp=2 x tensor=2 (each device's sequences through the
+    kernels, interpreted) against one device: the same 5-step fp32 loss trajectory."""
+    extra = ["max_steps=5", "attention=pallas"]
+    one = small_config(tmp_path, "one", *extra, "mesh_data=1")
+    eight = small_config(tmp_path, "eight", *extra, "mesh_data=2", "mesh_fsdp=2", "mesh_tensor=2")
+    cpus = jax.devices("cpu")
+    train(one, devices=cpus[:1])
+    train(eight, devices=cpus)
+    a, b = np.array([m["loss"] for m in metrics(one)]), np.array([m["loss"] for m in metrics(eight)])
+    assert len(a) == 5
+    np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
 def test_micro_batches_fed_one_at_a_time_equal_the_one_program_step(tmp_path):
