@@ -1,11 +1,13 @@
-"""Training throughput of the Qwen3-4B DSpark recipe shape on one GPU, in both target modes.
+"""Training throughput of the Qwen3-4B DSpark and DFlash recipe shapes on one GPU, in both target modes.
 
     python scripts/bench_train.py --modes offline online
     python scripts/bench_train.py --skip-split --modes offline --attention xla pallas --vocab-tile 0 16384
+    python scripts/bench_train.py --skip-split --algorithms dspark dflash --attention pallas --vocab-tile 16384
 
 One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
 supervised draft tokens), random bf16 target weights (step time does not depend on them),
-fp32 master weights and AdamW state, bf16 compute. For each mode and each `--attention`
+fp32 master weights and AdamW state, bf16 compute, each algorithm with its recipe's loss terms
+(DSpark: CE + L1 + confidence; DFlash: CE). For each algorithm, mode, `--attention`
 implementation (the recipe key: `pallas` runs the draft's block attention on the Pallas
 kernels) and each `--vocab-tile` (the recipe key `loss_vocab_tile`: 0 builds whole logits, N
 runs the vocabulary-tiled head and losses) it reports:
@@ -17,7 +19,7 @@ runs the vocabulary-tiled head and losses) it reports:
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
   analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
   (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
-The split uses the first `--attention` and `--vocab-tile`; `--skip-split` times only the train
+The split uses the first algorithm, `--attention` and `--vocab-tile`; `--skip-split` times only the train
 steps. The peak is the process's so far, so only the planned memory compares variants.
 """
 
@@ -39,10 +41,11 @@ from dspark_jax.models.presets import preset
 from dspark_jax.console import configure_logging
 from dspark_jax.evaluation.step_times import timed, timed_chain
 from dspark_jax.training.config import TrainConfig
-from dspark_jax.training.losses import LossWeights, block_loss, sample_anchors
+from dspark_jax.training.losses import block_loss, sample_anchors
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.models.target import target_features
 from dspark_jax.training.step import make_train_step
+from dspark_jax.training.trainer import loss_weights
 
 from benchlib import matmul_rate
 
@@ -76,6 +79,7 @@ def main() -> None:
     configure_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3-4b")
+    parser.add_argument("--algorithms", nargs="+", default=["dspark"], choices=["dspark", "dflash"])
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--anchors", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=96, help="unsupervised tokens at the start of the sequence")
@@ -94,76 +98,83 @@ def main() -> None:
     tc = target.config
     with_attention = lambda impl: dataclasses.replace(target, config=dataclasses.replace(tc, attention=impl))
     layers = spread_layer_ids(tc.num_layers)
-    config = draft_config_for_target(tc, "dspark", layers, block_size=7, mask_token_id=tc.vocab_size - 1,
-                                     num_anchors=args.anchors)
-    master = Draft.random(config, target=target, seed=0, dtype="float32")
-    own, _, _ = Draft.split(master.params)
-    frozen = Draft.frozen(master.params)
-    drafts = {impl: Draft(dataclasses.replace(config, layers=dataclasses.replace(config.layers, attention=impl)), None,
-                          jnp.bfloat16)
-              for impl in args.attention}
-    recipe = TrainConfig(target="preset:" + args.preset)
-    optimizer, schedule = make_optimizer(recipe, total_steps=1000)
-    weights = LossWeights()
     s, a = args.seq, args.accumulation
     keys = jax.random.split(jax.random.key(1), 3)
     ids = jax.random.randint(keys[0], (1, s), 0, tc.vocab_size - 1)
     micro = {"input_ids": ids, "loss_mask": (jnp.arange(s) >= args.prompt)[None], "lengths": jnp.full((1,), s)}
     features, last = jax.jit(lambda p, x: target_features(target, p, x, layers))(target.params, ids)
     offline_micro = {**micro, "features": features, "last_hidden": last}
-    trainable_params = sum(x.size for x in jax.tree.leaves(own))
-    logger.info(f"{args.preset} DSpark draft: {trainable_params / 1e6:.0f}M trainable parameters, S={s}, "
-        f"{args.anchors} anchors, accumulation {a}")
     matmul = matmul_rate(args.matmul_size)
     logger.info(f"bf16 matmul {args.matmul_size}^3: {matmul / 1e12:.0f} TFLOP/s")
-
-    def loss(trainable, batch, draft=drafts[args.attention[0]]):
-        return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen}, batch,
-                          jax.random.key(0), weights._replace(vocab_tile=args.vocab_tile[0]))
-
     results = {"device": jax.devices()[0].device_kind, "matmul_flops": matmul, "seq": s, "anchors": args.anchors,
-               "trainable_params": trainable_params, "accumulation": a, "modes": {}}
-    step_flops, target_flops = train_flops(config, s, args.anchors * config.block_size)
-    results.update(draft_step_flops=step_flops, target_forward_flops=target_flops)
-    if not args.skip_split:
-        results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
-                                         offline_micro, args.anchors)
+               "accumulation": a, "algorithms": {}, "modes": {}}
 
-    for mode, impl, tile in itertools.product(args.modes, args.attention, args.vocab_tile):
-        batch = offline_micro if mode == "offline" else micro
-        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
-        step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(vocab_tile=tile),
-                                       target=with_attention(impl) if mode == "online" else None), donate_argnums=0)
-        state = optimizer_state(optimizer, own)
-        name = f"{mode}/{impl}/{tile or 'whole'}"
-        logger.info(f"train step {name} (mode/attention/vocabulary tile)")
-        start = time.perf_counter()
-        compiled = step.lower(state, frozen, target.params, stacked).compile()
-        compile_s = time.perf_counter() - start
-        memory = compiled.memory_analysis()  # XLA's buffer plan of the step
-        planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                   - memory.alias_size_in_bytes)
-        per_step = timed_chain(lambda st: compiled(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
-        per_micro = per_step / a
-        _, metrics = compiled(optimizer_state(optimizer, own), frozen, target.params, stacked)
-        supervised = float(metrics["block_supervised_tokens"][0]) / a
-        flops = step_flops + (target_flops if mode == "online" else 0.0)
-        row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised,
-               "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul,
-               "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
-               "compile_s": compile_s, "planned_gib": planned / 2**30,
-               "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
-        results["modes"][name] = row
-        logger.info(f"{name}: {json.dumps(row)}")
+    for algorithm in args.algorithms:
+        config = draft_config_for_target(tc, algorithm, layers, block_size=7, mask_token_id=tc.vocab_size - 1,
+                                         num_anchors=args.anchors)
+        master = Draft.random(config, target=target, seed=0, dtype="float32")
+        own, _, _ = Draft.split(master.params)
+        frozen = Draft.frozen(master.params)
+        drafts = {impl: Draft(dataclasses.replace(config, layers=dataclasses.replace(config.layers, attention=impl)),
+                              None, jnp.bfloat16)
+                  for impl in args.attention}
+        recipe = TrainConfig(algorithm=algorithm, target="preset:" + args.preset)
+        optimizer, schedule = make_optimizer(recipe, total_steps=1000)
+        weights = loss_weights(recipe)
+        trainable_params = sum(x.size for x in jax.tree.leaves(own))
+        step_flops, target_flops = train_flops(config, s, args.anchors * config.block_size)
+        results["algorithms"][algorithm] = {"trainable_params": trainable_params, "draft_step_flops": step_flops,
+                                            "target_forward_flops": target_flops}
+        logger.info(f"{args.preset} {algorithm} draft: {trainable_params / 1e6:.0f}M trainable parameters, S={s}, "
+                    f"{args.anchors} anchors, accumulation {a}")
 
-    print(f"\n{args.preset} DSpark training, S={s}, {args.anchors} anchors, device {results['device']}")
+        if not args.skip_split and "split_ms" not in results:
+            def loss(trainable, batch, draft=drafts[args.attention[0]], weights=weights):
+                return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen},
+                                  batch, jax.random.key(0), weights._replace(vocab_tile=args.vocab_tile[0]))
+
+            results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
+                                             offline_micro, args.anchors)
+
+        for mode, impl, tile in itertools.product(args.modes, args.attention, args.vocab_tile):
+            batch = offline_micro if mode == "offline" else micro
+            stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
+            step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(vocab_tile=tile),
+                                           target=with_attention(impl) if mode == "online" else None),
+                           donate_argnums=0)
+            state = optimizer_state(optimizer, own)
+            name = f"{algorithm}/{mode}/{impl}/{tile or 'whole'}"
+            logger.info(f"train step {name} (algorithm/mode/attention/vocabulary tile)")
+            start = time.perf_counter()
+            compiled = step.lower(state, frozen, target.params, stacked).compile()
+            compile_s = time.perf_counter() - start
+            memory = compiled.memory_analysis()  # XLA's buffer plan of the step
+            planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                       - memory.alias_size_in_bytes)
+            per_step = timed_chain(lambda st: compiled(st, frozen, target.params, stacked)[0], state, iters=1, reps=3)
+            per_micro = per_step / a
+            _, metrics = compiled(optimizer_state(optimizer, own), frozen, target.params, stacked)
+            supervised = float(metrics["block_supervised_tokens"][0]) / a
+            flops = step_flops + (target_flops if mode == "online" else 0.0)
+            row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised,
+                   "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul,
+                   "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
+                   "compile_s": compile_s, "planned_gib": planned / 2**30,
+                   "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
+            results["modes"][name] = row
+            logger.info(f"{name}: {json.dumps(row)}")
+
+    print(f"\n{args.preset} draft training, S={s}, {args.anchors} anchors, device {results['device']}")
     if "split_ms" in results:
-        print("split (one micro-step, ms): " + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
-    print(f"model FLOPs per micro-step: draft {step_flops / 1e12:.1f} T, target forward {target_flops / 1e12:.1f} T")
-    print(f"{'mode/attn/tile':20} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
+        print(f"split ({args.algorithms[0]}, one micro-step, ms): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in results["split_ms"].items()))
+    for algorithm, info in results["algorithms"].items():
+        print(f"{algorithm} model FLOPs per micro-step: draft {info['draft_step_flops'] / 1e12:.1f} T, "
+              f"target forward {info['target_forward_flops'] / 1e12:.1f} T")
+    print(f"{'algo/mode/attn/tile':27} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
           f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9}")
     for mode, row in results["modes"].items():
-        print(f"{mode:20} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
+        print(f"{mode:27} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
               f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['compile_s']:9.1f} "
               f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f}")
     if args.json:

@@ -7,7 +7,8 @@
   computes features inside the step) or over a target cache (offline mode), sent to the device
   one at a time: each is a jitted call that adds its gradients to sums kept on the device, and
   one more call applies AdamW (so the host never holds a whole update's batch);
-- `<output_dir>/metrics.jsonl` (one JSON object per logging step), TensorBoard events under
+- `<output_dir>/metrics.jsonl` (one JSON object per logging step: the losses and acceptance
+  metrics, supervised tokens/s, and the host process's peak resident memory), TensorBoard events under
   `<output_dir>/tensorboard`, a progress bar with ETA;
 - orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
   under `<output_dir>/checkpoints` (async, keep-N); a run restarts from the latest one, and
@@ -22,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import time
 
 import jax
@@ -177,16 +179,22 @@ def setup(config: TrainConfig, devices=None) -> Run:
     state, frozen = initial_state(draft_config, target, optimizer, mesh, config.seed)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     draft = Draft(draft_config, None, jnp.dtype(config.dtype), mesh)
-    weights = (LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma,
-                           config.loss_vocab_tile)
-               if config.algorithm == "dspark" else LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma,
-                                                                config.loss_vocab_tile))
-    pieces = make_micro_steps(draft, optimizer, schedule, weights, target=target if config.target_mode == "online"
-                              else None, state_shardings=state_shardings)
+    pieces = make_micro_steps(draft, optimizer, schedule, loss_weights(config),
+                              target=target if config.target_mode == "online" else None,
+                              state_shardings=state_shardings)
     steps = MicroSteps(jax.jit(pieces.zeros), jax.jit(pieces.accumulate, donate_argnums=0),
                        jax.jit(functools.partial(pieces.apply, accumulation=config.accumulation_steps),
                                donate_argnums=0))
     return Run(config, mesh, target, draft, frozen, dataset, len(source), total, steps, state)
+
+
+def loss_weights(config: TrainConfig) -> LossWeights:
+    """The recipe's block-loss terms: DSpark's three alphas; DFlash trains on cross-entropy alone
+    (Eagle3's TTT loss takes none of them)."""
+    if config.algorithm == "dspark":
+        return LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma,
+                           config.loss_vocab_tile)
+    return LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma, config.loss_vocab_tile)
 
 
 def initial_state(draft_config, target, optimizer, mesh, seed: int) -> tuple[dict, dict]:
@@ -270,6 +278,11 @@ def _summarise(window: dict) -> dict:
     return {name: float(num) / float(den) if den else 0.0 for name, (num, den) in window.items()}
 
 
+def host_peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def write_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> None:
     """One TensorBoard event with every scalar of a logging step, tagged as in metrics.jsonl
     (written as a summary: `add_scalar` would rename accept_rate@j to accept_rate_j)."""
@@ -302,6 +315,7 @@ def train(config: TrainConfig, *, devices=None) -> Run:
             window = jax.device_get(window)
             row = {"step": done, **_summarise({k: v for k, v in window.items() if k != "loss_tokens"})}
             row["loss_tokens_per_s"] = float(window["loss_tokens"][0]) / (time.perf_counter() - clock)
+            row["host_peak_rss_gib"] = host_peak_rss_gib()
             window, clock = None, time.perf_counter()
             if is_main:
                 metrics_file.write(json.dumps(row) + "\n")
