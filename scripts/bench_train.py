@@ -1,16 +1,16 @@
 """Training throughput of the Qwen3-4B DSpark and DFlash recipe shapes on one GPU, in both target modes.
 
     python scripts/bench_train.py --modes offline online
-    python scripts/bench_train.py --skip-split --modes offline --attention xla pallas --vocab-tile 0 16384
-    python scripts/bench_train.py --skip-split --algorithms dspark dflash --attention pallas --vocab-tile 16384
+    python scripts/bench_train.py --skip-split --modes offline --attention xla pallas --loss-chunk 0 512
+    python scripts/bench_train.py --skip-split --algorithms dspark dflash --attention pallas --loss-chunk 512
 
 One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
 supervised draft tokens), random bf16 target weights (step time does not depend on them),
 fp32 master weights and AdamW state, bf16 compute, each algorithm with its recipe's loss terms
 (DSpark: CE + L1 + confidence; DFlash: CE). For each algorithm, mode, `--attention`
 implementation (the recipe key: `pallas` runs the draft's block attention on the Pallas
-kernels) and each `--vocab-tile` (the recipe key `loss_vocab_tile`: 0 builds whole logits, N
-runs the vocabulary-tiled head and losses) it reports:
+kernels) and each `--loss-chunk` (the recipe key `loss_chunk`: 0 builds whole logits, N runs
+the fused head and losses N slots at a time) it reports:
 - the whole train step (`make_train_step`, `--accumulation` micro-steps per AdamW update),
   per micro-step, its compile time, supervised draft tokens/s, XLA's planned memory of the
   step (arguments + outputs + temporaries, less donated buffers) and the process's peak so far;
@@ -19,7 +19,7 @@ runs the vocabulary-tiled head and losses) it reports:
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
   analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
   (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
-The split uses the first algorithm, `--attention` and `--vocab-tile`; `--skip-split` times only the train
+The split uses the first algorithm, `--attention` and `--loss-chunk`; `--skip-split` times only the train
 steps. The peak is the process's so far, so only the planned memory compares variants.
 """
 
@@ -87,8 +87,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["offline", "online"], choices=["offline", "online"])
     parser.add_argument("--attention", nargs="+", default=["xla"], choices=["xla", "cudnn", "pallas"],
                         help="implementations to time (the recipe key `attention`), each in every mode")
-    parser.add_argument("--vocab-tile", nargs="+", type=int, default=[0],
-                        help="the recipe key `loss_vocab_tile` to time (0: whole logits; N: the tiled loss)")
+    parser.add_argument("--loss-chunk", nargs="+", type=int, default=[0],
+                        help="the recipe key `loss_chunk` to time (0: whole logits; N: the fused loss, N slots a pass)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
@@ -131,20 +131,20 @@ def main() -> None:
         if not args.skip_split and "split_ms" not in results:
             def loss(trainable, batch, draft=drafts[args.attention[0]], weights=weights):
                 return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen},
-                                  batch, jax.random.key(0), weights._replace(vocab_tile=args.vocab_tile[0]))
+                                  batch, jax.random.key(0), weights._replace(chunk=args.loss_chunk[0]))
 
             results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
                                              offline_micro, args.anchors)
 
-        for mode, impl, tile in itertools.product(args.modes, args.attention, args.vocab_tile):
+        for mode, impl, chunk in itertools.product(args.modes, args.attention, args.loss_chunk):
             batch = offline_micro if mode == "offline" else micro
             stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
-            step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(vocab_tile=tile),
+            step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(chunk=chunk),
                                            target=with_attention(impl) if mode == "online" else None),
                            donate_argnums=0)
             state = optimizer_state(optimizer, own)
-            name = f"{algorithm}/{mode}/{impl}/{tile or 'whole'}"
-            logger.info(f"train step {name} (algorithm/mode/attention/vocabulary tile)")
+            name = f"{algorithm}/{mode}/{impl}/{chunk or 'whole'}"
+            logger.info(f"train step {name} (algorithm/mode/attention/loss chunk)")
             start = time.perf_counter()
             compiled = step.lower(state, frozen, target.params, stacked).compile()
             compile_s = time.perf_counter() - start
@@ -171,7 +171,7 @@ def main() -> None:
     for algorithm, info in results["algorithms"].items():
         print(f"{algorithm} model FLOPs per micro-step: draft {info['draft_step_flops'] / 1e12:.1f} T, "
               f"target forward {info['target_forward_flops'] / 1e12:.1f} T")
-    print(f"{'algo/mode/attn/tile':27} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
+    print(f"{'algo/mode/attn/chunk':27} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
           f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9}")
     for mode, row in results["modes"].items():
         print(f"{mode:27} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "

@@ -47,8 +47,8 @@ class TrainConfig:
     tv_alpha: float = 0.9
     confidence_alpha: float = 1.0
     step_loss_decay: float = 0.8
-    loss_vocab_tile: int = 0  # DSpark/DFlash: 0 builds whole [slots, V] logits; N computes the head and losses
-    # N vocabulary columns at a time (dspark_jax.training.tiled_loss: far less memory, one more pass over V)
+    loss_chunk: int = 0  # DSpark/DFlash: 0 builds whole [slots, V] logits; N computes the head and losses
+    # N slots at a time, gradients included (dspark_jax.training.fused_loss: [N, V] arrays instead of [slots, V])
     # Optimisation.
     learning_rate: float = 6e-4
     warmup_ratio: float = 0.04
@@ -94,8 +94,8 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"config key 'global_batch_size' ({self.global_batch_size}) must be a multiple of "
                               f"'micro_batch_size' ({self.micro_batch_size})")
-        if self.loss_vocab_tile < 0:
-            raise ConfigError(f"config key 'loss_vocab_tile' must be >= 0, got {self.loss_vocab_tile}")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"config key 'loss_chunk' must be >= 0, got {self.loss_chunk}")
         if self.target_mode == "offline" and not self.cache_dir:
             raise ConfigError("config key 'cache_dir' must be set when target_mode is 'offline'")
 

@@ -9,8 +9,8 @@ its target distribution is the target's own next-token distribution at position 
     conf = BCE(c, alpha*),  alpha* = clip(1 - tv / 2, 0, 1) (soft label, no gradient)
 weighted by w_j = eval_mask_j * exp(-j / loss_decay_gamma), and each term is normalised by the
 sum of weights over the whole micro-batch (the reference's global denominator). With
-`LossWeights.vocab_tile` the ce and tv terms come from `tiled_loss` instead, which never builds
-the [slots, V] logits.
+`LossWeights.chunk` the LM head, ce and tv come from `fused_loss` instead, a chunk of slots at a
+time, which never builds the [slots, V] logits.
 
 Eagle3: the training-time-test unroll; step k at position t is trained with a soft cross-
 entropy against the target distribution at t+k+1, masked by the loss mask shifted k places,
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.models.layers import lm_logits
-from dspark_jax.training.tiled_loss import tiled_block_losses
+from dspark_jax.training.fused_loss import fused_block_losses
 
 EPS = 1e-6
 
@@ -40,7 +40,7 @@ class LossWeights(NamedTuple):
     tv: float = 0.9
     confidence: float = 1.0
     decay_gamma: float = 4.0  # w_j = exp(-j / decay_gamma)
-    vocab_tile: int = 0  # 0: whole [slots, V] logits; N: `tiled_loss`, N vocabulary columns at a time
+    chunk: int = 0  # 0: whole [slots, V] logits; N: `fused_loss`, N slots' logits at a time
 
 
 def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +79,7 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
     s, g = ids.shape[1], cfg.block_size
     anchors, keep = sample_anchors(key, mask, cfg.num_anchors)  # [B, A]
-    if weights.vocab_tile:
+    if weights.chunk:
         hidden, vec, conf = draft.block_head_inputs(params, batch["features"], ids, anchors, keep)  # conf: [B, A, G]
     else:
         logits, conf, _ = draft.block_forward(params, batch["features"], ids, anchors, keep)  # [B, A, G, V], [B, A, G]
@@ -94,24 +94,25 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     w = eval_mask * jnp.exp(-j / weights.decay_gamma)  # [B, A, G]
 
     aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, A, G, H]
-    if weights.vocab_tile:
+    den = jnp.sum(w)
+    if weights.chunk:
         flat = lambda x: None if x is None else x.reshape(labels.size, x.shape[-1])  # [B, A, G, ...] -> [T, ...]
         w2 = params["markov_head"]["markov_w2"] if vec is not None else None
-        ce, l1 = tiled_block_losses(flat(hidden), flat(aligned), labels.reshape(-1), *frozen_head(params), flat(vec),
-                                    w2, softcap=cfg.layers.final_logit_softcapping, tile=weights.vocab_tile)
+        scaled = (w / (den + EPS)).reshape(-1)  # [T]
+        loss, ce, l1 = fused_block_losses(flat(hidden), flat(aligned), labels.reshape(-1), weights.ce * scaled,
+                                          weights.tv * scaled, *frozen_head(params), flat(vec), w2,
+                                          softcap=cfg.layers.final_logit_softcapping, chunk=weights.chunk)
         ce, l1 = ce.reshape(labels.shape), l1.reshape(labels.shape)  # [B, A, G]
     else:
         target_logits = lm_logits(aligned, *frozen_head(params), cfg.layers.final_logit_softcapping)  # [B, A, G, V]
         log_p = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, A, G]
         l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(target_logits, axis=-1)), axis=-1)  # [B, A, G]
+        loss = weights.ce * jnp.sum(w * ce) / (den + EPS)
+        if weights.tv:
+            loss = loss + weights.tv * jnp.sum(w * l1) / (den + EPS)
     alpha = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
 
-    den = jnp.sum(w)
-    loss_ce, loss_tv = jnp.sum(w * ce) / (den + EPS), jnp.sum(w * l1) / (den + EPS)
-    loss = weights.ce * loss_ce
-    if weights.tv:
-        loss = loss + weights.tv * loss_tv
     metrics = {"ce_loss": (jnp.sum(w * ce), den), "l1_loss": (jnp.sum(w * l1), den)}
     if cfg.confidence_head:
         bce = jnp.maximum(conf, 0) - conf * alpha + jnp.log1p(jnp.exp(-jnp.abs(conf)))

@@ -94,10 +94,10 @@ def numpy_block_loss(p64, config, batch, anchors, keep, weights, fixed_alpha=Non
 
 @pytest.mark.parametrize("algorithm,weights", [
     ("dspark", LossWeights()), ("dflash", LossWeights(1.0, 0.0, 0.0)),
-    ("dspark", LossWeights(vocab_tile=48)), ("dflash", LossWeights(1.0, 0.0, 0.0, vocab_tile=64)),
-], ids=["dspark", "dflash", "dspark-tiled", "dflash-tiled"])
+    ("dspark", LossWeights(chunk=10)), ("dflash", LossWeights(1.0, 0.0, 0.0, chunk=7)),  # of 48 slots
+], ids=["dspark", "dflash", "dspark-fused", "dflash-fused"])
 def test_block_loss_and_gradient_match_float64_reference(algorithm, weights):
-    """Whole-vocabulary logits, and `tiled_loss` with tiles that do not divide the vocabulary."""
+    """Whole-vocabulary logits, and `fused_loss` with chunks that do not divide the slots."""
     draft = make_draft(algorithm)
     batch = make_batch(draft)
     key = jax.random.key(7)

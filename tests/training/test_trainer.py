@@ -56,11 +56,11 @@ def test_eight_devices_match_one_device(tmp_path, algorithm):
 
 def test_training_kernels_give_the_same_trajectory(tmp_path):
     """attention=pallas (the block attention kernels, forward and backward, interpreted here) with
-    the vocabulary-tiled loss, against the XLA path with whole logits: the same 20-step fp32
+    the fused chunked head and losses, against the XLA path with whole logits: the same 20-step fp32
     loss trajectory."""
     cpu = jax.devices("cpu")[:1]
     runs = [small_config(tmp_path, "xla", "max_steps=20"),
-            small_config(tmp_path, "kernels", "max_steps=20", "attention=pallas", "loss_vocab_tile=100")]
+            small_config(tmp_path, "kernels", "max_steps=20", "attention=pallas", "loss_chunk=100")]
     for config in runs:
         train(config, devices=cpu)
     xla, kernels = (np.array([m["loss"] for m in metrics(config)]) for config in runs)
