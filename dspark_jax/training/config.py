@@ -48,7 +48,8 @@ class TrainConfig:
     confidence_alpha: float = 1.0
     step_loss_decay: float = 0.8
     loss_chunk: int = 0  # DSpark/DFlash: 0 builds whole [slots, V] logits; N computes the head and losses
-    # N slots at a time, gradients included (dspark_jax.training.fused_loss: [N, V] arrays instead of [slots, V])
+    # N slots of each sequence at a time, gradients included (dspark_jax.training.fused_loss: [sequences, N, V]
+    # arrays instead of [sequences, slots, V])
     # Optimisation.
     learning_rate: float = 6e-4
     warmup_ratio: float = 0.04

@@ -6,16 +6,16 @@ Z = cap(z_t W), p = softmax(D), q = softmax(Z):
     ce_t = logsumexp(D) - D[y_t]
     l1_t = sum_v |p_v - q_v|
     loss = sum_t a_t ce_t + b_t l1_t        (a, b: the per-slot loss weights)
-exactly as `losses.block_loss` computes them from whole [T, V] logits, but only one chunk's
-[C, V] arrays ever exist. A chunk's softmaxes are whole, so its gradient is known as soon as its
+exactly as `losses.block_loss` computes them from whole [B, T, V] logits, but only one chunk's
+[B, C, V] arrays ever exist. A chunk's softmaxes are whole, so its gradient is known as soon as its
 logits are (the weights a and b come in with the inputs):
     dD = a (p - onehot(y)) + b p (sign(p - q) - S),  S_t = sum_v p_v sign(p_v - q_v)
 and the differentiated forward multiplies it into h (through W and the cap's derivative), m
 and W2 right away, keeping only those gradients for the backward, which scales them by the
 loss's cotangent. That is three vocabulary-sized matmuls per slot (D, Z and dD W^T), as with
-whole logits, and no [T, V] array. Without differentiation only D and Z are computed.
+whole logits, and no [B, T, V] array. Without differentiation only D and Z are computed.
 
-Letters: t/c slots (all, one chunk), h hidden, v vocabulary, r Markov rank.
+Letters: b sequences, c slots of a chunk, h hidden, v vocabulary, r Markov rank.
 """
 
 from __future__ import annotations
@@ -31,52 +31,57 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
                        l1_weight: jax.Array, embed: jax.Array, lm_head: jax.Array | None, vec: jax.Array | None = None,
                        w2: jax.Array | None = None, *, softcap: float | None = None,
                        chunk: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(loss [] fp32, ce [T] fp32, l1 [T] fp32) of T slots. Gradients reach hidden, vec and w2
-    through `loss` only: ce and l1 are values (for metrics), and the frozen LM head, the
-    target's states and the weights get none.
+    """(loss [] fp32, ce [B, T] fp32, l1 [B, T] fp32) of B sequences' T slots. Gradients reach
+    hidden, vec and w2 through `loss` only: ce and l1 are values (for metrics), and the frozen
+    LM head, the target's states and the weights get none.
 
-    hidden, target_hidden: [T, H] final-normed draft and target states; labels: [T] int32;
-    ce_weight, l1_weight: [T] the weights a and b; embed: [V, H] and lm_head: [H, V] or None
-    (tied: logits use embed); vec: [T, r] and w2: [V, r] the Markov head's vectors and table
-    (None for DFlash); chunk: most slots per step (T is split into equal chunks, the last
-    padded with slots of weight 0).
+    hidden, target_hidden: [B, T, H] final-normed draft and target states; labels: [B, T]
+    int32; ce_weight, l1_weight: [B, T] the weights a and b; embed: [V, H] and lm_head: [H, V]
+    or None (tied: logits use embed); vec: [B, T, r] and w2: [V, r] the Markov head's vectors
+    and table (None for DFlash); chunk: slots of each sequence per step (T is split into equal
+    chunks, the last padded with slots of weight 0). Every step takes all B sequences, so a
+    batch sharded over devices stays sharded: each device holds [its sequences, chunk, V].
     """
-    t = hidden.shape[0]
+    b, t = labels.shape
     if vec is None:
-        vec = jnp.zeros((t, 1), hidden.dtype)
+        vec = jnp.zeros((b, t, 1), hidden.dtype)
         w2 = jnp.zeros((embed.shape[0], 1), hidden.dtype)
     steps = -(-t // min(chunk, t))
     size = -(-t // steps)
 
-    def chunked(x):  # [T, ...] -> [steps, size, ...]
-        x = jnp.pad(x, ((0, steps * size - t),) + ((0, 0),) * (x.ndim - 1))
-        return x.reshape((steps, size) + x.shape[1:])
+    def chunked(x):  # [B, T, ...] -> [steps, B, size, ...]
+        x = jnp.pad(x, ((0, 0), (0, steps * size - t)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, steps, size) + x.shape[2:]), 1, 0)
+
+    def unchunked(x):  # [steps, B, size] -> [B, T]
+        return jnp.moveaxis(x, 0, 1).reshape(b, steps * size)[:, :t]
 
     head = (embed if lm_head is None else lm_head).astype(hidden.dtype)  # [V, H] tied, else [H, V]
     loss, ce, l1 = _fused(chunked(hidden), chunked(vec), w2, chunked(target_hidden), chunked(labels),
                           chunked(ce_weight.astype(jnp.float32)), chunked(l1_weight.astype(jnp.float32)), head,
                           lm_head is None, softcap)
-    return loss, lax.stop_gradient(ce.reshape(-1)[:t]), lax.stop_gradient(l1.reshape(-1)[:t])
+    return loss, lax.stop_gradient(unchunked(ce)), lax.stop_gradient(unchunked(l1))
 
 
 def _chunk(h, vec, w2, z, labels, head, tied, softcap):
-    """One chunk: (ce [C], l1 [C], p [C, V], q [C, V], cap's slope on D's LM-head part or None)."""
-    project = functools.partial(jnp.einsum, "ch,vh->cv" if tied else "ch,hv->cv", preferred_element_type=jnp.float32)
-    d, y = project(h, head), project(z, head)  # [C, V]
+    """One chunk: (ce [B, C], l1 [B, C], p [B, C, V], q [B, C, V], cap's slope on D's LM-head part or None)."""
+    project = functools.partial(jnp.einsum, "bch,vh->bcv" if tied else "bch,hv->bcv",
+                                preferred_element_type=jnp.float32)
+    d, y = project(h, head), project(z, head)  # [B, C, V]
     slope = None
     if softcap is not None:
         d, y = softcap * jnp.tanh(d / softcap), softcap * jnp.tanh(y / softcap)
         slope = 1.0 - jnp.square(d / softcap)
-    d = d + jnp.einsum("cr,vr->cv", vec, w2.astype(vec.dtype), preferred_element_type=jnp.float32)
+    d = d + jnp.einsum("bcr,vr->bcv", vec, w2.astype(vec.dtype), preferred_element_type=jnp.float32)
     log_p, log_q = jax.nn.log_softmax(d, axis=-1), jax.nn.log_softmax(y, axis=-1)
     p, q = jnp.exp(log_p), jnp.exp(log_q)
-    ce = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
     return ce, jnp.sum(jnp.abs(p - q), axis=-1), p, q, slope
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _fused(h, vec, w2, z, labels, a, b, head, tied, softcap):
-    """Chunked inputs ([steps, C, ...]) -> (loss, ce [steps, C], l1 [steps, C])."""
+    """Chunked inputs ([steps, B, C, ...]) -> (loss, ce [steps, B, C], l1 [steps, B, C])."""
     ce, l1 = lax.map(lambda x: _chunk(x[0], x[1], w2, x[2], x[3], head, tied, softcap)[:2], (h, vec, z, labels))
     return jnp.sum(a * ce + b * l1), ce, l1
 
@@ -86,13 +91,13 @@ def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap):
         h, vec, z, labels, a, b = x
         ce, l1, p, q, slope = _chunk(h, vec, w2, z, labels, head, tied, softcap)
         sign = jnp.sign(p - q)
-        s = jnp.sum(p * sign, axis=-1)  # [C]
-        onehot = jnp.arange(p.shape[-1]) == labels[:, None]
-        grad = a[:, None] * (p - onehot) + b[:, None] * p * (sign - s[:, None])  # [C, V] dLoss/dD
+        s = jnp.sum(p * sign, axis=-1)  # [B, C]
+        onehot = jnp.arange(p.shape[-1]) == labels[..., None]
+        grad = a[..., None] * (p - onehot) + b[..., None] * p * (sign - s[..., None])  # [B, C, V] dLoss/dD
         raw = (grad if slope is None else grad * slope).astype(head.dtype)
-        dh = jnp.einsum("cv,vh->ch" if tied else "cv,hv->ch", raw, head, preferred_element_type=jnp.float32)
-        dvec = jnp.einsum("cv,vr->cr", grad.astype(w2.dtype), w2, preferred_element_type=jnp.float32)
-        dw2 = dw2 + jnp.einsum("cv,cr->vr", grad.astype(vec.dtype), vec, preferred_element_type=jnp.float32)
+        dh = jnp.einsum("bcv,vh->bch" if tied else "bcv,hv->bch", raw, head, preferred_element_type=jnp.float32)
+        dvec = jnp.einsum("bcv,vr->bcr", grad.astype(w2.dtype), w2, preferred_element_type=jnp.float32)
+        dw2 = dw2 + jnp.einsum("bcv,bcr->vr", grad.astype(vec.dtype), vec, preferred_element_type=jnp.float32)
         return dw2, (ce, l1, dh, dvec)
 
     dw2, (ce, l1, dh, dvec) = lax.scan(step, jnp.zeros(w2.shape, jnp.float32), (h, vec, z, labels, a, b))

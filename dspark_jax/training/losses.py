@@ -40,7 +40,7 @@ class LossWeights(NamedTuple):
     tv: float = 0.9
     confidence: float = 1.0
     decay_gamma: float = 4.0  # w_j = exp(-j / decay_gamma)
-    chunk: int = 0  # 0: whole [slots, V] logits; N: `fused_loss`, N slots' logits at a time
+    chunk: int = 0  # 0: whole [slots, V] logits; N: `fused_loss`, N slots of each sequence at a time
 
 
 def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
@@ -96,10 +96,11 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
     aligned = jnp.take_along_axis(batch["last_hidden"][:, None], (label_pos - 1)[..., None], axis=2)  # [B, A, G, H]
     den = jnp.sum(w)
     if weights.chunk:
-        flat = lambda x: None if x is None else x.reshape(labels.size, x.shape[-1])  # [B, A, G, ...] -> [T, ...]
+        b, slots = ids.shape[0], labels.shape[1] * g
+        flat = lambda x: None if x is None else x.reshape((b, slots) + x.shape[3:])  # [B, A, G, ...] -> [B, A*G, ...]
         w2 = params["markov_head"]["markov_w2"] if vec is not None else None
-        scaled = (w / (den + EPS)).reshape(-1)  # [T]
-        loss, ce, l1 = fused_block_losses(flat(hidden), flat(aligned), labels.reshape(-1), weights.ce * scaled,
+        scaled = flat(w / (den + EPS))
+        loss, ce, l1 = fused_block_losses(flat(hidden), flat(aligned), flat(labels), weights.ce * scaled,
                                           weights.tv * scaled, *frozen_head(params), flat(vec), w2,
                                           softcap=cfg.layers.final_logit_softcapping, chunk=weights.chunk)
         ce, l1 = ce.reshape(labels.shape), l1.reshape(labels.shape)  # [B, A, G]

@@ -10,16 +10,17 @@ import pytest
 
 from dspark_jax.training.fused_loss import fused_block_losses
 
-T, H, V, R = 10, 12, 97, 5
+B, T, H, V, R = 2, 10, 12, 97, 5
 
 
 def inputs(seed, tied):
     rng = np.random.default_rng(seed)
     normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
-    return dict(hidden=normal(T, H), target_hidden=normal(T, H), labels=jnp.asarray(rng.integers(0, V, T), jnp.int32),
-                embed=normal(V, H), lm_head=None if tied else normal(H, V), vec=normal(T, R),
-                w2=normal(V, R, scale=0.5), ce_weight=jnp.asarray(rng.uniform(0, 1, T), jnp.float32),
-                l1_weight=jnp.asarray(rng.uniform(0, 1, T) * (rng.uniform(size=T) > 0.3), jnp.float32))
+    return dict(hidden=normal(B, T, H), target_hidden=normal(B, T, H),
+                labels=jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32), embed=normal(V, H),
+                lm_head=None if tied else normal(H, V), vec=normal(B, T, R), w2=normal(V, R, scale=0.5),
+                ce_weight=jnp.asarray(rng.uniform(0, 1, (B, T)), jnp.float32),
+                l1_weight=jnp.asarray(rng.uniform(0, 1, (B, T)) * (rng.uniform(size=(B, T)) > 0.3), jnp.float32))
 
 
 def whole_vocabulary(x, softcap):
@@ -28,7 +29,7 @@ def whole_vocabulary(x, softcap):
     cap = (lambda z: z) if softcap is None else (lambda z: softcap * jnp.tanh(z / softcap))
     d, z = cap(x["hidden"] @ head) + x["vec"] @ x["w2"].T, cap(x["target_hidden"] @ head)
     log_p = jax.nn.log_softmax(d, axis=-1)
-    ce = -jnp.take_along_axis(log_p, x["labels"][:, None], axis=-1)[:, 0]
+    ce = -jnp.take_along_axis(log_p, x["labels"][..., None], axis=-1)[..., 0]
     l1 = jnp.sum(jnp.abs(jnp.exp(log_p) - jax.nn.softmax(z, axis=-1)), axis=-1)
     return jnp.sum(x["ce_weight"] * ce + x["l1_weight"] * l1), ce, l1
 
@@ -38,11 +39,12 @@ def float64(x, softcap):
     head = x64["embed"].T if x64["lm_head"] is None else x64["lm_head"]
     cap = (lambda z: z) if softcap is None else (lambda z: softcap * np.tanh(z / softcap))
     d, z = cap(x64["hidden"] @ head) + x64["vec"] @ x64["w2"].T, cap(x64["target_hidden"] @ head)
-    p = np.exp(d - d.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    q = np.exp(z - z.max(1, keepdims=True))
-    q /= q.sum(1, keepdims=True)
-    ce, l1 = -np.log(p[np.arange(T), x64["labels"].astype(int)]), np.abs(p - q).sum(1)
+    p = np.exp(d - d.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(z - z.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    ce = -np.log(np.take_along_axis(p, x64["labels"].astype(int)[..., None], axis=-1)[..., 0])
+    l1 = np.abs(p - q).sum(-1)
     return np.sum(x64["ce_weight"] * ce + x64["l1_weight"] * l1), ce, l1
 
 
@@ -53,7 +55,7 @@ def fused(x, softcap, chunk):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
-@pytest.mark.parametrize("chunk", [3, 4, 10, 64])  # 10 slots: 4 x 3 and 3 x 4 padded, one chunk, one wider
+@pytest.mark.parametrize("chunk", [3, 4, 10, 64])  # 10 slots a sequence: 4 x 3 and 3 x 4 padded, one, wider
 def test_fused_losses_and_gradients_equal_whole_vocabulary(tied, softcap, chunk):
     x = inputs(0, tied)
     f = fused(x, softcap, chunk)
@@ -77,12 +79,12 @@ def test_without_a_markov_head_the_logits_are_the_lm_heads():
     x = inputs(2, tied=False)
     loss, ce, l1 = fused_block_losses(x["hidden"], x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
                                       x["embed"], x["lm_head"], chunk=4)
-    want_loss, want_ce, want_l1 = float64({**x, "vec": np.zeros((T, R)), "w2": np.zeros((V, R))}, None)
+    want_loss, want_ce, want_l1 = float64({**x, "vec": np.zeros((B, T, R)), "w2": np.zeros((V, R))}, None)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
     np.testing.assert_allclose(l1, want_l1, rtol=1e-5)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     got = jax.grad(lambda h: fused_block_losses(h, x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
                                                 x["embed"], x["lm_head"], chunk=4)[0])(x["hidden"])
-    want = jax.grad(lambda h: whole_vocabulary({**x, "hidden": h, "vec": jnp.zeros((T, R)),
+    want = jax.grad(lambda h: whole_vocabulary({**x, "hidden": h, "vec": jnp.zeros((B, T, R)),
                                                 "w2": jnp.zeros((V, R))}, None)[0])(x["hidden"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))

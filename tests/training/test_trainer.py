@@ -17,10 +17,9 @@ import pytest
 from dspark_jax import load_draft
 from dspark_jax.data.target_cache import CacheError
 from dspark_jax.training.config import load_config
-from dspark_jax.training.losses import LossWeights
 from dspark_jax.training.optim import make_optimizer
 from dspark_jax.training.step import make_train_step
-from dspark_jax.training.trainer import _update, checkpointer, prepare_cache, restore, setup, train
+from dspark_jax.training.trainer import _update, checkpointer, loss_weights, prepare_cache, restore, setup, train
 from tests.helpers import tiny_path
 from tests.training.tensorboard_records import scalars
 
@@ -69,9 +68,10 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
 
 
 def test_training_kernels_split_over_a_mesh(tmp_path):
-    """attention=pallas on data=2 x fsdp=2 x tensor=2 (each device's sequences through the
-    kernels, interpreted) against one device: the same 5-step fp32 loss trajectory."""
-    extra = ["max_steps=5", "attention=pallas"]
+    """attention=pallas and the fused loss on data=2 x fsdp=2 x tensor=2 (each device's sequences
+    through the kernels, interpreted, and through the loss's chunks) against one device: the same
+    5-step fp32 loss trajectory."""
+    extra = ["max_steps=5", "attention=pallas", "loss_chunk=20"]
     one = small_config(tmp_path, "one", *extra, "mesh_data=1")
     eight = small_config(tmp_path, "eight", *extra, "mesh_data=2", "mesh_fsdp=2", "mesh_tensor=2")
     cpus = jax.devices("cpu")
@@ -88,8 +88,7 @@ def test_micro_batches_fed_one_at_a_time_equal_the_one_program_step(tmp_path):
     config = small_config(tmp_path, "pieces", "global_batch_size=24")  # 3 micro-batches
     run = setup(config, devices=jax.devices("cpu")[:1])
     optimizer, schedule = make_optimizer(config, run.total_steps)
-    weights = LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma)
-    step = jax.jit(make_train_step(run.draft, optimizer, schedule, weights, target=run.target))  # online mode
+    step = jax.jit(make_train_step(run.draft, optimizer, schedule, loss_weights(config), target=run.target))  # online mode
     stacked = {k: np.stack([run.dataset[i][k] for i in range(3)]) for k in run.dataset[0]}
     state, metrics = step(jax.tree.map(jnp.copy, run.state), run.frozen, run.target.params, stacked)
     fed = _update(run, 0)
