@@ -109,10 +109,10 @@ class DraftModel:
         return self._heads(params, hidden, prev) + (hidden,)
 
     def block_head_inputs(self, params, features, tokens, anchors, keep):
-        """`block_forward` without the vocabulary-sized logits, for losses that compute them tile
-        by tile. Returns (hidden [B, A, G, H], the Markov vectors fed to markov_w2 [B, A, G, r]
-        or None without a Markov head, confidence logits [B, A, G] fp32): the draft logits are
-        lm_logits(hidden) + vectors @ markov_w2.T."""
+        """`block_forward` without the vocabulary-sized logits, for losses that compute them a
+        chunk at a time (training.fused_loss). Returns (hidden [B, A, G, H], the Markov vectors
+        fed to markov_w2 [B, A, G, r] or None without a Markov head, confidence logits [B, A, G]
+        fp32): the draft logits are lm_logits(hidden) + vectors @ markov_w2.T."""
         hidden, prev = self._teacher_forced_blocks(params, features, tokens, anchors, keep)
         own, _, _ = split_params(params)
         vec, conf = self.module.apply({"params": own}, hidden, prev, method=BlockDrafter.head_inputs)
