@@ -13,7 +13,8 @@ kernels) and each `--loss-chunk` (the recipe key `loss_chunk`: 0 builds whole lo
 the fused head and losses N slots at a time) it reports:
 - the whole train step (`make_train_step`, `--accumulation` micro-steps per AdamW update),
   per micro-step, its compile time, supervised draft tokens/s, XLA's planned memory of the
-  step (arguments + outputs + temporaries, less donated buffers) and the process's peak so far;
+  step (arguments + outputs + temporaries, less donated buffers), the process's peak so far, and
+  the CE of the first update (chunked and whole losses must agree);
 - the split: draft forward (backbone), + LM head and losses, + backward, AdamW update, and
   online the target forward, each timed as its own jitted function;
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
@@ -155,8 +156,9 @@ def main() -> None:
             per_micro = per_step / a
             _, metrics = compiled(optimizer_state(optimizer, own), frozen, target.params, stacked)
             supervised = float(metrics["block_supervised_tokens"][0]) / a
+            ce = float(metrics["ce_loss"][0] / metrics["ce_loss"][1])
             flops = step_flops + (target_flops if mode == "online" else 0.0)
-            row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised,
+            row = {"micro_step_ms": per_micro * 1e3, "supervised_tokens": supervised, "ce_loss": ce,
                    "tokens_per_s": supervised / per_micro, "mfu_measured": flops / per_micro / matmul,
                    "mfu_datasheet": flops / per_micro / DATASHEET_FLOPS,
                    "compile_s": compile_s, "planned_gib": planned / 2**30,
@@ -172,11 +174,11 @@ def main() -> None:
         print(f"{algorithm} model FLOPs per micro-step: draft {info['draft_step_flops'] / 1e12:.1f} T, "
               f"target forward {info['target_forward_flops'] / 1e12:.1f} T")
     print(f"{'algo/mode/attn/chunk':27} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
-          f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9}")
+          f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9} {'CE':>8}")
     for mode, row in results["modes"].items():
         print(f"{mode:27} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
               f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['compile_s']:9.1f} "
-              f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f}")
+              f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f} {row['ce_loss']:8.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
