@@ -43,9 +43,6 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
     batch sharded over devices stays sharded: each device holds [its sequences, chunk, V].
     """
     b, t = labels.shape
-    if vec is None:
-        vec = jnp.zeros((b, t, 1), hidden.dtype)
-        w2 = jnp.zeros((embed.shape[0], 1), hidden.dtype)
     steps = -(-t // min(chunk, t))
     size = -(-t // steps)
 
@@ -57,14 +54,15 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
         return jnp.moveaxis(x, 0, 1).reshape(b, steps * size)[:, :t]
 
     head = (embed if lm_head is None else lm_head).astype(hidden.dtype)  # [V, H] tied, else [H, V]
-    loss, ce, l1 = _fused(chunked(hidden), chunked(vec), w2, chunked(target_hidden), chunked(labels),
+    loss, ce, l1 = _fused(chunked(hidden), None if vec is None else chunked(vec), w2, chunked(target_hidden), chunked(labels),
                           chunked(ce_weight.astype(jnp.float32)), chunked(l1_weight.astype(jnp.float32)), head,
                           lm_head is None, softcap)
     return loss, lax.stop_gradient(unchunked(ce)), lax.stop_gradient(unchunked(l1))
 
 
 def _chunk(h, vec, w2, z, labels, head, tied, softcap):
-    """One chunk: (ce [B, C], l1 [B, C], p [B, C, V], q [B, C, V], cap's slope on D's LM-head part or None)."""
+    """One chunk: (ce [B, C], l1 [B, C], p [B, C, V], q [B, C, V], cap's slope on D's LM-head part or None).
+    vec and w2 are None without a Markov head."""
     project = functools.partial(jnp.einsum, "bch,vh->bcv" if tied else "bch,hv->bcv",
                                 preferred_element_type=jnp.float32)
     d, y = project(h, head), project(z, head)  # [B, C, V]
@@ -72,7 +70,8 @@ def _chunk(h, vec, w2, z, labels, head, tied, softcap):
     if softcap is not None:
         d, y = softcap * jnp.tanh(d / softcap), softcap * jnp.tanh(y / softcap)
         slope = 1.0 - jnp.square(d / softcap)
-    d = d + jnp.einsum("bcr,vr->bcv", vec, w2.astype(vec.dtype), preferred_element_type=jnp.float32)
+    if vec is not None:
+        d = d + jnp.einsum("bcr,vr->bcv", vec, w2.astype(vec.dtype), preferred_element_type=jnp.float32)
     log_p, log_q = jax.nn.log_softmax(d, axis=-1), jax.nn.log_softmax(y, axis=-1)
     p, q = jnp.exp(log_p), jnp.exp(log_q)
     ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
@@ -82,7 +81,7 @@ def _chunk(h, vec, w2, z, labels, head, tied, softcap):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _fused(h, vec, w2, z, labels, a, b, head, tied, softcap):
     """Chunked inputs ([steps, B, C, ...]) -> (loss, ce [steps, B, C], l1 [steps, B, C])."""
-    ce, l1 = lax.map(lambda x: _chunk(x[0], x[1], w2, x[2], x[3], head, tied, softcap)[:2], (h, vec, z, labels))
+    ce, l1 = lax.map(lambda x: _chunk(*x[:2], w2, *x[2:], head, tied, softcap)[:2], (h, vec, z, labels))
     return jnp.sum(a * ce + b * l1), ce, l1
 
 
@@ -96,20 +95,23 @@ def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap):
         grad = a[..., None] * (p - onehot) + b[..., None] * p * (sign - s[..., None])  # [B, C, V] dLoss/dD
         raw = (grad if slope is None else grad * slope).astype(head.dtype)
         dh = jnp.einsum("bcv,vh->bch" if tied else "bcv,hv->bch", raw, head, preferred_element_type=jnp.float32)
+        if vec is None:
+            return dw2, (ce, l1, dh, None)
         dvec = jnp.einsum("bcv,vr->bcr", grad.astype(w2.dtype), w2, preferred_element_type=jnp.float32)
         dw2 = dw2 + jnp.einsum("bcv,bcr->vr", grad.astype(vec.dtype), vec, preferred_element_type=jnp.float32)
         return dw2, (ce, l1, dh, dvec)
 
-    dw2, (ce, l1, dh, dvec) = lax.scan(step, jnp.zeros(w2.shape, jnp.float32), (h, vec, z, labels, a, b))
-    witness = (jnp.zeros((), h.dtype), jnp.zeros((), vec.dtype), jnp.zeros((), w2.dtype))  # the inputs' dtypes
-    return (jnp.sum(a * ce + b * l1), ce, l1), (dh, dvec, dw2, witness)
+    dw2 = None if w2 is None else jnp.zeros(w2.shape, jnp.float32)
+    dw2, (ce, l1, dh, dvec) = lax.scan(step, dw2, (h, vec, z, labels, a, b))
+    dtypes = jax.tree.map(lambda x: jnp.zeros((), x.dtype), (h, vec, w2))  # the inputs' dtypes
+    return (jnp.sum(a * ce + b * l1), ce, l1), (dh, dvec, dw2, dtypes)
 
 
 def _fused_backward(tied, softcap, residuals, cotangents):
-    dh, dvec, dw2, (h, vec, w2) = residuals
+    dh, dvec, dw2, dtypes = residuals
     g = cotangents[0]  # the loss's; ce and l1 leave through stop_gradient
-    return (g * dh).astype(h.dtype), (g * dvec).astype(vec.dtype), (g * dw2).astype(w2.dtype), None, None, None, \
-        None, None
+    scaled = jax.tree.map(lambda d, x: (g * d).astype(x.dtype), (dh, dvec, dw2), dtypes)
+    return scaled + (None,) * 5
 
 
 _fused.defvjp(_fused_forward, _fused_backward)
