@@ -3,6 +3,8 @@
     python scripts/bench_train.py --modes offline online
     python scripts/bench_train.py --skip-split --modes offline --attention xla pallas --loss-chunk 0 512
     python scripts/bench_train.py --skip-split --algorithms dspark dflash --attention pallas --loss-chunk 512
+    python scripts/bench_train.py --skip-split --algorithms dflash --modes offline --attention pallas \
+        --loss-chunk 512 --profile 2 --hlo hlo/    # where the step's GPU time goes, kernel by kernel
 
 One sequence of S = 4096 tokens per micro-step with 512 anchors x block 7 (about 3,580
 supervised draft tokens), random bf16 target weights (step time does not depend on them),
@@ -31,6 +33,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
 
 import jax
@@ -48,7 +51,7 @@ from dspark_jax.models.target import target_features
 from dspark_jax.training.step import make_train_step
 from dspark_jax.training.trainer import loss_weights
 
-from benchlib import matmul_rate
+from benchlib import kernel_times, matmul_rate, print_kernel_times
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,11 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing each train step, profile STEPS more and print its top GPU kernels per "
+                             "micro-step (needs torch; see benchlib.kernel_times)")
+    parser.add_argument("--hlo", metavar="DIR", help="write each train step's optimised HLO here (the kernels' "
+                                                      "fusion names lead to it)")
     args = parser.parse_args()
 
     target = Target.random(preset(args.preset), dtype="bfloat16")
@@ -165,6 +173,19 @@ def main() -> None:
                    "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
             results["modes"][name] = row
             logger.info(f"{name}: {json.dumps(row)}")
+            if args.hlo:
+                os.makedirs(args.hlo, exist_ok=True)
+                with open(os.path.join(args.hlo, name.replace("/", "_") + ".hlo.txt"), "w") as f:
+                    f.write(compiled.as_text())
+            if args.profile:
+                held = [optimizer_state(optimizer, own)]
+
+                def run():  # one train step, its state carried (the step donates it)
+                    held[0] = compiled(held[0], frozen, target.params, stacked)[0]
+                    jax.block_until_ready(held[0])
+
+                per_micro = {k: (ms / a, count / a) for k, (ms, count) in kernel_times(run, args.profile).items()}
+                print_kernel_times(per_micro, f"{name}, per micro-step", top=40)
 
     print(f"\n{args.preset} draft training, S={s}, {args.anchors} anchors, device {results['device']}")
     if "split_ms" in results:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import re
 import time
 
 import jax
@@ -46,3 +48,37 @@ def announce_bandwidth(setting: str) -> float:
     bandwidth = copy_bandwidth()
     print(f"{jax.devices()[0].device_kind}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); {setting}")
     return bandwidth
+
+
+def kernel_times(run, steps: int) -> dict[str, tuple[float, float]]:
+    """GPU kernel name -> (ms per step, launches per step) over `steps` calls of run(), which
+    must block until its work is done. Needs torch beside jax on a CUDA machine: torch's
+    profiler reads CUPTI's kernel records, which cover every kernel in the process, XLA's
+    included. The names are XLA's fusion names (as in the compiled HLO) or the libraries' own."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    return {e.key: (e.device_time_total / steps / 1e3, e.count / steps)
+            for e in prof.key_averages() if e.device_time_total}
+
+
+def print_kernel_times(times: dict[str, tuple[float, float]], title: str, top: int, group: bool = False) -> None:
+    """The `top` kernels by time, after the total; `group` strips the per-instance number
+    (gemm_fusion_dot.17 -> gemm_fusion_dot) and sums each name's kernels."""
+    if group:
+        grouped = collections.defaultdict(lambda: [0.0, 0.0])
+        for name, (ms, count) in times.items():
+            key = re.sub(r"[_.]\d+$", "", name)
+            grouped[key][0] += ms
+            grouped[key][1] += count
+        times = {k: tuple(v) for k, v in grouped.items()}
+    total = sum(ms for ms, _ in times.values())
+    launches = sum(count for _, count in times.values())
+    print(f"{title}: {total:.3f} ms of kernel time and {launches:.0f} kernels per step")
+    for name, (ms, count) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{ms:8.3f} ms {count:6.0f}x  {name[:100]}")

@@ -2,25 +2,22 @@
 
     python scripts/profile_decode.py --preset qwen3-4b --batch 1
 
-Needs torch beside jax on a CUDA machine: torch's profiler reads CUPTI's kernel records,
-which cover every kernel in the process, XLA's included. Kernels are grouped by name with
-the per-instance number stripped (gemm_fusion_dot.17 -> gemm_fusion_dot).
+Needs torch beside jax on a CUDA machine (benchlib.kernel_times). Kernels are grouped by name
+with the per-instance number stripped (gemm_fusion_dot.17 -> gemm_fusion_dot).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
-import torch
-from torch.profiler import ProfilerActivity, profile
 
 from dspark_jax import Target
 from dspark_jax.models.presets import preset
+
+from benchlib import kernel_times, print_kernel_times
 
 
 def main() -> None:
@@ -42,28 +39,14 @@ def main() -> None:
         logits, _, _, new = target.extend(params, cache, tokens, jnp.ones(tokens.shape[:1], jnp.int32))
         return jnp.argmax(logits[:, 0], axis=-1)[:, None].astype(jnp.int32), new.rollback(cache.lengths)
 
-    tokens = jnp.zeros((args.batch, 1), jnp.int32)
-    for _ in range(3):
-        tokens, cache = decode(target.params, cache, tokens)
-    tokens.block_until_ready()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            tokens, cache = decode(target.params, cache, tokens)
-        tokens.block_until_ready()
-        torch.cuda.synchronize()
+    state = [jnp.zeros((args.batch, 1), jnp.int32), cache]  # (tokens, cache), carried from step to step
 
-    totals = collections.defaultdict(lambda: [0.0, 0.0])  # name -> [ms per step, launches per step]
-    for event in prof.key_averages():
-        if event.device_time_total:
-            name = re.sub(r"[_.]\d+$", "", event.key)
-            totals[name][0] += event.device_time_total / args.steps / 1e3
-            totals[name][1] += event.count / args.steps
-    ms = sum(t for t, _ in totals.values())
-    launches = sum(c for _, c in totals.values())
-    print(f"{args.preset} batch {args.batch} context {args.context}: {ms:.3f} ms of kernel time and "
-          f"{launches:.0f} kernels per decode step")
-    for name, (t, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
-        print(f"{t:8.3f} ms {count:6.0f}x  {name[:100]}")
+    def run():
+        state[:] = decode(target.params, state[1], state[0])
+        state[0].block_until_ready()
+
+    print_kernel_times(kernel_times(run, args.steps), f"{args.preset} batch {args.batch} context {args.context}",
+                       args.top, group=True)
 
 
 if __name__ == "__main__":
