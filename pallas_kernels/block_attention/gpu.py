@@ -9,13 +9,17 @@ row, `keep` is 1 for a real slot of a kept block. A query tile is `block_q` rows
 - `forward`, one program per (sequence, query head, query tile): it walks the context `block_k`
   keys at a time up to the tile's largest `ctx`, then takes the tile's own [block_q, block_q]
   block-diagonal scores, with an online softmax in fp32. It writes the output and each row's
-  log-sum-exp.
+  log-sum-exp. Tiles are launched last first: anchors ascend, so the last tiles see the most
+  context, and starting them first keeps the longest programs off the end of the launch.
 - `backward_queries`, the same grid: it recomputes each step's probabilities from the
   log-sum-exp and accumulates dQ; from the block-diagonal step it also writes the gradients of
   the blocks' own keys and values for this query head (summed over a group in XLA).
-- `backward_context`, one program per (sequence, KV head, `block_k` context keys): it takes only
-  the query tiles that see these keys (a schedule made in XLA: tiles whose largest `ctx` passes
-  the keys' first slot) for each of the group's query heads, and accumulates dK and dV.
+- `backward_context`, one program per (sequence, query head, `block_k` context keys): it takes
+  only the query tiles that see these keys (a schedule made in XLA: tiles whose largest `ctx`
+  passes the keys' first slot) and accumulates this query head's share of dK and dV, summed over
+  the group in XLA. (One program per KV head walking all of its group's heads would do 4x the
+  steps in its longest program for GQA 4: the first keys are seen by every tile, and that one
+  program would set the kernel's time.)
 
 Scores are never written to memory; the backward is FlashAttention-2's (dS = P (dP - delta),
 delta = rowsum(dO * O)). Triton's rules apply (power-of-two blocks, `dot` on at least 16 x 16);
@@ -126,27 +130,38 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ctx_ref, keep_ref, kc_ref, vc_
 def _dkv_kernel(tiles_ref, count_ref, q_ref, do_ref, lse_ref, delta_ref, ctx_ref, kc_ref, vc_ref, dk_ref, dv_ref,
                 *, block_q: int, scale: float):
     """tiles_ref [T]: the query tiles that see this step's keys first, count_ref [1] how many;
-    q_ref, do_ref [R, rows, D] and lse_ref, delta_ref [R, rows] the KV head's R query heads;
-    ctx_ref [rows]; kc_ref, vc_ref [block_k, D] this program's context keys; dk_ref, dv_ref
-    [block_k, D]."""
+    q_ref, do_ref [rows, D] and lse_ref, delta_ref [rows] one query head's; ctx_ref [rows];
+    kc_ref, vc_ref [block_k, D] this program's context keys of that head's KV head; dk_ref,
+    dv_ref [block_k, D] fp32 this query head's share of their gradients."""
     k, v = kc_ref[...], vc_ref[...]
     block_k, d = k.shape
     first = pl.program_id(2) * block_k
-    count = count_ref[0]
 
     def body(i, carry):
         dk, dv = carry
-        head = i // count
-        rows = pl.ds(tiles_ref[i % count] * block_q, block_q)
-        q, do = q_ref[head, rows, :], do_ref[head, rows, :]
+        rows = pl.ds(tiles_ref[i] * block_q, block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
         visible = first + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1) < ctx_ref[rows][:, None]
-        p, ds = _grad_scores(q, do, lse_ref[head, rows], delta_ref[head, rows], k, v, visible, scale)
+        p, ds = _grad_scores(q, do, lse_ref[rows], delta_ref[rows], k, v, visible, scale)
         return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv + _dot(p.astype(do.dtype), do, trans_a=True)
 
     zeros = jnp.zeros((block_k, d), jnp.float32)
-    dk, dv = lax.fori_loop(0, q_ref.shape[0] * count, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk, dv = lax.fori_loop(0, count_ref[0], body, (zeros, zeros))
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
+
+
+def _tile_specs(rows: int, m: int, s: int, d: int, group: int):
+    """BlockSpecs of the (sequence, query head, query tile) grid, the last tile first: a tile's
+    [m, D] rows of a head, its [m] per-head values, its [m] per-row values, its KV head's whole
+    [S, D] context, and the tile's own-block [m, D] keys or values of that KV head."""
+    last = rows // m - 1
+    tile = pl.BlockSpec((None, None, m, d), lambda i, h, t: (i, h, last - t, 0))
+    tile_row = pl.BlockSpec((None, None, m), lambda i, h, t: (i, h, last - t))
+    per_row = pl.BlockSpec((None, m), lambda i, h, t: (i, last - t))
+    context = pl.BlockSpec((None, None, s, d), lambda i, h, t: (i, h // group, 0, 0))
+    own = pl.BlockSpec((None, None, m, d), lambda i, h, t: (i, h // group, last - t, 0))
+    return tile, tile_row, per_row, context, own
 
 
 def _params(blocks: Blocks):
@@ -161,16 +176,13 @@ def forward(q, ctx, keep, k_ctx, v_ctx, k_blk, v_blk, *, slots: int, blocks: Blo
     b, n, rows, d = q.shape
     kv_heads, s = k_ctx.shape[1], k_ctx.shape[2]
     group, m = n // kv_heads, blocks.block_q
-    tile = lambda i, h, t: (i, h, t, 0)
-    context = pl.BlockSpec((None, None, s, d), lambda i, h, t: (i, h // group, 0, 0))
-    own = pl.BlockSpec((None, None, m, d), lambda i, h, t: (i, h // group, t, 0))
-    per_row = pl.BlockSpec((None, m), lambda i, h, t: (i, t))
+    tile, tile_row, per_row, context, own = _tile_specs(rows, m, s, d, group)
     kernel = functools.partial(_forward_kernel, slots=slots, block_k=blocks.block_k, scale=scale)
     return pl.pallas_call(
         kernel,
         grid=(b, n, rows // m),
-        in_specs=[pl.BlockSpec((None, None, m, d), tile), per_row, per_row, context, context, own, own],
-        out_specs=[pl.BlockSpec((None, None, m, d), tile), pl.BlockSpec((None, None, m), lambda i, h, t: (i, h, t))],
+        in_specs=[tile, per_row, per_row, context, context, own, own],
+        out_specs=[tile, tile_row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, rows), jnp.float32)],
         compiler_params=_params(blocks),
         interpret=interpret,
@@ -197,11 +209,7 @@ def backward(q, ctx, keep, k_ctx, v_ctx, k_blk, v_blk, out, lse, d_out, *, slots
     kv_heads, s = k_ctx.shape[1], k_ctx.shape[2]
     group, m, bk = n // kv_heads, blocks.block_q, blocks.block_k
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, N, rows]
-    tile = pl.BlockSpec((None, None, m, d), lambda i, h, t: (i, h, t, 0))
-    tile_row = pl.BlockSpec((None, None, m), lambda i, h, t: (i, h, t))
-    per_row = pl.BlockSpec((None, m), lambda i, h, t: (i, t))
-    context = pl.BlockSpec((None, None, s, d), lambda i, h, t: (i, h // group, 0, 0))
-    own = pl.BlockSpec((None, None, m, d), lambda i, h, t: (i, h // group, t, 0))
+    tile, tile_row, per_row, context, own = _tile_specs(rows, m, s, d, group)
     dq, dkb, dvb = pl.pallas_call(
         functools.partial(_dq_kernel, slots=slots, block_k=bk, scale=scale),
         grid=(b, n, rows // m),
@@ -212,22 +220,23 @@ def backward(q, ctx, keep, k_ctx, v_ctx, k_blk, v_blk, out, lse, d_out, *, slots
         interpret=interpret,
         name="block_attention_backward_queries",
     )(q, d_out, lse, delta, ctx, keep, k_ctx, v_ctx, k_blk, v_blk)
-    sum_group = lambda x: jnp.sum(x.reshape(b, kv_heads, group, rows, d), axis=2).astype(k_blk.dtype)
 
     tiles, counts = context_schedule(ctx, m, bk, s // bk)
-    heads = pl.BlockSpec((None, group, rows, d), lambda i, h, j: (i, h, 0, 0))
-    head_rows = pl.BlockSpec((None, group, rows), lambda i, h, j: (i, h, 0))
-    keys = pl.BlockSpec((None, None, bk, d), lambda i, h, j: (i, h, j, 0))
+    head = pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0))
+    head_row = pl.BlockSpec((None, None, rows), lambda i, h, j: (i, h, 0))
+    keys = pl.BlockSpec((None, None, bk, d), lambda i, h, j: (i, h // group, j, 0))
+    head_keys = pl.BlockSpec((None, None, bk, d), lambda i, h, j: (i, h, j, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=m, scale=scale),
-        grid=(b, kv_heads, s // bk),
+        grid=(b, n, s // bk),
         in_specs=[pl.BlockSpec((None, None, rows // m), lambda i, h, j: (i, j, 0)),
                   pl.BlockSpec((None, None, 1), lambda i, h, j: (i, j, 0)),
-                  heads, heads, head_rows, head_rows, pl.BlockSpec((None, rows), lambda i, h, j: (i, 0)), keys, keys],
-        out_specs=[keys, keys],
-        out_shape=[jax.ShapeDtypeStruct(k_ctx.shape, k_ctx.dtype), jax.ShapeDtypeStruct(v_ctx.shape, v_ctx.dtype)],
+                  head, head, head_row, head_row, pl.BlockSpec((None, rows), lambda i, h, j: (i, 0)), keys, keys],
+        out_specs=[head_keys, head_keys],
+        out_shape=[jax.ShapeDtypeStruct((b, n, s, d), jnp.float32)] * 2,
         compiler_params=_params(blocks),
         interpret=interpret,
         name="block_attention_backward_context",
     )(tiles, counts, q, d_out, lse, delta, ctx, k_ctx, v_ctx)
-    return dq, dk, dv, sum_group(dkb), sum_group(dvb)
+    sum_group = lambda x, like: jnp.sum(x.reshape((b, kv_heads, group) + x.shape[2:]), axis=2).astype(like.dtype)
+    return dq, sum_group(dk, k_ctx), sum_group(dv, v_ctx), sum_group(dkb, k_blk), sum_group(dvb, v_blk)
