@@ -22,8 +22,10 @@ the fused head and losses N slots at a time) it reports:
 - model FLOPs of one micro-step (`train_flops`, counted from the shapes: XLA's own cost
   analysis misses the cuBLAS calls), and MFU against the measured bf16 matmul rate
   (`--matmul-size` probe) and against the H100 datasheet 989 TFLOP/s.
-The split uses the first algorithm, `--attention` and `--loss-chunk`; `--skip-split` times only the train
-steps. The peak is the process's so far, so only the planned memory compares variants.
+With a chunk, each `--loss-kernel` (the recipe key `loss_kernel`: `pallas` runs each chunk's
+softmaxes, losses and gradient on pallas_kernels/vocab_loss) is timed too.
+The split uses the first algorithm, `--attention`, `--loss-chunk` and `--loss-kernel`; `--skip-split` times
+only the train steps. The peak is the process's so far, so only the planned memory compares variants.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def main() -> None:
                         help="implementations to time (the recipe key `attention`), each in every mode")
     parser.add_argument("--loss-chunk", nargs="+", type=int, default=[0],
                         help="the recipe key `loss_chunk` to time (0: whole logits; N: the fused loss, N slots a pass)")
+    parser.add_argument("--loss-kernel", nargs="+", default=["xla"], choices=["xla", "pallas"],
+                        help="the recipe key `loss_kernel` to time with each chunk (pallas: pallas_kernels/vocab_loss)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--skip-split", action="store_true", help="time only the train steps (cold compiles)")
     parser.add_argument("--json", help="write the results here")
@@ -140,20 +144,25 @@ def main() -> None:
         if not args.skip_split and "split_ms" not in results:
             def loss(trainable, batch, draft=drafts[args.attention[0]], weights=weights):
                 return block_loss(draft, {**jax.tree.map(lambda p: p.astype(jnp.bfloat16), trainable), **frozen},
-                                  batch, jax.random.key(0), weights._replace(chunk=args.loss_chunk[0]))
+                                  batch, jax.random.key(0),
+                                  weights._replace(chunk=args.loss_chunk[0], kernel=args.loss_kernel[0]))
 
             results["split_ms"] = time_split(drafts[args.attention[0]], own, frozen, loss, optimizer, target, layers,
                                              offline_micro, args.anchors)
 
-        for mode, impl, chunk in itertools.product(args.modes, args.attention, args.loss_chunk):
+        for mode, impl, chunk, kernel in itertools.product(args.modes, args.attention, args.loss_chunk,
+                                                           args.loss_kernel):
+            if not chunk and kernel != args.loss_kernel[0]:
+                continue  # whole logits take no loss kernel
             batch = offline_micro if mode == "offline" else micro
             stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (a,) + x.shape), batch)
-            step = jax.jit(make_train_step(drafts[impl], optimizer, schedule, weights._replace(chunk=chunk),
+            step = jax.jit(make_train_step(drafts[impl], optimizer, schedule,
+                                           weights._replace(chunk=chunk, kernel=kernel),
                                            target=with_attention(impl) if mode == "online" else None),
                            donate_argnums=0)
             state = optimizer_state(optimizer, own)
-            name = f"{algorithm}/{mode}/{impl}/{chunk or 'whole'}"
-            logger.info(f"train step {name} (algorithm/mode/attention/loss chunk)")
+            name = f"{algorithm}/{mode}/{impl}/" + (f"{chunk}/{kernel}" if chunk else "whole")
+            logger.info(f"train step {name} (algorithm/mode/attention/loss chunk/loss kernel)")
             start = time.perf_counter()
             compiled = step.lower(state, frozen, target.params, stacked).compile()
             compile_s = time.perf_counter() - start
@@ -194,10 +203,10 @@ def main() -> None:
     for algorithm, info in results["algorithms"].items():
         print(f"{algorithm} model FLOPs per micro-step: draft {info['draft_step_flops'] / 1e12:.1f} T, "
               f"target forward {info['target_forward_flops'] / 1e12:.1f} T")
-    print(f"{'algo/mode/attn/chunk':27} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
+    print(f"{'algo/mode/attn/chunk/kernel':34} {'ms/seq':>8} {'tokens/seq':>10} {'tokens/s':>10} {'MFU(meas)':>10} "
           f"{'MFU(989T)':>10} {'compile s':>9} {'plan GiB':>9} {'peak GiB':>9} {'CE':>8}")
     for mode, row in results["modes"].items():
-        print(f"{mode:27} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
+        print(f"{mode:34} {row['micro_step_ms']:8.1f} {row['supervised_tokens']:10.0f} {row['tokens_per_s']:10.0f} "
               f"{row['mfu_measured']:10.1%} {row['mfu_datasheet']:10.1%} {row['compile_s']:9.1f} "
               f"{row['planned_gib']:9.1f} {row['peak_gib']:9.1f} {row['ce_loss']:8.4f}")
     if args.json:

@@ -50,6 +50,8 @@ class TrainConfig:
     loss_chunk: int = 0  # DSpark/DFlash: 0 builds whole [slots, V] logits; N computes the head and losses
     # N slots of each sequence at a time, gradients included (dspark_jax.training.fused_loss: [sequences, N, V]
     # arrays instead of [sequences, slots, V])
+    loss_kernel: str = "xla"  # with loss_chunk: "pallas" computes each chunk's softmaxes, losses and gradient on
+    # the Pallas kernel of pallas_kernels/vocab_loss (GPU; interpreted on CPU), "xla" in jnp
     # Optimisation.
     learning_rate: float = 6e-4
     warmup_ratio: float = 0.04
@@ -84,6 +86,7 @@ class TrainConfig:
             "chat_template": ("auto", "qwen", "chatml", "llama3", "gemma", "gemma4"),
             "markov_head_type": ("vanilla", "gated", "rnn"),
             "attention": ("xla", "cudnn", "pallas"),
+            "loss_kernel": ("xla", "pallas"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -14,6 +14,8 @@ and the differentiated forward multiplies it into h (through W and the cap's der
 and W2 right away, keeping only those gradients for the backward, which scales them by the
 loss's cotangent. That is three vocabulary-sized matmuls per slot (D, Z and dD W^T), as with
 whole logits, and no [B, T, V] array. Without differentiation only D and Z are computed.
+The softmaxes, ce, l1 and dD of a chunk come from `pallas_kernels.vocab_loss` (`kernel`:
+"pallas" its streaming kernel, "xla" its jnp reference).
 
 Letters: b sequences, c slots of a chunk, h hidden, v vocabulary, r Markov rank.
 """
@@ -25,12 +27,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh
+
+from dspark_jax.sharding import shard_map
+from pallas_kernels.vocab_loss import loss_and_grad
 
 
 def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.Array, ce_weight: jax.Array,
                        l1_weight: jax.Array, embed: jax.Array, lm_head: jax.Array | None, vec: jax.Array | None = None,
-                       w2: jax.Array | None = None, *, softcap: float | None = None,
-                       chunk: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       w2: jax.Array | None = None, *, softcap: float | None = None, chunk: int = 512,
+                       l1_grad: bool = True, kernel: str = "xla",
+                       mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss [] fp32, ce [B, T] fp32, l1 [B, T] fp32) of B sequences' T slots. Gradients reach
     hidden, vec and w2 through `loss` only: ce and l1 are values (for metrics), and the frozen
     LM head, the target's states and the weights get none.
@@ -41,6 +48,9 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
     and table (None for DFlash); chunk: slots of each sequence per step (T is split into equal
     chunks, the last padded with slots of weight 0). Every step takes all B sequences, so a
     batch sharded over devices stays sharded: each device holds [its sequences, chunk, V].
+    l1_grad=False promises that l1_weight is zero (DFlash), which saves the kernel a pass;
+    kernel: "pallas" or "xla" (see the module's docstring); mesh: the kernel runs on each
+    device's sequences under a mesh of several devices.
     """
     b, t = labels.shape
     steps = -(-t // min(chunk, t))
@@ -54,15 +64,29 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
         return jnp.moveaxis(x, 0, 1).reshape(b, steps * size)[:, :t]
 
     head = (embed if lm_head is None else lm_head).astype(hidden.dtype)  # [V, H] tied, else [H, V]
-    loss, ce, l1 = _fused(chunked(hidden), None if vec is None else chunked(vec), w2, chunked(target_hidden), chunked(labels),
-                          chunked(ce_weight.astype(jnp.float32)), chunked(l1_weight.astype(jnp.float32)), head,
-                          lm_head is None, softcap)
+    losses = functools.partial(_chunk_losses, l1_grad=l1_grad, out_dtype=head.dtype, kernel=kernel)
+    if kernel == "pallas" and mesh is not None and mesh.size > 1:
+        per_sequence = lambda n: ("batch",) + (None,) * (n - 1)
+        losses = shard_map(losses, mesh, [per_sequence(n) for n in (3, 3, 2, 2, 2)],
+                           [per_sequence(n) for n in (2, 2, 3)], check_vma=False)
+    loss, ce, l1 = _fused(chunked(hidden), None if vec is None else chunked(vec), w2, chunked(target_hidden),
+                          chunked(labels), chunked(ce_weight.astype(jnp.float32)),
+                          chunked(l1_weight.astype(jnp.float32)), head, lm_head is None, softcap, losses)
     return loss, lax.stop_gradient(unchunked(ce)), lax.stop_gradient(unchunked(l1))
 
 
-def _chunk(h, vec, w2, z, labels, head, tied, softcap):
-    """One chunk: (ce [B, C], l1 [B, C], p [B, C, V], q [B, C, V], cap's slope on D's LM-head part or None).
-    vec and w2 are None without a Markov head."""
+def _chunk_losses(d, y, labels, a, b, *, l1_grad, out_dtype, kernel):
+    """`vocab_loss.loss_and_grad` on a chunk's [B, C, V] logits: (ce [B, C], l1 [B, C], dD [B, C, V])."""
+    shape = labels.shape
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    ce, l1, grad = loss_and_grad(flat(d), flat(y), flat(labels), flat(a), flat(b), l1_grad=l1_grad,
+                                 out_dtype=out_dtype, implementation=kernel)
+    return ce.reshape(shape), l1.reshape(shape), grad.reshape(d.shape)
+
+
+def _logits(h, vec, w2, z, head, tied, softcap):
+    """One chunk's draft and target logits D, Z [B, C, V] fp32, and the cap's slope on D's
+    LM-head part (None without a cap). vec and w2 are None without a Markov head."""
     project = functools.partial(jnp.einsum, "bch,vh->bcv" if tied else "bch,hv->bcv",
                                 preferred_element_type=jnp.float32)
     d, y = project(h, head), project(z, head)  # [B, C, V]
@@ -72,28 +96,28 @@ def _chunk(h, vec, w2, z, labels, head, tied, softcap):
         slope = 1.0 - jnp.square(d / softcap)
     if vec is not None:
         d = d + jnp.einsum("bcr,vr->bcv", vec, w2.astype(vec.dtype), preferred_element_type=jnp.float32)
-    log_p, log_q = jax.nn.log_softmax(d, axis=-1), jax.nn.log_softmax(y, axis=-1)
-    p, q = jnp.exp(log_p), jnp.exp(log_q)
-    ce = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-    return ce, jnp.sum(jnp.abs(p - q), axis=-1), p, q, slope
+    return d, y, slope
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _fused(h, vec, w2, z, labels, a, b, head, tied, softcap):
-    """Chunked inputs ([steps, B, C, ...]) -> (loss, ce [steps, B, C], l1 [steps, B, C])."""
-    ce, l1 = lax.map(lambda x: _chunk(*x[:2], w2, *x[2:], head, tied, softcap)[:2], (h, vec, z, labels))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _fused(h, vec, w2, z, labels, a, b, head, tied, softcap, losses):
+    """Chunked inputs ([steps, B, C, ...]) -> (loss, ce [steps, B, C], l1 [steps, B, C]).
+    losses: `_chunk_losses` with its settings bound; only its ce and l1 are used here (XLA drops
+    the reference's gradient; the kernel writes it anyway)."""
+    def step(x):
+        h, vec, z, labels, a, b = x
+        return losses(*_logits(h, vec, w2, z, head, tied, softcap)[:2], labels, a, b)[:2]
+
+    ce, l1 = lax.map(step, (h, vec, z, labels, a, b))
     return jnp.sum(a * ce + b * l1), ce, l1
 
 
-def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap):
+def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap, losses):
     def step(dw2, x):
         h, vec, z, labels, a, b = x
-        ce, l1, p, q, slope = _chunk(h, vec, w2, z, labels, head, tied, softcap)
-        sign = jnp.sign(p - q)
-        s = jnp.sum(p * sign, axis=-1)  # [B, C]
-        onehot = jnp.arange(p.shape[-1]) == labels[..., None]
-        grad = a[..., None] * (p - onehot) + b[..., None] * p * (sign - s[..., None])  # [B, C, V] dLoss/dD
-        raw = (grad if slope is None else grad * slope).astype(head.dtype)
+        d, y, slope = _logits(h, vec, w2, z, head, tied, softcap)
+        ce, l1, grad = losses(d, y, labels, a, b)  # grad [B, C, V] = dLoss/dD, in the head's dtype
+        raw = grad if slope is None else (grad * slope).astype(head.dtype)
         dh = jnp.einsum("bcv,vh->bch" if tied else "bcv,hv->bch", raw, head, preferred_element_type=jnp.float32)
         if vec is None:
             return dw2, (ce, l1, dh, None)
@@ -107,7 +131,7 @@ def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap):
     return (jnp.sum(a * ce + b * l1), ce, l1), (dh, dvec, dw2, dtypes)
 
 
-def _fused_backward(tied, softcap, residuals, cotangents):
+def _fused_backward(tied, softcap, losses, residuals, cotangents):
     dh, dvec, dw2, dtypes = residuals
     g = cotangents[0]  # the loss's; ce and l1 leave through stop_gradient
     scaled = jax.tree.map(lambda d, x: (g * d).astype(x.dtype), (dh, dvec, dw2), dtypes)

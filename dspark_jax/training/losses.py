@@ -41,6 +41,7 @@ class LossWeights(NamedTuple):
     confidence: float = 1.0
     decay_gamma: float = 4.0  # w_j = exp(-j / decay_gamma)
     chunk: int = 0  # 0: whole [slots, V] logits; N: `fused_loss`, N slots of each sequence at a time
+    kernel: str = "xla"  # with a chunk: "pallas" runs each chunk's softmaxes and gradient on pallas_kernels/vocab_loss
 
 
 def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
@@ -102,7 +103,8 @@ def block_loss(draft, params, batch: dict, key: jax.Array, weights: LossWeights)
         scaled = flat(w / (den + EPS))
         loss, ce, l1 = fused_block_losses(flat(hidden), flat(aligned), flat(labels), weights.ce * scaled,
                                           weights.tv * scaled, *frozen_head(params), flat(vec), w2,
-                                          softcap=cfg.layers.final_logit_softcapping, chunk=weights.chunk)
+                                          softcap=cfg.layers.final_logit_softcapping, chunk=weights.chunk,
+                                          l1_grad=weights.tv != 0, kernel=weights.kernel, mesh=draft.mesh)
         ce, l1 = ce.reshape(labels.shape), l1.reshape(labels.shape)  # [B, A, G]
     else:
         target_logits = lm_logits(aligned, *frozen_head(params), cfg.layers.final_logit_softcapping)  # [B, A, G, V]

@@ -193,8 +193,8 @@ def loss_weights(config: TrainConfig) -> LossWeights:
     (Eagle3's TTT loss takes none of them)."""
     if config.algorithm == "dspark":
         return LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma,
-                           config.loss_chunk)
-    return LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma, config.loss_chunk)
+                           config.loss_chunk, config.loss_kernel)
+    return LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma, config.loss_chunk, config.loss_kernel)
 
 
 def initial_state(draft_config, target, optimizer, mesh, seed: int) -> tuple[dict, dict]:

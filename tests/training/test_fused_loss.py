@@ -48,17 +48,19 @@ def float64(x, softcap):
     return np.sum(x64["ce_weight"] * ce + x64["l1_weight"] * l1), ce, l1
 
 
-def fused(x, softcap, chunk):
+def fused(x, softcap, chunk, kernel="xla"):
     return lambda h, m, w2: fused_block_losses(h, x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
-                                               x["embed"], x["lm_head"], m, w2, softcap=softcap, chunk=chunk)
+                                               x["embed"], x["lm_head"], m, w2, softcap=softcap, chunk=chunk,
+                                               kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])  # pallas: pallas_kernels/vocab_loss, interpreted off a GPU
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("chunk", [3, 4, 10, 64])  # 10 slots a sequence: 4 x 3 and 3 x 4 padded, one, wider
-def test_fused_losses_and_gradients_equal_whole_vocabulary(tied, softcap, chunk):
+def test_fused_losses_and_gradients_equal_whole_vocabulary(tied, softcap, chunk, kernel):
     x = inputs(0, tied)
-    f = fused(x, softcap, chunk)
+    f = fused(x, softcap, chunk, kernel)
     loss, ce, l1 = jax.jit(f)(x["hidden"], x["vec"], x["w2"])
     want_loss, want_ce, want_l1 = float64(x, softcap)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
@@ -75,16 +77,21 @@ def test_fused_losses_and_gradients_equal_whole_vocabulary(tied, softcap, chunk)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 
-def test_without_a_markov_head_the_logits_are_the_lm_heads():
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+@pytest.mark.parametrize("l1_grad", [True, False])
+def test_without_a_markov_head_the_logits_are_the_lm_heads(l1_grad, kernel):
+    """DFlash: no Markov head, and (l1_grad=False) no L1 term in the loss, which skips a pass."""
     x = inputs(2, tied=False)
-    loss, ce, l1 = fused_block_losses(x["hidden"], x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
-                                      x["embed"], x["lm_head"], chunk=4)
+    if not l1_grad:
+        x = {**x, "l1_weight": jnp.zeros_like(x["l1_weight"])}
+    losses = lambda h: fused_block_losses(h, x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
+                                          x["embed"], x["lm_head"], chunk=4, l1_grad=l1_grad, kernel=kernel)
+    loss, ce, l1 = losses(x["hidden"])
     want_loss, want_ce, want_l1 = float64({**x, "vec": np.zeros((B, T, R)), "w2": np.zeros((V, R))}, None)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
     np.testing.assert_allclose(l1, want_l1, rtol=1e-5)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    got = jax.grad(lambda h: fused_block_losses(h, x["target_hidden"], x["labels"], x["ce_weight"], x["l1_weight"],
-                                                x["embed"], x["lm_head"], chunk=4)[0])(x["hidden"])
+    got = jax.grad(lambda h: losses(h)[0])(x["hidden"])
     want = jax.grad(lambda h: whole_vocabulary({**x, "hidden": h, "vec": jnp.zeros((B, T, R)),
                                                 "w2": jnp.zeros((V, R))}, None)[0])(x["hidden"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))

@@ -56,11 +56,12 @@ def test_eight_devices_match_one_device(tmp_path, algorithm):
 
 def test_training_kernels_give_the_same_trajectory(tmp_path):
     """attention=pallas (the block attention kernels, forward and backward, interpreted here) with
-    the fused chunked head and losses, against the XLA path with whole logits: the same 20-step fp32
-    loss trajectory."""
+    the fused chunked head and losses on their kernel (loss_kernel=pallas), against the XLA path
+    with whole logits: the same 20-step fp32 loss trajectory."""
     cpu = jax.devices("cpu")[:1]
     runs = [small_config(tmp_path, "xla", "max_steps=20"),
-            small_config(tmp_path, "kernels", "max_steps=20", "attention=pallas", "loss_chunk=100")]
+            small_config(tmp_path, "kernels", "max_steps=20", "attention=pallas", "loss_chunk=100",
+                         "loss_kernel=pallas")]
     for config in runs:
         train(config, devices=cpu)
     xla, kernels = (np.array([m["loss"] for m in metrics(config)]) for config in runs)
@@ -69,10 +70,10 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
 
 
 def test_training_kernels_split_over_a_mesh(tmp_path):
-    """attention=pallas and the fused loss on data=2 x fsdp=2 x tensor=2 (each device's sequences
-    through the kernels, interpreted, and through the loss's chunks) against one device: the same
-    5-step fp32 loss trajectory."""
-    extra = ["max_steps=5", "attention=pallas", "loss_chunk=20"]
+    """attention=pallas and the fused loss on its kernel on data=2 x fsdp=2 x tensor=2 (each
+    device's sequences through the kernels, interpreted, and through the loss's chunks) against
+    one device: the same 5-step fp32 loss trajectory."""
+    extra = ["max_steps=5", "attention=pallas", "loss_chunk=20", "loss_kernel=pallas"]
     one = small_config(tmp_path, "one", *extra, "mesh_data=1")
     eight = small_config(tmp_path, "eight", *extra, "mesh_data=2", "mesh_fsdp=2", "mesh_tensor=2")
     cpus = jax.devices("cpu")
