@@ -16,6 +16,11 @@ import typing
 from dspark_jax.models.config import ConfigError
 
 
+# Head dims at which the block attention kernels ran compiled on a GPU against their reference
+# (tests/pallas_kernels/test_block_attention.py -m gpu; scripts/bench_block_attention.py).
+GPU_ATTENTION_HEAD_DIMS = frozenset({64, 128})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # Drafter (the reference recipe's defaults).
@@ -50,8 +55,8 @@ class TrainConfig:
     loss_chunk: int = 0  # DSpark/DFlash: 0 builds whole [slots, V] logits; N computes the head and losses
     # N slots of each sequence at a time, gradients included (dspark_jax.training.fused_loss: [sequences, N, V]
     # arrays instead of [sequences, slots, V])
-    loss_kernel: str = "xla"  # with loss_chunk: "pallas" computes each chunk's softmaxes, losses and gradient on
-    # the Pallas kernel of pallas_kernels/vocab_loss (GPU; interpreted on CPU), "xla" in jnp
+    loss_kernel: str = "auto"  # with loss_chunk: "pallas" computes each chunk's softmaxes, losses and gradient on
+    # the Pallas kernel of pallas_kernels/vocab_loss (GPU; interpreted on CPU), "xla" in jnp; "auto": see `kernel`
     # Optimisation.
     learning_rate: float = 6e-4
     warmup_ratio: float = 0.04
@@ -67,8 +72,8 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "bfloat16"  # compute dtype; master weights and Adam state are fp32
     target_dtype: str = "bfloat16"
-    attention: str = "xla"  # "xla"; "cudnn" (GPU: the target's forward on cuDNN); "pallas" (that, and the draft's
-    # block attention on the Pallas kernels, forward and backward: see dspark_jax.models.attention)
+    attention: str = "auto"  # "xla"; "cudnn" (GPU: the target's forward on cuDNN); "pallas" (that, and the draft's
+    # block attention on the Pallas kernels, forward and backward: see dspark_jax.models.attention); "auto": `kernel`
     # Mesh (data x fsdp x tensor must equal the device count).
     mesh_data: int = -1  # -1 = all devices not used by fsdp and tensor
     mesh_fsdp: int = 1
@@ -85,8 +90,8 @@ class TrainConfig:
             "target_mode": ("online", "offline"),
             "chat_template": ("auto", "qwen", "chatml", "llama3", "gemma", "gemma4"),
             "markov_head_type": ("vanilla", "gated", "rnn"),
-            "attention": ("xla", "cudnn", "pallas"),
-            "loss_kernel": ("xla", "pallas"),
+            "attention": ("auto", "xla", "cudnn", "pallas"),
+            "loss_kernel": ("auto", "xla", "pallas"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -102,6 +107,20 @@ class TrainConfig:
             raise ConfigError(f"config key 'loss_chunk' must be >= 0, got {self.loss_chunk}")
         if self.target_mode == "offline" and not self.cache_dir:
             raise ConfigError("config key 'cache_dir' must be set when target_mode is 'offline'")
+
+    def kernel(self, key: str, head_dims: typing.Iterable[int] = ()) -> str:
+        """The recipe's `attention` or `loss_kernel` on the backend this process runs: "auto" is
+        "pallas" on a GPU, where the kernels train faster (docs/benchmarks.md), and "xla"
+        elsewhere (on a CPU the kernels only run interpreted, and the TPU kernels have not run on
+        a TPU yet). For attention, `head_dims` are the model's: "auto" keeps "xla" unless each
+        is one the GPU kernels have been compiled and checked at (GPU_ATTENTION_HEAD_DIMS)."""
+        value = getattr(self, key)
+        if value != "auto":
+            return value
+        import jax
+
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and set(head_dims) <= GPU_ATTENTION_HEAD_DIMS else "xla"
 
     @property
     def accumulation_steps(self) -> int:

@@ -61,7 +61,11 @@ def build_target(config: TrainConfig, mesh):
     """The frozen target a recipe names (see TrainConfig.target), computing attention with the
     recipe's implementation (its drafts copy the target's layer config, and with it that choice)."""
     target = _named_target(config, mesh)
-    return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=config.attention))
+    c = target.config
+    attention = config.kernel("attention", {c.layer_spec(i).head_dim for i in range(c.num_layers)})
+    logger.info(f"attention: {attention} (recipe: {config.attention}); loss kernel with loss_chunk="
+                f"{config.loss_chunk}: {config.kernel('loss_kernel')} (recipe: {config.loss_kernel})")
+    return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=attention))
 
 
 def _named_target(config: TrainConfig, mesh):
@@ -193,8 +197,8 @@ def loss_weights(config: TrainConfig) -> LossWeights:
     (Eagle3's TTT loss takes none of them)."""
     if config.algorithm == "dspark":
         return LossWeights(config.ce_alpha, config.tv_alpha, config.confidence_alpha, config.loss_decay_gamma,
-                           config.loss_chunk, config.loss_kernel)
-    return LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma, config.loss_chunk, config.loss_kernel)
+                           config.loss_chunk, config.kernel("loss_kernel"))
+    return LossWeights(1.0, 0.0, 0.0, config.loss_decay_gamma, config.loss_chunk, config.kernel("loss_kernel"))
 
 
 def initial_state(draft_config, target, optimizer, mesh, seed: int) -> tuple[dict, dict]:

@@ -149,6 +149,29 @@ def test_online_and_offline_targets_give_the_same_loss(tmp_path):
         assert x["tau_probabilistic"] == pytest.approx(y["tau_probabilistic"], rel=1e-6)
 
 
+def test_auto_kernels_are_pallas_on_a_gpu_and_xla_elsewhere(monkeypatch):
+    """attention and loss_kernel default to "auto": the kernels on a GPU (attention only at head
+    dims run there), jnp/XLA on CPUs and TPUs; an explicit choice stays; the GPU recipes chunk
+    the loss; a bad value names its key."""
+    from dspark_jax.models.config import ConfigError
+    from dspark_jax.training.config import TrainConfig
+    from dspark_jax.training.recipes import reference_recipe, smollm2_recipe
+
+    config = TrainConfig()
+    assert (config.attention, config.loss_kernel) == ("auto", "auto")
+    for backend, want in [("cpu", "xla"), ("tpu", "xla"), ("gpu", "pallas")]:
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert config.kernel("attention") == config.kernel("loss_kernel") == want
+        assert loss_weights(config).kernel == want
+        assert config.kernel("attention", {64, 128}) == want
+    assert config.kernel("attention", {128, 256}) == "xla"  # Gemma4's wide heads: not run on a GPU yet
+    explicit = TrainConfig(attention="cudnn", loss_kernel="xla")
+    assert (explicit.kernel("attention"), explicit.kernel("loss_kernel")) == ("cudnn", "xla")
+    assert reference_recipe("dspark", "qwen3_4b").loss_chunk == smollm2_recipe("dflash").loss_chunk == 512
+    with pytest.raises(ConfigError, match="'loss_kernel'"):
+        TrainConfig(loss_kernel="triton")
+
+
 def test_cache_built_for_another_config_is_refused(tmp_path):
     config = small_config(tmp_path, "c", "target_mode=offline", f"cache_dir={tmp_path / 'cache'}")
     prepare_cache(config)
