@@ -9,9 +9,9 @@ One layer of `pallas_kernels.block_attention` at the training shape of `scripts/
 after a `--prompt`, the preset's heads), in bf16: the forward alone, and the forward with the
 backward (the gradients of every input for a random output cotangent). Each row prints the
 median time, and the rate in TFLOP/s counting only the visible (query, key) pairs: 4 D FLOPs
-per pair and head forward (scores and values), 10 D for forward + backward (FlashAttention-2's
-five products; the kernels recompute the probabilities twice, so they do 7 products' worth),
-against the bf16 matmul rate measured in the same run. The gradients of every configuration are
+per pair and head forward (two products: scores and values), 14 D for forward + backward (the
+usual FlashAttention-2 count of seven products; the kernels recompute the probabilities in both
+backward kernels, so they do nine), against the bf16 matmul rate measured in the same run. The gradients of every configuration are
 checked against the XLA reference's before it is timed. `--sweep` times every block size,
 warp count and pipeline depth in the grid below (a configuration Triton cannot build, for its
 shared memory say, is reported and skipped) and names the fastest forward + backward; the
@@ -58,7 +58,7 @@ def main() -> None:
     keep = jnp.ones((1, a), bool)
     cotangent = normal(keys[6], q.shape)
     pairs = g * float(jnp.sum(anchors + g)) * n  # visible (query, key) pairs over every head
-    flops = {"forward": 4 * d * pairs, "forward+backward": 10 * d * pairs}
+    flops = {"forward": 4 * d * pairs, "forward+backward": 14 * d * pairs}
     matmul = matmul_rate(8192)
 
     def programs(implementation, blocks=None):

@@ -64,7 +64,9 @@ def fused_block_losses(hidden: jax.Array, target_hidden: jax.Array, labels: jax.
         return jnp.moveaxis(x, 0, 1).reshape(b, steps * size)[:, :t]
 
     head = (embed if lm_head is None else lm_head).astype(hidden.dtype)  # [V, H] tied, else [H, V]
-    losses = functools.partial(_chunk_losses, l1_grad=l1_grad, out_dtype=head.dtype, kernel=kernel)
+    # dD in the head's dtype feeds the matmuls; with a cap it is scaled by the slope first, in fp32.
+    out_dtype = head.dtype if softcap is None else jnp.float32
+    losses = functools.partial(_chunk_losses, l1_grad=l1_grad, out_dtype=out_dtype, kernel=kernel)
     if kernel == "pallas" and mesh is not None and mesh.size > 1:
         per_sequence = lambda n: ("batch",) + (None,) * (n - 1)
         losses = shard_map(losses, mesh, [per_sequence(n) for n in (3, 3, 2, 2, 2)],
@@ -116,8 +118,8 @@ def _fused_forward(h, vec, w2, z, labels, a, b, head, tied, softcap, losses):
     def step(dw2, x):
         h, vec, z, labels, a, b = x
         d, y, slope = _logits(h, vec, w2, z, head, tied, softcap)
-        ce, l1, grad = losses(d, y, labels, a, b)  # grad [B, C, V] = dLoss/dD, in the head's dtype
-        raw = grad if slope is None else (grad * slope).astype(head.dtype)
+        ce, l1, grad = losses(d, y, labels, a, b)  # grad [B, C, V] = dLoss/dD (fp32 with a cap)
+        raw = (grad if slope is None else grad * slope).astype(head.dtype)
         dh = jnp.einsum("bcv,vh->bch" if tied else "bcv,hv->bch", raw, head, preferred_element_type=jnp.float32)
         if vec is None:
             return dw2, (ce, l1, dh, None)

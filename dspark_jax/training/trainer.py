@@ -63,8 +63,9 @@ def build_target(config: TrainConfig, mesh):
     target = _named_target(config, mesh)
     c = target.config
     attention = config.kernel("attention", {c.layer_spec(i).head_dim for i in range(c.num_layers)})
-    logger.info(f"attention: {attention} (recipe: {config.attention}); loss kernel with loss_chunk="
-                f"{config.loss_chunk}: {config.kernel('loss_kernel')} (recipe: {config.loss_kernel})")
+    loss = (f"loss in chunks of {config.loss_chunk} slots, kernel {config.kernel('loss_kernel')} (recipe: "
+            f"{config.loss_kernel})" if config.loss_chunk else "loss over whole logits")
+    logger.info(f"attention: {attention} (recipe: {config.attention}); {loss}")
     return dataclasses.replace(target, config=dataclasses.replace(target.config, attention=attention))
 
 

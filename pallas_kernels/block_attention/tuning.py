@@ -16,5 +16,5 @@ KEYS_PER_STEP = {64: 64, 128: 128, 256: 32, 512: 16}  # head dim -> context keys
 
 def pick_blocks(*, slots: int, head_dim: int) -> Blocks:
     """Blocks for blocks of `slots` rows (a power of two) and heads of `head_dim`."""
-    block_q = max({64: 64, 128: 128}.get(head_dim, 32), slots)
+    block_q = max(128 if head_dim == 128 else 64 if head_dim <= 128 else 32, slots)
     return Blocks(block_q=block_q, block_k=KEYS_PER_STEP.get(head_dim, 32), num_warps=4 if head_dim <= 64 else 8)

@@ -21,7 +21,7 @@ BLOCKS = gpu.Blocks(rows=1, tile=2048, num_warps=4)  # fastest with the L1 gradi
 def loss_and_grad(d: jax.Array, y: jax.Array, labels: jax.Array, a: jax.Array, b: jax.Array, *, l1_grad: bool = True,
                   out_dtype=jnp.float32, implementation: str = "pallas", blocks: gpu.Blocks | None = None):
     """(ce [R], l1 [R], grad [R, V] in out_dtype) of `reference.loss_and_grad` for d, y [R, V]
-    fp32, labels [R] int32 and weights a, b [R]. l1_grad=False promises that b is zero: the
+    fp32, labels [R] int32 in [0, V) (others give undefined results) and weights a, b [R]. l1_grad=False promises that b is zero: the
     kernel then skips the pass the L1 term's gradient needs (l1 is still computed)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")

@@ -140,11 +140,12 @@ def test_kernels_lower_for_gpu_and_tpu(slots, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu, reason="needs a GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])  # 128: the swept 128 x 128 blocks
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_compiled_kernels_equal_reference_on_gpu(case, dtype):
-    """The compiled kernels at test sizes with 64-wide heads (Triton's dot needs 16 columns)."""
-    args = random_blocks(3, **{**CASES[case], "head_dim": 64, "context": 300}, dtype=dtype)
+def test_compiled_kernels_equal_reference_on_gpu(case, dtype, head_dim):
+    """The compiled kernels at test sizes with heads of 64 and 128 (Triton's dot needs 16 columns)."""
+    args = random_blocks(3, **{**CASES[case], "head_dim": head_dim, "context": 300}, dtype=dtype)
     tolerance = dict(atol=2e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
     out = block_attention(*args, implementation="pallas")
     np.testing.assert_allclose(np.asarray(out, np.float32),
