@@ -11,11 +11,11 @@ backward (the gradients of every input for a random output cotangent). Each row 
 median time, and the rate in TFLOP/s counting only the visible (query, key) pairs: 4 D FLOPs
 per pair and head forward (two products: scores and values), 14 D for forward + backward (the
 usual FlashAttention-2 count of seven products; the kernels recompute the probabilities in both
-backward kernels, so they do nine), against the bf16 matmul rate measured in the same run. The gradients of every configuration are
-checked against the XLA reference's before it is timed. `--sweep` times every block size,
-warp count and pipeline depth in the grid below (a configuration Triton cannot build, for its
-shared memory say, is reported and skipped) and names the fastest forward + backward; the
-table that `tuning.pick_blocks` uses comes from that.
+backward kernels, so they do nine), against the bf16 matmul rate measured in the same run. The
+gradients of every configuration are checked against the XLA reference's before it is timed.
+`--sweep` times every block size, warp count and pipeline depth in the grid below (a
+configuration Triton cannot build, for its shared memory say, is reported and skipped) and
+names the fastest forward + backward; the table that `tuning.pick_blocks` uses comes from that.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main() -> None:
                  "forward+backward": timed(lambda: jax.block_until_ready(grad(*inputs)))}
         row = {"ms": {k: t * 1e3 for k, t in times.items()},
                "tflops": {k: flops[k] / t / 1e12 for k, t in times.items()}, "gradient_error": error}
-        print(f"{name:34} {row['ms']['forward']:8.3f} {row['tflops']['forward']:8.0f} "
-              f"{row['ms']['forward+backward']:8.3f} {row['tflops']['forward+backward']:8.0f} {error:10.1e}", flush=True)
+        ms, tflops = row["ms"], row["tflops"]
+        print(f"{name:34} {ms['forward']:8.3f} {tflops['forward']:8.0f} {ms['forward+backward']:8.3f} "
+              f"{tflops['forward+backward']:8.0f} {error:10.1e}", flush=True)
         return row
 
     print(f"{jax.devices()[0].device_kind}: bf16 matmul {matmul / 1e12:.0f} TFLOP/s; {args.preset} heads {n}/{kv}x{d}, "
@@ -97,8 +98,8 @@ def main() -> None:
     slots = 1 << (g - 1).bit_length()
     tuned = pick_blocks(slots=slots, head_dim=d)
     results = {"device": jax.devices()[0].device_kind, "matmul_flops": matmul, "flops": flops,
-               "xla": measure("xla (reference)", "xla"), "tuned": {"blocks": tuned.__dict__,
-                                                                   **measure(f"pallas {_label(tuned)}", "pallas", tuned)}}
+               "xla": measure("xla (reference)", "xla"),
+               "tuned": {"blocks": tuned.__dict__, **measure(f"pallas {_label(tuned)}", "pallas", tuned)}}
     if args.sweep:
         results["sweep"] = []
         for values in itertools.product(*SWEEP.values()):
