@@ -9,8 +9,8 @@ For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; sched:
 with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
 with the draft's seconds per pass, so that it also skips drafting where drafting does not pay;
 sched-always: the same scheduler without the draft's cost, drafting every round) and each
-concurrency c, a closed loop keeps c requests in flight: 2c requests (at least 8),
-each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
+concurrency c, a closed loop keeps c requests in flight: --num-prompts requests (default 4c, at
+least 16), each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
 loop runs once to compile the engine's programs; program shapes the engine first met during
 the measured loop are reported (each one compiled there, unless an earlier engine of this
@@ -31,6 +31,8 @@ import logging
 import time
 
 import numpy as np
+
+from benchlib import requests_per_level
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
@@ -55,12 +57,12 @@ def workload(target, args) -> list[list[int]]:
 
 def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: SamplingParams) -> dict:
     """Keeps `concurrency` requests in flight until `total` have finished; timings per request."""
-    submitted, first, finish, counts = 0, {}, {}, {}
+    submitted, added, first, finish, counts = 0, {}, {}, {}, {}
 
     def submit():
         nonlocal submitted
         rid = engine.add_request(prompts[submitted % len(prompts)], params)
-        counts[rid] = 0
+        added[rid], counts[rid] = time.perf_counter(), 0
         submitted += 1
 
     for _ in range(min(concurrency, total)):
@@ -78,10 +80,13 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
                 if submitted < total:
                     submit()
     seconds = time.perf_counter() - start
+    ttft = [first[r] - added[r] for r in finish]
     tpot = [(finish[r] - first[r]) / (counts[r] - 1) for r in finish if counts[r] > 1]
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))
     return {"requests": len(finish), "tokens": sum(counts.values()), "seconds": seconds,
-            "tokens_per_s": sum(counts.values()) / seconds,
-            "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)), "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99))}
+            "requests_per_s": len(finish) / seconds, "tokens_per_s": sum(counts.values()) / seconds,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
 
 
 def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
@@ -102,6 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="random prompts' length")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16))")
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"],
                    choices=["ar", "fixed", "sched", "sched-always"])
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
@@ -171,7 +177,7 @@ def main(argv=None) -> None:
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
                         num_scheduler_steps=rounds, kernels=kernels, mesh=mesh)
         for c in args.concurrency:
-            total = max(2 * c, 8)
+            total = args.num_prompts or requests_per_level(c)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             before = engine.stats()
             row = {"mode": mode, "kernels": engine.target.config.attention, "scheduling": scheduling,
@@ -189,11 +195,12 @@ def main(argv=None) -> None:
           f"draft {args.draft}, {args.max_tokens} tokens per request, mean prompt {mean_prompt}")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
-    print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TPOT p50 ms | TPOT p99 ms | "
-          "tokens/round | undrafted |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | "
+          "TPOT p50 ms | TPOT p99 ms | tokens/round | undrafted |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['mode']} | {r['kernels']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | "
-              f"{r['tokens_per_s']:.0f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
+              f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
+              f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Hardware probes shared by the benchmark scripts."""
+"""Hardware probes and load settings shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.evaluation.step_times import timed
+
+
+def requests_per_level(concurrency: int) -> int:
+    """Requests a closed-loop serving level measures (bench_engine and bench_serving alike):
+    four waves of `concurrency`, at least 16, so that a level's first and last waves (requests
+    arriving together, the batch draining) weigh little."""
+    return max(4 * concurrency, 16)
 
 
 def matmul_rate(n: int) -> float:

@@ -53,6 +53,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["pallas", "xla"], default="xla",
                    help="paged attention, draft sampling and verification: XLA, or the Pallas kernels (one "
                         "device; interpreted off a GPU or TPU)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="keep the engine's compiled programs in DIR, so that a restart or a second server with "
+                        "the same model and flags compiles nothing again (JAX's persistent compilation cache; "
+                        "default: $JAX_COMPILATION_CACHE_DIR if set, else $DSPARK_CACHE/xla; 'off' to disable)")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -88,6 +92,7 @@ def build_engine(args):
     from dspark_jax.serving import Engine
     from dspark_jax.sharding import make_mesh
 
+    use_compilation_cache(args.compilation_cache)
     mesh = None
     if args.tensor_parallel > 1:
         devices = jax.devices()
@@ -110,6 +115,22 @@ def build_engine(args):
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
                                       os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
     return engine, target.tokenizer, name
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` (None: the JAX setting
+    if one is made, else $DSPARK_CACHE/xla; "off": none). A server's programs take seconds
+    each to compile on a GPU; cached, a restart loads them instead."""
+    import jax
+
+    from dspark_jax.checkpoints.smollm2 import cache_dir
+
+    if directory == "off":
+        return
+    if directory is None:
+        directory = jax.config.jax_compilation_cache_dir or os.path.join(cache_dir(), "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    log.info("compiled programs cached in %s", directory)
 
 
 def make_scheduler(args, target, draft, temperatures):

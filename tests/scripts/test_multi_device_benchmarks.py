@@ -25,7 +25,8 @@ def test_bench_engine_runs_tensor_parallel(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["tensor_parallel"] == 2 and results["static_tokens_per_s"] > 0
     [row] = results["rows"]
-    assert row["concurrency"] == 2 and row["tokens"] == 8 * 8 and row["tokens_per_s"] > 0  # 8 requests of 8 tokens
+    assert row["concurrency"] == 2 and row["tokens"] == 16 * 8 and row["tokens_per_s"] > 0  # 16 requests of 8 tokens
+    assert row["requests"] == 16 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
     assert "x 2 (tensor parallel)" in capsys.readouterr().out
 
 

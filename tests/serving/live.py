@@ -25,12 +25,13 @@ def free_port() -> int:
 class LiveServer:
     """`python serve.py *args` on a free port; waits until /health answers."""
 
-    def __init__(self, *args: str, startup_s: float = 300):
+    def __init__(self, *args: str, startup_s: float = 300, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()}
+               "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+               **(env or {})}
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=ROOT)

@@ -10,6 +10,7 @@ cost of its SERVING_GATED, so some rounds skip drafting), two decoding rounds pe
 - answers sampled at T=1 through HTTP (8 requests of n=512 choices, seeded) follow the
   target's exact joint law of the first three tokens (chi-square at alpha 1e-3 against
   enumeration, as the engine's test_lossless does; the power is asserted below);
+- the engine's compiled programs land in --compilation-cache;
 - SIGTERM with streams in flight lets them finish, then the process exits (last test: it
   stops the module's server).
 """
@@ -46,7 +47,9 @@ def server(tmp_path_factory):
     srv = LiveServer("--model", str(d / "target"), "--draft", str(d / "draft"), "--scheduler", "prefix",
                      "--sps", str(d / "sps.json"), "--dtype", "float32", "--max-num-seqs", "64", "--page-size", "4",
                      "--kv-memory", str(4 << 20), "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
-                     "--num-scheduler-steps", "2")
+                     "--num-scheduler-steps", "2", "--compilation-cache", str(d / "xla"),
+                     env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    srv.compilation_cache = d / "xla"
     yield srv
     srv.stop()
 
@@ -81,6 +84,11 @@ def test_concurrent_clients_get_their_greedy_answers(server):
     # the table's draft cost made it skip drafting in some rounds, not all
     assert 0 < metrics["dspark_undrafted_rounds_total"] < 0.9 * metrics["dspark_decode_rounds_total"], metrics
 
+
+
+def test_compiled_programs_are_cached(server):
+    """--compilation-cache: the engine's programs are written there (a restart loads them)."""
+    assert [p for p in server.compilation_cache.rglob("*") if p.is_file() and p.stat().st_size > 0]
 
 def test_statistical_power():
     """At alpha 1e-3 and 4096 draws, a sampler off by a chi-square distance of 0.05 from the
