@@ -122,8 +122,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-memory", type=float, default=0.5,
                    help="KV pages' budget: a fraction of free device memory, or bytes if > 1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--kernels", nargs="+", default=["xla"], choices=["pallas", "xla"],
-                   help="the engines' paged attention, each in turn")
+    p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "pallas", "xla"],
+                   help="the engines' paged attention, each in turn (auto: the engine's default)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split the target and the draft over this many devices (a tensor mesh axis)")
     p.add_argument("--out", default="bench_engine.json")

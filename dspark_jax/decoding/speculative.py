@@ -100,25 +100,17 @@ PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the
 def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
     """(target, draft) running with `kernels`: "xla", or "pallas" (the ragged paged attention
     kernel, over caches that are then paged, and for rows without top-k/top-p the fused
-    sampling kernels of the draft's slots and of rejection sampling). Either replaces the models'
-    `config.attention` where it is "xla" or "pallas" ("cudnn", which only the cache-free
-    forward uses, stays with "xla"). Raises a ValueError naming what cannot run the kernel: a
-    mesh (the models' or the caller's), or on a GPU a head dim (of any layer), page size or
-    key width in bytes it does not take (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov
-    rank (`pallas_kernels.markov_sampling.unsupported`)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "pallas":
-        if mesh is not None or target.mesh is not None or (draft is not None and draft.mesh is not None):
-            raise ValueError("kernels='pallas' runs on one device: it has no sharded (mesh) version yet; use 'xla'")
-        if jax.default_backend() == "gpu":
-            for config, dtype in [(target.config, target.dtype)] + ([] if draft is None else
-                                                                     [(draft.config.layers, draft.dtype)]):
-                for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:
-                    if why := unsupported_attention(head_dim, page_size, jnp.dtype(dtype).itemsize):
-                        raise ValueError(f"kernels='pallas' cannot run here: {why}")
-            if draft is not None and draft.config.markov_rank and (why := unsupported_markov(draft.config.markov_rank)):
-                raise ValueError(f"kernels='pallas' cannot run here: {why}")
+    sampling kernels of the draft's slots and of rejection sampling), or "auto": "pallas" on
+    one GPU where the kernels take the models' shapes, else "xla" (`resolve_kernels`). Either
+    replaces the models' `config.attention` where it is "xla" or "pallas" ("cudnn", which only
+    the cache-free forward uses, stays with "xla"). For "pallas", raises a ValueError naming
+    what cannot run the kernel: a mesh (the models' or the caller's), or on a GPU a head dim
+    (of any layer), page size or key width in bytes it does not take
+    (`pallas_kernels.ragged_paged_attention.unsupported`), or a Markov rank
+    (`pallas_kernels.markov_sampling.unsupported`)."""
+    kernels = resolve_kernels(kernels, target, draft, mesh=mesh, page_size=page_size)
+    if kernels == "pallas" and (why := _kernel_obstacle(target, draft, mesh, page_size)):
+        raise ValueError(f"kernels='pallas' cannot run here: {why}")
 
     def chosen(config):
         attention = "pallas" if kernels == "pallas" else ("xla" if config.attention == "pallas" else config.attention)
@@ -128,6 +120,34 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
     if draft is not None:
         draft = dataclasses.replace(draft, config=dataclasses.replace(draft.config, layers=chosen(draft.config.layers)))
     return target, draft
+
+
+def resolve_kernels(kernels: str, target, draft, *, mesh=None, page_size: int = PAGE_SIZE) -> str:
+    """"xla" or "pallas" for `kernels` ("auto": "pallas" on one GPU where the kernels take the
+    models' shapes, where they are faster (docs/benchmarks.md); else "xla", also on a CPU,
+    where they run interpreted, and on a TPU, where they have not run at these shapes)."""
+    if kernels not in KERNELS + ("auto",):
+        raise ValueError(f"kernels must be one of {KERNELS + ('auto',)}, got {kernels!r}")
+    if kernels != "auto":
+        return kernels
+    ok = jax.default_backend() == "gpu" and not _kernel_obstacle(target, draft, mesh, page_size)
+    return "pallas" if ok else "xla"
+
+
+def _kernel_obstacle(target, draft, mesh, page_size: int) -> str | None:
+    """Why the Pallas kernels cannot run these models here, or None."""
+    if mesh is not None or target.mesh is not None or (draft is not None and draft.mesh is not None):
+        return "the kernels run on one device: they have no sharded (mesh) version yet; use 'xla'"
+    if jax.default_backend() != "gpu":
+        return None
+    for config, dtype in [(target.config, target.dtype)] + ([] if draft is None else
+                                                             [(draft.config.layers, draft.dtype)]):
+        for head_dim in {config.layer_spec(i).head_dim for i in range(config.num_layers)}:
+            if why := unsupported_attention(head_dim, page_size, jnp.dtype(dtype).itemsize):
+                return why
+    if draft is not None and draft.config.markov_rank:
+        return unsupported_markov(draft.config.markov_rank)
+    return None
 
 
 def _new_cache(model, attention: str, batch: int, length: int, **ring):

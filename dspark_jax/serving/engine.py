@@ -19,8 +19,9 @@ A request goes waiting -> prefilling -> decoding -> finished:
   come and go. While drafting does not pay, the host probes it with one drafted step now
   and then: 2 undrafted steps after drafting stopped paying, then after a gap that doubles
   each time a probe finds that it still does not pay (4, 8, ... steps, up to PROBE_LIMIT
-  rounds and at least 2 steps). A draft that does not pay costs a few percent, and one that
-  starts to pay is found within about PROBE_LIMIT rounds.
+  rounds and at least 2 steps). A draft that does not pay then costs one drafted step in about
+  PROBE_LIMIT rounds (under 1% for a draft costing as much as the target), and one that starts
+  to pay is found within about PROBE_LIMIT rounds (half a second at 1 ms a round).
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
@@ -61,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler
-from dspark_jax.decoding.speculative import DecodeState, check_setup, use_kernels
+from dspark_jax.decoding.speculative import DecodeState, check_setup, resolve_kernels, use_kernels
 from dspark_jax.models.draft import Draft
 from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sampling import SamplingParams as RowSampling
@@ -71,7 +72,7 @@ from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
 
-PROBE_LIMIT = 128  # rounds: the longest gap between two probes of a draft that does not pay
+PROBE_LIMIT = 512  # rounds: the longest gap between two probes of a draft that does not pay
 
 
 class EngineFull(RuntimeError):
@@ -209,19 +210,21 @@ class Engine:
     mesh to run under (weights and KV pages are split over its tensor axis);
     async_scheduling: plan each step while the previous one runs (`step`);
     num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea);
-    kernels: how the target and the draft attend over their pages: "xla" (the default: every
-    page of the block table gathered, then attention over them) or "pallas" (the ragged paged
-    attention kernel of `pallas_kernels`, which reads only the pages below each row's length:
-    1.1x to 3.5x faster than "xla" per layer on an H200, docs/benchmarks.md), with the fused
-    sampling kernels of DSpark/DFlash draft slots and rejection sampling (one device, the shapes
-    `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for tests).
+    kernels: how the target and the draft attend over their pages: "xla" (every page of the
+    block table gathered, then attention over them) or "pallas" (the ragged paged attention
+    kernel of `pallas_kernels`, which reads only the pages below each row's length: 1.1x to
+    3.5x faster than "xla" per layer on an H200, docs/benchmarks.md), with the fused sampling
+    kernels of DSpark/DFlash draft slots and rejection sampling (one device, the shapes
+    `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for tests); "auto" (the
+    default): "pallas" on one GPU where the kernels take the models' shapes, else "xla".
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,
                  page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
-                 num_scheduler_steps: int = 1, kernels: str = "xla"):
+                 num_scheduler_steps: int = 1, kernels: str = "auto"):
+        kernels = resolve_kernels(kernels, target, draft, mesh=mesh, page_size=page_size)
         target, draft = use_kernels(target, draft, kernels, mesh=mesh, page_size=page_size)
         log.info("paged attention: %s", kernels)
         cfg = target.config

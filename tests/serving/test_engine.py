@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from dspark_jax import Draft, generate
+from dspark_jax.decoding import speculative
 from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.decoding.speculative import resolve_kernels, use_kernels
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
 from dspark_jax.serving import engine as engine_module
@@ -319,9 +321,27 @@ def test_bad_kernels_settings_are_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         tiny_engine("ar", kernels="triton")
     mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
-    with pytest.raises(ValueError, match="kernels='pallas' runs on one device"):
+    with pytest.raises(ValueError, match="kernels='pallas' cannot run here: the kernels run on one device"):
         tiny_engine("ar", kernels="pallas", mesh=mesh)
     assert tiny_engine("ar", mesh=mesh).target.config.attention == "xla"  # the default under a mesh
+    assert tiny_engine("ar").target.config.attention == "xla"  # and on a CPU
+
+
+def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
+    """kernels="auto" (the default) picks the kernels on one GPU when they take the models'
+    shapes, XLA under a mesh or for a head dim they do not take."""
+    target, draft = tiny_target(), tiny_draft("dspark")
+    monkeypatch.setattr(speculative.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: None)
+    monkeypatch.setattr(speculative, "unsupported_markov", lambda rank: None)
+    assert resolve_kernels("auto", target, draft) == "pallas"
+    assert resolve_kernels("xla", target, draft) == "xla"
+    mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
+    assert resolve_kernels("auto", target, draft, mesh=mesh) == "xla"
+    monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: f"head dim {head_dim}")
+    assert resolve_kernels("auto", target, draft) == "xla"
+    with pytest.raises(ValueError, match="kernels='pallas' cannot run here: head dim"):
+        use_kernels(target, draft, "pallas")
 
 
 def test_bad_requests_are_refused_and_the_engine_serves_on():
