@@ -163,6 +163,8 @@ def main(argv=None) -> None:
         sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))
         draft_seconds = tuple(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
         results["sps"], results["draft_seconds"] = sps, draft_seconds
+        with open(args.out, "w") as f:  # the table, for --sps of a later run, even if this one is cut short
+            json.dump(results, f, indent=1)
         schedulers = {"sched": PrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
                       "sched-always": PrefixScheduler(sps, temperatures)}
     if args.static_batch:
