@@ -100,8 +100,8 @@ PAGE_SIZE = 32  # positions per page of the paged caches `prefill` makes for the
 def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE_SIZE):
     """(target, draft) running with `kernels`: "xla", or "pallas" (the ragged paged attention
     kernel, over caches that are then paged, and for rows without top-k/top-p the fused
-    sampling kernels of the draft's slots and of rejection sampling), or "auto": "pallas" on
-    one GPU where the kernels take the models' shapes, else "xla" (`resolve_kernels`). Either
+    sampling kernels of the draft's slots and of rejection sampling), or "auto" (`resolve_kernels`:
+    "pallas" where the kernels are measured faster, else "xla"). Either
     replaces the models' `config.attention` where it is "xla" or "pallas" ("cudnn", which only
     the cache-free forward uses, stays with "xla"). For "pallas", raises a ValueError naming
     what cannot run the kernel: a mesh (the models' or the caller's), or on a GPU a head dim
@@ -123,14 +123,16 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
 
 
 def resolve_kernels(kernels: str, target, draft, *, mesh=None, page_size: int = PAGE_SIZE) -> str:
-    """"xla" or "pallas" for `kernels` ("auto": "pallas" on one GPU where the kernels take the
-    models' shapes, where they are faster (docs/benchmarks.md); else "xla", also on a CPU,
-    where they run interpreted, and on a TPU, where they have not run at these shapes)."""
+    """"xla" or "pallas" for `kernels`. "auto" is "pallas" where the kernels are measured
+    faster (docs/benchmarks.md): decoding without a draft on one GPU, where the ragged paged
+    attention kernel takes the target's shapes. With a draft it is "xla": on an H100 the fused
+    rejection sampling kernel is slower than XLA's. It is "xla" on a CPU too, where the
+    kernels run interpreted, and on a TPU, where they have not run at these shapes."""
     if kernels not in KERNELS + ("auto",):
         raise ValueError(f"kernels must be one of {KERNELS + ('auto',)}, got {kernels!r}")
     if kernels != "auto":
         return kernels
-    ok = jax.default_backend() == "gpu" and not _kernel_obstacle(target, draft, mesh, page_size)
+    ok = jax.default_backend() == "gpu" and draft is None and not _kernel_obstacle(target, draft, mesh, page_size)
     return "pallas" if ok else "xla"
 
 

@@ -328,18 +328,20 @@ def test_bad_kernels_settings_are_refused():
 
 
 def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
-    """kernels="auto" (the default) picks the kernels on one GPU when they take the models'
-    shapes, XLA under a mesh or for a head dim they do not take."""
+    """kernels="auto" (the default) picks the kernels on one GPU without a draft when they
+    take the target's shapes; XLA with a draft, under a mesh or for a head dim they do not
+    take."""
     target, draft = tiny_target(), tiny_draft("dspark")
     monkeypatch.setattr(speculative.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: None)
     monkeypatch.setattr(speculative, "unsupported_markov", lambda rank: None)
-    assert resolve_kernels("auto", target, draft) == "pallas"
-    assert resolve_kernels("xla", target, draft) == "xla"
-    mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
-    assert resolve_kernels("auto", target, draft, mesh=mesh) == "xla"
-    monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: f"head dim {head_dim}")
+    assert resolve_kernels("auto", target, None) == "pallas"
     assert resolve_kernels("auto", target, draft) == "xla"
+    assert resolve_kernels("pallas", target, draft) == "pallas" and resolve_kernels("xla", target, None) == "xla"
+    mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
+    assert resolve_kernels("auto", target, None, mesh=mesh) == "xla"
+    monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: f"head dim {head_dim}")
+    assert resolve_kernels("auto", target, None) == "xla"
     with pytest.raises(ValueError, match="kernels='pallas' cannot run here: head dim"):
         use_kernels(target, draft, "pallas")
 
