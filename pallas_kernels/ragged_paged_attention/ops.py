@@ -44,6 +44,6 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         raise ValueError(f"the ragged paged attention kernel cannot run here: {why}; use implementation='xla'")
     if blocks is None:
         blocks = pick_blocks(batch=b, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
-                             page_size=page_size, table_columns=block_table.shape[1])
+                             page_size=page_size, table_columns=block_table.shape[1], itemsize=q.dtype.itemsize)
     return gpu.ragged_paged_attention(q, k_pages, v_pages, block_table, q_positions, kv_lengths, blocks=blocks,
                                       interpret=backend != "gpu", return_lse=return_lse, scale=scale, window=window)

@@ -20,10 +20,17 @@ def _pow2_at_most(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
+Q_TILE_BYTES = 64 * 1024  # most bytes of a query block in shared memory (the H100 has 227 KiB per block)
+
+
 def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, page_size: int,
-                table_columns: int) -> Blocks:
-    """Blocks for `batch` rows of `query_rows` query rows per KV head (tokens x group)."""
-    block_q = min(64, max(16, 1 << (query_rows - 1).bit_length()))
+                table_columns: int, itemsize: int = 2) -> Blocks:
+    """Blocks for `batch` rows of `query_rows` query rows per KV head (tokens x group), of
+    `itemsize`-byte elements. The query block stays within Q_TILE_BYTES, which leaves room for
+    two stages of key and value tiles: 64 rows of a 512-wide float32 head, with 16 keys a step,
+    asked for 256 KiB on an H100 (docs/benchmarks.md)."""
+    widest = max(16, _pow2_at_most(Q_TILE_BYTES // (head_dim * itemsize)))
+    block_q = min(64, widest, max(16, 1 << (query_rows - 1).bit_length()))
     pages = _pow2_at_most(KEYS_PER_STEP.get(head_dim, 64) // page_size)
     pages = min(pages, 1 << (table_columns - 1).bit_length())  # no more than the table holds
     pages = max(pages, -(-16 // page_size))  # the smallest dot takes 16 keys

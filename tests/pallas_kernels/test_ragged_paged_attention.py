@@ -159,6 +159,8 @@ def test_tuning_fills_the_chip_with_splits_only_when_rows_are_few():
     odd = pick_blocks(batch=4, kv_heads=2, query_rows=32, head_dim=64, page_size=16, table_columns=6)
     assert odd.pages == 8  # 128 keys; the kernel pads the table to whole steps
     assert pick_blocks(batch=4, kv_heads=2, query_rows=1, head_dim=64, page_size=4, table_columns=2).pages == 4
+    wide = dict(batch=1, kv_heads=1, query_rows=128, head_dim=512, page_size=16, table_columns=32)
+    assert pick_blocks(**wide).block_q == 64 and pick_blocks(**wide, itemsize=4).block_q == 32  # shared memory
 
 
 def test_shapes_the_compiled_kernel_cannot_take_are_named():
