@@ -53,6 +53,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="paged attention, draft sampling and verification: XLA, or the Pallas kernels (one "
                         "device; interpreted off a GPU or TPU); auto: the kernels without --draft on one GPU, else XLA")
+    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the engine's largest program shapes at start-up, in the background, so that no "
+                        "step waits for a compilation (default: on, except on a CPU)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep the engine's compiled programs in DIR, so that a restart or a second server with "
                         "the same model and flags compiles nothing again (JAX's persistent compilation cache; "
@@ -112,6 +115,8 @@ def build_engine(args):
                     max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, seed=args.seed,
                     mesh=mesh, async_scheduling=args.async_scheduling, num_scheduler_steps=args.num_scheduler_steps,
                     kernels=args.kernels)
+    if args.precompile if args.precompile is not None else jax.default_backend() != "cpu":
+        engine.precompile()
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else
                                       os.path.basename(os.path.normpath(path)).removesuffix(".gguf"))
     return engine, target.tokenizer, name

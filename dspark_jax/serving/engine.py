@@ -43,13 +43,18 @@ on bucketed shapes only: the round's capacity (a power of two covering the highe
 slot), each program's block-table width (a power of two of pages; always a whole context's
 with `kernels="pallas"`, since the kernel reads only the pages a row's length reaches), the
 prefill's chunk width and rows (powers of two holding the longest chunk and the chunks) and
-whether any request uses top-k/top-p; the rounds per step are fixed per engine.
+whether any request uses top-k/top-p; the rounds per step are fixed per engine. Programs are
+compiled ahead of time (`dspark_jax.serving.programs`): a step whose shape is not compiled
+yet runs a compiled program of more rows or wider chunks, padded, while its own compiles on
+a background thread, and waits only when none covers it; `precompile` compiles the largest
+shapes at start-up so that none has to wait.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -68,6 +73,7 @@ from dspark_jax.models.target import Target, param_shardings
 from dspark_jax.sampling import SamplingParams as RowSampling
 from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
 from dspark_jax.serving.params import RequestOutput, SamplingParams
+from dspark_jax.serving.programs import Programs
 from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
@@ -94,7 +100,8 @@ class EngineStats:
     verify_length_histogram: list[int]  # drafted rounds that verified 0..gamma draft tokens
     accepted_at_position: list[int]  # rounds whose draft token j+1 was accepted
     verified_at_position: list[int]  # rounds that verified draft token j+1
-    program_shapes: int = 0  # distinct device-program shapes run (each compiled when first run)
+    program_shapes: int = 0  # device programs compiled (one per bucketed shape; `Engine.precompile`)
+    compile_stalls: int = 0  # steps that waited for a program to compile
     undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
 
     @property
@@ -210,6 +217,8 @@ class Engine:
     mesh to run under (weights and KV pages are split over its tensor axis);
     async_scheduling: plan each step while the previous one runs (`step`);
     num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea);
+    background_compile: compile a step's new shape on a background thread while a larger
+    compiled program runs it (one device; under a mesh programs compile at their first step);
     kernels: how the target and the draft attend over their pages: "xla" (every page of the
     block table gathered, then attention over them) or "pallas" (the ragged paged attention
     kernel of `pallas_kernels`, which reads only the pages below each row's length: 1.1x to
@@ -224,7 +233,7 @@ class Engine:
                  page_size: int = 16, kv_memory: float | int | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, max_waiting: int = 4096,
                  max_stop_ids: int = 8, seed: int = 0, mesh: Mesh | None = None, async_scheduling: bool = True,
-                 num_scheduler_steps: int = 1, kernels: str = "auto"):
+                 num_scheduler_steps: int = 1, kernels: str = "auto", background_compile: bool = True):
         kernels = resolve_kernels(kernels, target, draft, mesh=mesh, page_size=page_size)
         target, draft = use_kernels(target, draft, kernels, mesh=mesh, page_size=page_size)
         log.info("paged attention: %s", kernels)
@@ -272,7 +281,10 @@ class Engine:
         # or to probe after _probe_gap undrafted steps (_undrafted_steps planned in a row)
         self._drafting, self._probing = True, False
         self._probe_gap, self._undrafted_steps = 1, 0
-        self._shapes: set[tuple] = set()  # the device programs' shapes run so far
+        # state shapes and shardings, for compiling programs off the main thread
+        self._state_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                         self._state)
+        self._programs = Programs(self._compile, background_compile and mesh is None)
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
         self._preempted_waiting = 0  # preempted requests in _waiting
@@ -346,7 +358,29 @@ class Engine:
             s, running=sum(r is not None for r in self._slots), waiting=len(self._waiting),
             pages_used=self.pages.num_used, pages_free=self.pages.num_free,
             verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
-            verified_at_position=list(s.verified_at_position), program_shapes=len(self._shapes))
+            verified_at_position=list(s.verified_at_position), program_shapes=len(self._programs),
+            compile_stalls=self._programs.stalls)
+
+    def precompile(self, wait: bool = False) -> None:
+        """Compiles the largest program shapes this engine can run (on the background thread
+        unless `background_compile` is off, and then now): its widest round at every block-table
+        width, drafted and undrafted where the scheduler may skip drafting, and for each chunk
+        width the prefill of the most rows the token budget holds, all for rows without
+        top-k/top-p. Once they are compiled, a step without top-k/top-p rows never waits for a
+        compilation: it runs one of them, padded, while its own shape compiles. wait: block
+        until they are compiled."""
+        budget = bucket(self.max_num_batched_tokens)
+        cap = min(self.max_num_seqs, bucket(self.max_num_seqs, 4))
+        gated = self.draft is not None and getattr(self.scheduler, "draft_seconds", None) is not None
+        widths = [16 << i for i in range(budget.bit_length()) if 16 << i <= budget]  # chunk widths
+        keys = []
+        for columns in sorted({self._table_width_for(pages) for pages in range(1, self.max_pages + 1)}):
+            keys += [("round", (cap,), (columns, False, drafting)) for drafting in ((True, False) if gated else (True,))]
+            keys += [("prefill", (min(bucket(self.max_num_seqs, 1), max(1, budget // w)), w), (columns, False))
+                     for w in widths]
+        self._programs.precompile(keys)
+        if wait:
+            self._programs.wait()
 
     # ---------------------------------------------------------------------- step
 
@@ -384,7 +418,13 @@ class Engine:
         if not decoding and not chunks:
             return None
         filtered = any(r.params.filtered for r in self._slots if r is not None)
-        batch = self._prefill_batch(chunks, self._table_width([r for r, _ in chunks]), filtered) if chunks else None
+        batch = prefill = None
+        if chunks:
+            rows, width = self._prefill_shape(chunks)
+            columns = self._table_width([r for r, _ in chunks])
+            key, prefill = self._programs.get(("prefill", (rows, width), (columns, filtered)))
+            rows, width = key[1]  # a compiled program's shape, at least this step's
+            batch = self._prefill_batch(chunks, rows, width, columns, filtered)
         firsts = []
         for r, n in chunks:
             r.computed += n
@@ -394,10 +434,13 @@ class Engine:
             r.launched += firsts[-1]
         decoding += [r for r, _ in chunks if r.decoding and not self._surely_done(r)
                      and self._grow(r, self._round_positions(r))]
-        table = running = None
+        table = running = rnd = None
         if decoding:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
-            table = np.full((cap, self._table_width(decoding)), SCRATCH_PAGE, np.int32)
+            columns = self._table_width(decoding)
+            key, rnd = self._programs.get(("round", (cap,), (columns, filtered, self._drafting)))
+            (cap,) = key[1]  # a compiled program's capacity, at least this step's
+            table = np.full((cap, columns), SCRATCH_PAGE, np.int32)
             running = np.zeros((cap,), bool)
             for r in decoding:
                 table[r.slot, : len(r.pages)] = r.pages
@@ -408,20 +451,17 @@ class Engine:
         launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing)
         if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
             self._drafting = self._probing = False
-        return launch, filtered, table, running, batch
+        return launch, filtered, (prefill, batch), (rnd, table, running)
 
-    def _dispatch(self, launch: _Launch, filtered: bool, table, running, batch) -> _Launch:
-        """Runs the planned programs without waiting for them; starts copying their outputs to the host."""
+    def _dispatch(self, launch: _Launch, filtered: bool, prefill, rnd) -> _Launch:
+        """Runs the planned programs (each (program, its inputs), or (None, ...)) without waiting
+        for them; starts copying their outputs to the host."""
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
-        models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler,
-                  self.target.params, None if self.draft is None else self.draft.params)
-        if batch is not None:
-            state, *launch.prefilled = engine_prefill(*models, state, batch)
-            self._shapes.add(("prefill", batch.tokens.shape, batch.table.shape, filtered))
-        if table is not None:
-            state, *launch.rnd = engine_round(*models, state, table, running, self.num_scheduler_steps,
-                                              launch.drafting)
-            self._shapes.add(("round", table.shape, filtered, launch.drafting))
+        params = (self.target.params, None if self.draft is None else self.draft.params)
+        if prefill[0] is not None:
+            state, *launch.prefilled = prefill[0](*params, state, *prefill[1:])
+        if rnd[0] is not None:
+            state, *launch.rnd = rnd[0](*params, state, *rnd[1:])
         self._state = state
         jax.tree.map(lambda x: x.copy_to_host_async(), (launch.rnd, launch.prefilled))
         self._stats.steps += 1
@@ -466,6 +506,32 @@ class Engine:
                 self._probe_gap = min(2 * self._probe_gap, longest) if launch.probe else max(self._probe_gap, 2)
         self._probing = not pays and self._undrafted_steps >= self._probe_gap
         self._drafting = pays or self._probing
+
+    def _compile(self, key):
+        """The program of a `Programs` key, a callable of (target params, draft params, state,
+        inputs...): compiled ahead of time on one device (on the background thread: it reads no
+        live state); under a mesh, jit's own dispatch, which compiles at the first call (the
+        steps' outputs may be laid out unlike the initial state, over a data axis, and jit
+        follows them where a compiled program would refuse them). A round: sizes (capacity,),
+        exact (table columns, filtered, drafting); a prefill: sizes (rows, chunk width), exact
+        (table columns, filtered)."""
+        kind, sizes, exact = key
+        filtered = exact[1]
+        models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler)
+        params = (self.target.params, None if self.draft is None else self.draft.params)
+        if kind == "round":
+            (cap,), (columns, _, drafting) = sizes, exact
+            inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool))
+            program = functools.partial(engine_round, *models)
+            statics = (self.num_scheduler_steps, drafting)
+        else:
+            (rows, width), columns = sizes, exact[0]
+            inputs = (self._prefill_batch([], rows, width, columns, filtered),)
+            program, statics = functools.partial(engine_prefill, *models), ()
+        if self.mesh is not None:
+            return lambda *args: program(*args, *statics)
+        state = self._state_avals._replace(sampling=self._state_avals.sampling.replace(filtered=filtered))
+        return program.func.lower(*models, *params, state, *inputs, *statics).compile()
 
     def _round_width(self, drafting: bool) -> int:
         """Tokens a round may commit, and positions past its anchor it writes, plus one: a
@@ -580,15 +646,19 @@ class Engine:
         self._stats.preemptions += 1
 
     def _table_width(self, requests) -> int:
-        """Block-table columns of a program over these requests: a power of two that holds
-        their pages (attention in XLA gathers every column), or a whole context's pages
-        (`_full_tables`)."""
+        return self._table_width_for(max(len(r.pages) for r in requests))
+
+    def _table_width_for(self, pages: int) -> int:
+        """Block-table columns of a program over requests holding up to `pages` pages: a power
+        of two that holds them (attention in XLA gathers every column), or a whole context's
+        pages (`_full_tables`)."""
         if self._full_tables:
             return self.max_pages
-        return min(bucket(max(len(r.pages) for r in requests), 4), self.max_pages)
+        return min(bucket(pages, 4), self.max_pages)
 
-    def _prefill_batch(self, chunks, width: int, filtered: bool) -> PrefillBatch:
-        rows, c = self._prefill_shape(chunks)
+    def _prefill_batch(self, chunks, rows: int, c: int, width: int, filtered: bool) -> PrefillBatch:
+        """The prefill inputs of `chunks` in `rows` rows of `c` tokens with `width`-column
+        block tables (padding rows go to no slot)."""
         slots = np.full((rows,), self.max_num_seqs, np.int32)
         table = np.full((rows, width), SCRATCH_PAGE, np.int32)
         start, num_new, given, generated, max_new = (np.zeros((rows,), np.int32) for _ in range(5))

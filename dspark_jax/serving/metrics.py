@@ -32,8 +32,11 @@ class EngineCollector:
                                   value=s.preemptions)
         yield CounterMetricFamily("dspark_engine_steps", "Device steps run.", value=s.steps)
         yield GaugeMetricFamily("dspark_engine_program_shapes",
-                                "Distinct device-program shapes run so far (each compiled when first run).",
+                                "Device programs compiled so far (one per bucketed step shape).",
                                 value=s.program_shapes)
+        yield CounterMetricFamily("dspark_engine_compile_stalls",
+                                  "Engine steps that waited for a program to compile (no compiled one covered them).",
+                                  value=s.compile_stalls)
         yield CounterMetricFamily("dspark_decode_rounds", "Decoding rounds, summed over requests.", value=s.rounds)
         yield CounterMetricFamily("dspark_undrafted_rounds",
                                   "Decoding rounds run without a draft because drafting did not pay.",

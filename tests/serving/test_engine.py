@@ -142,8 +142,22 @@ def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, s
         assert sum(stats.verify_length_histogram) == stats.rounds - stats.undrafted_rounds
         assert (0 < stats.undrafted_rounds < 0.8 * stats.rounds) == (config == "dspark-gated")
     if kernels == "pallas":
-        tables = [shape[1] if shape[0] == "round" else shape[2] for shape in eng._shapes]  # [rows, columns]
-        assert {columns for _, columns in tables} == {eng.max_pages}
+        assert {exact[0] for _, _, exact in eng._programs._ready} == {eng.max_pages}  # every program's table columns
+    assert_drained(eng)
+
+
+@pytest.mark.parametrize("config", ["ar", "dspark-gated"])
+def test_a_precompiled_engine_never_waits_for_a_compilation(config):
+    """Engine.precompile compiles the largest shapes; then every step runs its own program or,
+    while that compiles in the background, a larger one padded, and the tokens are the same."""
+    eng = tiny_engine(config, **WIDE)  # shapes of 4 and 8 slots, chunks of 1 x 32 and 2 x 16 tokens
+    eng.precompile(wait=True)
+    precompiled = eng.stats().program_shapes
+    tokens, _, _ = serve(eng, [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)])
+    assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
+    eng._programs.wait()
+    stats = eng.stats()
+    assert stats.compile_stalls == 0 and stats.program_shapes > precompiled  # the steps' own shapes came later
     assert_drained(eng)
 
 

@@ -185,7 +185,8 @@ def test_sharded_engine_compiles_each_step_shape_once():
     compile of the serving program (~2 s here, minutes for a real model)."""
     for m in (None, mesh(1, 2)):
         eng = Engine(kv_split_target(), None, max_num_seqs=2, page_size=8, num_pages=16, max_num_batched_tokens=16,
-                     mesh=m)  # 2 slots: shapes no other test here compiles
+                     mesh=m, background_compile=False)  # 2 slots: shapes no other test here compiles; compiled
+        # in this thread, where jax.log_compiles() sees it
         for _ in range(3):  # the third waits for a slot: steps with and without prefill
             eng.add_request([1, 2, 3], GREEDY)
 
