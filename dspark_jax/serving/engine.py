@@ -373,9 +373,9 @@ class Engine:
         cap = min(self.max_num_seqs, bucket(self.max_num_seqs, 4))
         gated = self.draft is not None and getattr(self.scheduler, "draft_seconds", None) is not None
         widths = [16 << i for i in range(budget.bit_length()) if 16 << i <= budget]  # chunk widths
-        keys = []
+        keys, draftings = [], (True, False) if gated else (True,)
         for columns in sorted({self._table_width_for(pages) for pages in range(1, self.max_pages + 1)}):
-            keys += [("round", (cap,), (columns, False, drafting)) for drafting in ((True, False) if gated else (True,))]
+            keys += [("round", (cap,), (columns, False, drafting)) for drafting in draftings]
             keys += [("prefill", (min(bucket(self.max_num_seqs, 1), max(1, budget // w)), w), (columns, False))
                      for w in widths]
         self._programs.precompile(keys)
