@@ -12,9 +12,10 @@ sched-always: the same scheduler without the draft's cost, drafting every round)
 concurrency c, a closed loop keeps c requests in flight: --num-prompts requests (default 4c, at
 least 16), each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
-loop runs once to compile the engine's programs; program shapes the engine first met during
-the measured loop are reported (each one compiled there, unless an earlier engine of this
-run with the same models and rounds per step had compiled it). Output tokens/s counts every
+loop runs once to compile the engine's programs, and the run waits for the compilations it
+started; programs compiled during the measured loop and steps that waited for one are
+reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape).
+Output tokens/s counts every
 generated token over the loop's wall time; time per output token (TPOT) is a request's
 (finish - first token) / (tokens - 1), p50/p99 over requests. The static baseline is
 `generate` on c prompts at once (compilation excluded). `--tensor-parallel N` runs the target,
@@ -181,17 +182,20 @@ def main(argv=None) -> None:
         for c in args.concurrency:
             total = args.num_prompts or requests_per_level(c)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
+            engine.wait_for_programs()  # and the shapes it ran padded meanwhile
             before = engine.stats()
             row = {"mode": mode, "kernels": engine.target.config.attention, "scheduling": scheduling,
                    "scheduler_steps": rounds, "concurrency": c, **closed_loop(engine, prompts, c, total, params)}
             after = engine.stats()
             row["compiled_during"] = after.program_shapes - before.program_shapes
+            row["compile_stalls"] = after.compile_stalls - before.compile_stalls
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
             results["rows"].append(row)
             log.info("%s", json.dumps(row))
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+        engine.close()
         del engine  # its KV pool, before the next engine sizes its own
     print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, "
           f"draft {args.draft}, {args.max_tokens} tokens per request, mean prompt {mean_prompt}")

@@ -15,8 +15,8 @@ until a pass meets no program shape the server had not run (at most --warmup-pas
 Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
 token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
 server's mean tokens per decoding round over the level (from its /metrics; 1.0 without a
-draft), and the engine program shapes it met for the first time during the measured run
-(each one compiled there, which a nonzero count warns about). JSON goes to --out, a markdown
+draft), and the engine programs the server compiled during the measured run (a nonzero
+count warns that compilation overlapped it). JSON goes to --out, a markdown
 table to stdout.
 """
 
@@ -30,8 +30,9 @@ import time
 
 import httpx
 import numpy as np
-from benchlib import requests_per_level
 from prometheus_client.parser import text_string_to_metric_families
+
+from benchlib import requests_per_level
 
 from dspark_jax.__main__ import read_prompt_file
 
@@ -80,13 +81,22 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
     return list(await asyncio.gather(*tasks))
 
 
-async def counters(http) -> tuple[float, float, float]:
-    """(decoding rounds, tokens they committed, program shapes run) so far, from the server's
-    /metrics (zeros from a server without them)."""
+async def counters(http) -> tuple[float, float, float, float]:
+    """(decoding rounds, tokens they committed, programs compiled, programs compiling) so far,
+    from the server's /metrics (zeros from a server without them)."""
     text = (await http.get("/metrics")).text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     return tuple(values.get(name, 0.0) for name in ("dspark_decode_rounds_total", "dspark_round_tokens_total",
-                                                    "dspark_engine_program_shapes"))
+                                                    "dspark_engine_program_shapes", "dspark_engine_compiles_pending"))
+
+
+async def settled(http) -> tuple[float, float, float]:
+    """`counters` once the server compiles nothing (its background compilations done)."""
+    while True:
+        *values, pending = await counters(http)
+        if not pending:
+            return tuple(values)
+        await asyncio.sleep(0.5)
 
 
 async def measure(http, args, prompts, load: str, level: float, total: int) -> dict:
@@ -94,18 +104,18 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
         (lambda: poisson(http, args, prompts, level, total))
     # warm-up: the server compiles the shapes this level meets; requests arrive at times that
     # vary from run to run, so a pass may meet shapes the one before did not: warm up until a
-    # pass meets none (or --warmup-passes)
-    passes, (r0, t0, shapes0) = 0, await counters(http)
+    # pass meets none (or --warmup-passes), then measure once the server compiles nothing
+    passes, (r0, t0, shapes0) = 0, await settled(http)
     while passes < args.warmup_passes:
         await run()
         passes += 1
-        before, (r0, t0, shapes0) = shapes0, await counters(http)
+        before, (r0, t0, shapes0) = shapes0, await settled(http)
         if shapes0 == before:
             break
     start = time.perf_counter()
     results = await run()
     seconds = time.perf_counter() - start
-    r1, t1, shapes1 = await counters(http)
+    r1, t1, shapes1, _ = await counters(http)
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")

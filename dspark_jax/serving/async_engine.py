@@ -139,6 +139,7 @@ class AsyncEngine(_Front):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._worker.shutdown(wait=True)
+        self.engine.close()
 
     def _queued(self) -> int:
         return len(self._adds) + self.engine.num_queued
@@ -358,3 +359,5 @@ def _engine_main(conn, build) -> None:
     except Exception as error:
         log.exception("the engine failed")
         conn.send(("failed", f"{type(error).__name__}: {error}"))
+    finally:
+        engine.close()  # no more background compilation

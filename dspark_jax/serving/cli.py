@@ -58,8 +58,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "step waits for a compilation (default: on, except on a CPU)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep the engine's compiled programs in DIR, so that a restart or a second server with "
-                        "the same model and flags compiles nothing again (JAX's persistent compilation cache; "
-                        "default: $JAX_COMPILATION_CACHE_DIR if set, else $DSPARK_CACHE/xla; 'off' to disable)")
+                        "the same model and flags loads them instead of compiling them (JAX's persistent "
+                        "compilation cache, which keeps programs that took a second or more to compile; default: "
+                        "$JAX_COMPILATION_CACHE_DIR if set, else $DSPARK_CACHE/xla; 'off' to disable)")
     p.add_argument("--seed", type=int, default=0, help="seeds of requests that send none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

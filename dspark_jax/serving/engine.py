@@ -58,6 +58,7 @@ import functools
 import itertools
 import logging
 import math
+import weakref
 from typing import Sequence
 
 import jax
@@ -102,6 +103,7 @@ class EngineStats:
     verified_at_position: list[int]  # rounds that verified draft token j+1
     program_shapes: int = 0  # device programs compiled (one per bucketed shape; `Engine.precompile`)
     compile_stalls: int = 0  # steps that waited for a program to compile
+    compiles_pending: int = 0  # programs asked for and still compiling or queued
     undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
 
     @property
@@ -284,7 +286,9 @@ class Engine:
         # state shapes and shardings, for compiling programs off the main thread
         self._state_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                          self._state)
-        self._programs = Programs(self._compile, background_compile and mesh is None)
+        self._programs = Programs(self._compile, background_compile and mesh is None,
+                                  functools.partial(_cover_allowed, self._full_tables, self.pages.usable))
+        weakref.finalize(self, self._programs.close)
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
         self._preempted_waiting = 0  # preempted requests in _waiting
@@ -359,25 +363,40 @@ class Engine:
             pages_used=self.pages.num_used, pages_free=self.pages.num_free,
             verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
             verified_at_position=list(s.verified_at_position), program_shapes=len(self._programs),
-            compile_stalls=self._programs.stalls)
+            compile_stalls=self._programs.stalls, compiles_pending=self._programs.pending)
+
+    def wait_for_programs(self) -> None:
+        """Blocks until every program asked for (`precompile`, or steps' own shapes that ran
+        padded meanwhile) has compiled."""
+        self._programs.wait()
+
+    def close(self) -> None:
+        """Stops compiling in the background (queued compilations are dropped). The engine can
+        still step; shapes it then meets compile when first needed."""
+        self._programs.close()
 
     def precompile(self, wait: bool = False) -> None:
         """Compiles the largest program shapes this engine can run (on the background thread
         unless `background_compile` is off, and then now): its widest round at every block-table
         width, drafted and undrafted where the scheduler may skip drafting, and for each chunk
         width the prefill of the most rows the token budget holds, all for rows without
-        top-k/top-p. Once they are compiled, a step without top-k/top-p rows never waits for a
-        compilation: it runs one of them, padded, while its own shape compiles. wait: block
-        until they are compiled."""
+        top-k/top-p. Once they are compiled, a step without top-k/top-p rows runs one of them,
+        padded, while its own shape compiles, rather than waiting (with `kernels="xla"`, only
+        one that gathers at most 4 times its pages or the pool's: `_cover_allowed`). Under a
+        mesh programs compile at their first step, and this does nothing.
+        wait: block until they are compiled."""
+        if self.mesh is not None:
+            log.info("precompile: under a mesh, programs compile at their first step")
+            return
         budget = bucket(self.max_num_batched_tokens)
         cap = min(self.max_num_seqs, bucket(self.max_num_seqs, 4))
         gated = self.draft is not None and getattr(self.scheduler, "draft_seconds", None) is not None
-        widths = [16 << i for i in range(budget.bit_length()) if 16 << i <= budget]  # chunk widths
         keys, draftings = [], (True, False) if gated else (True,)
         for columns in sorted({self._table_width_for(pages) for pages in range(1, self.max_pages + 1)}):
             keys += [("round", (cap,), (columns, False, drafting)) for drafting in draftings]
+            widest = bucket(columns * self.page_size)  # a chunk's width, at most its table's positions
             keys += [("prefill", (min(bucket(self.max_num_seqs, 1), max(1, budget // w)), w), (columns, False))
-                     for w in widths]
+                     for w in (16 << i for i in range(budget.bit_length())) if w <= min(budget, widest)]
         self._programs.precompile(keys)
         if wait:
             self._programs.wait()
@@ -741,6 +760,16 @@ class Engine:
             (cache.block_table, cache.lengths), replicated))  # the pools keep their KV-head split
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
         return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
+
+
+def _cover_allowed(full_tables: bool, pool_pages: int, cover, step) -> bool:
+    """Whether program `cover` may run `step` padded (`Programs` keys; sizes[0] is rows,
+    exact[0] table columns): always with whole-context tables (the kernel reads only the
+    pages below each row's length); else only if its rows x columns, the pages XLA's attention
+    gathers per layer, are at most the pool's pages or 4 times the step's own (a larger gather
+    could run out of memory where the step's own program would not)."""
+    gathered = lambda key: key[1][0] * key[2][0]
+    return full_tables or gathered(cover) <= max(pool_pages, 4 * gathered(step))
 
 
 def _kv_shards(mesh: Mesh, config) -> int:

@@ -34,6 +34,8 @@ class EngineCollector:
         yield GaugeMetricFamily("dspark_engine_program_shapes",
                                 "Device programs compiled so far (one per bucketed step shape).",
                                 value=s.program_shapes)
+        yield GaugeMetricFamily("dspark_engine_compiles_pending", "Device programs compiling or queued to compile.",
+                                value=s.compiles_pending)
         yield CounterMetricFamily("dspark_engine_compile_stalls",
                                   "Engine steps that waited for a program to compile (no compiled one covered them).",
                                   value=s.compile_stalls)

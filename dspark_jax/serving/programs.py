@@ -3,10 +3,11 @@
 Each engine program (a prefill, a decoding round) is specialised on bucketed shapes, and the
 first step that needs a new shape would compile it: seconds on a GPU, during which every
 running request waits. `Programs` compiles instead on a background thread and, until a shape
-is ready, runs the smallest compiled program whose shape covers the step: at least as many
+is ready, runs the cheapest compiled program whose shape covers the step: at least as many
 rows and as wide chunks, the same in everything else (a step padded to it runs the extra rows
-idle). A step waits for a compilation only when no compiled program covers it. `precompile`
-asks for the largest shapes up front, so that once they are ready no step has to wait.
+idle), where the engine allows it (`allowed`: no cover may gather more KV pages than the pool
+holds). A step waits for a compilation only when no allowed compiled program covers it; the
+shapes steps ask for compile before those `precompile` asked for.
 
 A key is (kind, sizes, exact): sizes is a tuple of ints that a program covers when each of
 its own is at least as large; exact must be equal.
@@ -15,12 +16,18 @@ its own is at least as large; exact must be equal.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
+import math
+import queue
+import threading
+import weakref
 from typing import Callable, Hashable
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, tuple[int, ...], tuple[Hashable, ...]]
+_ASKED, _AHEAD = 0, 1  # priorities: a shape a step needs, then the precompiled ones
 
 
 def covers(program: Key, step: Key) -> bool:
@@ -29,61 +36,115 @@ def covers(program: Key, step: Key) -> bool:
 
 
 class Programs:
-    """Compiled programs by key. compile: key -> a callable (a `jax.stages.Compiled`), run on
-    the background thread when `background` (else at the step that first needs the key)."""
+    """Compiled programs by key. compile: key -> a callable (a `jax.stages.Compiled`), held
+    weakly when it is a bound method (the engine's: the engine is not kept alive by its
+    programs), run on a daemon thread when `background` (else at the step that first needs
+    the key); allowed(cover, step): whether `cover` may run `step` padded."""
 
-    def __init__(self, compile: Callable[[Key], Callable], background: bool = True):
-        self._compile = compile
+    def __init__(self, compile: Callable[[Key], Callable], background: bool = True,
+                 allowed: Callable[[Key, Key], bool] = lambda cover, step: True):
+        self._compile_ref = weakref.WeakMethod(compile) if hasattr(compile, "__self__") else lambda: compile
+        self._allowed = allowed
         self._ready: dict[Key, Callable] = {}
         self._pending: dict[Key, concurrent.futures.Future] = {}
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-compile") \
-            if background else None
+        self._queue: queue.PriorityQueue | None = None
+        if background:
+            self._queue = queue.PriorityQueue()
+            self._order = itertools.count()
+            threading.Thread(target=_work, args=(self._queue,), name="engine-compile", daemon=True).start()
         self.stalls = 0  # steps that waited for a compilation
 
     def __len__(self) -> int:
-        """Programs compiled so far."""
-        self._collect()
-        return len(self._ready)
+        """Programs compiled so far (read-only: safe from another thread than the steps')."""
+        done = [f for f in list(self._pending.values()) if f.done() and not f.cancelled()]
+        return len(self._ready) + sum(f.exception() is None for f in done)
+
+    @property
+    def pending(self) -> int:
+        """Compilations asked for and not finished."""
+        return sum(not f.done() for f in list(self._pending.values()))
 
     def precompile(self, keys) -> None:
-        """Starts compiling `keys` (on the background thread; without one, now)."""
+        """Starts compiling `keys` (on the background thread, after any shape a step asked
+        for; without one, now)."""
         for key in keys:
-            if key not in self._ready and key not in self._pending:
-                if self._worker is None:
-                    self._ready[key] = self._compile(key)
-                else:
-                    self._pending[key] = self._worker.submit(self._compile, key)
+            self._ask(key, _AHEAD)
 
     def get(self, key: Key) -> tuple[Key, Callable]:
         """(key of the program to run, the program) for a step of shape `key`: its own program
-        if compiled, else the smallest compiled one that covers it (asking for its own in the
-        background), else its own after waiting for it to compile (a stall)."""
+        if compiled, else the cheapest allowed compiled one that covers it (asking for its own
+        in the background), else its own after waiting for it to compile (a stall)."""
         self._collect()
-        if key not in self._ready and self._worker is not None:
-            cover = min((k for k in self._ready if covers(k, key)), key=lambda k: k[1], default=None)
-            if cover is not None:
-                self.precompile([key])
+        if key not in self._ready and self._queue is not None:
+            covering = [k for k in self._ready if covers(k, key) and self._allowed(k, key)]
+            if covering:
+                self._ask(key, _ASKED)
+                cover = min(covering, key=lambda k: math.prod(k[1]))
                 return cover, self._ready[cover]
         if key not in self._ready:
             self.stalls += 1
             log.info("a step waits for its %s program of sizes %s to compile", key[0], key[1])
             future = self._pending.pop(key, None)
-            self._ready[key] = self._compile(key) if future is None else future.result()
+            if future is not None and not future.cancel():  # compiling now: wait for it
+                self._ready[key] = future.result()
+            else:
+                self._ready[key] = self._build(key)
         return key, self._ready[key]
 
     def wait(self) -> None:
-        """Blocks until every program asked for is compiled."""
-        for key, future in list(self._pending.items()):
-            self._ready[key] = future.result()
-            del self._pending[key]
+        """Blocks until every compilation asked for has finished."""
+        for future in list(self._pending.values()):
+            concurrent.futures.wait([future])
+        self._collect()
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        """Drops the compilations not started and stops the background thread."""
+        for future in self._pending.values():
+            future.cancel()
+        if self._queue is not None:
+            self._queue.put((-1, -1, None, None))  # before anything queued: the thread ends
+            self._queue = None
+
+    def _ask(self, key: Key, priority: int) -> None:
+        if key in self._ready or key in self._pending:
+            return
+        if self._queue is None:
+            self._ready[key] = self._build(key)
+            return
+        future = concurrent.futures.Future()
+        self._pending[key] = future
+        self._queue.put((priority, next(self._order), key, (future, self._build)))
+
+    def _build(self, key: Key) -> Callable:
+        compile = self._compile_ref()
+        if compile is None:
+            raise RuntimeError("the engine is gone")
+        return compile(key)
 
     def _collect(self) -> None:
-        """Moves finished compilations to the ready set (a failed one raises here)."""
+        """Moves finished compilations to the ready set. A failed one is logged and dropped:
+        a step that needs its shape compiles it again (and fails then, if it still fails)."""
         for key, future in list(self._pending.items()):
             if future.done():
-                self._ready[key] = future.result()
                 del self._pending[key]
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:
+                    log.warning("compiling the %s program of sizes %s failed: %r", key[0], key[1], future.exception())
+                    continue
+                self._ready[key] = future.result()
+
+
+def _work(jobs: queue.PriorityQueue) -> None:
+    """The background thread: compiles queued keys, highest priority first, until closed."""
+    while True:
+        _, _, key, job = jobs.get()
+        if key is None:
+            return
+        future, build = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(build(key))
+        except BaseException as error:  # handed to the steps' thread
+            future.set_exception(error)

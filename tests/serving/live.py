@@ -32,6 +32,8 @@ class LiveServer:
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
                **(env or {})}
+        if "--compilation-cache" not in args:  # keep tests out of the user's cache
+            args = (*args, "--compilation-cache", "off")
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=ROOT)

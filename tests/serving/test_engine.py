@@ -10,6 +10,10 @@ EngineFull) while the engine goes on serving correctly.
 """
 
 import functools
+import gc
+import threading
+import time
+import weakref
 
 import jax
 import numpy as np
@@ -345,7 +349,7 @@ def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
     """kernels="auto" (the default) picks the kernels on one GPU without a draft when they
     take the target's shapes; XLA with a draft, under a mesh or for a head dim they do not
     take."""
-    target, draft = tiny_target(), tiny_draft("dspark")
+    target, draft = tiny_target(), tiny_draft("dspark")  # built before the backend is patched
     monkeypatch.setattr(speculative.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: None)
     monkeypatch.setattr(speculative, "unsupported_markov", lambda rank: None)
@@ -358,6 +362,11 @@ def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
     assert resolve_kernels("auto", target, None) == "xla"
     with pytest.raises(ValueError, match="kernels='pallas' cannot run here: head dim"):
         use_kernels(target, draft, "pallas")
+    monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: None)
+    eng = Engine(target, None, **SMALL, background_compile=False)  # the engine takes what "auto" resolves to
+    assert eng.target.config.attention == "pallas" and eng._full_tables
+    eng = Engine(target, draft, scheduler=SCHEDULER, **SMALL, background_compile=False)
+    assert eng.target.config.attention == "xla" and not eng._full_tables
 
 
 def test_bad_requests_are_refused_and_the_engine_serves_on():
@@ -530,3 +539,22 @@ def test_generated_request_ids_avoid_the_callers_ids():
     ids.update({eng.add_request(PROMPTS[i], greedy()): i for i in (1, 2)})
     assert len(ids) == 3
     assert finish(eng) == {rid: expected(i, MAX_TOKENS) for rid, i in ids.items()}
+
+
+def test_a_dropped_engine_is_freed_with_its_programs_thread():
+    """Its programs hold it weakly, so dropping the last reference frees the engine (and its
+    KV pool) at once, and its compile thread ends."""
+    eng = tiny_engine("ar", **WIDE)
+    eng.precompile()
+    ref, threads = weakref.ref(eng), threading.active_count()
+    gc.disable()
+    try:
+        del eng
+        assert ref() is None
+    finally:
+        gc.enable()
+    for _ in range(100):
+        if threading.active_count() < threads:
+            break
+        time.sleep(0.1)
+    assert threading.active_count() < threads

@@ -2,6 +2,7 @@
 its own compiles in the background, and waits only when nothing covers it."""
 
 import threading
+import time
 
 from dspark_jax.serving.programs import Programs, covers
 
@@ -50,3 +51,35 @@ def test_without_background_compilation_each_step_runs_its_own_shape():
     programs = Programs(compile, background=False)
     programs.precompile([BIG])
     assert programs.get(SMALL)[0] == SMALL and compiled == [BIG, SMALL] and programs.stalls == 1
+
+
+def test_a_failed_compilation_is_dropped_and_retried_when_a_step_needs_it():
+    attempts = []
+
+    def compile(key):
+        attempts.append(key)
+        if len(attempts) == 1:
+            raise RuntimeError("out of memory")
+        return lambda: key
+
+    programs = Programs(compile)
+    programs.precompile([SMALL])
+    programs.wait()
+    assert len(programs) == 0 and programs.pending == 0  # logged and dropped, not raised at every step
+    assert programs.get(SMALL)[0] == SMALL and attempts == [SMALL, SMALL] and programs.stalls == 1
+    programs.close()
+
+
+def test_shapes_steps_ask_for_compile_before_precompiled_ones():
+    gate = threading.Event()
+    compile, compiled = compiler(gate)
+    programs = Programs(compile)
+    programs.precompile([BIG])  # the thread takes it and blocks on the gate
+    while not programs._pending[BIG].running():
+        time.sleep(0.01)
+    programs.precompile([("round", (k,), ("columns 8", False)) for k in (128, 256)])
+    programs._ask(OTHER, 0)  # as `get` asks for a step's own shape
+    gate.set()
+    programs.wait()
+    assert compiled[:2] == [BIG, OTHER]
+    programs.close()
