@@ -5,9 +5,9 @@ first step that needs a new shape would compile it: seconds on a GPU, during whi
 running request waits. `Programs` compiles instead on a background thread and, until a shape
 is ready, runs the cheapest compiled program whose shape covers the step: at least as many
 rows and as wide chunks, the same in everything else (a step padded to it runs the extra rows
-idle), where the engine allows it (`allowed`: no cover may gather more KV pages than the pool
-holds). A step waits for a compilation only when no allowed compiled program covers it; the
-shapes steps ask for compile before those `precompile` asked for.
+idle), where the engine allows it (`allowed`: its bound on how much larger a cover may be).
+A step waits for a compilation only when no allowed compiled program covers it; the shapes
+steps ask for compile before those `precompile` asked for.
 
 A key is (kind, sizes, exact): sizes is a tuple of ints that a program covers when each of
 its own is at least as large; exact must be equal.
