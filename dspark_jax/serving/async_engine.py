@@ -330,12 +330,12 @@ def _engine_main(conn, build) -> None:
         except Exception:  # it does not pickle
             conn.send(("failed", RuntimeError(f"the engine did not start: {type(error).__name__}: {error}")))
         return
-    consumed, compiling = 0, engine.stats().compiles_pending  # add messages taken; compilations pending
+    consumed, compiling = 0, engine.compiles_pending  # add messages taken; compilations pending
     try:
         while True:
             if not engine.has_unfinished():  # idle: wait for a message (or, while programs compile, a second)
                 conn.poll(1.0 if compiling else None)
-            pending = engine.stats().compiles_pending
+            pending = engine.compiles_pending
             changed, compiling = pending != compiling, pending  # the parent's gauge follows the compilations
             while conn.poll():
                 message = conn.recv()

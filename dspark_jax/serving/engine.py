@@ -363,7 +363,12 @@ class Engine:
             pages_used=self.pages.num_used, pages_free=self.pages.num_free,
             verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
             verified_at_position=list(s.verified_at_position), program_shapes=len(self._programs),
-            compile_stalls=self._programs.stalls, compiles_pending=self._programs.pending)
+            compile_stalls=self._programs.stalls, compiles_pending=self.compiles_pending)
+
+    @property
+    def compiles_pending(self) -> int:
+        """Programs asked for and still compiling or queued (cheaper than `stats()`)."""
+        return self._programs.pending
 
     def wait_for_programs(self) -> None:
         """Blocks until every program asked for (`precompile`, or steps' own shapes that ran
