@@ -63,7 +63,8 @@ def test_deltas_queued_while_the_consumer_is_busy_come_as_one():
         eng = AsyncEngine(Engine(tiny_target(), None, max_num_seqs=4, page_size=4, num_pages=40,
                                  max_num_batched_tokens=8))
         rid = eng.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
-        while eng.stats().rounds < 4:  # the consumer is away for several steps
+        queued = lambda: sum(len(o.new_token_ids) for o in list(eng._queues[rid]._queue))  # delivered, unread
+        while queued() < 5:  # the consumer is away for several steps
             await asyncio.sleep(0.01)
         deltas = [o async for o in eng.stream(rid)]
         await eng.shutdown()
