@@ -9,7 +9,7 @@ drafts, from draft distributions near the target's so that acceptances vary) run
 - `xla`: `probabilities` of the target's bf16 logits, then `decoding.rejection.verify` (what
   `kernels="xla"` runs);
 - `pallas`: `decoding.rejection.verify_logits` (what `kernels="pallas"` runs: the fused kernel
-  reads the logits, one q row and one noise row per row, never writing p).
+  reads G + 2 logit rows, one q row and one noise row per row, never writing p).
 
 Both draw the same uniforms and Gumbel noise from the same keys, and their tokens are checked
 equal first. Each prints the median time, and that time over the bytes floor of reading p and

@@ -67,11 +67,13 @@ def test_reference_gives_the_tokens_of_verify(case):
     assert accepted[0] == 0 and (accepted == np.asarray(lengths)).any() and (accepted < np.asarray(lengths)).any()
 
 
-@pytest.mark.parametrize("tile", [32, pytest.param(128, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tile,num_splits", [(32, None), (32, 3), pytest.param(128, None, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_gives_the_reference_tokens(case, tile):
+def test_kernel_gives_the_reference_tokens(case, tile, num_splits):
+    """The GPU kernels, interpreted: by default as many vocabulary slices as tiles here (a
+    slice per tile), or 3 slices of several tiles, the last one shorter."""
     args = kernel_args(*round_inputs(1, **CASES[case]))
-    got = rejection_sample(*args, tile=tile)
+    got = gpu.rejection_sample(*args, tile=tile, interpret=not on_gpu, num_splits=num_splits)
     want = reference.rejection_sample(*args)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
@@ -122,7 +124,8 @@ def test_kernels_lower_for_gpu_and_tpu():
     shape = lambda *dims, dtype=jnp.float32: jax.ShapeDtypeStruct(dims, dtype)
     args = (shape(b, g + 1, v, dtype=jnp.bfloat16), shape(b), shape(b, g, v), shape(b, g), shape(b, g, dtype=jnp.int32),
             shape(b, dtype=jnp.int32), shape(b, g), shape(b, v))
-    assert "rejection_sample" in lower(gpu.rejection_sample, *args, platform="cuda")
+    lowered = lower(gpu.rejection_sample, *args, platform="cuda")
+    assert "rejection_scan" in lowered and "rejection_draw" in lowered
     assert "tpu_custom_call" in lower(tpu.rejection_sample, *args, platform="tpu")
 
 
