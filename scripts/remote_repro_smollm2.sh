@@ -62,7 +62,8 @@ run)
     if [ -f .repro/seed.tgz ] && [ ! -d "$REMOTE/work" ]; then
         seed=$(mktemp -d) && tar xzf .repro/seed.tgz -C "$seed"
         mkdir -p "$REMOTE/work/results"
-        for f in prompts heldout train_smollm2.jsonl results/split.json; do  # whatever the seed holds of them
+        # whatever the seed holds of these
+        for f in prompts heldout train_smollm2.jsonl heldout_smollm2.jsonl results/split.json; do
             if [ -e "$seed/$f" ]; then cp -r "$seed/$f" "$REMOTE/work/$f"; fi
         done
     fi
@@ -71,7 +72,7 @@ run)
         --work "$REMOTE/work" "${@:3}" || status=$?
     [ $status -eq 124 ] && echo "stopped after ${STAGE_SECONDS:-560} s; run again to continue"
     ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs prompts heldout \
-        train_smollm2.jsonl )
+        train_smollm2.jsonl heldout_smollm2.jsonl )
     exit $status
     ;;
 *)

@@ -73,18 +73,23 @@ def acceptance_figure(evals: dict, path: str) -> None:
     plt.close(fig)
 
 
-def training_figure(curves: dict, path: str) -> None:
+def training_figure(curves: dict, heldout: dict, path: str) -> None:
+    """Expected tau per step: on the training batches (solid) and on the held-out
+    conversations (dashed, with markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for a, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["tau_probabilistic"] for r in rows], label=NAMES[a])
+        line, = ax.plot([r["step"] for r in rows], [r["tau_probabilistic"] for r in rows],
+                        label=f"{NAMES[a]}, training")
+        ax.plot([r["step"] for r in heldout[a]], [r["tau_probabilistic"] for r in heldout[a]], "o--", ms=3,
+                color=line.get_color(), label=f"{NAMES[a]}, held out")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("expected tau on training batches")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("expected tau")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,19 +113,21 @@ def write_report(results: str, docs: str) -> str:
     split = load(results, "split.json")
     evals = {t: {a: load(results, f"eval_{a}_T{t}.json") for a in ALGORITHMS} for t in TEMPERATURES}
     curves = {a: training_curve(os.path.join(results, f"train_{a}.jsonl")) for a in ALGORITHMS}
+    heldout = {a: training_curve(os.path.join(results, f"heldout_{a}.jsonl")) for a in ALGORITHMS}
     configs = {a: load(results, f"train_{a}_config.json") for a in ALGORITHMS}
     sts = load(results, "sts_fit.json")
     speed = load(results, "speed.json")
     simulation = load(results, "simulation.json")
     for name in ["commands.json", "split.json", "sts_fit.json", "speed.json", "simulation.json",
                  *[f"eval_{a}_T{t}.json" for a in ALGORITHMS for t in TEMPERATURES],
-                 *[f"train_{a}.jsonl" for a in ALGORITHMS], *[f"train_{a}_config.json" for a in ALGORITHMS],
+                 *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
+                 *[f"train_{a}_config.json" for a in ALGORITHMS],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))]]:
         shutil.copy(os.path.join(results, name), out_dir)
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
     acceptance_figure(evals["1.0"], os.path.join(out_dir, "acceptance.png"))
-    training_figure(curves, os.path.join(out_dir, "training.png"))
+    training_figure(curves, heldout, os.path.join(out_dir, "training.png"))
     device = speed["device"]
     gamma = evals["1.0"]["dspark"]["gamma"]
     c = configs["dspark"]
@@ -168,15 +175,17 @@ def write_report(results: str, docs: str) -> str:
         sets = evals["1.0"][a]["datasets"].values()
         cond = mean_over_sets([e["speculative"]["conditional_acceptance"] for e in sets])
         lines.append(f"| {NAMES[a]} (mean over sets) | {fmt(cond)} |")
-    lines += ["", "Training curves (expected tau on the training batches, from the drafters' own probabilities):", "",
+    lines += ["", "Training curves: expected tau from the drafters' own probabilities, on the training batches and "
+              f"on the conversations SmolLM2 wrote for the {split['heldout_prompts']} held-out prompts (never "
+              "trained on; the same anchors at every evaluation):", "",
               "![training curves](results/training.png)", "",
-              "| drafter | final loss | final expected tau | " + " | ".join(f"accept@{j + 1}" for j in range(gamma))
-              + " |",
-              "|---|---|---|" + "---|" * gamma]
+              "| drafter | final loss | final expected tau | held-out loss | held-out expected tau | "
+              + " | ".join(f"held-out accept@{j + 1}" for j in range(gamma)) + " |",
+              "|---|---|---|---|---|" + "---|" * gamma]
     for a in ALGORITHMS:
-        last = curves[a][-1]
-        lines.append(f"| {NAMES[a]} | {last['loss']:.4f} | {last['tau_probabilistic']:.3f} | "
-                     f"{fmt([last.get(f'accept_rate@{j}') for j in range(gamma)])} |")
+        last, held = curves[a][-1], heldout[a][-1]
+        lines.append(f"| {NAMES[a]} | {last['loss']:.4f} | {last['tau_probabilistic']:.3f} | {held['loss']:.4f} | "
+                     f"{held['tau_probabilistic']:.3f} | {fmt([held.get(f'accept_rate@{j}') for j in range(gamma)])} |")
 
     held = sts["datasets"]["heldout"]
     lines += ["", "## Calibration of DSpark's confidence head, before and after STS", "",

@@ -12,9 +12,11 @@ report uses, logs/ the output of every command, results/commands.json the comman
   split       pool the training prompt sets of --data/train (gsm8k_train, lbpp, swe-bench,
               aime24) without the longest prompts, shuffle, hold some out for STS
   regenerate  SmolLM2 answers the training prompts (T=0.7, top-p 0.8, top-k 20), so the
-              drafts learn the distribution they will be verified against
+              drafts learn the distribution they will be verified against, and the held-out
+              prompts, for the held-out curves of training
   train       DSpark, DFlash and Eagle3 from configs/*_smollm2.py, one budget for all three:
-              the same conversations, epochs, batch, sequence length and LR schedule
+              the same conversations, epochs, batch, sequence length and LR schedule; each
+              measures its expected tau on the held-out conversations as it trains
   sts         DSpark over the held-out prompts with every draft token verified; STS fitted on
               those rounds and saved beside the draft (eval.py --fit-sts --save-sts)
   evaluate    eval.py over every prompt set of --data/eval at T=1 and T=0 for each drafter
@@ -80,13 +82,14 @@ SCALES = {
     # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64.
     # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
     "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=64,
-                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40"), datasets=(),
+                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40", "eval_every=20"),
+                  datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
                   concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), sps_context=1024, dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
-                          "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4"),
+                          "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
                    speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), sps_context=64, dtype="float32"),
 }
@@ -182,13 +185,17 @@ class Pipeline:
                        "dropped_too_long": too_long}, f, indent=1)
 
     def regenerate(self) -> None:
-        s, out = self.scale, self.path("train_smollm2.jsonl")
-        if os.path.exists(out) and _lines(out) == _lines(self.path("prompts", "train.jsonl")):
-            return  # every conversation answered (an unfinished file is continued by the command)
-        self.command("regenerate", ["-m", "dspark_jax", "regenerate", "--model", self.target or "smollm2",
-                                    "--input", self.path("prompts", "train.jsonl"),
-                                    "--output", out, "--max-new-tokens",
-                                    str(s.regen_new_tokens), "--batch-size", str(s.regen_batch), "--dtype", s.dtype])
+        """SmolLM2's answers to the training prompts, then to the held-out prompts (an
+        unfinished file is continued by the command)."""
+        s = self.scale
+        for name, prompts, out in (
+                ("regenerate", self.path("prompts", "train.jsonl"), self.path("train_smollm2.jsonl")),
+                ("regenerate_heldout", self.path("heldout", "heldout.jsonl"), self.path("heldout_smollm2.jsonl"))):
+            if os.path.exists(out) and _lines(out) == _lines(prompts):
+                continue
+            self.command(name, ["-m", "dspark_jax", "regenerate", "--model", self.target or "smollm2",
+                                "--input", prompts, "--output", out, "--max-new-tokens", str(s.regen_new_tokens),
+                                "--batch-size", str(s.regen_batch), "--dtype", s.dtype])
 
     def train(self) -> None:
         """Trains each drafter not yet done (DONE records its overrides: a finished drafter
@@ -198,7 +205,8 @@ class Pipeline:
         for algorithm in ALGORITHMS:
             out = self.path("runs", algorithm)
             overrides = [f"target={self.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
-                         f"output_dir={out}", f"dtype={self.scale.dtype}", f"target_dtype={self.scale.dtype}",
+                         f"eval_files={self.path('heldout_smollm2.jsonl')}", f"output_dir={out}",
+                         f"dtype={self.scale.dtype}", f"target_dtype={self.scale.dtype}",
                          *self.scale.train, *self.args.train_set]
             done = os.path.join(out, "DONE")
             if os.path.exists(done):
@@ -210,6 +218,7 @@ class Pipeline:
             self.command(f"train_{algorithm}", ["train.py", "--config", f"configs/{algorithm}_smollm2.py", "--set",
                                                 *overrides])
             shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(self.results, f"train_{algorithm}.jsonl"))
+            shutil.copy(os.path.join(out, "heldout.jsonl"), os.path.join(self.results, f"heldout_{algorithm}.jsonl"))
             shutil.copy(os.path.join(out, "train_config.json"),
                         os.path.join(self.results, f"train_{algorithm}_config.json"))
             with open(done, "w") as f:

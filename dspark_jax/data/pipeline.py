@@ -34,7 +34,7 @@ def micro_batches(source, *, batch_size: int, max_length: int, seed: int, host_i
                   host_count: int = 1) -> grain.MapDataset:
     """This host's micro-batches of `batch_size` sequences (its share of the global micro-batch)."""
     if len(source) < host_count * batch_size:
-        raise ValueError(f"{len(source)} training sequences cannot fill a micro-batch of {host_count * batch_size}")
+        raise ValueError(f"{len(source)} sequences cannot fill a micro-batch of {host_count * batch_size}")
     ds = grain.MapDataset.source(source)[host_index::host_count]
     return ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True,
                                                 batch_fn=lambda samples: collate(samples, max_length))

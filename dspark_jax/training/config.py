@@ -35,6 +35,9 @@ class TrainConfig:
     confidence_with_markov: bool = True
     # Data.
     train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()  # held-out conversations: their losses and acceptance metrics (no update) go to
+    # <output_dir>/heldout.jsonl every eval_every updates (0: at each checkpoint) and at the end; online mode only
+    eval_every: int = 0
     chat_template: str = "auto"  # auto | qwen | chatml | llama3 | gemma | gemma4
     max_length: int = 4096
     min_loss_tokens: int = 14
@@ -105,6 +108,11 @@ class TrainConfig:
                               f"'micro_batch_size' ({self.micro_batch_size})")
         if self.loss_chunk < 0:
             raise ConfigError(f"config key 'loss_chunk' must be >= 0, got {self.loss_chunk}")
+        if self.eval_every < 0:
+            raise ConfigError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
+        if self.eval_files and self.target_mode == "offline":
+            raise ConfigError("config key 'eval_files' needs target_mode 'online' (the target computes the held-out "
+                              "features in the step)")
         if self.target_mode == "offline" and not self.cache_dir:
             raise ConfigError("config key 'cache_dir' must be set when target_mode is 'offline'")
 

@@ -32,14 +32,20 @@ class MicroSteps(NamedTuple):
     zeros(state, frozen, target_params, micro) -> totals, the zero sums;
     accumulate(totals, state, frozen, target_params, micro, index) -> totals, after micro-batch
         `index` of this update (micro: arrays without the accumulation axis);
-    apply(state, totals, accumulation) -> (state, metrics), the AdamW update on the mean gradient.
+    apply(state, totals, accumulation) -> (state, metrics), the AdamW update on the mean gradient;
+    evaluate(state, frozen, target_params, micro) -> metric sums of a held-out micro-batch, no
+        gradient, with one key for every evaluation of a run (the same anchors each time).
     totals = (gradient sums, metric sums); jit each piece (accumulate donating totals, apply
-    donating state). The trainer runs them; `make_train_step` is them in one program.
+    donating state). The trainer runs them; `make_train_step` is the first three in one program.
     """
 
     zeros: Callable
     accumulate: Callable
     apply: Callable
+    evaluate: Callable
+
+
+EVAL_STREAM = 0x7FFFFFFF  # folded into the run's key for held-out evaluation; update keys fold in the step
 
 
 def make_micro_steps(draft, optimizer: optax.GradientTransformation, schedule, weights: LossWeights, *,
@@ -49,17 +55,19 @@ def make_micro_steps(draft, optimizer: optax.GradientTransformation, schedule, w
     objective = loss_fn(draft.config.algorithm)
     layer_ids = draft.config.target_layer_ids
 
-    def micro_step(params, frozen, target_params, micro, key):
+    def micro_metrics(trainable, frozen, target_params, micro, key):
+        """(loss, metric sums) of one micro-batch; the target adds its features in online mode."""
         if target is not None:
             features, last = target_features(target, target_params, micro["input_ids"], layer_ids)
             micro = {**micro, "features": features, "last_hidden": last}
-
-        def loss(trainable):
-            cast = jax.tree.map(lambda p: p.astype(compute), trainable)
-            return objective(draft, {**cast, **frozen}, micro, key, weights)
-
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        cast = jax.tree.map(lambda p: p.astype(compute), trainable)
+        loss, metrics = objective(draft, {**cast, **frozen}, micro, key, weights)
         metrics["loss_tokens"] = (jnp.sum(micro["loss_mask"]).astype(jnp.float32), jnp.ones(()))
+        return loss, metrics
+
+    def micro_step(params, frozen, target_params, micro, key):
+        (_, metrics), grads = jax.value_and_grad(micro_metrics, has_aux=True)(params, frozen, target_params, micro,
+                                                                             key)
         return metrics, grads
 
     def accumulate(totals, state, frozen, target_params, micro, index):
@@ -84,7 +92,11 @@ def make_micro_steps(draft, optimizer: optax.GradientTransformation, schedule, w
             new = jax.lax.with_sharding_constraint(new, state_shardings)
         return new, metrics
 
-    return MicroSteps(zeros, accumulate, apply)
+    def evaluate(state, frozen, target_params, micro):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), EVAL_STREAM)
+        return micro_metrics(state["params"], frozen, target_params, micro, key)[1]
+
+    return MicroSteps(zeros, accumulate, apply, evaluate)
 
 
 def make_train_step(draft, optimizer: optax.GradientTransformation, schedule, weights: LossWeights, *,

@@ -10,6 +10,10 @@
 - `<output_dir>/metrics.jsonl` (one JSON object per logging step: the losses and acceptance
   metrics, supervised tokens/s, and the host process's peak resident memory), TensorBoard events under
   `<output_dir>/tensorboard`, a progress bar with ETA;
+- with `eval_files`, the same losses and metrics over held-out conversations (no update, the
+  same anchors each time) in `<output_dir>/heldout.jsonl` and under TensorBoard's `heldout/`,
+  before the first update and every `eval_every` updates: the curve that says when training
+  stops paying;
 - orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
   under `<output_dir>/checkpoints` (async, keep-N); a run restarts from the latest one, and
   the result is bit-identical to an uninterrupted run;
@@ -100,18 +104,20 @@ def build_draft_config(config: TrainConfig, target):
     )
 
 
-def training_examples(config: TrainConfig, target) -> list[dict]:
-    """Tokenised conversations of the recipe's files; with none, sequences the target samples
-    itself from random prompts (how the demo recipe, and any recipe on a random target, trains)."""
-    if not config.train_files:
+def training_examples(config: TrainConfig, target, files: tuple[str, ...] | None = None) -> list[dict]:
+    """Tokenised conversations of `files` (default: the recipe's train_files); with none,
+    sequences the target samples itself from random prompts (how the demo recipe, and any
+    recipe on a random target, trains)."""
+    files = config.train_files if files is None else files
+    if not files:
         from dspark_jax.training.demo import demo_examples
 
         return demo_examples(target, count=config.demo_sequences, prompt_length=config.demo_prompt_length,
                              max_length=config.max_length, seed=config.data_seed)
     if target.tokenizer is None:
-        raise ValueError(f"target {config.target!r} has no tokenizer to render {list(config.train_files)}")
+        raise ValueError(f"target {config.target!r} has no tokenizer to render {list(files)}")
     counts = Counts()
-    examples = load_examples(config.train_files, target.tokenizer, template=config.chat_template,
+    examples = load_examples(files, target.tokenizer, template=config.chat_template,
                              max_length=config.max_length, min_loss_tokens=config.min_loss_tokens, counts=counts)
     logger.info(f"data: {counts.summary()}")
     return examples
@@ -151,6 +157,8 @@ class Run:
     total_steps: int
     steps: MicroSteps  # jitted; `apply` knows the accumulation
     state: dict
+    heldout: object = None  # micro-batches of config.eval_files, if any
+    heldout_batches: int = 0  # the first this many of them hold each held-out sequence once
 
     def export(self, path: str) -> None:
         """Writes the current draft (bf16) in DeepSpec's format. Every process must call it
@@ -189,8 +197,14 @@ def setup(config: TrainConfig, devices=None) -> Run:
                               state_shardings=state_shardings)
     steps = MicroSteps(jax.jit(pieces.zeros), jax.jit(pieces.accumulate, donate_argnums=0),
                        jax.jit(functools.partial(pieces.apply, accumulation=config.accumulation_steps),
-                               donate_argnums=0))
-    return Run(config, mesh, target, draft, frozen, dataset, len(source), total, steps, state)
+                               donate_argnums=0), jax.jit(pieces.evaluate))
+    run = Run(config, mesh, target, draft, frozen, dataset, len(source), total, steps, state)
+    if config.eval_files:
+        heldout = training_examples(config, target, config.eval_files)
+        run.heldout = micro_batches(heldout, batch_size=config.micro_batch_size // hosts, max_length=config.max_length,
+                                    seed=config.data_seed, host_index=jax.process_index(), host_count=hosts)
+        run.heldout_batches = len(heldout) // config.micro_batch_size
+    return run
 
 
 def loss_weights(config: TrainConfig) -> LossWeights:
@@ -255,9 +269,10 @@ def restore(run: Run, manager: ocp.CheckpointManager) -> int:
     return latest
 
 
-def _device_micro_batch(run: Run, index: int) -> dict:
-    """Micro-batch `index` of the run on the mesh, assembled from every host's share."""
-    local = run.dataset[index]  # [b_local, ...]
+def _device_micro_batch(run: Run, index: int, dataset=None) -> dict:
+    """Micro-batch `index` of the run's training data (or of `dataset`) on the mesh, assembled
+    from every host's share."""
+    local = (run.dataset if dataset is None else dataset)[index]  # [b_local, ...]
     hosts = jax.process_count()
     shapes = {k: (x.shape[0] * hosts,) + x.shape[1:] for k, x in local.items()}
     shardings = batch_shardings(run.mesh, {k: jax.ShapeDtypeStruct(v, local[k].dtype) for k, v in shapes.items()},
@@ -277,6 +292,19 @@ def _update(run: Run, step: int) -> dict:
         totals = run.steps.accumulate(totals, run.state, run.frozen, run.target.params, micro, jnp.int32(index))
     run.state, metrics = run.steps.apply(run.state, totals)
     return metrics
+
+
+def evaluate_heldout(run: Run) -> dict:
+    """The losses and acceptance metrics of the current draft over the held-out sequences (each
+    once), as metrics.jsonl reports them for training batches."""
+    totals = None
+    for index in range(run.heldout_batches):
+        metrics = run.steps.evaluate(run.state, run.frozen, run.target.params,
+                                     _device_micro_batch(run, index, run.heldout))
+        totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+    totals = jax.device_get(totals)
+    return {"sequences": run.heldout_batches * run.config.micro_batch_size,
+            **_summarise({k: v for k, v in totals.items() if k != "loss_tokens"})}
 
 
 def _summarise(window: dict) -> dict:
@@ -310,6 +338,23 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     logger.info(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
                 f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
                 f"mesh {dict(run.mesh.shape)}, starting at step {start}")
+    heldout_file = open(os.path.join(config.output_dir, "heldout.jsonl"), "a") if is_main and run.heldout else None
+    eval_every = config.eval_every or config.save_every
+
+    def heldout_row(done: int) -> float:
+        """Evaluates the held-out set, logs and records it; returns the seconds it took."""
+        began = time.perf_counter()
+        row = {"step": done, **evaluate_heldout(run)}
+        logger.info(f"held-out after {done} updates: loss {row['loss']:.4f}, tau {row['tau_probabilistic']:.3f} "
+                    f"({row['sequences']} sequences)")
+        if is_main:
+            heldout_file.write(json.dumps(row) + "\n")
+            heldout_file.flush()
+            write_scalars(events, done, {f"heldout/{k}": v for k, v in row.items() if k != "step"})
+        return time.perf_counter() - began
+
+    if run.heldout is not None and start == 0:
+        heldout_row(0)  # the curve's starting point: the untrained draft
     window, clock = None, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     for step in range(start, run.total_steps):
@@ -328,6 +373,8 @@ def train(config: TrainConfig, *, devices=None) -> Run:
                 write_scalars(events, done, {k: v for k, v in row.items() if k != "step"})
             bar.set_postfix(loss=f"{row['loss']:.4f}", tau=f"{row['tau_probabilistic']:.3f}")
         bar.update(1)
+        if run.heldout is not None and (done % eval_every == 0 or done == run.total_steps):
+            clock += heldout_row(done)  # the evaluation's time is not training time
         if done % config.save_every == 0 or done == run.total_steps:
             manager.save(done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(run.state),
@@ -340,4 +387,6 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     if is_main:
         metrics_file.close()
         events.close()
+        if heldout_file:
+            heldout_file.close()
     return run

@@ -67,6 +67,9 @@ def _write_results(results):
             w(f"eval_{a}_T{t}.json", _eval({"gsm8k": t1, "mbpp": t2}, [0.5] * GAMMA, cal if a == "dspark" else None))
         (results / f"train_{a}.jsonl").write_text(
             "\n".join(json.dumps({"step": s, "loss": 1.0 / s, "tau_probabilistic": s / 10}) for s in (1, 2)))
+        (results / f"heldout_{a}.jsonl").write_text("\n".join(
+            json.dumps({"step": s, "sequences": 8, "loss": 2.0 / (s + 1), "tau_probabilistic": 1 + s / 20,
+                        "accept_rate@0": 0.25 * s}) for s in (0, 2)))
         w(f"train_{a}_config.json", {"global_batch_size": 64, "num_epochs": 2, "max_length": 1024,
                                      "learning_rate": 6e-4, "warmup_ratio": 0.04, "num_anchors": 512, "block_size": 7})
     w("sts_fit.json", {"saved_sts": {"temperatures": [1.5] * GAMMA},
@@ -118,7 +121,8 @@ def test_report_training_rows_after_a_resume(tmp_path):
     with open(results / "train_dspark.jsonl", "a") as f:  # step 2 logged again after a resume
         f.write("\n" + json.dumps({"step": 2, "loss": 0.25, "tau_probabilistic": 0.9}))
     page = open(repro_report.write_report(str(results), str(tmp_path / "docs"))).read()
-    assert "| DSpark | 0.2500 | 0.900 |" in page and "| DFlash | 0.5000 | 0.200 |" in page
+    assert "| DSpark | 0.2500 | 0.900 | 0.6667 | 1.100 | 0.500 | n/a" in page
+    assert "| DFlash | 0.5000 | 0.200 | 0.6667 | 1.100 |" in page
     with open(results / "train_dflash.jsonl", "a") as f:
         f.write("\n" + json.dumps({"step": 3, "loss": 0.1, "tau_probabilistic": 0.3}))
     with pytest.raises(ValueError, match="different numbers of steps"):
@@ -133,7 +137,7 @@ def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
     def fake_train(name, argv, record=None):  # stands in for train.py: writes what a run leaves
         ran.append(name)
         out = next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir="))
-        for file in ("metrics.jsonl", "train_config.json"):
+        for file in ("metrics.jsonl", "heldout.jsonl", "train_config.json"):
             (tmp_path / "work" / "runs" / os.path.basename(out)).mkdir(exist_ok=True)
             open(os.path.join(out, file), "w").close()
 

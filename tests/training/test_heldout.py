@@ -1,0 +1,66 @@
+"""Held-out evaluation during training (`eval_files`): a curve in heldout.jsonl and TensorBoard,
+from a tiny random Llama that renders conversations with SmolLM2's tokenizer (read from the
+GGUF the setup fetches)."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from dspark_jax import Target
+from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
+from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+from dspark_jax.checkpoints.target import save_target
+from dspark_jax.models.config import ConfigError, from_hf_config
+from dspark_jax.models.presets import HF_CONFIGS
+from dspark_jax.training.config import load_config
+from dspark_jax.training.trainer import evaluate_heldout, train
+from tests.training.tensorboard_records import scalars
+
+
+
+def counting(first: int, count: int) -> list[str]:
+    """Conversations of one simple law (count on from a number), so held-out ones are learnable."""
+    return [json.dumps({"messages": [{"role": "user", "content": f"Count on from {n}."},
+                                     {"role": "assistant", "content": " ".join(str(n + k) for k in range(12))}]})
+            for n in range(first, first + count)]
+
+
+@pytest.fixture(scope="module")
+def chat_target(tmp_path_factory) -> str:
+    tokenizer = GGUFCheckpoint(smollm2_gguf()).tokenizer()
+    config = from_hf_config({**HF_CONFIGS["smollm2-135m"], "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
+    path = str(tmp_path_factory.mktemp("chat") / "target")
+    save_target(Target.random(config, dtype="float32", tokenizer=tokenizer), path)
+    return path
+
+
+def test_heldout_curve_is_recorded_and_repeatable(tmp_path, chat_target):
+    train_file, heldout_file = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train_file.write_text("\n".join(counting(0, 48)) + "\n")
+    heldout_file.write_text("\n".join(counting(500, 20)) + "\n")
+    config = load_config("configs/demo_tiny.py", [
+        f"target={chat_target}", "chat_template=chatml", f"train_files={train_file}", f"eval_files={heldout_file}",
+        "max_length=48", "num_anchors=8", "global_batch_size=8", "micro_batch_size=8", "max_steps=8",
+        "eval_every=4", "log_every=1", "save_every=1000", "min_loss_tokens=4", f"output_dir={tmp_path / 'run'}"])
+    run = train(config, devices=jax.devices()[:1])
+    with open(os.path.join(config.output_dir, "heldout.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["step"] for row in rows] == [0, 4, 8]  # before training, every eval_every, at the end
+    assert all(row["sequences"] == 16 for row in rows)  # 20 held-out conversations: two micro-batches of 8
+    assert rows[-1]["loss"] < rows[1]["loss"] < rows[0]["loss"]  # the draft learns what the held-out set shares
+    # One key for every evaluation: the same state gives the same numbers again.
+    assert {"step": 8, **evaluate_heldout(run)} == pytest.approx(rows[-1], rel=1e-6)
+    logged = scalars(os.path.join(config.output_dir, "tensorboard"))
+    for row in rows:
+        for key in ("loss", "tau_probabilistic", "accept_rate@0"):
+            assert logged[(f"heldout/{key}", row["step"])] == pytest.approx(row[key], rel=1e-6)
+
+
+def test_heldout_needs_the_online_target_and_a_valid_interval():
+    with pytest.raises(ConfigError, match="'eval_files' needs target_mode 'online'"):
+        load_config("configs/demo_tiny.py", ["eval_files=x.jsonl", "target_mode=offline", "cache_dir=c"])
+    with pytest.raises(ConfigError, match="'eval_every' must be >= 0"):
+        load_config("configs/demo_tiny.py", ["eval_every=-1"])
