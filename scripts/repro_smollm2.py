@@ -79,17 +79,21 @@ class Scale:
 
 
 SCALES = {
-    # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64.
+    # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64. Drafts are
+    # exported without SmolLM2's embedding and LM head (about 85 MB each instead of 200): every stage loads them
+    # with the target.
     # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
     "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=64,
-                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40", "eval_every=20"),
+                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40", "eval_every=20",
+                         "export_frozen=false"),
                   datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
                   concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), sps_context=1024, dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
-                          "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1"),
+                          "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1",
+                          "export_frozen=false"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
                    speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), sps_context=64, dtype="float32"),
 }

@@ -2,7 +2,9 @@
 
 The released deepseek-ai/{dspark,dflash}_*_block7 and eagle3_*_ttt7 checkpoints, vLLM and
 SGLang all use these names (no "model." prefix, Linear weights [out, in], bf16). Saved drafts
-include the frozen `embed_tokens.weight` and `lm_head.weight`, as the format expects.
+include the frozen `embed_tokens.weight` and `lm_head.weight`, as the format expects, unless
+saved with `frozen=False`: such a slim draft (a third of the size for SmolLM2) loads only with
+its target, whose embedding and LM head it uses anyway.
 """
 
 from __future__ import annotations
@@ -66,16 +68,17 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
     """Reads a DeepSpec-format draft directory.
 
     With a target, the draft uses the target's embedding and LM head arrays (the checkpoint's
-    copies are checked for shape but not loaded) and must match its vocabulary, hidden size
-    and layer count. Every draft tensor is checked: a missing, unexpected or mis-shaped one
-    raises an error naming it and the expected shape.
+    copies, if it has them, are checked for shape but not loaded) and must match its
+    vocabulary, hidden size and layer count. Every draft tensor is checked: a missing,
+    unexpected or mis-shaped one raises an error naming it and the expected shape.
     """
     dtype = jnp.dtype(dtype)
     config = draft_from_hf(*read_config_json(path, "a DeepSpec draft directory"))
     store = hf_store(path)
     shapes, specs = abstract_module_params(config, dtype)
     bindings = bindings_for({**shapes, **_frozen_shapes(config, dtype)}, _table(config))
-    check_store(bindings, store, path)
+    slim = target is not None and not any(b.name in store for b in bindings if b.path[0] in FROZEN)
+    check_store([b for b in bindings if not (slim and b.path[0] in FROZEN)], store, path)
     frozen = {}
     if target is not None:
         try:
@@ -83,7 +86,8 @@ def load_draft(path: str, *, target=None, dtype: str = "bfloat16", mesh: Mesh | 
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         frozen = Draft.frozen(target.params)
-        _warn_if_frozen_differ(store, target, path)
+        if not slim:
+            _warn_if_frozen_differ(store, target, path)
         bindings = [b for b in bindings if b.path[0] not in FROZEN]
 
     def sharding(b):
@@ -109,12 +113,15 @@ def _warn_if_frozen_differ(store, target, source: str, rows: int = 4) -> None:
                       "the draft was trained for another target (or the target is quantized)")
 
 
-def save_draft(draft: Draft, path: str) -> None:
-    """Writes `draft` as config.json + model.safetensors in DeepSpec's format."""
+def save_draft(draft: Draft, path: str, *, frozen: bool = True) -> None:
+    """Writes `draft` as config.json + model.safetensors in DeepSpec's format; frozen=False
+    leaves out the embedding and LM head (see the module doc)."""
     os.makedirs(path, exist_ok=True)
     config = draft.config
     params = dict(draft.params)
-    if "lm_head" not in params:  # tied target: the LM head is the embedding
+    if not frozen:
+        params = {k: v for k, v in params.items() if k not in FROZEN}
+    elif "lm_head" not in params:  # tied target: the LM head is the embedding
         params["lm_head"] = params["embed_tokens"].T
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     tensors = {}

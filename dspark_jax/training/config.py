@@ -83,6 +83,8 @@ class TrainConfig:
     mesh_tensor: int = 1
     # Output.
     output_dir: str = "runs/demo"
+    export_frozen: bool = True  # false: the exported draft leaves out the embedding and LM head, which
+    # load_draft then takes from the target (dspark_jax.checkpoints.deepspec)
     log_every: int = 10
     save_every: int = 3000
     keep_checkpoints: int = 3

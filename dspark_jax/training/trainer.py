@@ -161,14 +161,16 @@ class Run:
     heldout_batches: int = 0  # the first this many of them hold each held-out sequence once
 
     def export(self, path: str) -> None:
-        """Writes the current draft (bf16) in DeepSpec's format. Every process must call it
-        (parameters sharded across hosts are gathered first); process 0 writes."""
+        """Writes the current draft (bf16) in DeepSpec's format, with its frozen tensors unless
+        config.export_frozen is off. Every process must call it (parameters sharded across
+        hosts are gathered first); process 0 writes."""
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.state["params"])
         frozen = self.frozen
         if jax.process_count() > 1:
             params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
         if jax.process_index() == 0:
-            save_draft(dataclasses.replace(self.draft, params={**params, **frozen}), path)
+            save_draft(dataclasses.replace(self.draft, params={**params, **frozen}), path,
+                       frozen=self.config.export_frozen)
 
 
 def setup(config: TrainConfig, devices=None) -> Run:

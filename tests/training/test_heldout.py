@@ -1,14 +1,18 @@
 """Held-out evaluation during training (`eval_files`): a curve in heldout.jsonl and TensorBoard,
 from a tiny random Llama that renders conversations with SmolLM2's tokenizer (read from the
-GGUF the setup fetches)."""
+GGUF the setup fetches); the run also exports a slim draft (`export_frozen=false`)."""
 
 import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from safetensors import safe_open
 
-from dspark_jax import Target
+from dspark_jax import Target, load_draft
+from dspark_jax.checkpoints.safetensors_io import CheckpointError
 from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
 from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 from dspark_jax.checkpoints.target import save_target
@@ -44,7 +48,8 @@ def test_heldout_curve_is_recorded_and_repeatable(tmp_path, chat_target):
     config = load_config("configs/demo_tiny.py", [
         f"target={chat_target}", "chat_template=chatml", f"train_files={train_file}", f"eval_files={heldout_file}",
         "max_length=48", "num_anchors=8", "global_batch_size=8", "micro_batch_size=8", "max_steps=8",
-        "eval_every=4", "log_every=1", "save_every=1000", "min_loss_tokens=4", f"output_dir={tmp_path / 'run'}"])
+        "eval_every=4", "log_every=1", "save_every=1000", "min_loss_tokens=4", "export_frozen=false",
+        f"output_dir={tmp_path / 'run'}"])
     run = train(config, devices=jax.devices()[:1])
     with open(os.path.join(config.output_dir, "heldout.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -57,6 +62,17 @@ def test_heldout_curve_is_recorded_and_repeatable(tmp_path, chat_target):
     for row in rows:
         for key in ("loss", "tau_probabilistic", "accept_rate@0"):
             assert logged[(f"heldout/{key}", row["step"])] == pytest.approx(row[key], rel=1e-6)
+    # export_frozen=false: the draft leaves out the embedding and LM head, and loads with its target
+    path = os.path.join(config.output_dir, "draft")
+    with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert "fc.weight" in names and not names & {"embed_tokens.weight", "lm_head.weight"}
+    draft = load_draft(path, target=run.target, dtype="float32")
+    assert draft.params["embed_tokens"] is run.target.params["embed_tokens"]
+    np.testing.assert_array_equal(np.asarray(draft.params["fc"]),
+                                  np.asarray(run.state["params"]["fc"].astype(jnp.bfloat16).astype(jnp.float32)))
+    with pytest.raises(CheckpointError, match="missing tensor 'embed_tokens.weight'"):
+        load_draft(path)  # without the target, nothing can stand in for them
 
 
 def test_heldout_needs_the_online_target_and_a_valid_interval():
