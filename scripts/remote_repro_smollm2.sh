@@ -7,14 +7,16 @@
 #   job 1, sending .repro/a:                  bash scripts/remote_repro_smollm2.sh receive
 #   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR [ARGS]
 #
-# ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4). `run` stops the
-# pipeline after STAGE_SECONDS (default 560), so a job ends inside a 10-minute limit, and the
-# next `run` continues where it stopped (it prints "every stage done" at the end). Each `run`
-# packs the results, the logs and the regenerated training data into RESULTS_DIR/results.tgz;
-# unpack that into runs/repro_smollm2 here and write the page with
-# `python scripts/repro_smollm2.py report`. A planned stop exits with 124, "every stage done"
-# with 0. If the machine was lost on the way, copy the last results.tgz to .repro/seed.tgz and
-# send it along: a fresh machine (after `receive` again) starts from the regenerated data.
+# ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4, or --algorithms dspark for
+# one drafter). `run` stops the pipeline after STAGE_SECONDS (default 560), so a job ends
+# inside a 10-minute limit, and the next `run` continues where it stopped (it prints "every
+# stage done" at the end). Each `run` packs the results, the logs, the regenerated data and
+# the finished drafters' DONE markers into RESULTS_DIR/results.tgz; unpack that into
+# runs/repro_smollm2 here and write the page with `python scripts/repro_smollm2.py report`. A
+# planned stop exits with 124, "every stage done" with 0. Send the last results.tgz as
+# .repro/seed.tgz to a fresh machine (after `receive` again): it starts from the regenerated
+# data and skips what the seed holds, so the drafters can be done on different machines, one
+# or two per machine (the drafts themselves do not travel).
 # .repro/b, .repro/data, .whl and the repository come to about 60 MB, a seed adds about 5.
 # The machine needs jax with CUDA, flax, optax, orbax, transformers and matplotlib; grain, its
 # array-record and portpicker, gguf and tensorboardX come as wheels (prepare downloads them
@@ -60,19 +62,14 @@ run)
         mv "$gguf.tmp" "$gguf"
     fi
     if [ -f .repro/seed.tgz ] && [ ! -d "$REMOTE/work" ]; then
-        seed=$(mktemp -d) && tar xzf .repro/seed.tgz -C "$seed"
-        mkdir -p "$REMOTE/work/results"
-        # whatever the seed holds of these
-        for f in prompts heldout train_smollm2.jsonl heldout_smollm2.jsonl results/split.json; do
-            if [ -e "$seed/$f" ]; then cp -r "$seed/$f" "$REMOTE/work/$f"; fi
-        done
+        mkdir -p "$REMOTE/work" && tar xzf .repro/seed.tgz -C "$REMOTE/work"
     fi
     status=0
     timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \
         --work "$REMOTE/work" "${@:3}" || status=$?
     [ $status -eq 124 ] && echo "stopped after ${STAGE_SECONDS:-560} s; run again to continue"
     ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs prompts heldout \
-        train_smollm2.jsonl heldout_smollm2.jsonl )
+        train_smollm2.jsonl heldout_smollm2.jsonl $(find runs -name DONE 2>/dev/null) )
     exit $status
     ;;
 *)

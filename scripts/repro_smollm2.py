@@ -22,10 +22,14 @@ report uses, logs/ the output of every command, results/commands.json the comman
   evaluate    eval.py over every prompt set of --data/eval at T=1 and T=0 for each drafter
               (the AR baseline runs with DSpark); DSpark at T=1 also writes reliability
               diagrams and the trace for the scheduler simulation
-  speed       scripts/bench_e2e.py: AR against each drafter at batch 1 and 32
+  speed       scripts/bench_e2e.py: AR against each drafter at batch 1 and 32 (one run per
+              drafter, each with its own AR baseline)
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
               simulated on DSpark's trace against each
 
+`--algorithms` limits the stages to some drafters (DSpark's STS and scheduler stages run with
+DSpark), so that the study can run one drafter per GPU session: the results/ of earlier
+sessions, with runs/*/DONE, let a later `run` skip what they hold. `report` needs all three.
 `--scale smoke` runs every stage on a few prompts and steps (a CPU check of the pipeline).
 scripts/remote_repro_smollm2.sh runs the study on a remote GPU machine that takes at most
 64 MiB per job (the GGUF travels in two halves).
@@ -53,9 +57,10 @@ TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
 # Prompt records longer than this (about 1,000 tokens) are left out: SmolLM2's context is 8,192
 # tokens, and a few swe-bench issues come close to it.
 MAX_PROMPT_CHARS = 4000
-# Results of the stages after training (globs under results/).
-STALE_AFTER_TRAINING = ("sts_fit.json", "eval_*.json", "speed.json", "simulation.json", "trace_dspark.npz",
-                        "calibration")
+# Results of the stages after training a drafter (globs under results/): its evaluations and speed, and for
+# DSpark the STS fit, the calibration, the trace and the scheduler simulation too.
+STALE_AFTER_TRAINING = ("eval_{algorithm}_T*.json", "speed_{algorithm}.json")
+STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -109,6 +114,7 @@ class Pipeline:
         self.args, self.scale = args, SCALES[args.scale]
         # Absolute, since every command runs from the repository root.
         self.work, self.data = os.path.abspath(args.work), os.path.abspath(args.data)
+        self.algorithms = [a for a in ALGORITHMS if a in args.algorithms]
         self.target = os.path.abspath(args.target) if args.target else None
         self.results = os.path.join(self.work, "results")
         for sub in ("results", "logs", "prompts", "heldout", "runs"):
@@ -205,8 +211,7 @@ class Pipeline:
         """Trains each drafter not yet done (DONE records its overrides: a finished drafter
         trained with other ones is an error, not a silent mix of budgets). Training anything
         makes the later stages' results stale, so they are removed."""
-        trained = False
-        for algorithm in ALGORITHMS:
+        for algorithm in self.algorithms:
             out = self.path("runs", algorithm)
             overrides = [f"target={self.target or 'smollm2'}", f"train_files={self.path('train_smollm2.jsonl')}",
                          f"eval_files={self.path('heldout_smollm2.jsonl')}", f"output_dir={out}",
@@ -227,9 +232,8 @@ class Pipeline:
                         os.path.join(self.results, f"train_{algorithm}_config.json"))
             with open(done, "w") as f:
                 json.dump(overrides, f)
-            trained = True
-        if trained:
-            for name in STALE_AFTER_TRAINING:
+            stale = [n.format(algorithm=algorithm) for n in STALE_AFTER_TRAINING]
+            for name in stale + list(STALE_AFTER_DSPARK if algorithm == "dspark" else ()):
                 for path in glob.glob(os.path.join(self.results, name)):
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -247,6 +251,8 @@ class Pipeline:
                 str(s.eval_batch), "--dtype", s.dtype, "--out", out, *extra]
 
     def sts(self) -> None:
+        if "dspark" not in self.algorithms:
+            return
         out = os.path.join(self.results, "sts_fit.json")
         if not os.path.exists(os.path.join(self.draft_dir("dspark"), "sts.json")) and os.path.exists(out):
             os.remove(out)  # the fit belongs beside the draft
@@ -256,7 +262,7 @@ class Pipeline:
     def evaluate(self) -> None:
         datasets = ["--datasets", *self.scale.datasets] if self.scale.datasets else []
         for temperature in ("1.0", "0.0"):
-            for algorithm in ALGORITHMS:
+            for algorithm in self.algorithms:
                 name = f"eval_{algorithm}_T{temperature}"
                 extra = ["--temperature", temperature, *datasets]
                 if algorithm != "dspark":
@@ -269,16 +275,18 @@ class Pipeline:
                 self.once(name, out, self.eval_args(algorithm, data_dir, self.scale.eval_limit, out, *extra))
 
     def speed(self) -> None:
-        s, out = self.scale, os.path.join(self.results, "speed.json")
-        self.once("speed", out, ["scripts/bench_e2e.py", *self.target_args(), "--draft",
-                                 *[f"{a}={self.draft_dir(a)}" for a in ALGORITHMS],
-                                 "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"),
-                                 "--num-prompts", str(s.speed_prompts), "--batch-sizes", *map(str, s.speed_batches),
-                                 "--max-new-tokens", str(s.speed_new_tokens), "--dtype", s.dtype, "--out", out])
+        s = self.scale
+        for algorithm in self.algorithms:  # each against its own AR baseline, measured in the same run
+            out = os.path.join(self.results, f"speed_{algorithm}.json")
+            self.once(f"speed_{algorithm}", out, [
+                "scripts/bench_e2e.py", *self.target_args(), "--draft", f"{algorithm}={self.draft_dir(algorithm)}",
+                "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--num-prompts", str(s.speed_prompts),
+                "--batch-sizes", *map(str, s.speed_batches), "--max-new-tokens", str(s.speed_new_tokens),
+                "--dtype", s.dtype, "--out", out])
 
     def schedule(self) -> None:
         out = os.path.join(self.results, "simulation.json")
-        if os.path.exists(out):
+        if "dspark" not in self.algorithms or os.path.exists(out):
             return
         s = self.scale
         pattern = os.path.join(self.results, "sps_r{concurrency}.json")
@@ -317,6 +325,8 @@ def main(argv=None) -> None:
     run.add_argument("--target", help="the SmolLM2 .gguf (default: the cached download)")
     run.add_argument("--work", default="runs/repro_smollm2")
     run.add_argument("--scale", default="full", choices=sorted(SCALES))
+    run.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                     help="the drafters whose stages run (the others' results, if any, are kept)")
     run.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="recipe overrides for all three drafters (e.g. num_epochs=4), after the scale's")
     report = sub.add_parser("report", formatter_class=HelpFormatter, help="write docs/results.md from a finished run's results")

@@ -23,7 +23,7 @@ def test_split_holds_out_disjoint_prompts(tmp_path):
         expected |= set(lines)
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n\n")  # a blank line is skipped
     args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path / "data"), target=None,
-                           train_set=[])
+                           train_set=[], algorithms=repro_smollm2.ALGORITHMS)
     pipeline = repro_smollm2.Pipeline(args)
     pipeline.split()
     train = (tmp_path / "work" / "prompts" / "train.jsonl").read_text().splitlines()
@@ -58,7 +58,8 @@ def _write_results(results):
     (results / "calibration" / "gsm8k_reliability.png").write_bytes(b"png")
     w = lambda name, obj: (results / name).write_text(json.dumps(obj))
     commands = {f"eval_dspark_T{t}": f"eval {t}" for t in repro_report.TEMPERATURES}
-    w("commands.json", {**commands, "sts": "eval sts", "speed": "bench", "profile_sps": "profile"})
+    w("commands.json", {**commands, "sts": "eval sts", "profile_sps": "profile",
+                        **{f"speed_{a}": f"bench {a}" for a in repro_report.ALGORITHMS}})
     w("split.json", {"sets": ["gsm8k_train"], "train_prompts": 90, "heldout_prompts": 10})
     cal = {"rounds": 5, "ece": [0.2] * GAMMA, "ece_sts": [0.1] * GAMMA}
     taus = {"dspark": (3.0, 6.0), "dflash": (2.5, 4.0), "eagle3": (2.0, 3.0)}  # per dataset: gsm8k, mbpp
@@ -75,10 +76,12 @@ def _write_results(results):
     w("sts_fit.json", {"saved_sts": {"temperatures": [1.5] * GAMMA},
                        "datasets": {"heldout": {"prompts": 10, "sts": {"ece_before": [0.3] * GAMMA,
                                                                        "ece_after": [0.05] * GAMMA}}}})
-    w("speed.json", {"device": "Test GPU", "num_prompts": 4, "max_new_tokens": 8, "temperature": 1.0, "batches": {
-        "1": {"autoregressive": {"tokens_per_s": 100.0, "step_ms": 2.0},
-              "drafts": {"dspark": {"tokens_per_s": 250.0, "speedup": 2.5, "ideal_speedup": 3.0, "tau": 4.5,
-                                    "draft_ms": 1.0, "verify_ms": 2.0}}}}})
+    for a, (device, ar, drafted) in {"dspark": ("Test GPU", 100.0, 250.0), "dflash": ("Other GPU", 120.0, 180.0),
+                                     "eagle3": ("Test GPU", 110.0, 165.0)}.items():  # one run per drafter
+        w(f"speed_{a}.json", {"device": device, "num_prompts": 4, "max_new_tokens": 8, "temperature": 1.0, "batches": {
+            "1": {"autoregressive": {"tokens_per_s": ar, "step_ms": 2.0},
+                  "drafts": {a: {"tokens_per_s": drafted, "speedup": drafted / ar, "ideal_speedup": 3.0, "tau": 4.5,
+                                 "draft_ms": 1.0, "verify_ms": 2.0}}}}})
     w("sps_r1.json", {"sps": [1.0]})
     w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
                                                    "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
@@ -95,10 +98,12 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| before STS | " + " | ".join(["0.300"] * GAMMA) + " |" in page
     assert "| after STS | " + " | ".join(["0.050"] * GAMMA) + " |" in page
     assert "| ECE after | " + " | ".join(["0.100"] * GAMMA) + " |" in page
-    assert "| 1 | DSpark | 250.0 | 2.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
+    assert "| 1 | DSpark | 250.0 | 100.0 | 2.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
+    assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
+    assert "GPUs: Other GPU, Test GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
     assert "2 optimizer steps of 64 sequences" in page
-    for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed.json", "sps_r1.json"):
+    for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
         assert (docs / "results" / name).exists()
     # a rewrite keeps the hand-written analysis
     with open(docs / "results.md", "a") as f:
@@ -110,8 +115,8 @@ def test_report_tables_hold_the_results(tmp_path):
 def test_report_names_a_missing_result(tmp_path):
     results = tmp_path / "results"
     _write_results(results)
-    os.remove(results / "speed.json")
-    with pytest.raises(FileNotFoundError, match="speed.json"):
+    os.remove(results / "speed_dflash.json")
+    with pytest.raises(FileNotFoundError, match="speed_dflash.json"):
         repro_report.write_report(str(results), str(tmp_path / "docs"))
 
 
@@ -130,7 +135,10 @@ def test_report_training_rows_after_a_resume(tmp_path):
 
 
 def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
-    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[])
+    """One drafter per run (as one GPU session each), then the rest: a drafter trains once, and
+    training it removes its own later results (DSpark's: the STS fit and the simulation too)."""
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
+                           algorithms=["dflash"])
     pipeline = repro_smollm2.Pipeline(args)
     ran = []
 
@@ -142,13 +150,24 @@ def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
             open(os.path.join(out, file), "w").close()
 
     pipeline.command = fake_train
-    stale = tmp_path / "work" / "results" / "eval_dspark_T1.0.json"
-    stale.write_text("{}")
+    results = tmp_path / "work" / "results"
+    kept = ["eval_dspark_T1.0.json", "sts_fit.json", "speed_eagle3.json"]
+    for name in kept + ["eval_dflash_T1.0.json", "speed_dflash.json"]:
+        (results / name).write_text("{}")
     pipeline.train()
-    assert ran == ["train_dspark", "train_dflash", "train_eagle3"] and not stale.exists()
-    stale.write_text("{}")
+    assert ran == ["train_dflash"]
+    assert all((results / name).exists() for name in kept)
+    assert not (results / "eval_dflash_T1.0.json").exists() and not (results / "speed_dflash.json").exists()
+    pipeline.sts(), pipeline.schedule()  # DSpark's stages: nothing to do in a DFlash run
+    assert ran == ["train_dflash"]
+    pipeline = repro_smollm2.Pipeline(SimpleNamespace(**{**vars(args), "algorithms": repro_smollm2.ALGORITHMS}))
+    pipeline.command = fake_train
+    pipeline.train()
+    assert ran == ["train_dflash", "train_dspark", "train_eagle3"]
+    assert not any((results / name).exists() for name in kept)
+    (results / "eval_dspark_T1.0.json").write_text("{}")
     pipeline.train()  # all done: nothing runs, nothing is removed
-    assert ran == ["train_dspark", "train_dflash", "train_eagle3"] and stale.exists()
+    assert ran == ["train_dflash", "train_dspark", "train_eagle3"] and (results / "eval_dspark_T1.0.json").exists()
     pipeline.args.train_set = ["num_epochs=4"]
     with pytest.raises(SystemExit, match="trained with other settings"):
         pipeline.train()
