@@ -125,9 +125,10 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
 def resolve_kernels(kernels: str, target, draft, *, mesh=None, page_size: int = PAGE_SIZE) -> str:
     """"xla" or "pallas" for `kernels`. "auto" is "pallas" where the kernels are measured
     faster (docs/benchmarks.md): decoding without a draft on one GPU, where the ragged paged
-    attention kernel takes the target's shapes. With a draft it is "xla": on an H100 the fused
-    rejection sampling kernel is slower than XLA's. It is "xla" on a CPU too, where the
-    kernels run interpreted, and on a TPU, where they have not run at these shapes."""
+    attention kernel takes the target's shapes. With a draft it is "xla" until a drafted round
+    is measured with the kernels (on an H100 the fused rejection sampling kernel alone ties
+    XLA at 64 rows and is faster at 256). It is "xla" on a CPU too, where the kernels run
+    interpreted, and on a TPU, where they have not run at these shapes."""
     if kernels not in KERNELS + ("auto",):
         raise ValueError(f"kernels must be one of {KERNELS + ('auto',)}, got {kernels!r}")
     if kernels != "auto":

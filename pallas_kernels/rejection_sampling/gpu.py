@@ -145,7 +145,7 @@ def _combine_max(best: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "interpret", "num_warps", "num_splits"))
-def rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel, *, tile: int = 1024,
+def rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, uniforms, gumbel, *, tile: int = 2048,
                      interpret: bool = False, num_warps: int = 4, num_splits: int | None = None):
     """As `reference.rejection_sample` (same arguments and results); `tile` vocabulary entries
     per step (a power of two); `num_splits` vocabulary slices per row (default: `splits`)."""

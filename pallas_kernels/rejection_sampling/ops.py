@@ -17,7 +17,7 @@ __all__ = ["IMPLEMENTATIONS", "rejection_sample"]
 
 def rejection_sample(logits: jax.Array, temperature: jax.Array, q: jax.Array, q_tokens: jax.Array,
                      draft_tokens: jax.Array, lengths: jax.Array, uniforms: jax.Array, gumbel: jax.Array, *,
-                     implementation: str = "pallas", tile: int = 1024):
+                     implementation: str = "pallas", tile: int = 2048):
     """The accepted draft count [B] and the next token [B] of each row
     (`reference.rejection_sample` says what it computes). logits [B, G + 1, V]; temperature
     [B] (0: greedy); q [B, G, V] fp32; q_tokens [B, G]; draft_tokens [B, G]; lengths [B];
