@@ -141,7 +141,7 @@ def write_report(results: str, docs: str) -> str:
         "# Results: DSpark vs DFlash vs Eagle3 drafters for SmolLM2-135M-Instruct",
         "",
         "Every number below comes from `python scripts/repro_smollm2.py run` (one drafter per run where a run "
-        f"cannot hold all three; GPUs: {', '.join(devices)}, named in each speed row), "
+        f"cannot hold all three; devices: {', '.join(devices)}, named with each speed run below), "
         "written into this page by `python scripts/repro_smollm2.py report`; the raw files are in "
         "[results/](results/). Commands are shown from the repository root, with $WORK, $DATA and $GGUF "
         "standing for the run's --work, --data and --target; results/commands.json lists them all.",

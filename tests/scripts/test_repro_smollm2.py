@@ -100,7 +100,7 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| ECE after | " + " | ".join(["0.100"] * GAMMA) + " |" in page
     assert "| 1 | DSpark | 250.0 | 100.0 | 2.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
     assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
-    assert "GPUs: Other GPU, Test GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
+    assert "devices: Other GPU, Test GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
