@@ -85,7 +85,7 @@ class Scale:
 
 SCALES = {
     # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64. Drafts are
-    # exported without SmolLM2's embedding and LM head (about 85 MB each instead of 200): every stage loads them
+    # exported without SmolLM2's embedding and LM head (about 90 MB each instead of 200): every stage loads them
     # with the target.
     # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
     "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=64,
@@ -237,12 +237,18 @@ class Pipeline:
                 for path in glob.glob(os.path.join(self.results, name)):
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    def once(self, name: str, out: str, argv: list[str]) -> None:
+    def once(self, name: str, out: str, argv: list[str], draft: str | None = None) -> None:
         """Runs a command that writes `out` (it is given out + ".tmp", renamed when the command
-        succeeds), unless `out` exists."""
-        if not os.path.exists(out):
-            self.command(name, [out + ".tmp" if a == out else a for a in argv], record=argv)
-            os.replace(out + ".tmp", out)
+        succeeds), unless `out` exists. `draft`: the drafter whose draft the command reads; a
+        drafter trained on another machine (its DONE came with a seed, its draft did not) can
+        only have its missing results made by training it again here."""
+        if os.path.exists(out):
+            return
+        if draft and not os.path.isdir(self.draft_dir(draft)):
+            sys.exit(f"{name}: {self.draft_dir(draft)} is missing ({draft} was trained on another machine and its "
+                     f"results there were not finished); remove {self.path('runs', draft, 'DONE')} to train it here")
+        self.command(name, [out + ".tmp" if a == out else a for a in argv], record=argv)
+        os.replace(out + ".tmp", out)
 
     def eval_args(self, algorithm: str, data_dir: str, limit: int, out: str, *extra: str) -> list[str]:
         s = self.scale
@@ -253,11 +259,11 @@ class Pipeline:
     def sts(self) -> None:
         if "dspark" not in self.algorithms:
             return
-        out = os.path.join(self.results, "sts_fit.json")
-        if not os.path.exists(os.path.join(self.draft_dir("dspark"), "sts.json")) and os.path.exists(out):
+        out, draft = os.path.join(self.results, "sts_fit.json"), self.draft_dir("dspark")
+        if os.path.isdir(draft) and not os.path.exists(os.path.join(draft, "sts.json")) and os.path.exists(out):
             os.remove(out)  # the fit belongs beside the draft
         self.once("sts", out, self.eval_args("dspark", self.path("heldout"), self.scale.heldout, out, "--sts", "none",
-                                             "--fit-sts", "--save-sts", "--no-ar-baseline"))
+                                             "--fit-sts", "--save-sts", "--no-ar-baseline"), draft="dspark")
 
     def evaluate(self) -> None:
         datasets = ["--datasets", *self.scale.datasets] if self.scale.datasets else []
@@ -272,7 +278,8 @@ class Pipeline:
                               "--save-trace", os.path.join(self.results, "trace_dspark.npz")]
                 out = os.path.join(self.results, f"{name}.json")
                 data_dir = os.path.join(self.data, "eval")
-                self.once(name, out, self.eval_args(algorithm, data_dir, self.scale.eval_limit, out, *extra))
+                self.once(name, out, self.eval_args(algorithm, data_dir, self.scale.eval_limit, out, *extra),
+                          draft=algorithm)
 
     def speed(self) -> None:
         s = self.scale
@@ -282,7 +289,7 @@ class Pipeline:
                 "scripts/bench_e2e.py", *self.target_args(), "--draft", f"{algorithm}={self.draft_dir(algorithm)}",
                 "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--num-prompts", str(s.speed_prompts),
                 "--batch-sizes", *map(str, s.speed_batches), "--max-new-tokens", str(s.speed_new_tokens),
-                "--dtype", s.dtype, "--out", out])
+                "--dtype", s.dtype, "--out", out], draft=algorithm)
 
     def schedule(self) -> None:
         out = os.path.join(self.results, "simulation.json")
@@ -299,12 +306,12 @@ class Pipeline:
 
         if missing:  # the report cites the command for every table
             self.command("profile_sps", profile(missing), record=profile(s.concurrency))
-        from dspark_jax.evaluation.calibration import load_sts
         from dspark_jax.evaluation.simulate import Trace, simulate
         from dspark_jax.evaluation.sps import load_table
 
         trace = Trace.load(os.path.join(self.results, "trace_dspark.npz"))
-        temperatures = load_sts(self.draft_dir("dspark"))
+        with open(os.path.join(self.results, "sts_fit.json")) as f:  # the STS saved beside the draft
+            temperatures = tuple(json.load(f)["saved_sts"]["temperatures"])
         rows = [simulate(trace, load_table(pattern.format(concurrency=r))["sps"], r, temperatures)
                 for r in s.concurrency]
         with open(out, "w") as f:

@@ -3,8 +3,9 @@
 The released deepseek-ai/{dspark,dflash}_*_block7 and eagle3_*_ttt7 checkpoints, vLLM and
 SGLang all use these names (no "model." prefix, Linear weights [out, in], bf16). Saved drafts
 include the frozen `embed_tokens.weight` and `lm_head.weight`, as the format expects, unless
-saved with `frozen=False`: such a slim draft (a third of the size for SmolLM2) loads only with
-its target, whose embedding and LM head it uses anyway.
+saved with `frozen=False`: such a slim draft (under half the size for SmolLM2) loads only
+here and only with its target, whose embedding and LM head it uses anyway; DeepSpec, vLLM and
+SGLang need the full format, which `save_draft(load_draft(slim, target=t), path)` writes.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ class TrainConfig:
     # Data.
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()  # held-out conversations: their losses and acceptance metrics (no update) go to
-    # <output_dir>/heldout.jsonl every eval_every updates (0: at each checkpoint) and at the end; online mode only
+    # <output_dir>/heldout.jsonl before a fresh run's first update, every eval_every updates (0: at each checkpoint)
+    # and after the last; online mode only
     eval_every: int = 0
     chat_template: str = "auto"  # auto | qwen | chatml | llama3 | gemma | gemma4
     max_length: int = 4096

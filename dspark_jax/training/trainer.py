@@ -12,8 +12,8 @@
   `<output_dir>/tensorboard`, a progress bar with ETA;
 - with `eval_files`, the same losses and metrics over held-out conversations (no update, the
   same anchors each time) in `<output_dir>/heldout.jsonl` and under TensorBoard's `heldout/`,
-  before the first update and every `eval_every` updates: the curve that says when training
-  stops paying;
+  before the first update of a fresh run, every `eval_every` updates and after the last: the
+  curve that says when training stops paying;
 - orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
   under `<output_dir>/checkpoints` (async, keep-N); a run restarts from the latest one, and
   the result is bit-identical to an uninterrupted run;
@@ -158,14 +158,15 @@ class Run:
     steps: MicroSteps  # jitted; `apply` knows the accumulation
     state: dict
     heldout: object = None  # micro-batches of config.eval_files, if any
-    heldout_batches: int = 0  # the first this many of them hold each held-out sequence once
+    heldout_batches: int = 0  # the first this many of them: every held-out sequence once, but for fewer than a
+    # micro-batch left over
 
     def export(self, path: str) -> None:
         """Writes the current draft (bf16) in DeepSpec's format, with its frozen tensors unless
         config.export_frozen is off. Every process must call it (parameters sharded across
         hosts are gathered first); process 0 writes."""
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.state["params"])
-        frozen = self.frozen
+        frozen = self.frozen if self.config.export_frozen else {}
         if jax.process_count() > 1:
             params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
         if jax.process_index() == 0:
@@ -298,7 +299,8 @@ def _update(run: Run, step: int) -> dict:
 
 def evaluate_heldout(run: Run) -> dict:
     """The losses and acceptance metrics of the current draft over the held-out sequences (each
-    once), as metrics.jsonl reports them for training batches."""
+    once, but for the fewer than micro_batch_size left over), as metrics.jsonl reports them for
+    training batches."""
     totals = None
     for index in range(run.heldout_batches):
         metrics = run.steps.evaluate(run.state, run.frozen, run.target.params,
@@ -340,11 +342,13 @@ def train(config: TrainConfig, *, devices=None) -> Run:
     logger.info(f"{config.algorithm} on {config.target}: {run.num_sequences} sequences, {run.total_steps} steps of "
                 f"{config.global_batch_size} sequences ({config.accumulation_steps} x {config.micro_batch_size}), "
                 f"mesh {dict(run.mesh.shape)}, starting at step {start}")
-    heldout_file = open(os.path.join(config.output_dir, "heldout.jsonl"), "a") if is_main and run.heldout else None
+    heldout_file = open(os.path.join(config.output_dir, "heldout.jsonl"), "a") if is_main and run.heldout is not None \
+        else None
     eval_every = config.eval_every or config.save_every
 
     def heldout_row(done: int) -> float:
         """Evaluates the held-out set, logs and records it; returns the seconds it took."""
+        jax.block_until_ready(run.state)  # the updates queued so far are training time
         began = time.perf_counter()
         row = {"step": done, **evaluate_heldout(run)}
         logger.info(f"held-out after {done} updates: loss {row['loss']:.4f}, tau {row['tau_probabilistic']:.3f} "

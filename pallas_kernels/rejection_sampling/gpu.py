@@ -13,8 +13,9 @@ program per (row, slice), so that a batch of 64 rows still fills the GPU (`split
   p_A for a bonus token), the residual's mass, and the Gumbel-max of p_A as the fallback where
   the residual has none. Combining the slices gives the next token.
 
-So a row reads G + 2 logit rows, one q row and one noise row: fewer bytes than reading p and q
-once, which an unfused verify (softmax, then rejection) does after writing p. Ties go to the
+So a row reads G + 2 logit rows, one q row and one noise row: with bf16 logits, fewer bytes
+than reading p and q once in fp32, which an unfused verify (softmax, then rejection) does after
+writing p. Ties go to the
 lowest vocabulary index, as `jnp.argmax` does. `reference.rejection_sample` is the definition;
 the kernels' sums run in another order, so a comparison that ties to the last bit can differ
 (measure zero for random inputs).
@@ -38,6 +39,8 @@ def splits(rows: int, vocab: int, tile: int, wanted: int | None = None) -> tuple
     """(S, span): the vocabulary slices per row and the entries in each (a whole number of
     tiles; the last slice may be shorter). S is near `wanted`, by default near PROGRAMS / rows,
     and at most one slice per tile."""
+    if wanted is not None and wanted < 1:
+        raise ValueError(f"num_splits must be at least 1, got {wanted}")
     tiles = pl.cdiv(vocab, tile)
     wanted = max(1, pl.cdiv(PROGRAMS, rows)) if wanted is None else wanted
     per_slice = pl.cdiv(tiles, min(tiles, wanted))
@@ -179,7 +182,8 @@ def rejection_sample(logits, temperature, q, q_tokens, draft_tokens, lengths, un
     pick = lambda x: jnp.take_along_axis(x, accepted[:, None], axis=1)[:, 0]
     rows = jnp.stack([accepted, jnp.minimum(accepted, g - 1), (accepted < lengths).astype(jnp.int32),
                       pick(row_arg)], axis=1)  # [B, 4]
-    stats = jnp.stack([temperature, pick(row_peak), pick(row_total), jnp.zeros_like(temperature)], axis=1)
+    stats = jnp.stack([temperature, pick(row_peak), pick(row_total), jnp.zeros_like(temperature)],
+                      axis=1)  # [B, 4]
 
     best, which = pl.pallas_call(  # [B, S, 4], [B, S, 2]
         functools.partial(_draw_kernel, **kw), grid=(b, s),

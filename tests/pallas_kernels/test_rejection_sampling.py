@@ -111,6 +111,26 @@ def test_a_residual_without_mass_falls_back_to_the_target():
     np.testing.assert_array_equal(next_token, jnp.argmax(jnp.log(p0) + gumbel, axis=-1))
 
 
+def test_ties_across_vocabulary_slices_go_to_the_lowest_index():
+    """Greedy rows whose largest logit appears twice, in different slices of the GPU kernel
+    (96 entries, tiles of 32, 3 slices): the argmax is the first one, as jnp.argmax's, both for
+    the acceptance test (a draft of the later one is rejected) and for the next token."""
+    rows, gamma, vocab = 4, 1, 96
+    logits = jnp.zeros((rows, gamma + 1, vocab), jnp.float32).at[:, :, 10].set(5.0).at[:, :, 70].set(5.0)
+    tokens = jnp.asarray([[10], [70], [10], [70]], jnp.int32)
+    q = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+    args = (logits, jnp.zeros((rows,)), q, jnp.ones((rows, gamma)), tokens, jnp.asarray([1, 1, 0, 0], jnp.int32),
+            jnp.full((rows, gamma), 0.5), jnp.zeros((rows, vocab)))
+    want = reference.rejection_sample(*args)
+    np.testing.assert_array_equal(want[0], [1, 0, 0, 0])
+    np.testing.assert_array_equal(want[1], [10, 10, 10, 10])
+    got = gpu.rejection_sample(*args, tile=32, interpret=not on_gpu, num_splits=3)
+    np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+    with pytest.raises(ValueError, match="num_splits must be at least 1, got 0"):
+        gpu.rejection_sample(*args, tile=32, interpret=not on_gpu, num_splits=0)
+
+
 def test_unknown_implementation_is_refused():
     args = kernel_args(*round_inputs(3, rows=2, gamma=2, vocab=16, temperatures=[1.0]))
     with pytest.raises(ValueError, match="implementation 'cuda' is not one of"):

@@ -82,7 +82,7 @@ def _write_results(results):
             "1": {"autoregressive": {"tokens_per_s": ar, "step_ms": 2.0},
                   "drafts": {a: {"tokens_per_s": drafted, "speedup": drafted / ar, "ideal_speedup": 3.0, "tau": 4.5,
                                  "draft_ms": 1.0, "verify_ms": 2.0}}}}})
-    w("sps_r1.json", {"sps": [1.0]})
+    w("sps_r1.json", {"device": "SPS GPU", "sps": [1.0]})
     w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
                                                    "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
 
@@ -100,7 +100,7 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| ECE after | " + " | ".join(["0.100"] * GAMMA) + " |" in page
     assert "| 1 | DSpark | 250.0 | 100.0 | 2.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
     assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
-    assert "devices: Other GPU, Test GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
+    assert "devices: Other GPU, Test GPU" in page and "SPS tables measured on the SPS GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
@@ -171,3 +171,32 @@ def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
     pipeline.args.train_set = ["num_epochs=4"]
     with pytest.raises(SystemExit, match="trained with other settings"):
         pipeline.train()
+
+
+def test_a_drafter_from_a_seed_keeps_its_results_and_names_what_is_missing(tmp_path):
+    """A seed brings a finished drafter's DONE and results but not its draft: nothing is rerun
+    or removed, and a missing result stops the run with a message saying how to redo it."""
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
+                           algorithms=["dspark"])
+    pipeline = repro_smollm2.Pipeline(args)
+    ran = []
+
+    def fake(name, argv, record=None):  # train.py's outputs, without the draft (it stayed on the other machine)
+        ran.append(name)
+        for file in ("metrics.jsonl", "heldout.jsonl", "train_config.json"):
+            open(tmp_path / "work" / "runs" / "dspark" / file, "w").close()
+
+    (tmp_path / "work" / "runs" / "dspark").mkdir(parents=True)
+    pipeline.command = fake
+    pipeline.train()
+    assert ran == ["train_dspark"] and not os.path.isdir(pipeline.draft_dir("dspark"))
+    results = tmp_path / "work" / "results"
+    (results / "sts_fit.json").write_text("{}")
+    pipeline.train(), pipeline.sts()
+    assert ran == ["train_dspark"] and (results / "sts_fit.json").exists()
+    with pytest.raises(SystemExit, match="eval_dspark_T1.0: .* was trained on another machine.*runs/dspark/DONE"):
+        pipeline.evaluate()
+    for t in ("1.0", "0.0"):
+        (results / f"eval_dspark_T{t}.json").write_text("{}")
+    pipeline.evaluate()
+    assert ran == ["train_dspark"]
