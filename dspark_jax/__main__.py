@@ -186,8 +186,8 @@ def _regenerate(args) -> None:
 
     target = load_target(smollm2_gguf() if args.model == "smollm2" else args.model, dtype=args.dtype)
     counts = regenerate_file(target, args.input, args.output, chunk=args.chunk, limit=args.limit, seed=args.seed,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, batch_size=args.batch_size)
+                             samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size)
     print(f"{args.output}: {counts.summary()}")
 
 
@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     regen.add_argument("--batch-size", type=int, default=32)
     regen.add_argument("--chunk", type=int, default=256, help="conversations per appended chunk")
     regen.add_argument("--limit", type=int, help="only the first N conversations")
+    regen.add_argument("--samples", type=int, default=1,
+                       help="answers per conversation, each its own line (sampled: use a temperature above 0)")
     regen.add_argument("--seed", type=int, default=0)
     regen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     regen.set_defaults(func=_regenerate)

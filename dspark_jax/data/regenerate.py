@@ -7,7 +7,7 @@ assistant turns are discarded and system turns kept. Conversations are processed
 each finished chunk is appended to the output, and a rerun skips the conversations already
 written, so an interrupted run loses at most one chunk.
 
-    python -m dspark_jax regenerate --model smollm2 --input prompts.jsonl --output train.jsonl
+    python -m dspark_jax regenerate --model smollm2 --input prompts.jsonl --output train.jsonl [--samples 2]
 """
 
 from __future__ import annotations
@@ -48,12 +48,17 @@ def answer_turns(target, conversations: list[list[dict]], *, max_new_tokens: int
 
 
 def regenerate_file(target, input_path: str, output_path: str, *, chunk: int = 256, limit: int | None = None,
-                    seed: int = 0, **sampling) -> Counts:
-    """Writes {"messages": [...]} per conversation of input_path, answered by the target."""
+                    seed: int = 0, samples: int = 1, **sampling) -> Counts:
+    """Writes {"messages": [...]} per conversation of input_path, answered by the target;
+    `samples` answers per conversation (consecutive lines, each drawn with its own random
+    stream: more training data from the same prompts, as DeepSpec's regeneration offers)."""
     if target.tokenizer is None:
         raise ValueError("the target has no tokenizer (and chat template) to render conversations")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
     counts = Counts()
     conversations = [m for _, m in read_jsonl(input_path, counts)][:limit]
+    conversations = [m for m in conversations for _ in range(samples)]
     written = 0
     if os.path.exists(output_path):
         with open(output_path, "rb+") as f:
