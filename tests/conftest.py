@@ -30,3 +30,22 @@ def smollm2():
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
 
     return load_target(smollm2_gguf(), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_target(tmp_path_factory) -> str:
+    """A transformers directory: a tiny random Llama (3 layers of 64) with SmolLM2's tokenizer
+    and chat template (read from the GGUF the setup fetches), for tests that render
+    conversations without paying for a real model."""
+    from dspark_jax import Target
+    from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
+    from dspark_jax.checkpoints.smollm2 import smollm2_gguf
+    from dspark_jax.checkpoints.target import save_target
+    from dspark_jax.models.config import from_hf_config
+    from dspark_jax.models.presets import HF_CONFIGS
+
+    config = from_hf_config({**HF_CONFIGS["smollm2-135m"], "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
+    path = str(tmp_path_factory.mktemp("chat") / "target")
+    save_target(Target.random(config, dtype="float32", tokenizer=GGUFCheckpoint(smollm2_gguf()).tokenizer()), path)
+    return path

@@ -12,6 +12,7 @@ import pytest
 from tensorboardX import SummaryWriter
 from tensorboardX.crc32c import crc32c
 
+from dspark_jax import load_target
 from dspark_jax.data.conversations import Counts, DataError, load_examples, render
 from dspark_jax.data.pipeline import collate, micro_batches
 from dspark_jax.data.regenerate import regenerate_file
@@ -155,17 +156,18 @@ def test_regenerate_answers_with_the_target_and_resumes(smollm2, tmp_path):
         assert row["messages"][1]["content"] == "The capital of France is Paris."
 
 
-def test_regenerate_samples_several_answers_per_conversation(smollm2, tmp_path):
+def test_regenerate_samples_several_answers_per_conversation(tiny_chat_target, tmp_path):
     """--samples 3 at T=1: three lines per conversation, in order, each its own draw (the same
     prompt twice in a file gives six different answers), and a file cut short after the first
     conversation's samples keeps them and is completed to six lines."""
     prompts = write_lines(tmp_path / "prompts.jsonl", [json.dumps({"turns": ["Name a colour."]})] * 2)
     out, again = str(tmp_path / "answers.jsonl"), str(tmp_path / "again.jsonl")
     options = dict(max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, batch_size=4, samples=3)
-    regenerate_file(smollm2, prompts, out, chunk=4, **options)
-    regenerate_file(smollm2, prompts, again, chunk=4, limit=1, **options)  # the first conversation's 3 lines
+    target = load_target(tiny_chat_target, dtype="float32")
+    regenerate_file(target, prompts, out, chunk=4, **options)
+    regenerate_file(target, prompts, again, chunk=4, limit=1, **options)  # the first conversation's 3 lines
     first = open(again).read()
-    regenerate_file(smollm2, prompts, again, chunk=4, **options)  # continues after them
+    regenerate_file(target, prompts, again, chunk=4, **options)  # continues after them
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 6 and all(r["messages"][0]["content"] == "Name a colour." for r in rows)
     answers = [r["messages"][1]["content"] for r in rows]
@@ -173,7 +175,7 @@ def test_regenerate_samples_several_answers_per_conversation(smollm2, tmp_path):
     resumed = open(again).read()
     assert resumed.startswith(first) and len(resumed.splitlines()) == 6 and len(first.splitlines()) == 3
     with pytest.raises(ValueError, match="samples must be at least 1"):
-        regenerate_file(smollm2, prompts, out, **{**options, "samples": 0})
+        regenerate_file(target, prompts, out, **{**options, "samples": 0})
 
 
 def test_recipe_overrides_name_bad_keys(tmp_path):

@@ -1,6 +1,6 @@
 """Held-out evaluation during training (`eval_files`): a curve in heldout.jsonl and TensorBoard,
-from a tiny random Llama that renders conversations with SmolLM2's tokenizer (read from the
-GGUF the setup fetches); the run also exports a slim draft (`export_frozen=false`)."""
+from a tiny random Llama that renders conversations with SmolLM2's tokenizer (the
+`tiny_chat_target` fixture); the run also exports a slim draft (`export_frozen=false`)."""
 
 import dataclasses
 import json
@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from dspark_jax import Target, load_draft
+from dspark_jax import load_draft
 from dspark_jax.checkpoints.safetensors_io import CheckpointError
-from dspark_jax.checkpoints.gguf_file import GGUFCheckpoint
-from dspark_jax.checkpoints.smollm2 import smollm2_gguf
-from dspark_jax.checkpoints.target import save_target
-from dspark_jax.models.config import ConfigError, from_hf_config
-from dspark_jax.models.presets import HF_CONFIGS
+from dspark_jax.models.config import ConfigError
 from dspark_jax.training.config import load_config
 from dspark_jax.training.trainer import evaluate_heldout, train
 from tests.training.tensorboard_records import scalars
@@ -31,22 +27,12 @@ def counting(first: int, count: int) -> list[str]:
             for n in range(first, first + count)]
 
 
-@pytest.fixture(scope="module")
-def chat_target(tmp_path_factory) -> str:
-    tokenizer = GGUFCheckpoint(smollm2_gguf()).tokenizer()
-    config = from_hf_config({**HF_CONFIGS["smollm2-135m"], "hidden_size": 64, "intermediate_size": 128,
-                             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
-    path = str(tmp_path_factory.mktemp("chat") / "target")
-    save_target(Target.random(config, dtype="float32", tokenizer=tokenizer), path)
-    return path
-
-
-def test_heldout_curve_is_recorded_and_repeatable(tmp_path, chat_target):
+def test_heldout_curve_is_recorded_and_repeatable(tmp_path, tiny_chat_target):
     train_file, heldout_file = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     train_file.write_text("\n".join(counting(0, 48)) + "\n")
     heldout_file.write_text("\n".join(counting(500, 20)) + "\n")
     config = load_config("configs/demo_tiny.py", [
-        f"target={chat_target}", "chat_template=chatml", f"train_files={train_file}", f"eval_files={heldout_file}",
+        f"target={tiny_chat_target}", "chat_template=chatml", f"train_files={train_file}", f"eval_files={heldout_file}",
         "max_length=48", "num_anchors=8", "global_batch_size=8", "micro_batch_size=8", "max_steps=8",
         "eval_every=4", "log_every=1", "save_every=1000", "min_loss_tokens=4", "export_frozen=false",
         f"output_dir={tmp_path / 'run'}"])
