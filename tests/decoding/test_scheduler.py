@@ -40,7 +40,7 @@ def random_sps(rng, n):
     return tuple(np.cumprod(1 - rng.uniform(0.0, 0.06, n) - (rng.uniform(size=n) < 0.1) * 0.2).tolist())
 
 
-@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("early_stop", [True, pytest.param(False, marks=pytest.mark.slow)])  # CI: the default
 def test_prefix_scheduler_matches_algorithm1(early_stop):
     rng = np.random.default_rng(0)
     for trial in range(20):

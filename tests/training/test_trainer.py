@@ -69,6 +69,7 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(kernels, xla, rtol=1e-5)
 
 
+@pytest.mark.slow  # CI: the kernels' trajectory on one device (above) and the 8-device XLA run
 def test_training_kernels_split_over_a_mesh(tmp_path):
     """attention=pallas and the fused loss on its kernel on data=2 x fsdp=2 x tensor=2 (each
     device's sequences through the kernels, interpreted, and through the loss's chunks) against
