@@ -27,7 +27,7 @@ report uses, logs/ the output of every command, results/commands.json the comman
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
               simulated on DSpark's trace against each
 
-`--algorithms` limits the stages to some drafters (DSpark's STS and scheduler stages run with
+`--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some drafters (DSpark's STS and scheduler stages run with
 DSpark), so that the study can run one drafter per GPU session: the results/ of earlier
 sessions, with runs/*/DONE, let a later `run` skip what they hold. `report` needs all three.
 `--scale smoke` runs every stage on a few prompts and steps (a CPU check of the pipeline).
@@ -53,6 +53,7 @@ import time
 from dspark_jax.console import HelpFormatter, run_cli
 
 ALGORITHMS = ("dspark", "dflash", "eagle3")
+STAGES = ("split", "regenerate", "train", "sts", "evaluate", "speed", "schedule")  # Pipeline methods, in order
 TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
 # Prompt records longer than this (about 1,000 tokens) are left out: SmolLM2's context is 8,192
 # tokens, and a few swe-bench issues come close to it.
@@ -318,10 +319,12 @@ class Pipeline:
             json.dump({"rounds": len(trace.accepted), "sts_temperatures": temperatures, "rows": rows}, f, indent=1)
 
     def run(self) -> None:
-        for stage in (self.split, self.regenerate, self.train, self.sts, self.evaluate, self.speed, self.schedule):
-            print(f"[{time.strftime('%H:%M:%S')}] stage {stage.__name__}", flush=True)
-            stage()
-        print(f"every stage done; results in {self.results}")
+        for name in STAGES:
+            if name in self.args.stages:
+                print(f"[{time.strftime('%H:%M:%S')}] stage {name}", flush=True)
+                getattr(self, name)()
+        done = "every stage" if set(self.args.stages) == set(STAGES) else "stages " + " ".join(self.args.stages)
+        print(f"{done} done; results in {self.results}")
 
 
 def main(argv=None) -> None:
@@ -336,6 +339,8 @@ def main(argv=None) -> None:
                      help="the drafters whose stages run (the others' results, if any, are kept)")
     run.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="recipe overrides for all three drafters (e.g. num_epochs=4), after the scale's")
+    run.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                     help="run only these stages (in the pipeline's order); a stage needs the earlier ones' results")
     report = sub.add_parser("report", formatter_class=HelpFormatter, help="write docs/results.md from a finished run's results")
     report.add_argument("--work", default="runs/repro_smollm2")
     report.add_argument("--docs", default="docs")

@@ -200,3 +200,15 @@ def test_a_drafter_from_a_seed_keeps_its_results_and_names_what_is_missing(tmp_p
         (results / f"eval_dspark_T{t}.json").write_text("{}")
     pipeline.evaluate()
     assert ran == ["train_dspark"]
+
+
+def test_stages_run_only_the_ones_named_in_the_pipelines_order(tmp_path, capsys):
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
+                           algorithms=["dspark"], stages=["sts", "train"])
+    pipeline = repro_smollm2.Pipeline(args)
+    ran = []
+    for name in repro_smollm2.STAGES:
+        setattr(pipeline, name, lambda name=name: ran.append(name))
+    pipeline.run()
+    assert ran == ["train", "sts"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("stages sts train done")
