@@ -27,9 +27,10 @@ report uses, logs/ the output of every command, results/commands.json the comman
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
               simulated on DSpark's trace against each
 
-`--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some drafters (DSpark's STS and scheduler stages run with
-DSpark), so that the study can run one drafter per GPU session: the results/ of earlier
-sessions, with runs/*/DONE, let a later `run` skip what they hold. `report` needs all three.
+`--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some
+drafters (DSpark's STS and scheduler stages run with DSpark), so that the study can run one
+drafter per GPU session: the results/ of earlier sessions, with runs/*/DONE, let a later `run`
+skip what they hold. `report` needs all three.
 `--scale smoke` runs every stage on a few prompts and steps (a CPU check of the pipeline).
 scripts/remote_repro_smollm2.sh runs the study on a remote GPU machine that takes at most
 64 MiB per job (the GGUF travels in two halves).
