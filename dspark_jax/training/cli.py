@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 import jax
 
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
             prepare_cache(config)
         return 0
     run = train(config)
+    if run.stopped_by:  # checkpointed; the same command resumes
+        return 128 + signal.Signals[run.stopped_by].value
     print(f"trained {run.total_steps} steps; draft in {config.output_dir}/draft, metrics in "
           f"{config.output_dir}/metrics.jsonl")
     return 0

@@ -17,7 +17,9 @@
 - orbax checkpoints of the whole state (params, AdamW state, step, key) and the data position
   under `<output_dir>/checkpoints` (async, keep-N); a run restarts from the latest one, and
   the result is bit-identical to an uninterrupted run;
-- the trained draft exported in DeepSpec's format to `<output_dir>/draft` at every checkpoint.
+- the trained draft exported in DeepSpec's format to `<output_dir>/draft` at every checkpoint;
+- SIGTERM or SIGINT (a preempted VM, a job's time limit, Ctrl-C) checkpoints after the update
+  in flight and stops the run (`Run.stopped_by` names the signal); rerunning resumes there.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ import json
 import logging
 import os
 import resource
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -160,6 +165,7 @@ class Run:
     heldout: object = None  # micro-batches of config.eval_files, if any
     heldout_batches: int = 0  # the first this many of them: every held-out sequence once, but for fewer than a
     # micro-batch left over
+    stopped_by: str | None = None  # the signal ("SIGTERM") that stopped `train` before its last step, if one did
 
     def export(self, path: str) -> None:
         """Writes the current draft (bf16) in DeepSpec's format, with its frozen tensors unless
@@ -328,6 +334,39 @@ def write_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) ->
     writer.flush()
 
 
+class StopSignals:
+    """Catches SIGTERM and SIGINT while the loop runs (in the main thread; elsewhere it catches
+    nothing), so that the loop can checkpoint and stop between updates; a second signal acts at
+    once, as if none were caught. `requested()` gives every process the same answer (the signal's
+    number, 0 for none), so all of them stop after the same update."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _catch(self, signum, frame):
+        if self.received:
+            self.__exit__()
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def requested(self) -> int:
+        if jax.process_count() == 1:
+            return self.received
+        return int(multihost_utils.process_allgather(np.int32(self.received)).max())
+
+
 def train(config: TrainConfig, *, devices=None) -> Run:
     """Trains, resuming from the latest checkpoint in output_dir."""
     os.makedirs(config.output_dir, exist_ok=True)
@@ -363,32 +402,40 @@ def train(config: TrainConfig, *, devices=None) -> Run:
         heldout_row(0)  # the curve's starting point: the untrained draft
     window, clock = None, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
-    for step in range(start, run.total_steps):
-        metrics = _update(run, step)
-        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == run.total_steps:
-            window = jax.device_get(window)
-            row = {"step": done, **_summarise({k: v for k, v in window.items() if k != "loss_tokens"})}
-            row["loss_tokens_per_s"] = float(window["loss_tokens"][0]) / (time.perf_counter() - clock)
-            row["host_peak_rss_gib"] = host_peak_rss_gib()
-            window, clock = None, time.perf_counter()
-            if is_main:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                write_scalars(events, done, {k: v for k, v in row.items() if k != "step"})
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tau=f"{row['tau_probabilistic']:.3f}")
-        bar.update(1)
-        if run.heldout is not None and (done % eval_every == 0 or done == run.total_steps):
-            clock += heldout_row(done)  # the evaluation's time is not training time
-        if done % config.save_every == 0 or done == run.total_steps:
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(run.state),
-                data=ocp.args.JsonSave({"next_micro_batch": done * config.accumulation_steps,
-                                        **data_signature(run)})))
-            run.export(os.path.join(config.output_dir, "draft"))
-    bar.close()
-    manager.wait_until_finished()
+    with StopSignals() as signals:
+        for step in range(start, run.total_steps):
+            metrics = _update(run, step)
+            window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+            done = step + 1
+            last = done == run.total_steps
+            stop = 0 if last else signals.requested()
+            if done % config.log_every == 0 or last or stop:
+                window = jax.device_get(window)
+                row = {"step": done, **_summarise({k: v for k, v in window.items() if k != "loss_tokens"})}
+                row["loss_tokens_per_s"] = float(window["loss_tokens"][0]) / (time.perf_counter() - clock)
+                row["host_peak_rss_gib"] = host_peak_rss_gib()
+                window, clock = None, time.perf_counter()
+                if is_main:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    write_scalars(events, done, {k: v for k, v in row.items() if k != "step"})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tau=f"{row['tau_probabilistic']:.3f}")
+            bar.update(1)
+            if run.heldout is not None and (done % eval_every == 0 or last):
+                clock += heldout_row(done)  # the evaluation's time is not training time
+            if done % config.save_every == 0 or last or stop:
+                manager.save(done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(run.state),
+                    data=ocp.args.JsonSave({"next_micro_batch": done * config.accumulation_steps,
+                                            **data_signature(run)})))
+                run.export(os.path.join(config.output_dir, "draft"))
+            if stop:
+                run.stopped_by = signal.Signals(stop).name
+                logger.warning(f"{run.stopped_by}: checkpointed after update {done} of {run.total_steps} and "
+                               "stopped; the same command resumes from there")
+                break
+        bar.close()
+        manager.wait_until_finished()
     manager.close()
     if is_main:
         metrics_file.close()

@@ -135,6 +135,38 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path):
     chex.assert_trees_all_equal(final_state(straight), final_state(killed))  # bit-identical, leaf by leaf
 
 
+def test_sigterm_checkpoints_after_the_update_in_flight_and_the_rerun_resumes_there(tmp_path, monkeypatch):
+    """SIGTERM arriving during update 3 of 6: train checkpoints after that update and returns
+    (train.py exits 143); the rerun trains updates 4 to 6 only and ends bit-identical to an
+    uninterrupted run. The signal handlers in place before are back afterwards."""
+    from dspark_jax.training import cli, trainer
+
+    extra = ["max_steps=6", "save_every=4"]
+    straight, stopped = small_config(tmp_path, "straight", *extra), small_config(tmp_path, "stopped", *extra)
+    cpu = jax.devices("cpu")[:1]
+    train(straight, devices=cpu)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def signalled_update(run, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _update(run, step)
+
+    monkeypatch.setattr(trainer, "_update", signalled_update)
+    run = train(stopped, devices=cpu)
+    assert run.stopped_by == "SIGTERM" and signal.getsignal(signal.SIGTERM) is before
+    assert [m["step"] for m in metrics(stopped)] == [1, 2, 3]
+    manager = checkpointer(stopped)
+    assert manager.all_steps() == [3]
+    manager.close()
+    monkeypatch.setattr(trainer, "train", lambda config: run)
+    assert cli.main(["--config", "configs/demo_tiny.py"]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(trainer, "_update", _update)
+    assert train(stopped, devices=cpu).stopped_by is None
+    assert [m["step"] for m in metrics(stopped)] == [1, 2, 3, 4, 5, 6]
+    chex.assert_trees_all_equal(final_state(straight), final_state(stopped))
+
+
 def test_online_and_offline_targets_give_the_same_loss(tmp_path):
     """A bf16 target: the cache stores exactly the features the online step computes."""
     common = ["target_dtype=bfloat16", "max_steps=2"]
