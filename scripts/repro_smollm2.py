@@ -47,6 +47,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,7 +151,8 @@ class Pipeline:
 
     def command(self, name: str, argv: list[str], record: list[str] | None = None) -> None:
         """Runs argv (python prepended) from the repository root, output to logs/<name>.log;
-        a failure stops the pipeline with the log's tail. `record` (default argv) is the
+        a failure stops the pipeline with the log's tail, and so does a SIGTERM or SIGINT, passed
+        on to the command first (train.py then checkpoints, and the next `run` resumes). `record` (default argv) is the
         command results/commands.json keeps for the report."""
         self.commands[name] = self.shown(argv if record is None else record)
         with open(self.commands_path + ".tmp", "w") as f:
@@ -162,7 +164,17 @@ class Pipeline:
         start = time.perf_counter()
         env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": self.path("jax_cache")}  # shared by the stages
         with open(log_path, "a") as log:
-            code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # In a session of its own, the command gets a SIGTERM or SIGINT sent to the pipeline's process group
+            # once, from the handler below, and train.py can checkpoint before it stops.
+            child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
+                        for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                code = child.wait()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         if code:
             with open(log_path) as f:
                 tail = f.read()[-3000:]

@@ -2,7 +2,10 @@
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +215,29 @@ def test_stages_run_only_the_ones_named_in_the_pipelines_order(tmp_path, capsys)
     pipeline.run()
     assert ran == ["train", "sts"]
     assert capsys.readouterr().out.splitlines()[-1].startswith("stages sts train done")
+
+
+def test_a_signal_to_the_pipeline_reaches_its_command_once(tmp_path):
+    """SIGTERM to the pipeline's process is passed on to the running command (in a session of its
+    own, so a signal to the whole process group reaches it once) and the pipeline stops with the
+    command's exit status."""
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
+                           algorithms=["dspark"])
+    pipeline = repro_smollm2.Pipeline(args)
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('caught'), sys.exit(7)))\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "time.sleep(60)")
+
+    def signal_when_ready():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    with pytest.raises(SystemExit, match="probe failed \\(exit 7\\)"):
+        pipeline.command("probe", ["-c", child])
+    assert (tmp_path / "work" / "logs" / "probe.log").read_text() == "caught\n"
+    assert signal.getsignal(signal.SIGTERM) is before
