@@ -196,7 +196,7 @@ def add_chat_args(parser) -> None:
     parser.add_argument("--draft", help="speculative decoding with this DeepSpec draft directory, or random weights: "
                                         "random:dspark, random:dflash, random:eagle3 (default: none)")
     parser.add_argument("--scheduler", default="none",
-                        help="with --draft: none | threshold:<t> | prefix:<sps.json> | async:<sps.json>")
+                        help="with --draft: none | fixed:<g> | threshold:<t> | prefix:<sps.json> | async:<sps.json>")
     parser.add_argument("--system", help="a system message before the conversation (default: the template's)")
     add_sampling_args(parser, max_new_tokens=64, temperature=0.0)
     parser.add_argument("--seed", type=int, default=0)

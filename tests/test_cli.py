@@ -116,7 +116,7 @@ def test_same_inputs_through_the_api_raise_typed_errors():
         load_config(os.path.join(ROOT, "configs", "demo_tiny.py"), ["max_steps=abc"])
     with pytest.raises(OSError, match="no/such/dir"):
         load_target("no/such/dir")
-    with pytest.raises(ValueError, match="expected none, threshold"):
+    with pytest.raises(ValueError, match="expected none, fixed:<g>, threshold"):
         scheduler_from_spec("bogus")
     target = load_target(TINY, dtype="float32")
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -18,6 +18,9 @@ information available before slot j's token was drawn, so speculative decoding s
   so the global search is safe.
 - `ThresholdScheduler`: verify up to the first slot whose sigmoid(c_j) is below a threshold
   (the static baseline of the paper's Figure 5).
+- `FixedScheduler`: verify the first g draft tokens of every row, whatever the confidences
+  (the fixed-gamma baselines of the paper's Figure 7; the verify pass is then as narrow as g
+  allows, unlike verifying the whole block).
 
 The SPS table counts the target's time only. When the draft's own pass is a real share of a
 round (a small target, a weak draft, a large batch), speculating can lose to plain decoding
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Sequence
 
 import jax
@@ -178,6 +182,21 @@ class ThresholdScheduler:
         return jnp.where(active, jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1), 0).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedScheduler:
+    """Verify min(gamma, G) draft tokens of every active row (no confidence head needed)."""
+
+    gamma: int
+    needs_confidence: typing.ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.gamma < 1:
+            raise ValueError(f"a fixed verify length must be >= 1, got {self.gamma}")
+
+    def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
+        return jnp.where(active, min(self.gamma, conf_logits.shape[1]), 0).astype(jnp.int32)
+
+
 def scheduler_from_table(kind: str, table: dict, temperatures=None):
     """A "prefix" or "async" scheduler over an SPS table (with its draft_seconds, if any)."""
     draft = tuple(float(x) for x in table["draft_seconds"]) if table.get("draft_seconds") else None
@@ -186,12 +205,16 @@ def scheduler_from_table(kind: str, table: dict, temperatures=None):
 
 
 def scheduler_from_spec(spec: str, temperatures=None):
-    """A scheduler from its command-line spelling: none | threshold:<t> | prefix:<sps.json> |
-    async:<sps.json> (an SPS table written by `python -m dspark_jax profile-sps`, with the draft's
+    """A scheduler from its command-line spelling: none | fixed:<g> | threshold:<t> |
+    prefix:<sps.json> | async:<sps.json> (an SPS table written by `python -m dspark_jax profile-sps`, with the draft's
     seconds per pass when it has them); None for none."""
     if spec == "none":
         return None
     kind, _, arg = spec.partition(":")
+    if kind == "fixed":
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"--scheduler {spec!r}: fixed takes a verify length >= 1 (fixed:3)")
+        return FixedScheduler(int(arg))
     if kind == "threshold":
         try:
             threshold = float(arg)
@@ -204,4 +227,5 @@ def scheduler_from_spec(spec: str, temperatures=None):
         if not isinstance(table, dict) or "sps" not in table:
             raise ValueError(f"{arg}: an SPS table needs an 'sps' list (python -m dspark_jax profile-sps writes one)")
         return scheduler_from_table(kind, table, temperatures)
-    raise ValueError(f"--scheduler {spec!r}: expected none, threshold:<t>, prefix:<sps.json> or async:<sps.json>")
+    raise ValueError(f"--scheduler {spec!r}: expected none, fixed:<g>, threshold:<t>, prefix:<sps.json> or "
+                     "async:<sps.json>")

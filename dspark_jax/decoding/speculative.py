@@ -90,7 +90,7 @@ def check_setup(target_config, draft_config, scheduler) -> None:
         raise ValueError("a scheduler needs a draft")
     if draft_config is not None:
         check_draft_fits(draft_config, target_config)
-        if scheduler is not None and not draft_config.confidence_head:
+        if scheduler is not None and getattr(scheduler, "needs_confidence", True) and not draft_config.confidence_head:
             raise ValueError(f"a scheduler needs a draft with a confidence head ({draft_config.algorithm} has none)")
 
 

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     add_sampling_args(p, max_new_tokens=2048, temperature=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--scheduler", default="none", help="none | threshold:<t> | prefix:<sps.json> | async:<sps.json>")
+    p.add_argument("--scheduler", default="none",
+                   help="none | fixed:<g> | threshold:<t> | prefix:<sps.json> | async:<sps.json>")
     p.add_argument("--sts", default="auto", help="auto (sts.json beside the draft) | none | <sts.json directory>")
     p.add_argument("--fit-sts", action="store_true", help="fit STS on half of each set, report held-out ECE")
     p.add_argument("--save-sts", action="store_true", help="with --fit-sts: write the fit (all sets) beside the draft")

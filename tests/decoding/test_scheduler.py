@@ -169,3 +169,13 @@ def test_appendix_a_early_stop_is_lossless_and_global_search_is_not():
     assert abs(biased[0] / n - 0.85) < 0.01, biased
     _, p_biased = stats.chisquare(biased, [0.7 * n, 0.3 * n])
     assert p_biased < 1e-12
+
+
+def test_fixed_scheduler_verifies_g_tokens_of_active_rows():
+    conf = jnp.asarray([[-9.0, 9.0, 9.0], [9.0, -9.0, 9.0], [9.0, 9.0, 9.0]])
+    active = jnp.asarray([True, False, True])
+    np.testing.assert_array_equal(scheduler_from_spec("fixed:2")(conf, active), [2, 0, 2])
+    np.testing.assert_array_equal(scheduler_from_spec("fixed:5")(conf, active), [3, 0, 3])  # at most G
+    for bad in ("fixed:0", "fixed:x", "fixed:"):
+        with pytest.raises(ValueError, match="fixed takes a verify length >= 1"):
+            scheduler_from_spec(bad)

@@ -14,7 +14,7 @@ from dspark_jax import Draft, Target, generate
 from dspark_jax.sampling import SamplingParams, probabilities
 from dspark_jax.decoding.batching import pad_prompts
 from dspark_jax.decoding.generate import request_keys
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, FixedScheduler, PrefixScheduler
 from dspark_jax.decoding.speculative import extend_context, flush_pending, prefill, spec_round, use_kernels
 from dspark_jax.models.config import ModelConfig, RopeConfig
 from dspark_jax.models.draft_config import draft_config_for_target
@@ -32,7 +32,7 @@ SCHEDULER = PrefixScheduler(sps=tuple(0.8 ** i for i in range(64)))
 GATED = PrefixScheduler(sps=tuple(0.95 ** i for i in range(64)),
                         draft_seconds=tuple(0.1 * (1 + 0.1 * r) for r in range(8)) + (2 / 0.95 ** 63,))
 DRAFTERS = [("dspark", None), ("dspark", SCHEDULER), ("dspark", AsyncPrefixScheduler(SCHEDULER.sps)),
-            ("dspark", GATED), ("dflash", None), ("eagle3", None)]
+            ("dspark", GATED), ("dflash", None), ("dflash", FixedScheduler(2)), ("eagle3", None)]
 
 
 def scaled(params, factor):
@@ -79,6 +79,8 @@ def test_greedy_equals_autoregressive(algorithm, scheduler, kernels):
     for tokens, verified, accepted in zip(spec.tokens, spec.verify_lengths, spec.accepted_lengths):
         assert len(verified) == len(accepted) >= 1
         assert all(0 <= a <= v <= 4 for v, a in zip(verified, accepted))
+        if isinstance(scheduler, FixedScheduler):  # every round verifies 2 (fewer only where the budget ends)
+            assert all(v == 2 for v in verified[:-1]) and 1 <= verified[-1] <= 2
         assert sum(accepted) + len(accepted) >= len(tokens) - 1  # a round commits at most accepted + 1
 
 
