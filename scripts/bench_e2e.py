@@ -14,11 +14,18 @@ T_draft one `Draft.propose`. The
 ideal leaves out what a real round adds: sampling and rejection, cache bookkeeping, the
 stop/length checks of the loop, and, at b > 1, rows that finished early but still ride along
 until the whole batch is done.
+
+`--schedulers` runs each draft once per verify-length scheduler (`none` verifies every draft
+token; `fixed:<g>`, `prefix:<sps.json>`, `async:<sps.json>` as eval.py takes them, `{batch}` in
+a path standing for the batch size, so that each batch uses the SPS table profiled at its
+concurrency), with the STS temperatures saved beside the draft: the live form of the paper's
+Figure 7 (the scheduler against every fixed gamma and AR). The ideal is given for `none` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -31,6 +38,8 @@ from dspark_jax.decoding.batching import bucket
 from dspark_jax.evaluation.evaluation import acceptance_stats, chat_ids, draft_from_spec, load_prompts, timed_generate
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.console import configure_logging
+from dspark_jax.decoding.scheduler import scheduler_from_spec
+from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                    help="generate's attention (pallas: paged caches and the kernel; the ideal's step times stay XLA's)")
+    p.add_argument("--schedulers", nargs="+", default=["none"], metavar="SPEC",
+                   help="none | fixed:<g> | prefix:<sps.json> | async:<sps.json>, {batch} in a path for the batch size")
     p.add_argument("--out", default="speed.json")
     args = p.parse_args(argv)
     drafts = dict(spec.split("=", 1) for spec in args.draft if "=" in spec)
@@ -79,19 +90,24 @@ def main(argv=None) -> None:
                               capacity=bucket(width + args.max_new_tokens))  # as generate_autoregressive
         entry = {"context": context, "autoregressive": {"tokens_per_s": ar_tokens / ar_seconds,
                                                         "step_ms": t_ar * 1e3}, "drafts": {}}
-        for name, draft in loaded.items():
-            logger.info(f"batch {b}: {name}")
-            result, seconds = timed_generate(target, draft, prompts, batch_size=b, **kwargs)
+        for (name, draft), spec in itertools.product(loaded.items(), args.schedulers):
+            label = name if spec == "none" else f"{name} {_short(spec)}"
+            logger.info(f"batch {b}: {label}")
+            scheduler = scheduler_from_spec(spec.replace("{batch}", str(b)), load_sts(drafts[name]))
+            result, seconds = timed_generate(target, draft, prompts, batch_size=b, scheduler=scheduler, **kwargs)
             gamma = draft.config.block_size
             tau = acceptance_stats(result, gamma)["tau"]
-            capacity = bucket(width + args.max_new_tokens + 2 * gamma + 2)  # as generate's speculative loop
-            t_draft = draft_seconds(draft, batch=b, context=context, capacity=capacity, sampling=sampling)
-            t_verify = verify_seconds(target, batch=b, tokens=gamma + 1, context=context, capacity=capacity)
             tokens_per_s = sum(map(len, result.tokens)) / seconds
-            speedup = tokens_per_s / entry["autoregressive"]["tokens_per_s"]
-            entry["drafts"][name] = {"tokens_per_s": tokens_per_s, "speedup": speedup, "tau": tau,
-                                     "draft_ms": t_draft * 1e3, "verify_ms": t_verify * 1e3,
-                                     "ideal_speedup": tau * t_ar / (t_draft + t_verify)}
+            row = {"tokens_per_s": tokens_per_s, "speedup": tokens_per_s / entry["autoregressive"]["tokens_per_s"],
+                   "tau": tau,
+                   "verified_per_round": float(np.mean([v for row in result.verify_lengths for v in row]))}
+            if spec == "none":
+                capacity = bucket(width + args.max_new_tokens + 2 * gamma + 2)  # as generate's speculative loop
+                t_draft = draft_seconds(draft, batch=b, context=context, capacity=capacity, sampling=sampling)
+                t_verify = verify_seconds(target, batch=b, tokens=gamma + 1, context=context, capacity=capacity)
+                row.update(draft_ms=t_draft * 1e3, verify_ms=t_verify * 1e3,
+                           ideal_speedup=tau * t_ar / (t_draft + t_verify))
+            entry["drafts"][label] = row
         report["batches"][str(b)] = entry
         with open(args.out, "w") as f:  # after each batch size, so a cut-short run keeps what it measured
             json.dump(report, f, indent=1)
@@ -99,19 +115,28 @@ def main(argv=None) -> None:
     print(f"results: {args.out}")
 
 
+def _short(spec: str) -> str:
+    """A scheduler's label: fixed:3 stays, prefix:/path/sps.json becomes prefix."""
+    kind, _, arg = spec.partition(":")
+    return spec if kind in ("fixed", "threshold") else kind
+
+
 def print_table(report) -> None:
     print(f"\n{report['target']} on {report['device']}, T={report['temperature']}, "
           f"{report['num_prompts']} prompts of {report['prompts']}, {report['max_new_tokens']} new tokens, "
           f"{report.get('kernels', 'xla')} attention")
-    print(f"{'batch':>5} {'decoder':<10} {'tok/s':>9} {'speedup':>8} {'ideal':>6} {'tau':>6} {'draft ms':>9} "
+    print(f"{'batch':>5} {'decoder':<16} {'tok/s':>9} {'speedup':>8} {'ideal':>6} {'tau':>6} {'draft ms':>9} "
           f"{'verify ms':>9} {'AR step ms':>10}")
     for b, entry in report["batches"].items():
         ar = entry["autoregressive"]
-        print(f"{b:>5} {'AR':<10} {ar['tokens_per_s']:>9.1f} {1:>8.2f} {'':>6} {'':>6} {'':>9} {'':>9} "
+        print(f"{b:>5} {'AR':<16} {ar['tokens_per_s']:>9.1f} {1:>8.2f} {'':>6} {'':>6} {'':>9} {'':>9} "
               f"{ar['step_ms']:>10.3f}")
         for name, e in entry["drafts"].items():
-            print(f"{b:>5} {name:<10} {e['tokens_per_s']:>9.1f} {e['speedup']:>8.2f} {e['ideal_speedup']:>6.2f} "
-                  f"{e['tau']:>6.2f} {e['draft_ms']:>9.3f} {e['verify_ms']:>9.3f} {ar['step_ms']:>10.3f}")
+            ideal, draft_ms, verify_ms = (f"{e['ideal_speedup']:>6.2f}", f"{e['draft_ms']:>9.3f}",
+                                          f"{e['verify_ms']:>9.3f}") if "ideal_speedup" in e else ("", "", "")
+            ideal, draft_ms, verify_ms = f"{ideal:>6}", f"{draft_ms:>9}", f"{verify_ms:>9}"
+            print(f"{b:>5} {name:<16} {e['tokens_per_s']:>9.1f} {e['speedup']:>8.2f} {ideal} {e['tau']:>6.2f} "
+                  f"{draft_ms} {verify_ms} {ar['step_ms']:>10.3f}")
 
 
 if __name__ == "__main__":

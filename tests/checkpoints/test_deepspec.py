@@ -15,7 +15,7 @@ from dspark_jax import Draft, load_draft, load_target, save_draft
 from dspark_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, save_file
 from dspark_jax.models.config import ConfigError
 from dspark_jax.models.draft import abstract_module_params
-from dspark_jax.models.draft_config import draft_config_for_target, draft_to_hf
+from dspark_jax.models.draft_config import draft_config_for_target, draft_to_hf, spread_layer_ids
 from dspark_jax.models.presets import preset
 from tests.helpers import tiny_path
 
@@ -151,3 +151,10 @@ def test_qwen3_4b_recipe_parameter_counts(algorithm):
     frozen = 2 * config.layers.vocab_size * config.layers.hidden_size  # embed_tokens + lm_head
     assert (trainable + frozen, trainable) == RECIPE_COUNTS[algorithm]
     assert shapes["fc"].shape == (12800, 2560) and shapes["fc"].dtype == jnp.bfloat16
+
+
+def test_spread_layer_ids_as_the_reference_picks_them():
+    assert spread_layer_ids(36) == (1, 9, 17, 25, 33) and spread_layer_ids(40) == (1, 10, 19, 28, 37)
+    assert spread_layer_ids(30) == (1, 7, 14, 21, 27)  # SmolLM2-135M
+    assert spread_layer_ids(8) == (1, 2, 3, 4, 5) and spread_layer_ids(7) == (0, 1, 2, 3, 4)
+    assert spread_layer_ids(3) == (0, 1, 2)  # too shallow for five: every layer
