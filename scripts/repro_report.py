@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -106,6 +107,39 @@ def fmt(values, digits: int = 3) -> str:
     return " | ".join("n/a" if v is None or v != v else f"{v:.{digits}f}" for v in values)
 
 
+def live_table(results: str, commands: dict) -> list[str]:
+    """The scheduler live (the `live` stage's bench_e2e.py runs, one per batch size): each decoder's tokens/s
+    against AR of the same run; per batch, the schedulers against the best fixed verify length."""
+    runs = sorted(((int(b), load(results, f"live_b{b}.json")) for b in
+                   (re.fullmatch(r"live_b(\d+)\.json", os.path.basename(p)).group(1)
+                    for p in glob.glob(os.path.join(results, "live_b*.json")))), key=lambda run: run[0])
+    if not runs:
+        return []
+    first = runs[0][1]
+    lines = ["", "## The scheduler live", "",
+             f"`generate` at each batch size on mt-bench prompts ({first['max_new_tokens']} new tokens, T = "
+             f"{first['temperature']}, {first['device']}): DSpark verifying its whole block, a fixed number of draft "
+             "tokens, and Algorithm 1 (prefix) and its asynchronous form over the SPS table of that concurrency, "
+             "each against autoregressive decoding in the same run. Commands: "
+             + "; ".join(f"`{commands[f'live_b{b}']}`" for b, _ in runs) + ".", "",
+             "| batch | decoder | tokens/s | vs AR | tau | verified per round |", "|---|---|---|---|---|---|"]
+    summary = ["", "| batch | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
+               "prefix / AR |", "|---|---|---|---|---|---|"]
+    for b, run in runs:
+        entry = run["batches"][str(b)]
+        ar, drafts = entry["autoregressive"]["tokens_per_s"], entry["drafts"]
+        lines.append(f"| {b} | AR | {ar:.1f} | 1.00 | | |")
+        for name, d in drafts.items():
+            lines.append(f"| {b} | {name} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
+                         f"{d['verified_per_round']:.2f} |")
+        fixed = {name: d["tokens_per_s"] for name, d in drafts.items() if " fixed:" in name or " " not in name}
+        best = max(fixed, key=fixed.get)
+        ratio = lambda kind: drafts[f"dspark {kind}"]["tokens_per_s"] / fixed[best]
+        summary.append(f"| {b} | {ar:.1f} | {best} ({fixed[best]:.1f}) | {ratio('prefix'):.3f} | "
+                       f"{ratio('async'):.3f} | {drafts['dspark prefix']['tokens_per_s'] / ar:.3f} |")
+    return lines + summary
+
+
 def write_report(results: str, docs: str) -> str:
     out_dir = os.path.join(docs, "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -123,7 +157,8 @@ def write_report(results: str, docs: str) -> str:
                  *[f"eval_{a}_T{t}.json" for a in ALGORITHMS for t in TEMPERATURES],
                  *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
                  *[f"train_{a}_config.json" for a in ALGORITHMS],
-                 *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))]]:
+                 *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
+                 *[os.path.basename(p) for p in glob.glob(os.path.join(results, "live_b*.json"))]]:
         shutil.copy(os.path.join(results, name), out_dir)
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
@@ -240,6 +275,7 @@ def write_report(results: str, docs: str) -> str:
         lines.append(f"| {r['concurrency']} | {r['no_speculation']:.1f} | {r['best_fixed']:.1f} "
                      f"(L={r['best_fixed_length']}) | {r['prefix']:.1f} | {r['async']:.1f} | "
                      f"{r['prefix'] / r['best_fixed']:.3f} |")
+    lines += live_table(results, commands)
     path = os.path.join(docs, "results.md")
     analysis = ""  # the hand-written part of an earlier page survives a rewrite
     if os.path.exists(path):

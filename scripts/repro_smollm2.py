@@ -26,6 +26,9 @@ report uses, logs/ the output of every command, results/commands.json the comman
               drafter, each with its own AR baseline)
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
               simulated on DSpark's trace against each
+  live        the scheduler live (scripts/bench_e2e.py --schedulers) at batch 1, 8, 32 and 64:
+              DSpark verifying its whole block, a fixed 1..G draft tokens, and the prefix and
+              async schedulers over the SPS table of the batch size, against AR in the same run
 
 `--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some
 drafters (DSpark's STS and scheduler stages run with DSpark), so that the study can run one
@@ -55,7 +58,7 @@ import time
 from dspark_jax.console import HelpFormatter, run_cli
 
 ALGORITHMS = ("dspark", "dflash", "eagle3")
-STAGES = ("split", "regenerate", "train", "sts", "evaluate", "speed", "schedule")  # Pipeline methods, in order
+STAGES = ("split", "regenerate", "train", "sts", "evaluate", "speed", "schedule", "live")  # Pipeline methods, in order
 TRAIN_SETS = ("gsm8k_train", "lbpp", "swe-bench", "aime24")
 # Prompt records longer than this (about 1,000 tokens) are left out: SmolLM2's context is 8,192
 # tokens, and a few swe-bench issues come close to it.
@@ -63,7 +66,7 @@ MAX_PROMPT_CHARS = 4000
 # Results of the stages after training a drafter (globs under results/): its evaluations and speed, and for
 # DSpark the STS fit, the calibration, the trace and the scheduler simulation too.
 STALE_AFTER_TRAINING = ("eval_{algorithm}_T*.json", "speed_{algorithm}.json")
-STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration")
+STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live_b*.json")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -82,6 +85,7 @@ class Scale:
     speed_batches: tuple[int, ...]
     speed_new_tokens: int
     concurrency: tuple[int, ...]
+    live_batches: tuple[int, ...]  # a subset of concurrency (their SPS tables)
     sps_context: int
     dtype: str
 
@@ -97,13 +101,15 @@ SCALES = {
                   datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
-                  concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), sps_context=1024, dtype="bfloat16"),
+                  concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), live_batches=(1, 8, 32, 64), sps_context=1024,
+                  dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
                           "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1",
                           "export_frozen=false"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
-                   speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), sps_context=64, dtype="float32"),
+                   speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), live_batches=(1, 2), sps_context=64,
+                   dtype="float32"),
 }
 
 
@@ -330,6 +336,22 @@ class Pipeline:
                 for r in s.concurrency]
         with open(out, "w") as f:
             json.dump({"rounds": len(trace.accepted), "sts_temperatures": temperatures, "rows": rows}, f, indent=1)
+
+    def live(self) -> None:
+        if "dspark" not in self.algorithms:
+            return
+        s = self.scale
+        with open(os.path.join(self.results, "train_dspark_config.json")) as f:
+            gamma = json.load(f)["block_size"]
+        for b in s.live_batches:  # one run per batch size, with prompts for two batches (at most 64)
+            out = os.path.join(self.results, f"live_b{b}.json")
+            sps = os.path.join(self.results, f"sps_r{b}.json")
+            self.once(f"live_b{b}", out, [
+                "scripts/bench_e2e.py", *self.target_args(), "--draft", f"dspark={self.draft_dir('dspark')}",
+                "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--num-prompts",
+                str(min(64, max(8, 2 * b))), "--batch-sizes", str(b), "--max-new-tokens", str(s.speed_new_tokens),
+                "--dtype", s.dtype, "--schedulers", "none", *[f"fixed:{g}" for g in range(1, gamma + 1)],
+                f"prefix:{sps}", f"async:{sps}", "--out", out], draft="dspark")
 
     def run(self) -> None:
         for name in STAGES:

@@ -61,8 +61,8 @@ def _write_results(results):
     (results / "calibration" / "gsm8k_reliability.png").write_bytes(b"png")
     w = lambda name, obj: (results / name).write_text(json.dumps(obj))
     commands = {f"eval_dspark_T{t}": f"eval {t}" for t in repro_report.TEMPERATURES}
-    w("commands.json", {**commands, "sts": "eval sts", "profile_sps": "profile",
-                        **{f"speed_{a}": f"bench {a}" for a in repro_report.ALGORITHMS}})
+    commands.update({"sts": "eval sts", "profile_sps": "profile",
+                     **{f"speed_{a}": f"bench {a}" for a in repro_report.ALGORITHMS}})
     w("split.json", {"sets": ["gsm8k_train"], "train_prompts": 90, "heldout_prompts": 10})
     cal = {"rounds": 5, "ece": [0.2] * GAMMA, "ece_sts": [0.1] * GAMMA}
     taus = {"dspark": (3.0, 6.0), "dflash": (2.5, 4.0), "eagle3": (2.0, 3.0)}  # per dataset: gsm8k, mbpp
@@ -86,8 +86,16 @@ def _write_results(results):
                   "drafts": {a: {"tokens_per_s": drafted, "speedup": drafted / ar, "ideal_speedup": 3.0, "tau": 4.5,
                                  "draft_ms": 1.0, "verify_ms": 2.0}}}}})
     w("sps_r1.json", {"device": "SPS GPU", "sps": [1.0]})
+    live = {"dspark": 150.0, "dspark fixed:1": 130.0, "dspark fixed:2": 160.0, "dspark prefix": 176.0,
+            "dspark async": 168.0}
+    w("live_b1.json", {"device": "Test GPU", "max_new_tokens": 8, "temperature": 1.0, "batches": {"1": {
+        "autoregressive": {"tokens_per_s": 80.0, "step_ms": 2.0},
+        "drafts": {name: {"tokens_per_s": t, "speedup": t / 80.0, "tau": 2.5, "verified_per_round": 2.0}
+                   for name, t in live.items()}}}})
+    commands["live_b1"] = "bench live 1"
     w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
                                                    "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
+    w("commands.json", commands)
 
 
 def test_report_tables_hold_the_results(tmp_path):
@@ -105,6 +113,8 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
     assert "devices: Other GPU, Test GPU" in page and "SPS tables measured on the SPS GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
+    assert "| 1 | dspark fixed:2 | 160.0 | 2.00 | 2.50 | 2.00 |" in page and "`bench live 1`" in page
+    assert "| 1 | 80.0 | dspark fixed:2 (160.0) | 1.100 | 1.050 | 2.200 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
         assert (docs / "results" / name).exists()
@@ -241,3 +251,25 @@ def test_a_signal_to_the_pipeline_reaches_its_command_once(tmp_path):
         pipeline.command("probe", ["-c", child])
     assert (tmp_path / "work" / "logs" / "probe.log").read_text() == "caught\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_live_runs_every_fixed_length_and_both_schedulers_per_batch(tmp_path):
+    args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
+                           algorithms=["dspark"])
+    pipeline = repro_smollm2.Pipeline(args)
+    os.makedirs(pipeline.draft_dir("dspark"))
+    (tmp_path / "work" / "results" / "train_dspark_config.json").write_text('{"block_size": 3}')
+    ran = {}
+
+    def fake(name, argv, record=None):
+        ran[name] = argv
+        open(argv[argv.index("--out") + 1], "w").close()
+
+    pipeline.command = fake
+    pipeline.live()
+    assert sorted(ran) == ["live_b1", "live_b2"]
+    argv = ran["live_b2"]
+    schedulers = argv[argv.index("--schedulers") + 1: argv.index("--out")]
+    sps = str(tmp_path / "work" / "results" / "sps_r2.json")
+    assert schedulers == ["none", "fixed:1", "fixed:2", "fixed:3", f"prefix:{sps}", f"async:{sps}"]
+    assert argv[argv.index("--batch-sizes") + 1] == "2"
