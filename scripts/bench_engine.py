@@ -5,7 +5,8 @@
     python scripts/bench_engine.py --target qwen3-4b --draft random:dspark --concurrency 1 4 16 64 256
     python scripts/bench_engine.py --target qwen3-8b --modes ar sched --tensor-parallel 2 --static-batch 0
 
-For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; sched: the draft
+For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; fixed:<g>: the
+draft verifying its first g tokens, through the narrower verify pass; sched: the draft
 with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
 with the draft's seconds per pass, so that it also skips drafting where drafting does not pay;
 sched-always: the same scheduler without the draft's cost, drafting every round) and each
@@ -29,6 +30,7 @@ import argparse
 import itertools
 import json
 import logging
+import re
 import time
 
 import numpy as np
@@ -37,7 +39,7 @@ from benchlib import requests_per_level
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
-from dspark_jax.decoding.scheduler import PrefixScheduler
+from dspark_jax.decoding.scheduler import PrefixScheduler, scheduler_from_spec
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
 from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
@@ -99,6 +101,12 @@ def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def mode_name(text: str) -> str:
+    if text in ("ar", "fixed", "sched", "sched-always") or re.fullmatch(r"fixed:[1-9]\d*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected ar, fixed, fixed:<g> (g >= 1), sched or sched-always")
+
+
 def main(argv=None) -> None:
     configure_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +117,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16))")
-    p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"],
-                   choices=["ar", "fixed", "sched", "sched-always"])
+    p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], type=mode_name,
+                   help="ar, fixed, fixed:<g>, sched, sched-always")
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
                    help="async: plan each step while the previous one runs; sync: one step at a time")
     p.add_argument("--scheduler-steps", type=int, nargs="+", default=[1],
@@ -174,7 +182,7 @@ def main(argv=None) -> None:
     for kernels, mode, scheduling, rounds in itertools.product(args.kernels, args.modes, args.scheduling,
                                                                args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,
-                        scheduler=schedulers.get(mode),
+                        scheduler=scheduler_from_spec(mode) if mode.startswith("fixed:") else schedulers.get(mode),
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
@@ -191,6 +199,8 @@ def main(argv=None) -> None:
             row["compile_stalls"] = after.compile_stalls - before.compile_stalls
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
+            row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
+                                                                    before.verify_length_histogram)]
             results["rows"].append(row)
             log.info("%s", json.dumps(row))
             with open(args.out, "w") as f:

@@ -51,3 +51,17 @@ def test_bench_scaling_reports_each_mesh(tmp_path, capsys):
 def test_bench_scaling_names_too_many_devices():
     with pytest.raises(SystemExit, match="--devices asks for 16 devices"):
         bench_scaling.main(["--devices", "16"])
+
+
+def test_bench_engine_fixed_verify_lengths(tmp_path):
+    """A fixed:<g> mode runs the draft verifying g tokens in every drafted round."""
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--target", TINY, "--draft", "random:dspark", "--modes", "fixed:1", "--concurrency", "2",
+                       "--max-tokens", "8", "--prompt-len", "16", "--static-batch", "0", "--kv-memory", "10000000",
+                       "--dtype", "float32", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["mode"] == "fixed:1" and row["tokens"] == 16 * 8 and 1.0 <= row["tokens_per_round"] <= 2.0
+    histogram = row["verify_length_histogram"]  # drafted rounds by draft tokens verified, 0..gamma
+    assert len(histogram) == 8 and histogram[1] > 0 and sum(histogram) == histogram[1]
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--target", TINY, "--modes", "fixed:0"])
