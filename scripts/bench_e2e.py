@@ -72,6 +72,12 @@ def main(argv=None) -> None:
     target = load_target(args.target or smollm2_gguf(), dtype=args.dtype)
     if target.tokenizer is None:
         sys.exit("the target has no tokenizer to render prompts with")
+    labels = [_short(spec) for spec in args.schedulers]
+    if len(set(labels)) != len(labels):
+        p.error(f"--schedulers {' '.join(args.schedulers)}: two of them would share a row ({', '.join(labels)})")
+    for spec in args.schedulers:  # a bad spec or a missing table stops the run before it measures anything
+        for b in args.batch_sizes:
+            scheduler_from_spec(spec.replace("{batch}", str(b)))
     prompts = chat_ids(target.tokenizer, load_prompts(args.prompts, args.num_prompts))
     loaded = {name: draft_from_spec(spec, target, args.dtype) for name, spec in drafts.items()}
     sampling = SamplingParams(args.temperature)
@@ -91,7 +97,7 @@ def main(argv=None) -> None:
         entry = {"context": context, "autoregressive": {"tokens_per_s": ar_tokens / ar_seconds,
                                                         "step_ms": t_ar * 1e3}, "drafts": {}}
         for (name, draft), spec in itertools.product(loaded.items(), args.schedulers):
-            label = name if spec == "none" else f"{name} {_short(spec)}"
+            label = name if spec == "none" else f"{name} {_short(spec)}"  # the spec's draft, say "dspark fixed:3"
             logger.info(f"batch {b}: {label}")
             scheduler = scheduler_from_spec(spec.replace("{batch}", str(b)), load_sts(drafts[name]))
             result, seconds = timed_generate(target, draft, prompts, batch_size=b, scheduler=scheduler, **kwargs)
@@ -100,7 +106,7 @@ def main(argv=None) -> None:
             tokens_per_s = sum(map(len, result.tokens)) / seconds
             row = {"tokens_per_s": tokens_per_s, "speedup": tokens_per_s / entry["autoregressive"]["tokens_per_s"],
                    "tau": tau,
-                   "verified_per_round": float(np.mean([v for row in result.verify_lengths for v in row]))}
+                   "verified_per_round": float(np.mean([v for row in result.verify_lengths for v in row] or [0]))}
             if spec == "none":
                 capacity = bucket(width + args.max_new_tokens + 2 * gamma + 2)  # as generate's speculative loop
                 t_draft = draft_seconds(draft, batch=b, context=context, capacity=capacity, sampling=sampling)
@@ -117,7 +123,7 @@ def main(argv=None) -> None:
 
 def _short(spec: str) -> str:
     """A scheduler's label: fixed:3 stays, prefix:/path/sps.json becomes prefix."""
-    kind, _, arg = spec.partition(":")
+    kind = spec.partition(":")[0]
     return spec if kind in ("fixed", "threshold") else kind
 
 
@@ -132,8 +138,8 @@ def print_table(report) -> None:
         print(f"{b:>5} {'AR':<16} {ar['tokens_per_s']:>9.1f} {1:>8.2f} {'':>6} {'':>6} {'':>9} {'':>9} "
               f"{ar['step_ms']:>10.3f}")
         for name, e in entry["drafts"].items():
-            ideal, draft_ms, verify_ms = (f"{e['ideal_speedup']:>6.2f}", f"{e['draft_ms']:>9.3f}",
-                                          f"{e['verify_ms']:>9.3f}") if "ideal_speedup" in e else ("", "", "")
+            ideal, draft_ms, verify_ms = (f"{e['ideal_speedup']:.2f}", f"{e['draft_ms']:.3f}",
+                                          f"{e['verify_ms']:.3f}") if "ideal_speedup" in e else ("", "", "")
             ideal, draft_ms, verify_ms = f"{ideal:>6}", f"{draft_ms:>9}", f"{verify_ms:>9}"
             print(f"{b:>5} {name:<16} {e['tokens_per_s']:>9.1f} {e['speedup']:>8.2f} {ideal} {e['tau']:>6.2f} "
                   f"{draft_ms} {verify_ms} {ar['step_ms']:>10.3f}")

@@ -110,9 +110,8 @@ def fmt(values, digits: int = 3) -> str:
 def live_table(results: str, commands: dict) -> list[str]:
     """The scheduler live (the `live` stage's bench_e2e.py runs, one per batch size): each decoder's tokens/s
     against AR of the same run; per batch, the schedulers against the best fixed verify length."""
-    runs = sorted(((int(b), load(results, f"live_b{b}.json")) for b in
-                   (re.fullmatch(r"live_b(\d+)\.json", os.path.basename(p)).group(1)
-                    for p in glob.glob(os.path.join(results, "live_b*.json")))), key=lambda run: run[0])
+    names = (re.fullmatch(r"live_b(\d+)\.json", os.path.basename(p)) for p in glob.glob(os.path.join(results, "*")))
+    runs = sorted((int(m.group(1)), load(results, m.group(0))) for m in names if m)
     if not runs:
         return []
     first = runs[0][1]
@@ -130,9 +129,11 @@ def live_table(results: str, commands: dict) -> list[str]:
         ar, drafts = entry["autoregressive"]["tokens_per_s"], entry["drafts"]
         lines.append(f"| {b} | AR | {ar:.1f} | 1.00 | | |")
         for name, d in drafts.items():
-            lines.append(f"| {b} | {name} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
+            shown = "dspark, whole block" if name == "dspark" else name
+            lines.append(f"| {b} | {shown} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
                          f"{d['verified_per_round']:.2f} |")
-        fixed = {name: d["tokens_per_s"] for name, d in drafts.items() if " fixed:" in name or " " not in name}
+        fixed = {name: d["tokens_per_s"] for name, d in drafts.items()
+                 if name == "dspark" or name.startswith("dspark fixed:")}  # every fixed verify length
         best = max(fixed, key=fixed.get)
         ratio = lambda kind: drafts[f"dspark {kind}"]["tokens_per_s"] / fixed[best]
         summary.append(f"| {b} | {ar:.1f} | {best} ({fixed[best]:.1f}) | {ratio('prefix'):.3f} | "

@@ -27,7 +27,7 @@ report uses, logs/ the output of every command, results/commands.json the comman
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
               simulated on DSpark's trace against each
   live        the scheduler live (scripts/bench_e2e.py --schedulers) at batch 1, 8, 32 and 64:
-              DSpark verifying its whole block, a fixed 1..G draft tokens, and the prefix and
+              DSpark verifying its whole block (G tokens), a fixed 1..G-1, and the prefix and
               async schedulers over the SPS table of the batch size, against AR in the same run
 
 `--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some
@@ -157,9 +157,11 @@ class Pipeline:
 
     def command(self, name: str, argv: list[str], record: list[str] | None = None) -> None:
         """Runs argv (python prepended) from the repository root, output to logs/<name>.log;
-        a failure stops the pipeline with the log's tail, and so does a SIGTERM or SIGINT, passed
-        on to the command first (train.py then checkpoints, and the next `run` resumes). `record` (default argv) is the
-        command results/commands.json keeps for the report."""
+        a failure stops the pipeline with the log's tail. `record` (default argv) is the command
+        results/commands.json keeps for the report. A SIGTERM, SIGINT or SIGHUP stops the pipeline
+        after the command, which gets one SIGTERM or SIGINT for them all: it runs in a session of
+        its own, out of reach of signals to the pipeline's process group, and train.py can
+        checkpoint before it stops, so the next `run` resumes."""
         self.commands[name] = self.shown(argv if record is None else record)
         with open(self.commands_path + ".tmp", "w") as f:
             json.dump(self.commands, f, indent=1)
@@ -169,18 +171,29 @@ class Pipeline:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(argv)}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": self.path("jax_cache")}  # shared by the stages
-        with open(log_path, "a") as log:
-            # In a session of its own, the command gets a SIGTERM or SIGINT sent to the pipeline's process group
-            # once, from the handler below, and train.py can checkpoint before it stops.
-            child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-            previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
-                        for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                code = child.wait()
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+        stop = {"signal": 0, "child": None, "sent": False}
+
+        def forward():
+            if stop["signal"] and stop["child"] is not None and not stop["sent"]:
+                stop["sent"] = True
+                stop["child"].send_signal(signal.SIGINT if stop["signal"] == signal.SIGINT else signal.SIGTERM)
+
+        def caught(signum, frame):
+            stop["signal"] = stop["signal"] or signum
+            forward()
+
+        previous = {s: signal.signal(s, caught) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            with open(log_path, "a") as log:
+                stop["child"] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+                forward()  # a signal that came before the command existed
+                code = stop["child"].wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if stop["signal"]:
+            sys.exit(f"{name} stopped by {signal.Signals(stop['signal']).name} (exit {code}); `run` again to go on")
         if code:
             with open(log_path) as f:
                 tail = f.read()[-3000:]
@@ -343,14 +356,14 @@ class Pipeline:
         s = self.scale
         with open(os.path.join(self.results, "train_dspark_config.json")) as f:
             gamma = json.load(f)["block_size"]
-        for b in s.live_batches:  # one run per batch size, with prompts for two batches (at most 64)
+        for b in s.live_batches:  # one run per batch size, over 8 to 64 prompts (two batches where that fits)
             out = os.path.join(self.results, f"live_b{b}.json")
             sps = os.path.join(self.results, f"sps_r{b}.json")
             self.once(f"live_b{b}", out, [
                 "scripts/bench_e2e.py", *self.target_args(), "--draft", f"dspark={self.draft_dir('dspark')}",
                 "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--num-prompts",
                 str(min(64, max(8, 2 * b))), "--batch-sizes", str(b), "--max-new-tokens", str(s.speed_new_tokens),
-                "--dtype", s.dtype, "--schedulers", "none", *[f"fixed:{g}" for g in range(1, gamma + 1)],
+                "--dtype", s.dtype, "--schedulers", "none", *[f"fixed:{g}" for g in range(1, gamma)],
                 f"prefix:{sps}", f"async:{sps}", "--out", out], draft="dspark")
 
     def run(self) -> None:

@@ -19,8 +19,8 @@ information available before slot j's token was drawn, so speculative decoding s
 - `ThresholdScheduler`: verify up to the first slot whose sigmoid(c_j) is below a threshold
   (the static baseline of the paper's Figure 5).
 - `FixedScheduler`: verify the first g draft tokens of every row, whatever the confidences
-  (the fixed-gamma baselines of the paper's Figure 7; the verify pass is then as narrow as g
-  allows, unlike verifying the whole block).
+  (the fixed-gamma baselines of the paper's Figure 7; the verify pass is then g + 1 tokens wide,
+  not the whole block's).
 
 The SPS table counts the target's time only. When the draft's own pass is a real share of a
 round (a small target, a weak draft, a large batch), speculating can lose to plain decoding

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify, verify_logits
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, FixedScheduler, speculation_pays
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
@@ -245,9 +245,12 @@ def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengt
 
 def _verify_widths(gamma: int, scheduler) -> list[int]:
     """Verify-pass widths: with a scheduler, the smallest power of two (or G + 1) that holds
-    every row's 1 + L tokens, so shorter verification is also cheaper."""
+    every row's 1 + L tokens, so shorter verification is also cheaper; a fixed verify length g,
+    exactly g + 1."""
     if scheduler is None:
         return [gamma + 1]
+    if isinstance(scheduler, FixedScheduler):
+        return [min(scheduler.gamma, gamma) + 1]
     return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
 
 

@@ -335,35 +335,42 @@ def write_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) ->
 
 
 class StopSignals:
-    """Catches SIGTERM and SIGINT while the loop runs (in the main thread; elsewhere it catches
-    nothing), so that the loop can checkpoint and stop between updates; a second signal acts at
-    once, as if none were caught. `requested()` gives every process the same answer (the signal's
-    number, 0 for none), so all of them stop after the same update."""
+    """Catches SIGTERM and SIGINT while the loop runs (in the main thread, and not where they
+    are ignored), so that the loop can checkpoint and stop between updates. A repeated SIGTERM
+    changes nothing (a job manager may send one to each process of a job and another through
+    a parent); a second Ctrl-C stops at once. `requested(step)` gives every process the same
+    answer (the signal's number, 0 for none), so all of them stop after the same update; over
+    several processes they compare flags every `every` steps (a collective that waits for the
+    step), on one process at every step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.received, self.previous = 0, {}
+    def __init__(self, every: int = 1):
+        self.received, self.previous, self.every = 0, {}, every
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, self._catch)
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set from C
         self.previous = {}
 
     def _catch(self, signum, frame):
-        if self.received:
+        if self.received and signum == signal.SIGINT:
             self.__exit__()
             signal.raise_signal(signum)
-        self.received = signum
+        self.received = self.received or signum
 
-    def requested(self) -> int:
+    def requested(self, step: int) -> int:
         if jax.process_count() == 1:
             return self.received
+        if step % self.every:
+            return 0
         return int(multihost_utils.process_allgather(np.int32(self.received)).max())
 
 
@@ -402,13 +409,13 @@ def train(config: TrainConfig, *, devices=None) -> Run:
         heldout_row(0)  # the curve's starting point: the untrained draft
     window, clock = None, time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
-    with StopSignals() as signals:
+    with StopSignals(every=config.log_every) as signals:
         for step in range(start, run.total_steps):
             metrics = _update(run, step)
             window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
             done = step + 1
             last = done == run.total_steps
-            stop = 0 if last else signals.requested()
+            stop = 0 if last else signals.requested(done)
             if done % config.log_every == 0 or last or stop:
                 window = jax.device_get(window)
                 row = {"step": done, **_summarise({k: v for k, v in window.items() if k != "loss_tokens"})}

@@ -87,12 +87,19 @@ def _write_results(results):
                                  "draft_ms": 1.0, "verify_ms": 2.0}}}}})
     w("sps_r1.json", {"device": "SPS GPU", "sps": [1.0]})
     live = {"dspark": 150.0, "dspark fixed:1": 130.0, "dspark fixed:2": 160.0, "dspark prefix": 176.0,
-            "dspark async": 168.0}
+            "dspark async": 168.0}  # and at batch 2, the whole block is the best fixed length
     w("live_b1.json", {"device": "Test GPU", "max_new_tokens": 8, "temperature": 1.0, "batches": {"1": {
         "autoregressive": {"tokens_per_s": 80.0, "step_ms": 2.0},
         "drafts": {name: {"tokens_per_s": t, "speedup": t / 80.0, "tau": 2.5, "verified_per_round": 2.0}
                    for name, t in live.items()}}}})
     commands["live_b1"] = "bench live 1"
+    live2 = {**live, "dspark": 200.0}
+    w("live_b2.json", {"device": "Test GPU", "max_new_tokens": 8, "temperature": 1.0, "batches": {"2": {
+        "autoregressive": {"tokens_per_s": 100.0, "step_ms": 2.0},
+        "drafts": {name: {"tokens_per_s": t, "speedup": t / 100.0, "tau": 2.5, "verified_per_round": 2.0}
+                   for name, t in live2.items()}}}})
+    w("live_b2_old.json", {})  # not a result file: left alone
+    commands["live_b2"] = "bench live 2"
     w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
                                                    "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
     w("commands.json", commands)
@@ -115,6 +122,8 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
     assert "| 1 | dspark fixed:2 | 160.0 | 2.00 | 2.50 | 2.00 |" in page and "`bench live 1`" in page
     assert "| 1 | 80.0 | dspark fixed:2 (160.0) | 1.100 | 1.050 | 2.200 |" in page
+    assert "| 2 | 100.0 | dspark (200.0) | 0.880 | 0.840 | 1.760 |" in page
+    assert "| 2 | dspark, whole block | 200.0 | 2.00 | 2.50 | 2.00 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
         assert (docs / "results" / name).exists()
@@ -228,26 +237,28 @@ def test_stages_run_only_the_ones_named_in_the_pipelines_order(tmp_path, capsys)
 
 
 def test_a_signal_to_the_pipeline_reaches_its_command_once(tmp_path):
-    """SIGTERM to the pipeline's process is passed on to the running command (in a session of its
-    own, so a signal to the whole process group reaches it once) and the pipeline stops with the
-    command's exit status."""
+    """Two SIGTERMs to the pipeline's process reach the running command as one (it runs in a
+    session of its own, so a signal to the whole process group does not reach it directly), and
+    the pipeline stops even though the command then exits cleanly."""
     args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
                            algorithms=["dspark"])
     pipeline = repro_smollm2.Pipeline(args)
     ready = tmp_path / "ready"
-    child = ("import signal, sys, time\n"
-             "signal.signal(signal.SIGTERM, lambda *a: (print('caught'), sys.exit(7)))\n"
+    child = ("import os, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: print('caught', flush=True))\n"
+             "assert os.getsid(0) == os.getpid()\n"
              f"open({str(ready)!r}, 'w').close()\n"
-             "time.sleep(60)")
+             "time.sleep(2)")
 
     def signal_when_ready():
         while not ready.exists():
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=signal_when_ready, daemon=True).start()
-    with pytest.raises(SystemExit, match="probe failed \\(exit 7\\)"):
+    with pytest.raises(SystemExit, match=r"probe stopped by SIGTERM \(exit 0\)"):
         pipeline.command("probe", ["-c", child])
     assert (tmp_path / "work" / "logs" / "probe.log").read_text() == "caught\n"
     assert signal.getsignal(signal.SIGTERM) is before
@@ -271,5 +282,5 @@ def test_live_runs_every_fixed_length_and_both_schedulers_per_batch(tmp_path):
     argv = ran["live_b2"]
     schedulers = argv[argv.index("--schedulers") + 1: argv.index("--out")]
     sps = str(tmp_path / "work" / "results" / "sps_r2.json")
-    assert schedulers == ["none", "fixed:1", "fixed:2", "fixed:3", f"prefix:{sps}", f"async:{sps}"]
+    assert schedulers == ["none", "fixed:1", "fixed:2", f"prefix:{sps}", f"async:{sps}"]  # none verifies all 3
     assert argv[argv.index("--batch-sizes") + 1] == "2"
