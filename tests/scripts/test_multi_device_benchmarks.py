@@ -53,6 +53,7 @@ def test_bench_scaling_names_too_many_devices():
         bench_scaling.main(["--devices", "16"])
 
 
+@pytest.mark.slow  # CI runs the fixed verify length through generate (test_speculative), the same round program
 def test_bench_engine_fixed_verify_lengths(tmp_path):
     """A fixed:<g> mode runs the draft verifying g tokens in every drafted round."""
     out = tmp_path / "engine.json"
