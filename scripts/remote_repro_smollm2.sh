@@ -7,9 +7,10 @@
 #   job 1, sending .repro/a:                  bash scripts/remote_repro_smollm2.sh receive
 #   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR [ARGS]
 #
-# ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4, or --algorithms dspark for
-# one drafter). `run` stops the pipeline after STAGE_SECONDS (default 560), so a job ends
-# inside a 10-minute limit, and the next `run` continues where it stopped (it prints "every
+# ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4, --algorithms dspark for
+# one drafter, --stages train sts for some stages). `run` stops the pipeline after
+# STAGE_SECONDS (default 560; training checkpoints as it stops), so a job ends inside a
+# 10-minute limit, and the next `run` continues where it stopped (it prints "every
 # stage done" at the end). Each `run` packs the results, the logs, the regenerated data and
 # the finished drafters' DONE markers into RESULTS_DIR/results.tgz; unpack that into
 # runs/repro_smollm2 here and write the page with `python scripts/repro_smollm2.py report`. A
