@@ -152,7 +152,8 @@ def _fetch(args) -> None:
 def _profile_sps(args) -> None:
     from dspark_jax.checkpoints.smollm2 import smollm2_gguf
     from dspark_jax.checkpoints.target import load_target
-    from dspark_jax.evaluation.sps import profile_sps, save_table
+    from dspark_jax.evaluation.evaluation import draft_from_spec
+    from dspark_jax.evaluation.sps import profile_draft_seconds, profile_sps, save_table
     from dspark_jax.models.presets import HF_CONFIGS, preset
     from dspark_jax.models.target import Target
 
@@ -160,8 +161,11 @@ def _profile_sps(args) -> None:
         target = Target.random(preset(args.model), dtype=args.dtype)  # weights do not change step time
     else:
         target = load_target(args.model or smollm2_gguf(), dtype=args.dtype)
+    draft = draft_from_spec(args.draft, target, args.dtype) if args.draft else None
     for r in args.concurrency:
         table = profile_sps(target, concurrency=r, context=args.context, gamma=args.gamma)
+        if draft is not None:  # rows 1..r: lets a scheduler skip drafting where it does not pay
+            table["draft_seconds"] = profile_draft_seconds(draft, [r], args.context)
         path = args.out.format(concurrency=r)
         save_table(table, path)
         print(f"concurrency {r}: steps/s at B tokens {table['measured']} -> {path}")
@@ -228,6 +232,8 @@ def main(argv=None) -> int:
     prof.add_argument("--context", type=int, default=1024)
     prof.add_argument("--gamma", type=int, default=7)
     prof.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    prof.add_argument("--draft", help="a draft directory (or random:<algorithm>): its seconds per pass go in each "
+                                      "table too, for schedulers that skip drafting where it does not pay")
     prof.add_argument("--out", default="sps_r{concurrency}.json", help="path pattern, {concurrency} filled in")
     prof.set_defaults(func=_profile_sps)
     sim = add("simulate", help="scheduler throughput from a trace and SPS tables")

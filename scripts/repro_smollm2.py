@@ -24,8 +24,8 @@ report uses, logs/ the output of every command, results/commands.json the comman
               diagrams and the trace for the scheduler simulation
   speed       scripts/bench_e2e.py: AR against each drafter at batch 1 and 32 (one run per
               drafter, each with its own AR baseline)
-  schedule    SPS tables of this device for SmolLM2 at concurrency 1..256, and the scheduler
-              simulated on DSpark's trace against each
+  schedule    SPS tables of this device for SmolLM2 at concurrency 1..256 (with DSpark's seconds
+              per pass), and the scheduler simulated on DSpark's trace against each
   live        the scheduler live (scripts/bench_e2e.py --schedulers) at batch 1, 8, 32 and 64:
               DSpark verifying its whole block (G tokens), a fixed 1..G-1, and the prefix and
               async schedulers over the SPS table of the batch size, against AR in the same run
@@ -66,7 +66,8 @@ MAX_PROMPT_CHARS = 4000
 # Results of the stages after training a drafter (globs under results/): its evaluations and speed, and for
 # DSpark the STS fit, the calibration, the trace and the scheduler simulation too.
 STALE_AFTER_TRAINING = ("eval_{algorithm}_T*.json", "speed_{algorithm}.json")
-STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live_b*.json")
+STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live_b*.json",
+                      "sps_r*.json")  # the SPS tables hold the draft's seconds per pass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -334,8 +335,9 @@ class Pipeline:
         model = ["--model", self.target] if self.target else []
 
         def profile(concurrency) -> list[str]:
-            return ["-m", "dspark_jax", "profile-sps", *model, "--concurrency", *map(str, concurrency),
-                    "--context", str(s.sps_context), "--gamma", "7", "--dtype", s.dtype, "--out", pattern]
+            return ["-m", "dspark_jax", "profile-sps", *model, "--draft", self.draft_dir("dspark"), "--concurrency",
+                    *map(str, concurrency), "--context", str(s.sps_context), "--gamma", "7", "--dtype", s.dtype,
+                    "--out", pattern]
 
         if missing:  # the report cites the command for every table
             self.command("profile_sps", profile(missing), record=profile(s.concurrency))

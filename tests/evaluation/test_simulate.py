@@ -49,3 +49,21 @@ def test_profile_sps_on_a_tiny_target():
     table = profile_sps(tiny_target(), concurrency=2, context=16, gamma=3, steps=2, reps=2)
     assert sorted(map(int, table["measured"])) == [2, 4, 6, 8]
     assert len(table["sps"]) == 8 and all(v > 0 for v in table["sps"])
+
+
+def test_profile_sps_command_adds_the_drafts_seconds(tmp_path):
+    """`python -m dspark_jax profile-sps --draft`: each concurrency's table also holds the draft's
+    seconds per pass for 1..r rows, which `scheduler_from_spec` hands to the scheduler."""
+    import json
+    from pathlib import Path
+
+    from dspark_jax.__main__ import main
+    from dspark_jax.decoding.scheduler import scheduler_from_spec
+
+    tiny = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "qwen3_gqa_untied")
+    out = str(tmp_path / "sps_r{concurrency}.json")
+    assert main(["profile-sps", "--model", tiny, "--draft", "random:dspark", "--concurrency", "2", "--context", "16",
+                 "--gamma", "3", "--dtype", "float32", "--out", out]) in (0, None)
+    table = json.loads((tmp_path / "sps_r2.json").read_text())
+    assert len(table["sps"]) == 8 and len(table["draft_seconds"]) == 2 and min(table["draft_seconds"]) > 0
+    assert scheduler_from_spec(f"prefix:{tmp_path / 'sps_r2.json'}").draft_seconds == tuple(table["draft_seconds"])
