@@ -195,7 +195,7 @@ def draft_to_hf(config: DraftConfig) -> dict[str, Any]:
 def spread_layer_ids(num_layers: int, count: int = 5) -> tuple[int, ...]:
     """`count` tapped layers spread over the target as the reference picks them:
     [1, 9, 17, 25, 33] for 36 layers (Qwen3-4B/8B), [1, 10, 19, 28, 37] for 40 (Qwen3-14B).
-    A target too shallow for `count` distinct layers so spread gets its first ones."""
+    A target too shallow to spread `count` distinct layers this way gets its first ones."""
     if num_layers < count + 3:
         return tuple(range(min(count, num_layers)))
     return tuple(1 + round(i * (num_layers - 4) / (count - 1)) for i in range(count))
