@@ -128,15 +128,15 @@ def live_table(results: str, commands: dict) -> list[str]:
         entry = run["batches"][str(b)]
         ar, drafts = entry["autoregressive"]["tokens_per_s"], entry["drafts"]
         lines.append(f"| {b} | AR | {ar:.1f} | 1.00 | | |")
+        shown = lambda name: "dspark, whole block" if name == "dspark" else name
         for name, d in drafts.items():
-            shown = "dspark, whole block" if name == "dspark" else name
-            lines.append(f"| {b} | {shown} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
+            lines.append(f"| {b} | {shown(name)} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
                          f"{d['verified_per_round']:.2f} |")
         fixed = {name: d["tokens_per_s"] for name, d in drafts.items()
                  if name == "dspark" or name.startswith("dspark fixed:")}  # every fixed verify length
         best = max(fixed, key=fixed.get)
         ratio = lambda kind: drafts[f"dspark {kind}"]["tokens_per_s"] / fixed[best]
-        summary.append(f"| {b} | {ar:.1f} | {best} ({fixed[best]:.1f}) | {ratio('prefix'):.3f} | "
+        summary.append(f"| {b} | {ar:.1f} | {shown(best)} ({fixed[best]:.1f}) | {ratio('prefix'):.3f} | "
                        f"{ratio('async'):.3f} | {drafts['dspark prefix']['tokens_per_s'] / ar:.3f} |")
     return lines + summary
 

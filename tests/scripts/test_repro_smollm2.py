@@ -122,7 +122,7 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
     assert "| 1 | dspark fixed:2 | 160.0 | 2.00 | 2.50 | 2.00 |" in page and "`bench live 1`" in page
     assert "| 1 | 80.0 | dspark fixed:2 (160.0) | 1.100 | 1.050 | 2.200 |" in page
-    assert "| 2 | 100.0 | dspark (200.0) | 0.880 | 0.840 | 1.760 |" in page
+    assert "| 2 | 100.0 | dspark, whole block (200.0) | 0.880 | 0.840 | 1.760 |" in page
     assert "| 2 | dspark, whole block | 200.0 | 2.00 | 2.50 | 2.00 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
