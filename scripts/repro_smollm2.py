@@ -92,13 +92,14 @@ class Scale:
 
 
 SCALES = {
-    # About 7,700 training conversations of up to 512 answer tokens; 2 epochs = 240 steps of 64. Drafts are
+    # About 7,700 training conversations of up to 512 answer tokens; 8 epochs = 960 steps of 64 (2 epochs, the
+    # first run's budget, left every drafter still rising), in micro-batches of 32. Drafts are
     # exported without SmolLM2's embedding and LM head (about 90 MB each instead of 200): every stage loads them
     # with the target.
     # Anchors scale with the sequence length as in the reference (512 per 4096 tokens).
     "full": Scale(heldout=256, regen_limit=0, regen_new_tokens=512, regen_batch=64,
-                  train=("max_length=1024", "num_anchors=128", "num_epochs=2", "save_every=40", "eval_every=20",
-                         "export_frozen=false"),
+                  train=("max_length=1024", "num_anchors=128", "num_epochs=8", "micro_batch_size=32",
+                         "save_every=240", "eval_every=60", "export_frozen=false"),
                   datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
