@@ -10,7 +10,12 @@ temperature 0 with EOS ignored, so every run produces the same amount of text. L
 either a closed loop per concurrency c (c requests in flight, max(4c, 16) requests, each new
 one sent when one finishes) or open-loop Poisson arrivals at --request-rate requests/s.
 Before each measured level the same load runs to warm the server up (compilation), again
-until a pass meets no program shape the server had not run (at most --warmup-passes).
+until a pass meets no program shape the server had not run (at most --warmup-passes), and
+the level starts once the server compiles nothing in the background. A server started with
+--precompile (the default on a GPU) first compiles every program shape its context allows,
+which takes minutes for a 30-layer model; the first level waits for that (saying so). To
+compare with `bench_engine.py`, whose engine compiles only the shapes its warm-up meets,
+start the server with --no-precompile.
 
 Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
 token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
@@ -90,12 +95,20 @@ async def counters(http) -> tuple[float, float, float, float]:
                                                     "dspark_engine_program_shapes", "dspark_engine_compiles_pending"))
 
 
-async def settled(http) -> tuple[float, float, float]:
-    """`counters` once the server compiles nothing (its background compilations done)."""
+async def settled(http, every: float = 10.0) -> tuple[float, float, float]:
+    """`counters` once the server compiles nothing (its background compilations done), saying
+    every `every` seconds how many it still waits for: a server started with --precompile (the
+    default on a GPU) compiles every program shape its context allows, minutes for a 30-layer
+    model, and a level is measured only after that."""
+    start = said = time.perf_counter()
     while True:
         *values, pending = await counters(http)
         if not pending:
             return tuple(values)
+        if time.perf_counter() - said >= every:
+            said = time.perf_counter()
+            print(f"waiting for the server's {pending:.0f} background compilations ({said - start:.0f} s so far; "
+                  "a server started with --no-precompile has none)", flush=True)
         await asyncio.sleep(0.5)
 
 

@@ -88,6 +88,11 @@ class _Front:
                 self.abort(request_id)
             self._queues.pop(request_id, None)
 
+    async def start(self) -> None:
+        """Binds the front to the running event loop ahead of its first request (a server does
+        it at start-up), so that `stats()` is current from then on. `AsyncEngine` reads its
+        engine's statistics directly: nothing to do."""
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """`add_request`, then its deltas until one is finished; leaving early aborts it."""
@@ -251,11 +256,20 @@ class EngineProcess(_Front):
     def _cancel(self, rid: str) -> None:
         self._send(("abort", rid))
 
-    def _send(self, message) -> None:
-        if self._loop is None:  # first use, on the loop that will receive the outputs
+    async def start(self) -> None:
+        """Starts taking the child's messages on the running event loop. Until then (or the
+        first request, which starts it too) `stats()` stays as the child was when it became
+        ready: compilations started at build time, say, seem pending for ever."""
+        self._bind()
+
+    def _bind(self) -> None:
+        if self._loop is None:  # on the loop that will receive the outputs
             self._loop = asyncio.get_running_loop()
             threading.Thread(target=self._sender, name="engine-send", daemon=True).start()
             threading.Thread(target=self._receiver, name="engine-receive", daemon=True).start()
+
+    def _send(self, message) -> None:
+        self._bind()
         self._outbox.put(message)
 
     def _sender(self) -> None:

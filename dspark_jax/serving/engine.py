@@ -402,6 +402,7 @@ class Engine:
             widest = bucket(columns * self.page_size)  # a chunk's width, at most its table's positions
             keys += [("prefill", (min(bucket(self.max_num_seqs, 1), max(1, budget // w)), w), (columns, False))
                      for w in (16 << i for i in range(budget.bit_length())) if w <= min(budget, widest)]
+        log.info("precompile: %d program shapes to compile", len(keys))
         self._programs.precompile(keys)
         if wait:
             self._programs.wait()

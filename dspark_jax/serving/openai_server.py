@@ -101,6 +101,7 @@ def build_app(engine: AsyncEngine | EngineProcess, tokenizer, model_name: str, a
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await engine.start()
         yield
         await engine.shutdown()
 

@@ -31,6 +31,13 @@ def build_in_child():
     return tiny_engine(), None, "tiny"
 
 
+def build_precompiling():
+    eng = Engine(tiny_target(), None, max_num_seqs=1, page_size=4, num_pages=8, max_num_batched_tokens=8,
+                 max_model_len=8)
+    eng.precompile()  # in the background: the child is ready before these compile
+    return eng, None, "tiny"
+
+
 def build_that_fails():
     return tiny_engine(max_num_seqs=0), None, "tiny"
 
@@ -145,6 +152,27 @@ def test_engine_process_streams_equal_generate_and_frees_aborted_pages():
     assert all(not o.finished for o in got) and sum(len(o.new_token_ids) for o in got) >= 2
     assert stats.pages_used == 0 and stats.running == 0 and stats.rounds > 0
     assert exitcode == 0  # "stop" ended it
+
+
+def test_engine_process_statistics_follow_the_child_from_start_up():
+    """A server reads the engine's statistics (its /metrics, which load generators wait on)
+    before any request: after `start()` they follow the child's background compilations."""
+    async def main():
+        eng = EngineProcess(build_precompiling)
+        at_ready = eng.stats()
+        await eng.start()
+        for _ in range(1200):
+            if eng.stats().compiles_pending == 0:
+                break
+            await asyncio.sleep(0.1)
+        stats = eng.stats()
+        await eng.shutdown()
+        return at_ready, stats
+
+    at_ready, stats = asyncio.run(main())
+    assert at_ready.compiles_pending > 0  # the child was ready before its programs compiled
+    assert stats.compiles_pending == 0 and stats.program_shapes >= at_ready.compiles_pending
+    assert stats.rounds == 0  # no request was needed
 
 
 def test_engine_process_that_cannot_build_says_why():
