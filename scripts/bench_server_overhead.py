@@ -1,0 +1,135 @@
+"""The HTTP server's overhead: serve.py against the in-process engine, at the same load.
+
+    python scripts/bench_server_overhead.py --model smollm2 --prompts ../shared/data/eval/mt-bench.jsonl \\
+        --concurrency 1 4 16 64 256
+    python scripts/bench_server_overhead.py --model model.gguf --draft runs/dspark_smollm2/draft --prompts ...
+
+Runs, one after the other and each in its own processes (so each has the device to itself):
+1. `bench_engine.py`: the engine in process, autoregressive (`ar`), or with --draft the
+   confidence scheduler over an SPS table it profiles (`sched`);
+2. `serve.py` with the same engine settings and the same decoding (with --draft: `--scheduler
+   prefix` over the table step 1 profiled), and `bench_serving.py` against it.
+Both see the same prompts, requests per level, tokens per request (EOS ignored), pages, rounds
+per step, slots (the largest concurrency) and prefill budget (2048 tokens a step). The server
+runs with --no-precompile, so that each compiles only the shapes its warm-up meets.
+
+Prints, per concurrency, both rows and the server's share of the engine's output tokens/s and
+its TPOT p50 over the engine's (goal: within 10%); JSON (both runs and the ratios) goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PREFILL_TOKENS = 2048  # bench_engine.py's engines take this many prefill tokens a step
+
+
+def serve(args, flags: list[str], log_path: str) -> subprocess.Popen:
+    """serve.py with `flags`, once its /health answers."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *flags], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            with open(log_path) as f:
+                sys.exit(f"serve.py exited with {server.returncode}:\n{f.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.kill()
+    sys.exit(f"serve.py did not answer /health in {args.startup_timeout} s (its log: {log_path})")
+
+
+def compare(engine: dict, server: dict) -> list[dict]:
+    """Per concurrency: both runs' throughput and TPOT p50, and the server's ratios to the engine's."""
+    served = {r["concurrency"]: r for r in server["rows"]}
+    rows = []
+    for e in engine["rows"]:
+        s = served.get(e["concurrency"])
+        if s is None:
+            continue
+        rows.append({"concurrency": e["concurrency"],
+                     "engine_tokens_per_s": e["tokens_per_s"], "server_tokens_per_s": s["tokens_per_s"],
+                     "throughput_ratio": s["tokens_per_s"] / e["tokens_per_s"],
+                     "engine_tpot_p50_ms": e["tpot_p50_ms"], "server_tpot_p50_ms": s["tpot_p50_ms"],
+                     "tpot_ratio": s["tpot_p50_ms"] / e["tpot_p50_ms"],
+                     "engine_ttft_p50_ms": e["ttft_p50_ms"], "server_ttft_p50_ms": s["ttft_p50_ms"]})
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2 (the setup's download), a .gguf or a transformers dir")
+    p.add_argument("--draft", help="a DeepSpec draft directory: both decode with the confidence scheduler")
+    p.add_argument("--prompts", required=True, help="a {\"turns\": [...]} prompt file (the server takes text)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=32)
+    p.add_argument("--kv-memory", type=float, default=0.5, help="a fraction of free device memory, or bytes if > 1")
+    p.add_argument("--num-scheduler-steps", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--out", default="bench_server_overhead.json")
+    args = p.parse_args(argv)
+
+    work = tempfile.mkdtemp(prefix="bench_server_overhead_")
+    engine_json, server_json = os.path.join(work, "engine.json"), os.path.join(work, "server.json")
+    kv = repr(args.kv_memory) if args.kv_memory <= 1 else str(int(args.kv_memory))
+    levels = [str(c) for c in args.concurrency]
+    subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
+                    *(["--draft", args.draft] if args.draft else []), "--prompts", args.prompts,
+                    "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
+                    "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
+                    "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),
+                    "--dtype", args.dtype, "--out", engine_json], check=True, cwd=ROOT)
+
+    flags = ([] if args.model == "smollm2" else ["--model", args.model]) + [
+        "--dtype", args.dtype, "--page-size", str(args.page_size), "--kv-memory", kv,
+        "--max-num-batched-tokens", str(PREFILL_TOKENS), "--max-num-seqs", str(max(args.concurrency)),
+        "--num-scheduler-steps", str(args.num_scheduler_steps), "--no-precompile", "--port", str(args.port)]
+    if args.draft:  # the engine run's SPS table, with its draft seconds
+        flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]
+    server = serve(args, flags, os.path.join(work, "server.log"))
+    try:
+        subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
+                        f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
+                        "--max-tokens", str(args.max_tokens), "--out", server_json], check=True, cwd=ROOT)
+    finally:
+        server.send_signal(signal.SIGTERM)  # drains, then exits
+        server.wait(timeout=120)
+
+    with open(engine_json) as f:
+        engine = json.load(f)
+    with open(server_json) as f:
+        served = json.load(f)
+    rows = compare(engine, served)
+    with open(args.out, "w") as f:
+        json.dump({"engine": engine, "server": served, "rows": rows}, f, indent=1)
+    print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, "
+          f"{args.max_tokens} tokens per request (logs in {work})")
+    print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
+          "server TPOT p50 ms | server/engine |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['engine_tokens_per_s']:.0f} | {r['server_tokens_per_s']:.0f} | "
+              f"{r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | {r['server_tpot_p50_ms']:.2f} | "
+              f"{r['tpot_ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""scripts/bench_server_overhead.py on a tiny chat model: the in-process engine and serve.py
+under the same closed-loop load, and the server's ratios computed from the two runs."""
+
+import json
+import os
+import sys
+
+import portpicker
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+import bench_server_overhead  # noqa: E402
+
+
+@pytest.mark.slow  # about 35 s: two engines compile; CI tests the server itself live (tests/serving)
+def test_engine_and_server_serve_the_same_load_and_the_ratios_are_theirs(tmp_path, tiny_chat_target):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [f"Say {w}."]}) + "\n" for w in ("yes", "no", "maybe")))
+    out = tmp_path / "overhead.json"
+    bench_server_overhead.main(["--model", tiny_chat_target, "--prompts", str(prompts), "--concurrency", "1", "2",
+                                "--max-tokens", "6", "--kv-memory", "50000000", "--dtype", "float32",
+                                "--port", str(portpicker.pick_unused_port()), "--out", str(out)])
+    result = json.loads(out.read_text())
+    engine, server = result["engine"]["rows"], result["server"]["rows"]
+    assert [r["concurrency"] for r in engine] == [r["concurrency"] for r in server] == [1, 2]
+    for e, s in zip(engine, server):  # the same load: 16 requests a level, 6 tokens each (EOS ignored)
+        assert e["requests"] == s["requests"] == 16 and e["tokens"] == 16 * 6
+        assert s["tokens_per_s"] * s["seconds"] == pytest.approx(16 * 6)
+    for row, e, s in zip(result["rows"], engine, server):
+        assert row["throughput_ratio"] == pytest.approx(s["tokens_per_s"] / e["tokens_per_s"])
+        assert row["tpot_ratio"] == pytest.approx(s["tpot_p50_ms"] / e["tpot_p50_ms"])
