@@ -6,6 +6,7 @@
 #   bash scripts/remote_repro_smollm2.sh prepare DATA_DIR   # here, once: .repro/{a,b,data}, wheels in .whl
 #   job 1, sending .repro/a:                  bash scripts/remote_repro_smollm2.sh receive
 #   jobs 2.., sending .repro/b .repro/data .whl:  bash scripts/remote_repro_smollm2.sh run RESULTS_DIR [ARGS]
+#   (.whl may stay behind on a machine that installed it in an earlier job: /tmp/site is kept)
 #
 # ARGS go to `repro_smollm2.py run` (e.g. --train-set num_epochs=4, --algorithms dspark for
 # one drafter, --stages train sts for some stages). `run` stops the pipeline after
@@ -52,7 +53,11 @@ receive)
     ;;
 run)
     results=$(cd "$CALLER" && mkdir -p "${2:?usage: run RESULTS_DIR}" && cd "$2" && pwd)
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    elif [ ! -d /tmp/site ]; then
+        echo "no wheels in .whl and none installed in /tmp/site: send .whl with this job" >&2; exit 1
+    fi
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     gguf=$REMOTE/smollm2.gguf
     if [ ! -f "$gguf" ]; then
