@@ -106,7 +106,7 @@ def single_device(name):
 # 4- and 5-layer programs take ~50 s to compile on 2 CPU cores. A sharded run compiles 3
 # programs, ~2-5 s each (2 once the first step stops compiling its own: the last test).
 CASES = [
-    ("kv_split", False, 4, 2),
+    pytest.param("kv_split", False, 4, 2, marks=pytest.mark.slow),  # CI: data 2 x tensor 4 with DSpark
     ("kv_split", False, 1, 4),
     ("kv_split", False, 1, 8),
     ("kv_split", True, 1, 2),
