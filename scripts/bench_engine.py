@@ -15,7 +15,9 @@ least 16), each new one added as soon as one finishes. Every request asks for --
 EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
 loop runs once to compile the engine's programs, and the run waits for the compilations it
 started; programs compiled during the measured loop and steps that waited for one are
-reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape).
+reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
+engine's mean wall time per step (`step_ms`) and the share of the loop it spent stepping
+(`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both).
 Output tokens/s counts every
 generated token over the loop's wall time; time per output token (TPOT) is a request's
 (finish - first token) / (tokens - 1), p50/p99 over requests. The static baseline is
@@ -90,6 +92,13 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
             "requests_per_s": len(finish) / seconds, "tokens_per_s": sum(counts.values()) / seconds,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
+
+
+def step_profile(before, after, seconds: float) -> dict:
+    """The engine's mean wall time per step over a level, and the share of the level it spent
+    stepping (1.0 when steps follow each other without a gap), from two `EngineStats`."""
+    steps, busy = after.steps - before.steps, after.step_seconds - before.step_seconds
+    return {"step_ms": 1e3 * busy / max(steps, 1), "stepping": busy / seconds}
 
 
 def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
@@ -199,6 +208,7 @@ def main(argv=None) -> None:
             row["compile_stalls"] = after.compile_stalls - before.compile_stalls
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
+            row.update(step_profile(before, after, row["seconds"]))
             row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
                                                                     before.verify_length_histogram)]
             results["rows"].append(row)
@@ -212,11 +222,13 @@ def main(argv=None) -> None:
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
     print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | "
-          "TPOT p50 ms | TPOT p99 ms | tokens/round | undrafted |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TPOT p50 ms | TPOT p99 ms | tokens/round | undrafted | step ms | stepping |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['mode']} | {r['kernels']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | "
               f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
-              f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} |")
+              f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} | {r['step_ms']:.2f} | "
+              f"{r['stepping']:.0%} |")
 
 
 if __name__ == "__main__":

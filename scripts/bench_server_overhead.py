@@ -14,7 +14,11 @@ per step, slots (the largest concurrency) and prefill budget (2048 tokens a step
 runs with --no-precompile, so that each compiles only the shapes its warm-up meets.
 
 Prints, per concurrency, both rows and the server's share of the engine's output tokens/s and
-its TPOT p50 over the engine's (goal: within 10%); JSON (both runs and the ratios) goes to --out.
+its TPOT p50 over the engine's (goal: within 10%), and where the difference lies: each engine's
+mean wall time per step and the share of the level it spent stepping (a server engine that
+steps as fast but less of the time waits between steps: for requests, or for the messages
+of its process). `--no-engine-process` serves from the engine in the HTTP process instead,
+which separates the process hop from the HTTP layer. JSON (both runs and the ratios) goes to --out.
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ def compare(engine: dict, server: dict) -> list[dict]:
                      "throughput_ratio": s["tokens_per_s"] / e["tokens_per_s"],
                      "engine_tpot_p50_ms": e["tpot_p50_ms"], "server_tpot_p50_ms": s["tpot_p50_ms"],
                      "tpot_ratio": s["tpot_p50_ms"] / e["tpot_p50_ms"],
-                     "engine_ttft_p50_ms": e["ttft_p50_ms"], "server_ttft_p50_ms": s["ttft_p50_ms"]})
+                     "engine_ttft_p50_ms": e["ttft_p50_ms"], "server_ttft_p50_ms": s["ttft_p50_ms"],
+                     "engine_step_ms": e["step_ms"], "server_step_ms": s["step_ms"],
+                     "engine_stepping": e["stepping"], "server_stepping": s["stepping"]})
     return rows
 
 
@@ -84,6 +90,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-scheduler-steps", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve.py's engine in its own process (its default), or in the HTTP process's event loop")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--out", default="bench_server_overhead.json")
     args = p.parse_args(argv)
@@ -102,7 +110,8 @@ def main(argv=None) -> None:
     flags = ([] if args.model == "smollm2" else ["--model", args.model]) + [
         "--dtype", args.dtype, "--page-size", str(args.page_size), "--kv-memory", kv,
         "--max-num-batched-tokens", str(PREFILL_TOKENS), "--max-num-seqs", str(max(args.concurrency)),
-        "--num-scheduler-steps", str(args.num_scheduler_steps), "--no-precompile", "--port", str(args.port)]
+        "--num-scheduler-steps", str(args.num_scheduler_steps), "--no-precompile", "--port", str(args.port),
+        "--engine-process" if args.engine_process else "--no-engine-process"]
     if args.draft:  # the engine run's SPS table, with its draft seconds
         flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]
     server = serve(args, flags, os.path.join(work, "server.log"))
@@ -124,11 +133,13 @@ def main(argv=None) -> None:
     print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, "
           f"{args.max_tokens} tokens per request (logs in {work})")
     print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
-          "server TPOT p50 ms | server/engine |\n|---|---|---|---|---|---|---|")
+          "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['engine_tokens_per_s']:.0f} | {r['server_tokens_per_s']:.0f} | "
               f"{r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | {r['server_tpot_p50_ms']:.2f} | "
-              f"{r['tpot_ratio']:.3f} |")
+              f"{r['tpot_ratio']:.3f} | {r['engine_step_ms']:.2f} / {r['server_step_ms']:.2f} | "
+              f"{r['engine_stepping']:.0%} / {r['server_stepping']:.0%} |")
 
 
 if __name__ == "__main__":

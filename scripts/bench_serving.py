@@ -20,7 +20,9 @@ start the server with --no-precompile.
 Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
 token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
 server's mean tokens per decoding round over the level (from its /metrics; 1.0 without a
-draft), and the engine programs the server compiled during the measured run (a nonzero
+draft), its engine's mean wall time per step and the share of the level it spent stepping
+(as `bench_engine.py` reports them: a share well below the engine's in process means the
+engine waited between steps), and the engine programs the server compiled during the measured run (a nonzero
 count warns that compilation overlapped it). JSON goes to --out, a markdown
 table to stdout.
 """
@@ -86,25 +88,28 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
     return list(await asyncio.gather(*tasks))
 
 
-async def counters(http) -> tuple[float, float, float, float]:
-    """(decoding rounds, tokens they committed, programs compiled, programs compiling) so far,
-    from the server's /metrics (zeros from a server without them)."""
+COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
+            "dspark_engine_step_seconds_total", "dspark_engine_program_shapes")
+
+
+async def counters(http) -> tuple[dict, float]:
+    """The server's `COUNTERS` so far and its programs compiling now, from its /metrics (zeros
+    from a server without them)."""
     text = (await http.get("/metrics")).text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return tuple(values.get(name, 0.0) for name in ("dspark_decode_rounds_total", "dspark_round_tokens_total",
-                                                    "dspark_engine_program_shapes", "dspark_engine_compiles_pending"))
+    return {name: values.get(name, 0.0) for name in COUNTERS}, values.get("dspark_engine_compiles_pending", 0.0)
 
 
-async def settled(http, every: float = 10.0) -> tuple[float, float, float]:
+async def settled(http, every: float = 10.0) -> dict:
     """`counters` once the server compiles nothing (its background compilations done), saying
     every `every` seconds how many it still waits for: a server started with --precompile (the
     default on a GPU) compiles every program shape its context allows, minutes for a 30-layer
     model, and a level is measured only after that."""
     start = said = time.perf_counter()
     while True:
-        *values, pending = await counters(http)
+        values, pending = await counters(http)
         if not pending:
-            return tuple(values)
+            return values
         if time.perf_counter() - said >= every:
             said = time.perf_counter()
             print(f"waiting for the server's {pending:.0f} background compilations ({said - start:.0f} s so far; "
@@ -118,17 +123,19 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
     # warm-up: the server compiles the shapes this level meets; requests arrive at times that
     # vary from run to run, so a pass may meet shapes the one before did not: warm up until a
     # pass meets none (or --warmup-passes), then measure once the server compiles nothing
-    passes, (r0, t0, shapes0) = 0, await settled(http)
+    passes, before = 0, await settled(http)
     while passes < args.warmup_passes:
         await run()
         passes += 1
-        before, (r0, t0, shapes0) = shapes0, await settled(http)
-        if shapes0 == before:
+        shapes, before = before["dspark_engine_program_shapes"], await settled(http)
+        if before["dspark_engine_program_shapes"] == shapes:
             break
     start = time.perf_counter()
     results = await run()
     seconds = time.perf_counter() - start
-    r1, t1, shapes1, _ = await counters(http)
+    after, _ = await counters(http)
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    rounds, steps = delta["dspark_decode_rounds_total"], delta["dspark_engine_steps_total"]
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")
@@ -136,8 +143,10 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "tokens_per_s": sum(r["tokens"] for r in results) / seconds,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
-            "tokens_per_round": (t1 - t0) / (r1 - r0) if r1 > r0 else float("nan"),
-            "new_program_shapes": int(shapes1 - shapes0), "warmup_passes": passes}
+            "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
+            "step_ms": 1e3 * delta["dspark_engine_step_seconds_total"] / steps if steps else float("nan"),
+            "stepping": delta["dspark_engine_step_seconds_total"] / seconds,
+            "new_program_shapes": int(delta["dspark_engine_program_shapes"]), "warmup_passes": passes}
 
 
 async def run(args) -> dict:
@@ -178,12 +187,12 @@ def main(argv=None) -> None:
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"
     print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round "
-          "| new program shapes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| step ms | stepping | new program shapes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
               f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} "
-              f"| {r['new_program_shapes']} |")
+              f"| {r['step_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']} |")
 
 
 if __name__ == "__main__":

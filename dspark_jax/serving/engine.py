@@ -58,6 +58,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 import weakref
 from typing import Sequence
 
@@ -105,6 +106,7 @@ class EngineStats:
     compile_stalls: int = 0  # steps that waited for a program to compile
     compiles_pending: int = 0  # programs asked for and still compiling or queued
     undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
+    step_seconds: float = 0.0  # wall time inside `step` (planning, launching, waiting for the device, committing)
 
     @property
     def tokens_per_round(self) -> float:
@@ -420,7 +422,7 @@ class Engine:
         and bookkeeping overlap the device's work. When the free pages might not cover the next
         step's writes, the previous step is committed before planning, so that preemption
         decides on known lengths."""
-        outputs = []
+        start, outputs = time.perf_counter(), []
         if self._inflight is not None and self._round_pages_needed() > self.pages.num_free:
             outputs += self._commit(self._inflight)
             self._inflight = None
@@ -432,6 +434,7 @@ class Engine:
         if launched is not None and not self.async_scheduling:
             outputs += self._commit(launched)
             self._inflight = None
+        self._stats.step_seconds += time.perf_counter() - start
         return outputs
 
     def _plan(self) -> tuple | None:

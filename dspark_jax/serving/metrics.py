@@ -31,6 +31,10 @@ class EngineCollector:
         yield CounterMetricFamily("dspark_num_preemptions", "Requests preempted for KV pages (recomputed later).",
                                   value=s.preemptions)
         yield CounterMetricFamily("dspark_engine_steps", "Device steps run.", value=s.steps)
+        yield CounterMetricFamily("dspark_engine_step_seconds",
+                                  "Wall time the engine spent stepping (planning, launching, waiting for the device, "
+                                  "committing); the rest of its time it waited for requests or messages.",
+                                  value=s.step_seconds)
         yield GaugeMetricFamily("dspark_engine_program_shapes",
                                 "Device programs compiled so far (one per bucketed step shape).",
                                 value=s.program_shapes)

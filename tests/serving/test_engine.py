@@ -426,8 +426,13 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     eng = tiny_engine("ar", async_scheduling=async_scheduling)
     i = next(i for i, p in enumerate(PROMPTS) if len(p) <= SMALL["max_num_batched_tokens"])
     rid = eng.add_request(PROMPTS[i], greedy(3))  # a prefill chunk and a round, then a round
-    first, second = eng.step(), eng.step()
+    start = time.perf_counter()
+    first = eng.step()
+    between = time.perf_counter()
+    second = eng.step()
+    outside = time.perf_counter() - between  # the gap between the calls is not counted
     assert eng.stats().steps == 2
+    assert 0 < eng.stats().step_seconds <= (between - start) + outside
     assert eng.stats().program_shapes == 2  # the first step's prefill and round; the second reran that round
     assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1], expected(i, 3)[1:2]] + (
         [] if async_scheduling else [expected(i, 3)[2:3]])
