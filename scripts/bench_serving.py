@@ -88,6 +88,7 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
     return list(await asyncio.gather(*tasks))
 
 
+KEEPALIVE_SECONDS = 2.0
 COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
             "dspark_engine_step_seconds_total", "dspark_engine_program_shapes")
 
@@ -152,7 +153,9 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
 async def run(args) -> dict:
     prompts = read_prompt_file(args.prompts) if args.prompts else ["Write a story about a robot."]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # A connection idle for 5 s is closed by uvicorn (as by vLLM's server); httpx keeps one for
+    # 5 s too, so a request sent on it just then can meet the close. Drop idle ones sooner.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_SECONDS)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as http:
         if args.model is None:
             args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
