@@ -47,6 +47,7 @@ from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_pro
 from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
+from dspark_jax.serving.engine import freeze_heap
 from dspark_jax.sharding import make_mesh
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
+    freeze_heap()  # what is loaded (as serve.py does; each engine below stays collectable, to free its pool)
     for kernels, mode, scheduling, rounds in itertools.product(args.kernels, args.modes, args.scheduling,
                                                                args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,

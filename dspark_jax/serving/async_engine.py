@@ -27,7 +27,7 @@ import weakref
 from queue import SimpleQueue
 from typing import AsyncIterator, Callable, Sequence
 
-from dspark_jax.serving.engine import Engine, EngineFull, EngineStats, RequestLimits
+from dspark_jax.serving.engine import Engine, EngineFull, EngineStats, RequestLimits, freeze_heap
 from dspark_jax.serving.params import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -337,6 +337,7 @@ def _engine_main(conn, build) -> None:
     configure_logging()
     try:
         engine, tokenizer, name = build()
+        freeze_heap()
         conn.send(("ready", engine.limits, tokenizer, name, engine.stats(), engine.num_queued))
     except Exception as error:  # the parent raises it (a bad flag or checkpoint is the user's error)
         try:

@@ -176,6 +176,7 @@ def run(args) -> None:
     import uvicorn
 
     from dspark_jax.serving import AsyncEngine, EngineProcess
+    from dspark_jax.serving.engine import freeze_heap
     from dspark_jax.serving.openai_server import build_app
 
     check_serve_args(args)
@@ -186,6 +187,7 @@ def run(args) -> None:
         local, tokenizer, name = build_engine(args)
         engine = AsyncEngine(local)
     app = build_app(engine, tokenizer, name, api_key=args.api_key)
+    freeze_heap()  # this process's (the engine's too without --engine-process)
     log.info("serving %s on http://%s:%d/v1%s", name, args.host, args.port, " (API key required)" if args.api_key else "")
     # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in
     # flight finish, then runs the app's shutdown (which stops the engine).
