@@ -85,6 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", required=True, help="a {\"turns\": [...]} prompt file (the server takes text)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16)); more give steadier "
+                                                  "figures on a fast device")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5, help="a fraction of free device memory, or bytes if > 1")
     p.add_argument("--num-scheduler-steps", type=int, default=4)
@@ -100,12 +102,13 @@ def main(argv=None) -> None:
     engine_json, server_json = os.path.join(work, "engine.json"), os.path.join(work, "server.json")
     kv = repr(args.kv_memory) if args.kv_memory <= 1 else str(int(args.kv_memory))
     levels = [str(c) for c in args.concurrency]
+    per_level = [] if args.num_prompts is None else ["--num-prompts", str(args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
                     *(["--draft", args.draft] if args.draft else []), "--prompts", args.prompts,
                     "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
                     "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),
-                    "--dtype", args.dtype, "--out", engine_json], check=True, cwd=ROOT)
+                    "--dtype", args.dtype, *per_level, "--out", engine_json], check=True, cwd=ROOT)
 
     flags = ([] if args.model == "smollm2" else ["--model", args.model]) + [
         "--dtype", args.dtype, "--page-size", str(args.page_size), "--kv-memory", kv,
@@ -118,7 +121,7 @@ def main(argv=None) -> None:
     try:
         subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
                         f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
-                        "--max-tokens", str(args.max_tokens), "--out", server_json], check=True, cwd=ROOT)
+                        "--max-tokens", str(args.max_tokens), *per_level, "--out", server_json], check=True, cwd=ROOT)
     finally:
         server.send_signal(signal.SIGTERM)  # drains, then exits
         server.wait(timeout=120)
@@ -129,8 +132,10 @@ def main(argv=None) -> None:
         served = json.load(f)
     rows = compare(engine, served)
     with open(args.out, "w") as f:
-        json.dump({"engine": engine, "server": served, "rows": rows}, f, indent=1)
-    print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, "
+        json.dump({"engine": engine, "server": served, "engine_process": args.engine_process, "rows": rows}, f,
+                  indent=1)
+    print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, server engine "
+          f"{'in its own process' if args.engine_process else 'in the HTTP process'}, "
           f"{args.max_tokens} tokens per request (logs in {work})")
     print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
           "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server |\n"

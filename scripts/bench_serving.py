@@ -146,7 +146,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
             "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
             "step_ms": 1e3 * delta["dspark_engine_step_seconds_total"] / steps if steps else float("nan"),
-            "stepping": delta["dspark_engine_step_seconds_total"] / seconds,
+            "stepping": delta["dspark_engine_step_seconds_total"] / seconds if steps else float("nan"),
             "new_program_shapes": int(delta["dspark_engine_program_shapes"]), "warmup_passes": passes}
 
 

@@ -84,6 +84,11 @@ log = logging.getLogger(__name__)
 PROBE_LIMIT = 512  # rounds: the longest gap between two probes of a draft that does not pay
 
 
+# A step is logged as slow when it takes at least SLOW_STEP_SECONDS and more than SLOW_STEP_FACTOR
+# times the typical step: a moving average (weight SLOW_STEP_WEIGHT) set by SLOW_STEP_AFTER steps first.
+SLOW_STEP_FACTOR, SLOW_STEP_SECONDS, SLOW_STEP_AFTER, SLOW_STEP_WEIGHT = 10.0, 0.05, 20, 0.05
+
+
 class EngineFull(RuntimeError):
     """The waiting queue is full: the request was not accepted (retry later)."""
 
@@ -206,6 +211,8 @@ class _Launch:
     probe: bool = False  # they draft to probe whether drafting pays (it did not when last read back)
     rnd: list | None = None  # engine_round's (RoundOutput, done, drafting pays) on the device, once dispatched
     prefilled: list | None = None  # engine_prefill's (first token, done) on the device
+    programs: list = dataclasses.field(default_factory=list)  # the keys of the programs it runs
+    first_runs: list = dataclasses.field(default_factory=list)  # those this engine had never run before
 
 
 class Engine:
@@ -292,6 +299,8 @@ class Engine:
         self._programs = Programs(self._compile, background_compile and mesh is None,
                                   functools.partial(_cover_allowed, self._full_tables, self.pages.usable))
         weakref.finalize(self, self._programs.close)
+        self._programs_run: set = set()  # keys of the programs launched so far
+        self._typical_step = (0.0, 0)  # moving average of step seconds (steps without a compile stall), count
         self._slots: list[_Request | None] = [None] * max_num_seqs
         self._waiting: collections.deque[_Request] = collections.deque()
         self._preempted_waiting = 0  # preempted requests in _waiting
@@ -423,20 +432,37 @@ class Engine:
         and bookkeeping overlap the device's work. When the free pages might not cover the next
         step's writes, the previous step is committed before planning, so that preemption
         decides on known lengths."""
-        start, outputs = time.perf_counter(), []
+        start, outputs, stalls = time.perf_counter(), [], self._programs.stalls
+        committed = []  # the launches this step waited for
         if self._inflight is not None and self._round_pages_needed() > self.pages.num_free:
             outputs += self._commit(self._inflight)
+            committed.append(self._inflight)
             self._inflight = None
         plan = self._plan()
         launched = None if plan is None else self._dispatch(*plan)
         if self._inflight is not None:
             outputs += self._commit(self._inflight)
+            committed.append(self._inflight)
         self._inflight = launched
         if launched is not None and not self.async_scheduling:
             outputs += self._commit(launched)
+            committed.append(launched)
             self._inflight = None
-        self._stats.step_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._stats.step_seconds += seconds
+        if self._programs.stalls == stalls:  # a step that waited for a compilation is logged already
+            self._watch_step(seconds, [launched] if launched else [], committed)
         return outputs
+
+    def _watch_step(self, seconds: float, launched: list[_Launch], committed: list[_Launch]) -> None:
+        """Logs a step far slower than the typical one (a moving average over the steps that
+        waited for no compilation) with the programs it ran, then updates the average."""
+        typical, count = self._typical_step
+        if count >= SLOW_STEP_AFTER and seconds > max(SLOW_STEP_SECONDS, SLOW_STEP_FACTOR * typical):
+            log.info("a step took %.0f ms, %.0fx the typical step, without waiting for a compilation; it launched %s "
+                     "and read back %s", 1e3 * seconds, seconds / typical, _describe(launched), _describe(committed))
+        weight = max(1 / (count + 1), SLOW_STEP_WEIGHT)
+        self._typical_step = (typical + weight * (seconds - typical), count + 1)
 
     def _plan(self) -> tuple | None:
         """The next step's rows and host-side inputs, with the requests' books updated as if
@@ -448,10 +474,12 @@ class Engine:
             return None
         filtered = any(r.params.filtered for r in self._slots if r is not None)
         batch = prefill = None
+        keys = []
         if chunks:
             rows, width = self._prefill_shape(chunks)
             columns = self._table_width([r for r, _ in chunks])
             key, prefill = self._programs.get(("prefill", (rows, width), (columns, filtered)))
+            keys.append(key)
             rows, width = key[1]  # a compiled program's shape, at least this step's
             batch = self._prefill_batch(chunks, rows, width, columns, filtered)
         firsts = []
@@ -468,6 +496,7 @@ class Engine:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
             columns = self._table_width(decoding)
             key, rnd = self._programs.get(("round", (cap,), (columns, filtered, self._drafting)))
+            keys.append(key)
             (cap,) = key[1]  # a compiled program's capacity, at least this step's
             table = np.full((cap, columns), SCRATCH_PAGE, np.int32)
             running = np.zeros((cap,), bool)
@@ -477,7 +506,7 @@ class Engine:
                 r.unread += self.num_scheduler_steps * self._round_width(self._drafting)
                 r.launched += self.num_scheduler_steps
             self._undrafted_steps = 0 if self._drafting else self._undrafted_steps + 1
-        launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing)
+        launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing, programs=keys)
         if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
             self._drafting = self._probing = False
         return launch, filtered, (prefill, batch), (rnd, table, running)
@@ -485,6 +514,8 @@ class Engine:
     def _dispatch(self, launch: _Launch, filtered: bool, prefill, rnd) -> _Launch:
         """Runs the planned programs (each (program, its inputs), or (None, ...)) without waiting
         for them; starts copying their outputs to the host."""
+        launch.first_runs = [key for key in launch.programs if key not in self._programs_run]
+        self._programs_run.update(launch.programs)
         state = self._state._replace(sampling=self._state.sampling.replace(filtered=filtered))
         params = (self.target.params, None if self.draft is None else self.draft.params)
         if prefill[0] is not None:
@@ -770,6 +801,14 @@ class Engine:
             (cache.block_table, cache.lengths), replicated))  # the pools keep their KV-head split
         rest = jax.device_put(state._replace(target_cache=None, draft_cache=None), replicated)
         return rest._replace(target_cache=place(state.target_cache), draft_cache=place(state.draft_cache))
+
+
+def _describe(launches: list[_Launch]) -> str:
+    """The programs of some launches, for a log line: kind, sizes and options, and whether it
+    was the first time this engine ran that program."""
+    names = [f"{key[0]} {key[1]} {key[2]}" + (" (its first run)" if key in launch.first_runs else "")
+             for launch in launches for key in launch.programs]
+    return ", ".join(names) or "nothing"
 
 
 def freeze_heap() -> None:

@@ -441,7 +441,8 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     assert_drained(eng)
 
 
-@pytest.mark.parametrize("rounds", [1, 3], ids=["one-round-steps", "three-round-steps"])
+@pytest.mark.parametrize("rounds", [1, pytest.param(3, marks=pytest.mark.slow)],  # CI: serve.py's default
+                         ids=["one-round-steps", "three-round-steps"])
 def test_a_request_runs_to_the_end_of_the_context(rounds):
     """Planning on the tokens steps in flight may commit never asks for pages past a request's
     last position: a prompt plus max_tokens filling max_model_len, whose pages end exactly
@@ -588,3 +589,31 @@ def test_freeze_heap_collects_garbage_then_exempts_what_is_alive():
         gc.unfreeze()
     gc.collect()
     assert alive() is None
+
+
+def test_a_slow_step_is_logged_with_its_programs(caplog, monkeypatch):
+    """A step far slower than the mean so far, with no compilation waited for, is logged with
+    the programs it launched and read back; a program's first run is marked as such."""
+    eng = tiny_engine("ar", async_scheduling=False)
+    rid = eng.add_request(PROMPTS[0], greedy(60, ignore_eos=True))
+    for _ in range(engine_module.SLOW_STEP_AFTER + 5):
+        eng.step()
+    commit = eng._commit
+
+    def slow_commit(launch):  # a read-back that waits 2 s, once
+        monkeypatch.setattr(eng, "_commit", commit)
+        time.sleep(2.0)
+        return commit(launch)
+
+    monkeypatch.setattr(eng, "_commit", slow_commit)
+    with caplog.at_level("INFO", logger="dspark_jax.serving.engine"):
+        eng.step()
+    (record,) = [r for r in caplog.records if "a step took" in r.getMessage()]
+    message = record.getMessage()
+    assert int(message.split("a step took ")[1].split(" ms")[0]) >= 2000
+    assert "launched round (4,)" in message and "read back round (4,)" in message and "first run" not in message
+    finish(eng)
+    assert eng.stats().pages_used == 0 and not eng.has_unfinished() and rid
+    key = ("round", (4,), (2, False, True))
+    first = engine_module._Launch([], [], [], programs=[key], first_runs=[key])
+    assert engine_module._describe([first]) == "round (4,) (2, False, True) (its first run)"
