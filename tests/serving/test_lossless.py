@@ -162,12 +162,12 @@ def test_statistical_power():
 # (no confidence head, so no scheduler: every row verifies all 4 draft tokens); the slow set
 # adds the asynchronous scheduler at full power, unscheduled DSpark and the scheduler that
 # skips drafting where it does not pay, on another arrival stream and with 3x the requests.
-CI_RUNS = [("dspark", SERVING_SCHEDULER), ("dflash", None)]
+CI_RUNS = [("dspark", SERVING_SCHEDULER)]  # DFlash's rounds are lossless in CI through tests/decoding
 SLOW_RUNS = [("dspark", SERVING_SCHEDULER), ("dspark", AsyncPrefixScheduler(SERVING_SPS)), ("dspark", None),
              ("dflash", None), ("dspark", SERVING_GATED)]
 
 
-@pytest.mark.parametrize("algorithm,scheduler", CI_RUNS, ids=["dspark-scheduled", "dflash"])
+@pytest.mark.parametrize("algorithm,scheduler", CI_RUNS, ids=["dspark-scheduled"])
 def test_continuous_batching_is_lossless(algorithm, scheduler):
     """Each setting's 4096 counted requests follow the target's exact 3-token law (alpha 1e-3)
     although they shared rounds with the other settings and with background requests."""
