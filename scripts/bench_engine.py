@@ -18,6 +18,9 @@ started; programs compiled during the measured loop and steps that waited for on
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
 engine's mean wall time per step (`step_ms`) and the share of the loop it spent stepping
 (`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both).
+Once the models are loaded the heap is frozen, as serve.py freezes it; the full garbage
+collection before that is timed (`heap_collect_ms`, over `heap_objects` objects): what an
+unfrozen process would pay at an unforeseen step.
 Output tokens/s counts every
 generated token over the loop's wall time; time per output token (TPOT) is a request's
 (finish - first token) / (tokens - 1), p50/p99 over requests. The static baseline is
@@ -37,7 +40,7 @@ import time
 
 import numpy as np
 
-from benchlib import requests_per_level
+from benchlib import requests_per_level, step_profile
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
@@ -93,13 +96,6 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
             "requests_per_s": len(finish) / seconds, "tokens_per_s": sum(counts.values()) / seconds,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
-
-
-def step_profile(before, after, seconds: float) -> dict:
-    """The engine's mean wall time per step over a level, and the share of the level it spent
-    stepping (1.0 when steps follow each other without a gap), from two `EngineStats`."""
-    steps, busy = after.steps - before.steps, after.step_seconds - before.step_seconds
-    return {"step_ms": 1e3 * busy / max(steps, 1), "stepping": busy / seconds}
 
 
 def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
@@ -189,7 +185,11 @@ def main(argv=None) -> None:
     if args.static_batch:
         results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
-    freeze_heap()  # what is loaded (as serve.py does; each engine below stays collectable, to free its pool)
+    # what is loaded (as serve.py does; each engine below stays collectable, to free its pool)
+    seconds, frozen = freeze_heap()
+    results["heap_collect_ms"], results["heap_objects"] = 1e3 * seconds, frozen
+    log.info("a full garbage collection over the loaded heap (%d objects, then frozen) took %.0f ms", frozen,
+             1e3 * seconds)
     for kernels, mode, scheduling, rounds in itertools.product(args.kernels, args.modes, args.scheduling,
                                                                args.scheduler_steps):
         engine = Engine(target, None if mode == "ar" else draft,
@@ -210,7 +210,8 @@ def main(argv=None) -> None:
             row["compile_stalls"] = after.compile_stalls - before.compile_stalls
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
-            row.update(step_profile(before, after, row["seconds"]))
+            row.update(step_profile(after.steps - before.steps, after.step_seconds - before.step_seconds,
+                                    row["seconds"]))
             row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
                                                                     before.verify_length_histogram)]
             results["rows"].append(row)
@@ -221,6 +222,8 @@ def main(argv=None) -> None:
         del engine  # its KV pool, before the next engine sizes its own
     print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, "
           f"draft {args.draft}, {args.max_tokens} tokens per request, mean prompt {mean_prompt}")
+    print(f"a full garbage collection over the loaded heap ({results['heap_objects']} objects, then frozen): "
+          f"{results['heap_collect_ms']:.0f} ms")
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
     print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | "

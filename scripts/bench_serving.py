@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchlib import requests_per_level
+from benchlib import requests_per_level, step_profile
 
 from dspark_jax.__main__ import read_prompt_file
 
@@ -136,7 +136,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
     seconds = time.perf_counter() - start
     after, _ = await counters(http)
     delta = {name: after[name] - before[name] for name in COUNTERS}
-    rounds, steps = delta["dspark_decode_rounds_total"], delta["dspark_engine_steps_total"]
+    rounds = delta["dspark_decode_rounds_total"]
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
     pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")
@@ -145,8 +145,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
             "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
-            "step_ms": 1e3 * delta["dspark_engine_step_seconds_total"] / steps if steps else float("nan"),
-            "stepping": delta["dspark_engine_step_seconds_total"] / seconds if steps else float("nan"),
+            **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds),
             "new_program_shapes": int(delta["dspark_engine_program_shapes"]), "warmup_passes": passes}
 
 

@@ -20,6 +20,16 @@ def requests_per_level(concurrency: int) -> int:
     return max(4 * concurrency, 16)
 
 
+def step_profile(steps: float, step_seconds: float, seconds: float) -> dict:
+    """A serving engine's mean wall time per step over a level (`steps` steps, `step_seconds`
+    inside them, in a level of `seconds`), and the share of the level it spent stepping (1.0
+    when steps follow each other without a gap); NaN without steps (a server that does not
+    count them). bench_engine and bench_serving alike."""
+    if not steps:
+        return {"step_ms": float("nan"), "stepping": float("nan")}
+    return {"step_ms": 1e3 * step_seconds / steps, "stepping": step_seconds / seconds}
+
+
 def matmul_rate(n: int) -> float:
     """bf16 FLOP/s of an n x n x n matrix product on random data."""
     k1, k2 = jax.random.split(jax.random.key(1))

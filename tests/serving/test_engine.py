@@ -580,8 +580,8 @@ def test_freeze_heap_collects_garbage_then_exempts_what_is_alive():
     dead, alive = weakref.ref(garbage), weakref.ref(kept)
     del garbage
     try:
-        engine_module.freeze_heap()
-        assert dead() is None and gc.get_freeze_count() > 0
+        seconds, frozen = engine_module.freeze_heap()
+        assert dead() is None and seconds > 0 and frozen == gc.get_freeze_count() > 0
         del kept
         gc.collect()
         assert alive() is not None  # frozen: the collection did not look at it
