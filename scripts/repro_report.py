@@ -2,7 +2,8 @@
 
     python scripts/repro_smollm2.py report [--work runs/repro_smollm2] [--docs docs]
 
-Copies the result files the page cites into <docs>/results/ and draws two figures there:
+Copies the result files the page cites into <docs>/results/ (with the run machine's folders
+written as $WORK and $GGUF, as in the commands) and draws two figures there:
 per-position conditional acceptance per eval set, and the training curves. Every number on
 the page is read from those files; the page names the command and device behind each table.
 """
@@ -26,6 +27,28 @@ ANALYSIS = "## Analysis"  # from this heading on, the page is written by hand an
 def load(results: str, name: str):
     with open(os.path.join(results, name)) as f:
         return json.load(f)
+
+
+def run_folders(configs: dict) -> dict[str, str]:
+    """The run machines' folders, named as the commands name them: each drafter's work folder (two
+    above its output_dir) as $WORK and its target file as $GGUF."""
+    names = {}
+    for c in configs.values():
+        if c.get("output_dir"):
+            names[os.path.dirname(os.path.dirname(c["output_dir"]))] = "$WORK"
+        if os.path.isabs(c.get("target", "")):
+            names[c["target"]] = "$GGUF"
+    return names
+
+
+def copy_result(path: str, out_dir: str, names: dict[str, str]) -> None:
+    """Copies a result file into out_dir, with the run machines' folders written as their names."""
+    with open(path) as f:
+        text = f.read()
+    for real, name in sorted(names.items(), key=lambda item: -len(item[0])):  # a folder inside another first
+        text = re.sub(re.escape(real) + r'(?=[/"]|$)', lambda _: name, text)
+    with open(os.path.join(out_dir, os.path.basename(path)), "w") as f:
+        f.write(text)
 
 
 def training_curve(path: str) -> list[dict]:
@@ -151,21 +174,24 @@ def write_report(results: str, docs: str) -> str:
     heldout = {a: training_curve(os.path.join(results, f"heldout_{a}.jsonl")) for a in ALGORITHMS}
     configs = {a: load(results, f"train_{a}_config.json") for a in ALGORITHMS}
     sts = load(results, "sts_fit.json")
-    speed = {a: load(results, f"speed_{a}.json") for a in ALGORITHMS}
+    # DSpark's speed is required; another drafter's exists when the run that trained it reached its speed stage
+    # (a speed run needs the trained draft on its machine, and drafts do not travel between machines)
+    speed = {a: load(results, f"speed_{a}.json") for a in ALGORITHMS
+             if a == "dspark" or os.path.exists(os.path.join(results, f"speed_{a}.json"))}
     simulation = load(results, "simulation.json")
     for name in ["commands.json", "split.json", "sts_fit.json", "simulation.json",
-                 *[f"speed_{a}.json" for a in ALGORITHMS],
+                 *[f"speed_{a}.json" for a in speed],
                  *[f"eval_{a}_T{t}.json" for a in ALGORITHMS for t in TEMPERATURES],
                  *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
                  *[f"train_{a}_config.json" for a in ALGORITHMS],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "live_b*.json"))]]:
-        shutil.copy(os.path.join(results, name), out_dir)
+        copy_result(os.path.join(results, name), out_dir, run_folders(configs))
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
     acceptance_figure(evals["1.0"], os.path.join(out_dir, "acceptance.png"))
     training_figure(curves, heldout, os.path.join(out_dir, "training.png"))
-    devices = sorted({speed[a]["device"] for a in ALGORITHMS})
+    devices = sorted({speed[a]["device"] for a in speed})
     tables = sorted(glob.glob(os.path.join(results, "sps_r*.json")))
     sps_device = ", ".join(sorted({load(results, os.path.basename(t))["device"] for t in tables}))
     gamma = evals["1.0"]["dspark"]["gamma"]
@@ -252,15 +278,18 @@ def write_report(results: str, docs: str) -> str:
     lines += ["## End-to-end speed", "",
               "One run of `scripts/bench_e2e.py` per drafter, each against autoregressive decoding measured in the "
               "same run (so each speedup is a ratio of one run); Ideal = tau x T_AR / (T_draft + T_verify) from step "
-              "times measured at the same batch size and mean context.", ""]
-    for a in ALGORITHMS:
+              "times measured at the same batch size and mean context."
+              + "".join(f" {NAMES[a]} has no speed run: the run that trained it ended before its speed stage, and a "
+                        "speed run needs the trained draft on its machine." for a in ALGORITHMS if a not in speed),
+              ""]
+    for a in speed:
         sp = speed[a]
         lines.append(f"- {NAMES[a]}: `{commands[f'speed_{a}']}` ({sp['num_prompts']} mt-bench prompts, "
                      f"{sp['max_new_tokens']} new tokens, T = {sp['temperature']}, {sp['device']})")
     lines += ["", "| batch | decoder | tokens/s | AR tokens/s (same run) | speedup | ideal | tau | T_draft ms | "
               "T_verify ms | T_AR ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in speed["dspark"]["batches"]:
-        for a in ALGORITHMS:
+        for a in speed:
             ar, d = speed[a]["batches"][b]["autoregressive"], speed[a]["batches"][b]["drafts"][a]
             lines.append(f"| {b} | {NAMES[a]} | {d['tokens_per_s']:.1f} | {ar['tokens_per_s']:.1f} | "
                          f"{d['speedup']:.2f} | {d['ideal_speedup']:.2f} | {d['tau']:.2f} | {d['draft_ms']:.3f} | "

@@ -137,9 +137,38 @@ def test_report_tables_hold_the_results(tmp_path):
 def test_report_names_a_missing_result(tmp_path):
     results = tmp_path / "results"
     _write_results(results)
-    os.remove(results / "speed_dflash.json")
-    with pytest.raises(FileNotFoundError, match="speed_dflash.json"):
+    os.remove(results / "speed_dspark.json")
+    with pytest.raises(FileNotFoundError, match="speed_dspark.json"):
         repro_report.write_report(str(results), str(tmp_path / "docs"))
+
+
+def test_report_without_another_drafters_speed(tmp_path):
+    """Only DSpark's speed run is required: a drafter without one is named as such and left out of the table."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    os.remove(results / "speed_dflash.json")
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert "DFlash has no speed run" in page and "Eagle3 has no speed run" not in page
+    assert "| 1 | DFlash |" not in page and "| 1 | Eagle3 |" in page and "`bench dflash`" not in page
+    assert not (docs / "results" / "speed_dflash.json").exists()
+
+
+def test_report_copies_name_the_run_folders(tmp_path):
+    """The copied results write the run machine's work folder and target as $WORK and $GGUF."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    config = json.loads((results / "train_dspark_config.json").read_text())
+    config.update(output_dir="/remote/work/runs/dspark", target="/remote/smollm2.gguf")
+    (results / "train_dspark_config.json").write_text(json.dumps(config))
+    evaluation = json.loads((results / "eval_dspark_T1.0.json").read_text())
+    evaluation.update(draft="/remote/work/runs/dspark/draft", target="/remote/smollm2.gguf")
+    (results / "eval_dspark_T1.0.json").write_text(json.dumps(evaluation))
+    repro_report.write_report(str(results), str(docs))
+    copied = json.loads((docs / "results" / "eval_dspark_T1.0.json").read_text())
+    assert copied["draft"] == "$WORK/runs/dspark/draft" and copied["target"] == "$GGUF"
+    assert copied["datasets"] == evaluation["datasets"]
+    config = json.loads((docs / "results" / "train_dspark_config.json").read_text())
+    assert config["output_dir"] == "$WORK/runs/dspark" and config["target"] == "$GGUF"
 
 
 def test_report_training_rows_after_a_resume(tmp_path):
