@@ -26,9 +26,10 @@ The SPS table counts the target's time only. When the draft's own pass is a real
 round (a small target, a weak draft, a large batch), speculating can lose to plain decoding
 whatever the verify lengths. Given the draft's seconds per pass (`draft_seconds`, by row
 count), `speculation_pays` decides before a round is drafted whether it should be: it
-compares the best expected tokens per second of a speculative round, from the confidences
-of the last round drafted, with an autoregressive step's (r rows at SPS(r)). The decision
-uses only earlier rounds, so it never biases the output.
+prices the round the scheduler would run on the confidences of the last round drafted (its
+expected tokens, its verify pass as wide as it runs, the draft's pass) against an
+autoregressive step's (r rows at SPS(r)). The decision uses only earlier rounds, so it never
+biases the output.
 """
 
 from __future__ import annotations
@@ -91,30 +92,6 @@ def _lengths(order, admitted_sorted, shape) -> jax.Array:
     """Per-sequence count of admitted candidates (a prefix of its slots, by construction)."""
     admitted = jnp.zeros(order.shape, bool).at[order].set(admitted_sorted)
     return jnp.sum(admitted.reshape(shape), axis=1).astype(jnp.int32)
-
-
-def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.Array:
-    """Whether the next round should draft (bool scalar): always, unless the scheduler knows
-    the draft's cost (`draft_seconds[r - 1]` for r rows); then whether the best expected
-    tokens per second of a speculative round, over every admission count of the candidates
-    of last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row that
-    has not drafted yet, which counts as the mean of the active rows that have, or as sure
-    acceptance when none has), beats r * SPS(r). (The autoregressive side leaves out the
-    draft's small pass that takes in the new position. With no active row: True.)"""
-    if getattr(scheduler, "draft_seconds", None) is None:
-        return jnp.asarray(True)
-    sps = jnp.asarray(scheduler.sps, jnp.float32)
-    known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
-    seen = active[:, None] & known
-    mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
-    prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
-    last_conf = jnp.where(known, last_conf, prior[None, :])
-    _, a_sorted, valid = _admission_order(survival(last_conf, scheduler.temperatures), active)
-    tau, tokens, exists = _expected_tokens(a_sorted, valid, active)
-    r = jnp.sum(active)
-    draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]
-    speculative = jnp.where(exists, tau / (1.0 / _sps_at(sps, tokens) + draft), -jnp.inf)
-    return (r == 0) | (jnp.max(speculative) > r * _sps_at(sps, r))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +172,53 @@ class FixedScheduler:
 
     def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
         return jnp.where(active, min(self.gamma, conf_logits.shape[1]), 0).astype(jnp.int32)
+
+
+def verify_widths(gamma: int, scheduler) -> list[int]:
+    """Widths of a round's verify pass (tokens per row; a round runs the smallest that holds
+    every row's 1 + L): with a confidence scheduler, the powers of two up to gamma + 1, so
+    shorter verification is also cheaper; with a fixed verify length g, exactly g + 1; with
+    none, gamma + 1."""
+    if scheduler is None:
+        return [gamma + 1]
+    if isinstance(scheduler, FixedScheduler):
+        return [min(scheduler.gamma, gamma) + 1]
+    return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
+
+
+def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.Array:
+    """Whether the next round should draft (bool scalar): always, unless the scheduler knows
+    the draft's cost (`draft_seconds[r - 1]` for r rows). Then the round the scheduler would
+    run on last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row
+    that has not drafted yet, which counts as the mean of the active rows that have, or as
+    sure acceptance when none has) is priced as it runs: its verify lengths L as the scheduler
+    picks them, E = r + the survivals they admit expected tokens, a verify pass r * w tokens
+    wide (w: the smallest verify width holding max(L) + 1) and the draft's pass; drafting pays
+    when E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r). (The
+    autoregressive side leaves out the draft's small pass that takes in the new position. With
+    no active row: True.)"""
+    if getattr(scheduler, "draft_seconds", None) is None:
+        return jnp.asarray(True)
+    sps = jnp.asarray(scheduler.sps, jnp.float32)
+    known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
+    seen = active[:, None] & known
+    mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
+    prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
+    last_conf = jnp.where(known, last_conf, prior[None, :])
+    if isinstance(scheduler, AsyncPrefixScheduler):  # its budget, were these confidences two rounds old
+        length, _ = scheduler.step(last_conf, active, (last_conf, last_conf))
+    else:
+        length = scheduler(last_conf, active)
+    length = jnp.where(active, length, 0)
+    g = last_conf.shape[1]
+    a = survival(last_conf, scheduler.temperatures)  # [B, G]
+    r = jnp.sum(active)
+    expected = r + jnp.sum(jnp.where(jnp.arange(g)[None, :] < length[:, None], a, 0.0))
+    widths = jnp.asarray(verify_widths(g, scheduler))
+    width = widths[jnp.searchsorted(widths, jnp.max(length) + 1)]
+    draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]
+    speculative = expected / (1.0 / _sps_at(sps, r * width) + draft)
+    return (r == 0) | (speculative > r * _sps_at(sps, r))
 
 
 def scheduler_from_table(kind: str, table: dict, temperatures=None):

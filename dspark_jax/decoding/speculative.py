@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify, verify_logits
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, FixedScheduler, speculation_pays
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays, verify_widths
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
@@ -243,17 +243,6 @@ def prefill(target, draft, scheduler, target_params, draft_params, tokens, lengt
         jnp.ones((b,), bool), zeros - 1, zeros, max_new, sampling, keys, stop_ids)
 
 
-def _verify_widths(gamma: int, scheduler) -> list[int]:
-    """Verify-pass widths: with a scheduler, the smallest power of two (or G + 1) that holds
-    every row's 1 + L tokens, so shorter verification is also cheaper; a fixed verify length g,
-    exactly g + 1."""
-    if scheduler is None:
-        return [gamma + 1]
-    if isinstance(scheduler, FixedScheduler):
-        return [min(scheduler.gamma, gamma) + 1]
-    return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
-
-
 def _verify_step(target, params, cache, candidates, num_new, taps, widths):
     """(logits [B, G + 1, V], taps [B, G + 1, n, H], cache) of the candidates [B, G + 1]."""
     g1 = candidates.shape[1]
@@ -334,7 +323,7 @@ def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeSta
     candidates = jnp.concatenate([s.anchor[:, None], prop.tokens], axis=1)  # [B, G + 1]
     logits, vtaps, tcache = _verify_step(target, target_params, s.target_cache, candidates,
                                          jnp.where(active, length + 1, 0), draft.config.target_layer_ids,
-                                         _verify_widths(g, scheduler))
+                                         verify_widths(g, scheduler))
     if target.config.attention == "pallas" and not s.sampling.filtered:  # the kernels' setting: fused rejection
         verdict = verify_logits(keys, prop.tokens, prop.probs, logits, s.sampling.temperature, length)
     else:

@@ -24,9 +24,11 @@ from dspark_jax.sampling import SamplingParams
 
 
 def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
-    """SPS(B) for B = 1..max_tokens, linear between measured B, flat outside them."""
+    """SPS(B) for B = 1..max_tokens, linear between measured B, flat outside them. A measured
+    rate below that of a larger B is raised to it (a pass of B tokens can always run padded
+    to the larger one), so one slow sample cannot price a small pass above a large one."""
     xs = np.asarray(sorted(measured), float)
-    ys = np.asarray([measured[int(x)] for x in xs], float)
+    ys = np.maximum.accumulate(np.asarray([measured[int(x)] for x in xs], float)[::-1])[::-1]
     return np.interp(np.arange(1, max_tokens + 1), xs, ys).tolist()
 
 
@@ -68,7 +70,8 @@ def profile_draft_seconds(draft, concurrencies, context: int) -> tuple[float, ..
     measured = {c: draft_seconds(draft, batch=c, context=context, capacity=context + gamma + 2,
                                  sampling=SamplingParams.rows(c), steps=8, reps=3) for c in concurrencies}
     xs = sorted(measured)
-    return tuple(np.interp(np.arange(1, max(xs) + 1), xs, [measured[x] for x in xs]).tolist())
+    seconds = np.minimum.accumulate(np.asarray([measured[x] for x in xs])[::-1])[::-1]  # r rows cost at most more rows do
+    return tuple(np.interp(np.arange(1, max(xs) + 1), xs, seconds).tolist())
 
 
 def save_table(table: dict, path: str) -> None:

@@ -23,13 +23,19 @@ from dspark_jax.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+WARMUP_SECONDS = 0.2  # an accelerator idle through a compile needs a moment to come back to its clocks
+
+
 def timed(fn, *, warmup: int = 3, reps: int = 7, iters: int = 10) -> float:
-    """Median seconds per call of fn() (fn must block on its result); the first call compiles."""
+    """Median seconds per call of fn() (fn must block on its result); the first call compiles,
+    and warm-up runs at least `warmup` calls and WARMUP_SECONDS after it."""
     start = time.perf_counter()
     fn()
     logger.info(f"  first call {time.perf_counter() - start:.1f} s")
-    for _ in range(warmup - 1):
+    start, calls = time.perf_counter(), 1
+    while calls < warmup or time.perf_counter() - start < WARMUP_SECONDS:
         fn()
+        calls += 1
     samples = []
     for _ in range(reps):
         start = time.perf_counter()

@@ -52,23 +52,27 @@ def test_prefix_scheduler_matches_algorithm1(early_stop):
         np.testing.assert_array_equal(ours, algorithm1(conf, active, sps, early_stop), err_msg=str(trial))
 
 
-def pays(conf, active, sps, draft_seconds):
-    """Whether drafting pays, by enumeration in float64: the best tokens/s of a drafted round
-    over every admission count of the candidates (descending survival) against r * SPS(r). A
+def pays(conf, active, sps, draft_seconds, asynchronous):
+    """Whether drafting pays, in float64: the round the scheduler would run on these
+    confidences (Algorithm 1's lengths; the asynchronous scheduler's are the global maximum's)
+    priced as it runs, expected tokens over the verify pass (r rows times the smallest power of
+    two, capped at G + 1, that holds max(L) + 1) plus the draft's pass, against r * SPS(r). A
     row without history (NaN) counts as the mean of the active rows with one (else as sure)."""
     conf = np.asarray(conf, np.float64)
     seen = [i for i in range(len(conf)) if active[i] and not np.isnan(conf[i, 0])]
     prior = np.mean(conf[seen], axis=0) if seen else np.full(conf.shape[1], 30.0)
     conf = np.asarray([prior if np.isnan(c[0]) else c for c in conf])
-    a = np.cumprod(1 / (1 + np.exp(-conf)), axis=1)
     r = int(np.sum(active))
     if r == 0:
         return True
-    survivals = sorted((a[i, j] for i in range(len(a)) for j in range(a.shape[1]) if active[i]), reverse=True)
+    length = algorithm1(conf, active, sps, early_stop=not asynchronous)
+    a = np.cumprod(1 / (1 + np.exp(-conf)), axis=1)
+    expected = r + sum(a[i, j] for i in range(len(a)) for j in range(length[i]) if active[i])
+    g = conf.shape[1]
+    width = min(w for w in [2, 4, 8, 16] + [g + 1] if w >= max(length) + 1 and w <= g + 1)
     sps_at = lambda b: sps[min(max(b, 1), len(sps)) - 1]
     draft = draft_seconds[min(max(r, 1), len(draft_seconds)) - 1]
-    best = max((r + sum(survivals[:n])) / (1 / sps_at(r + n) + draft) for n in range(len(survivals) + 1))
-    return best > r * sps_at(r)
+    return expected / (1 / sps_at(r * width) + draft) > r * sps_at(r)
 
 
 def test_speculation_pays_matches_enumeration():
@@ -84,7 +88,7 @@ def test_speculation_pays_matches_enumeration():
         sched = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds) if trial % 2 else PrefixScheduler(
             sps, draft_seconds=draft_seconds)
         ours = bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray(active)))
-        assert ours == pays(conf, active, sps, draft_seconds), trial
+        assert ours == pays(conf, active, sps, draft_seconds, asynchronous=bool(trial % 2)), trial
         outcomes.append(ours)
     assert 0.2 < np.mean(outcomes) < 0.8  # both answers occur
     # without the draft's cost the scheduler always drafts

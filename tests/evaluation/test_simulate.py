@@ -5,6 +5,7 @@ import pytest
 
 from dspark_jax.decoding.generate import GenerationResult
 from dspark_jax.evaluation.simulate import Trace, simulate, throughput, trace_from_result
+from dspark_jax.evaluation import sps as sps_module
 from dspark_jax.evaluation.sps import interpolate, profile_sps
 
 
@@ -16,6 +17,18 @@ def test_throughput_by_hand():
 
 def test_interpolate():
     assert interpolate({2: 10.0, 6: 2.0}, 7) == [10.0, 10.0, 8.0, 6.0, 4.0, 2.0, 2.0]
+    # a rate measured below a larger B's (a slow first sample) is raised to it
+    assert interpolate({1: 8.0, 2: 9.0, 4: 10.0, 8: 5.0}, 8) == [10.0, 10.0, 10.0, 10.0, 8.75, 7.5, 6.25, 5.0]
+
+
+
+def test_draft_seconds_never_fall_with_more_rows(monkeypatch):
+    """profile_draft_seconds interpolates in rows; a pass timed slower than one over more rows
+    (a cold device) is lowered to it."""
+    timed = {1: 3.0, 2: 1.0, 4: 2.0}  # seconds by row count, the first one slow
+    monkeypatch.setattr(sps_module, "draft_seconds", lambda draft, batch, **kw: timed[batch])
+    draft = type("Draft", (), {"config": type("Config", (), {"block_size": 3})()})()
+    assert sps_module.profile_draft_seconds(draft, [1, 2, 4], context=16) == (1.0, 1.0, 1.5, 2.0)
 
 
 def synthetic_trace(n, rng, gamma=6):
