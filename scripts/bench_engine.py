@@ -9,10 +9,12 @@ For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; fixed:
 draft verifying its first g tokens, through the narrower verify pass; sched: the draft
 with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
 with the draft's seconds per pass, so that it also skips drafting where drafting does not pay;
-sched-always: the same scheduler without the draft's cost, drafting every round) and each
+async: the same with the asynchronous scheduler, its budget from confidences two rounds old;
+sched-always: the prefix scheduler without the draft's cost, drafting every round) and each
 concurrency c, a closed loop keeps c requests in flight: --num-prompts requests (default 4c, at
 least 16), each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
-EOS ignored, so all modes produce the same amount of text. Before each measured loop the same
+EOS ignored, so all modes produce the same amount of text, at --temperature (0: greedy; each
+request sampled with its own seed otherwise). Before each measured loop the same
 loop runs once to compile the engine's programs, and the run waits for the compilations it
 started; programs compiled during the measured loop and steps that waited for one are
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
@@ -44,7 +46,7 @@ from benchlib import requests_per_level, step_profile
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
-from dspark_jax.decoding.scheduler import PrefixScheduler, scheduler_from_spec
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, scheduler_from_spec
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
 from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
@@ -98,9 +100,10 @@ def closed_loop(engine: Engine, prompts, concurrency: int, total: int, params: S
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
 
 
-def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
+def static_baseline(target, prompts, batch: int, max_tokens: int, temperature: float) -> float:
     """Output tokens/s of `generate` on `batch` prompts at once, compilation excluded."""
-    run = lambda: generate(target, None, prompts[:batch], max_new_tokens=max_tokens, temperature=0.0, stop_ids=())
+    run = lambda: generate(target, None, prompts[:batch], max_new_tokens=max_tokens, temperature=temperature,
+                           stop_ids=())
     run()
     start = time.perf_counter()
     tokens = sum(map(len, run().tokens))
@@ -108,9 +111,9 @@ def static_baseline(target, prompts, batch: int, max_tokens: int) -> float:
 
 
 def mode_name(text: str) -> str:
-    if text in ("ar", "fixed", "sched", "sched-always") or re.fullmatch(r"fixed:[1-9]\d*", text):
+    if text in ("ar", "fixed", "sched", "async", "sched-always") or re.fullmatch(r"fixed:[1-9]\d*", text):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r}: expected ar, fixed, fixed:<g> (g >= 1), sched or sched-always")
+    raise argparse.ArgumentTypeError(f"{text!r}: expected ar, fixed, fixed:<g> (g >= 1), sched, async or sched-always")
 
 
 def main(argv=None) -> None:
@@ -121,17 +124,18 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", help="a {\"turns\": [...]} prompt file (default: random token prompts)")
     p.add_argument("--prompt-len", type=int, default=128, help="random prompts' length")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16))")
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], type=mode_name,
-                   help="ar, fixed, fixed:<g>, sched, sched-always")
+                   help="ar, fixed, fixed:<g>, sched, async, sched-always")
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
                    help="async: plan each step while the previous one runs; sync: one step at a time")
     p.add_argument("--scheduler-steps", type=int, nargs="+", default=[1],
                    help="the engine's num_scheduler_steps values to run (decoding rounds per step)")
-    p.add_argument("--sps", help="for sched: an SPS table to use (a file with an \"sps\" list, and the draft's "
-                                 "\"draft_seconds\" unless they are to be profiled, such as an earlier run's --out) "
-                                 "instead of profiling one")
+    p.add_argument("--sps", help="for sched and async: an SPS table to use (a file with an \"sps\" list, and the "
+                                 "draft's \"draft_seconds\" unless they are to be profiled, such as an earlier run's "
+                                 "--out) instead of profiling one")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
@@ -166,14 +170,14 @@ def main(argv=None) -> None:
     draft = draft_from_spec(args.draft, target, args.dtype) if set(args.modes) - {"ar"} else None
     gamma = 0 if draft is None else draft.config.block_size
     temperatures = None if args.draft.startswith("random:") else load_sts(args.draft)  # as serve.py uses them
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     mean_prompt = int(np.mean([len(x) for x in prompts]))
     results = {"device": jax.devices()[0].device_kind, "tensor_parallel": args.tensor_parallel,
                "target": args.target, "draft": args.draft,
-               "max_tokens": args.max_tokens, "mean_prompt": mean_prompt, "rows": []}
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "mean_prompt": mean_prompt, "rows": []}
     levels, context = sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2
     schedulers = {}
-    if {"sched", "sched-always"} & set(args.modes):
+    if {"sched", "async", "sched-always"} & set(args.modes):
         table = load_table(args.sps) if args.sps else {}
         sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))
         draft_seconds = tuple(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
@@ -181,9 +185,11 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:  # the table, for --sps of a later run, even if this one is cut short
             json.dump(results, f, indent=1)
         schedulers = {"sched": PrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
+                      "async": AsyncPrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
                       "sched-always": PrefixScheduler(sps, temperatures)}
     if args.static_batch:
-        results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens)
+        results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens,
+                                                         args.temperature)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
     # what is loaded (as serve.py does; each engine below stays collectable, to free its pool)
     seconds, frozen = freeze_heap()
@@ -221,7 +227,8 @@ def main(argv=None) -> None:
         engine.close()
         del engine  # its KV pool, before the next engine sizes its own
     print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, "
-          f"draft {args.draft}, {args.max_tokens} tokens per request, mean prompt {mean_prompt}")
+          f"draft {args.draft}, {args.max_tokens} tokens per request at T = {args.temperature}, "
+          f"mean prompt {mean_prompt}")
     print(f"a full garbage collection over the loaded heap ({results['heap_objects']} objects, then frozen): "
           f"{results['heap_collect_ms']:.0f} ms")
     if "static_tokens_per_s" in results:

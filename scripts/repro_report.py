@@ -130,37 +130,43 @@ def fmt(values, digits: int = 3) -> str:
     return " | ".join("n/a" if v is None or v != v else f"{v:.{digits}f}" for v in values)
 
 
-def live_table(results: str, commands: dict) -> list[str]:
-    """The scheduler live (the `live` stage's bench_e2e.py runs, one per batch size): each decoder's tokens/s
-    against AR of the same run; per batch, the schedulers against the best fixed verify length."""
-    names = (re.fullmatch(r"live_b(\d+)\.json", os.path.basename(p)) for p in glob.glob(os.path.join(results, "*")))
-    runs = sorted((int(m.group(1)), load(results, m.group(0))) for m in names if m)
-    if not runs:
+def live_name(mode: str, gamma: int) -> str:
+    """A bench_engine.py mode as the live table names it."""
+    if mode == "fixed":
+        mode = f"fixed:{gamma}"
+    return {"ar": "AR", "sched": "prefix (Algorithm 1)", "async": "async"}.get(mode, mode.replace("fixed:", "fixed "))
+
+
+def live_table(results: str, commands: dict, gamma: int) -> list[str]:
+    """The scheduler live (the `live` stage's bench_engine.py run, if any): each mode's tokens/s at
+    each concurrency against AR's; per concurrency, the schedulers against the best fixed length."""
+    if not os.path.exists(os.path.join(results, "live.json")):
         return []
-    first = runs[0][1]
+    run = load(results, "live.json")
     lines = ["", "## The scheduler live", "",
-             f"`generate` at each batch size on mt-bench prompts ({first['max_new_tokens']} new tokens, T = "
-             f"{first['temperature']}, {first['device']}): DSpark verifying its whole block, a fixed number of draft "
-             "tokens, and Algorithm 1 (prefix) and its asynchronous form over the SPS table of that concurrency, "
-             "each against autoregressive decoding in the same run. Commands: "
-             + "; ".join(f"`{commands[f'live_b{b}']}`" for b, _ in runs) + ".", "",
-             "| batch | decoder | tokens/s | vs AR | tau | verified per round |", "|---|---|---|---|---|---|"]
-    summary = ["", "| batch | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
-               "prefix / AR |", "|---|---|---|---|---|---|"]
-    for b, run in runs:
-        entry = run["batches"][str(b)]
-        ar, drafts = entry["autoregressive"]["tokens_per_s"], entry["drafts"]
-        lines.append(f"| {b} | AR | {ar:.1f} | 1.00 | | |")
-        shown = lambda name: "dspark, whole block" if name == "dspark" else name
-        for name, d in drafts.items():
-            lines.append(f"| {b} | {shown(name)} | {d['tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['tau']:.2f} | "
-                         f"{d['verified_per_round']:.2f} |")
-        fixed = {name: d["tokens_per_s"] for name, d in drafts.items()
-                 if name == "dspark" or name.startswith("dspark fixed:")}  # every fixed verify length
+             f"The serving engine under a closed loop of c requests at a time on mt-bench prompts ({run['max_tokens']} "
+             f"tokens each, T = {run['temperature']}, {run['device']}): AR, DSpark verifying a fixed number of draft "
+             "tokens in every round, and Algorithm 1 (prefix) and its asynchronous form with the draft's cost, which "
+             "also skip drafting where it does not pay, each against AR in the same run. Command: "
+             f"`{commands['live']}`.", "",
+             "| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted |",
+             "|---|---|---|---|---|---|---|"]
+    summary = ["", "| concurrency | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
+               "prefix / AR | async / AR |", "|---|---|---|---|---|---|---|"]
+    for c in sorted({row["concurrency"] for row in run["rows"]}):
+        rows = {row["mode"]: row for row in run["rows"] if row["concurrency"] == c}
+        ar = rows["ar"]["tokens_per_s"]
+        for mode, row in rows.items():
+            undrafted = "" if mode == "ar" else f"{row['undrafted']:.0%}"
+            lines.append(f"| {c} | {live_name(mode, gamma)} | {row['tokens_per_s']:.1f} | "
+                         f"{row['tokens_per_s'] / ar:.2f} | {row['tpot_p50_ms']:.2f} | {row['tokens_per_round']:.2f} | "
+                         f"{undrafted} |")
+        fixed = {mode: row["tokens_per_s"] for mode, row in rows.items() if mode.startswith("fixed")}
         best = max(fixed, key=fixed.get)
-        ratio = lambda kind: drafts[f"dspark {kind}"]["tokens_per_s"] / fixed[best]
-        summary.append(f"| {b} | {ar:.1f} | {shown(best)} ({fixed[best]:.1f}) | {ratio('prefix'):.3f} | "
-                       f"{ratio('async'):.3f} | {drafts['dspark prefix']['tokens_per_s'] / ar:.3f} |")
+        rate = lambda mode: rows[mode]["tokens_per_s"]
+        summary.append(f"| {c} | {ar:.1f} | {live_name(best, gamma)} ({fixed[best]:.1f}) | "
+                       f"{rate('sched') / fixed[best]:.3f} | {rate('async') / fixed[best]:.3f} | "
+                       f"{rate('sched') / ar:.3f} | {rate('async') / ar:.3f} |")
     return lines + summary
 
 
@@ -185,7 +191,7 @@ def write_report(results: str, docs: str) -> str:
                  *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
                  *[f"train_{a}_config.json" for a in ALGORITHMS],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
-                 *[os.path.basename(p) for p in glob.glob(os.path.join(results, "live_b*.json"))]]:
+                 *(["live.json"] if os.path.exists(os.path.join(results, "live.json")) else [])]:
         copy_result(os.path.join(results, name), out_dir, run_folders(configs))
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
@@ -305,7 +311,7 @@ def write_report(results: str, docs: str) -> str:
         lines.append(f"| {r['concurrency']} | {r['no_speculation']:.1f} | {r['best_fixed']:.1f} "
                      f"(L={r['best_fixed_length']}) | {r['prefix']:.1f} | {r['async']:.1f} | "
                      f"{r['prefix'] / r['best_fixed']:.3f} |")
-    lines += live_table(results, commands)
+    lines += live_table(results, commands, gamma)
     path = os.path.join(docs, "results.md")
     analysis = ""  # the hand-written part of an earlier page survives a rewrite
     if os.path.exists(path):

@@ -26,9 +26,10 @@ report uses, logs/ the output of every command, results/commands.json the comman
               drafter, each with its own AR baseline)
   schedule    SPS tables of this device for SmolLM2 at concurrency 1..256 (with DSpark's seconds
               per pass), and the scheduler simulated on DSpark's trace against each
-  live        the scheduler live (scripts/bench_e2e.py --schedulers) at batch 1, 8, 32 and 64:
-              DSpark verifying its whole block (G tokens), a fixed 1..G-1, and the prefix and
-              async schedulers over the SPS table of the batch size, against AR in the same run
+  live        the scheduler live in the serving engine (scripts/bench_engine.py) at concurrency 1,
+              8, 32 and 64: DSpark verifying a fixed 1..G tokens, and the prefix and async
+              schedulers (which also skip drafting where it does not pay), against AR in the
+              same run
 
 `--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some
 drafters (DSpark's STS and scheduler stages run with DSpark), so that the study can run one
@@ -66,7 +67,7 @@ MAX_PROMPT_CHARS = 4000
 # Results of the stages after training a drafter (globs under results/): its evaluations and speed, and for
 # DSpark the STS fit, the calibration, the trace and the scheduler simulation too.
 STALE_AFTER_TRAINING = ("eval_{algorithm}_T*.json", "speed_{algorithm}.json")
-STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live_b*.json",
+STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live.json",
                       "sps_r*.json")  # the SPS tables hold the draft's seconds per pass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +87,7 @@ class Scale:
     speed_batches: tuple[int, ...]
     speed_new_tokens: int
     concurrency: tuple[int, ...]
-    live_batches: tuple[int, ...]  # a subset of concurrency (their SPS tables)
+    live_batches: tuple[int, ...]  # concurrency levels of the serving engine
     sps_context: int
     dtype: str
 
@@ -354,20 +355,22 @@ class Pipeline:
             json.dump({"rounds": len(trace.accepted), "sts_temperatures": temperatures, "rows": rows}, f, indent=1)
 
     def live(self) -> None:
+        """The serving engine (scripts/bench_engine.py) at each concurrency of the scale's live
+        batches, on mt-bench prompts at T = 1: AR, DSpark verifying a fixed 1..G tokens, and the
+        prefix and async schedulers with the draft's cost (over an SPS table the run profiles for
+        its concurrencies), which skip drafting on the host where it does not pay."""
         if "dspark" not in self.algorithms:
             return
         s = self.scale
         with open(os.path.join(self.results, "train_dspark_config.json")) as f:
             gamma = json.load(f)["block_size"]
-        for b in s.live_batches:  # one run per batch size, over 8 to 64 prompts (two batches where that fits)
-            out = os.path.join(self.results, f"live_b{b}.json")
-            sps = os.path.join(self.results, f"sps_r{b}.json")
-            self.once(f"live_b{b}", out, [
-                "scripts/bench_e2e.py", *self.target_args(), "--draft", f"dspark={self.draft_dir('dspark')}",
-                "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--num-prompts",
-                str(min(64, max(8, 2 * b))), "--batch-sizes", str(b), "--max-new-tokens", str(s.speed_new_tokens),
-                "--dtype", s.dtype, "--schedulers", "none", *[f"fixed:{g}" for g in range(1, gamma)],
-                f"prefix:{sps}", f"async:{sps}", "--out", out], draft="dspark")
+        out = os.path.join(self.results, "live.json")
+        self.once("live", out, [
+            "scripts/bench_engine.py", "--target", self.target or "smollm2", "--draft", self.draft_dir("dspark"),
+            "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--concurrency",
+            *map(str, s.live_batches), "--modes", "ar", *[f"fixed:{g}" for g in range(1, gamma)], "fixed", "sched",
+            "async", "--max-tokens", str(s.speed_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
+            "--static-batch", "0", "--dtype", s.dtype, "--out", out], draft="dspark")
 
     def run(self) -> None:
         for name in STAGES:

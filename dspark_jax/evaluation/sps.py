@@ -70,7 +70,8 @@ def profile_draft_seconds(draft, concurrencies, context: int) -> tuple[float, ..
     measured = {c: draft_seconds(draft, batch=c, context=context, capacity=context + gamma + 2,
                                  sampling=SamplingParams.rows(c), steps=8, reps=3) for c in concurrencies}
     xs = sorted(measured)
-    seconds = np.minimum.accumulate(np.asarray([measured[x] for x in xs])[::-1])[::-1]  # r rows cost at most more rows do
+    # r rows cost at most what more rows do (a slow first sample is lowered to the next one)
+    seconds = np.minimum.accumulate(np.asarray([measured[x] for x in xs])[::-1])[::-1]
     return tuple(np.interp(np.arange(1, max(xs) + 1), xs, seconds).tolist())
 
 

@@ -66,3 +66,18 @@ def test_bench_engine_fixed_verify_lengths(tmp_path):
     assert len(histogram) == 8 and histogram[1] > 0 and sum(histogram) == histogram[1]
     with pytest.raises(SystemExit):
         bench_engine.main(["--target", TINY, "--modes", "fixed:0"])
+
+
+@pytest.mark.slow  # CI runs the asynchronous scheduler through the engine's own tests
+def test_bench_engine_async_scheduler_at_temperature(tmp_path):
+    """The async mode serves every request with the asynchronous scheduler and the draft's
+    profiled cost, sampling at --temperature."""
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--target", TINY, "--draft", "random:dspark", "--modes", "async", "--concurrency", "2",
+                       "--max-tokens", "8", "--prompt-len", "16", "--static-batch", "0", "--kv-memory", "10000000",
+                       "--temperature", "1.0", "--dtype", "float32", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["temperature"] == 1.0 and len(results["draft_seconds"]) == 2 and min(results["draft_seconds"]) > 0
+    [row] = results["rows"]
+    assert row["mode"] == "async" and row["tokens"] == 16 * 8 and 0.0 <= row["undrafted"] <= 1.0
+    assert row["tokens_per_round"] >= 1.0

@@ -86,20 +86,13 @@ def _write_results(results):
                   "drafts": {a: {"tokens_per_s": drafted, "speedup": drafted / ar, "ideal_speedup": 3.0, "tau": 4.5,
                                  "draft_ms": 1.0, "verify_ms": 2.0}}}}})
     w("sps_r1.json", {"device": "SPS GPU", "sps": [1.0]})
-    live = {"dspark": 150.0, "dspark fixed:1": 130.0, "dspark fixed:2": 160.0, "dspark prefix": 176.0,
-            "dspark async": 168.0}  # and at batch 2, the whole block is the best fixed length
-    w("live_b1.json", {"device": "Test GPU", "max_new_tokens": 8, "temperature": 1.0, "batches": {"1": {
-        "autoregressive": {"tokens_per_s": 80.0, "step_ms": 2.0},
-        "drafts": {name: {"tokens_per_s": t, "speedup": t / 80.0, "tau": 2.5, "verified_per_round": 2.0}
-                   for name, t in live.items()}}}})
-    commands["live_b1"] = "bench live 1"
-    live2 = {**live, "dspark": 200.0}
-    w("live_b2.json", {"device": "Test GPU", "max_new_tokens": 8, "temperature": 1.0, "batches": {"2": {
-        "autoregressive": {"tokens_per_s": 100.0, "step_ms": 2.0},
-        "drafts": {name: {"tokens_per_s": t, "speedup": t / 100.0, "tau": 2.5, "verified_per_round": 2.0}
-                   for name, t in live2.items()}}}})
-    w("live_b2_old.json", {})  # not a result file: left alone
-    commands["live_b2"] = "bench live 2"
+    live = {1: {"ar": 80.0, "fixed:1": 130.0, "fixed:2": 160.0, "fixed": 150.0, "sched": 176.0, "async": 168.0},
+            2: {"ar": 100.0, "fixed:1": 130.0, "fixed:2": 160.0, "fixed": 200.0, "sched": 176.0, "async": 168.0}}
+    rows = [{"mode": mode, "concurrency": c, "tokens_per_s": t, "tpot_p50_ms": 1.5,
+             "tokens_per_round": 1.0 if mode == "ar" else 2.5, "undrafted": 0.0 if mode == "ar" else 0.25}
+            for c, modes in live.items() for mode, t in modes.items()]
+    w("live.json", {"device": "Test GPU", "max_tokens": 8, "temperature": 1.0, "rows": rows})  # as bench_engine writes
+    commands["live"] = "bench live"
     w("simulation.json", {"rounds": 50, "rows": [{"concurrency": 1, "no_speculation": 10.0, "best_fixed": 30.0,
                                                    "best_fixed_length": 7, "prefix": 33.0, "async": 31.0}]})
     w("commands.json", commands)
@@ -120,12 +113,14 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
     assert "devices: Other GPU, Test GPU" in page and "SPS tables measured on the SPS GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
-    assert "| 1 | dspark fixed:2 | 160.0 | 2.00 | 2.50 | 2.00 |" in page and "`bench live 1`" in page
-    assert "| 1 | 80.0 | dspark fixed:2 (160.0) | 1.100 | 1.050 | 2.200 |" in page
-    assert "| 2 | 100.0 | dspark, whole block (200.0) | 0.880 | 0.840 | 1.760 |" in page
-    assert "| 2 | dspark, whole block | 200.0 | 2.00 | 2.50 | 2.00 |" in page
+    assert "| 1 | fixed 2 | 160.0 | 2.00 | 1.50 | 2.50 | 25% |" in page and "Command: `bench live`" in page
+    assert "| 1 | AR | 80.0 | 1.00 | 1.50 | 1.00 |  |" in page
+    assert "| 1 | 80.0 | fixed 2 (160.0) | 1.100 | 1.050 | 2.200 | 2.100 |" in page
+    assert f"| 2 | 100.0 | fixed {GAMMA} (200.0) | 0.880 | 0.840 | 1.760 | 1.680 |" in page  # the whole block
+    assert "| 2 | prefix (Algorithm 1) | 176.0 | 1.76 | 1.50 | 2.50 | 25% |" in page
     assert "2 optimizer steps of 64 sequences" in page
-    for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json"):
+    for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json",
+                 "live.json"):
         assert (docs / "results" / name).exists()
     # a rewrite keeps the hand-written analysis
     with open(docs / "results.md", "a") as f:
@@ -293,7 +288,7 @@ def test_a_signal_to_the_pipeline_reaches_its_command_once(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_live_runs_every_fixed_length_and_both_schedulers_per_batch(tmp_path):
+def test_live_runs_the_engine_with_every_fixed_length_and_both_schedulers(tmp_path):
     args = SimpleNamespace(scale="smoke", work=str(tmp_path / "work"), data=str(tmp_path), target=None, train_set=[],
                            algorithms=["dspark"])
     pipeline = repro_smollm2.Pipeline(args)
@@ -307,9 +302,12 @@ def test_live_runs_every_fixed_length_and_both_schedulers_per_batch(tmp_path):
 
     pipeline.command = fake
     pipeline.live()
-    assert sorted(ran) == ["live_b1", "live_b2"]
-    argv = ran["live_b2"]
-    schedulers = argv[argv.index("--schedulers") + 1: argv.index("--out")]
-    sps = str(tmp_path / "work" / "results" / "sps_r2.json")
-    assert schedulers == ["none", "fixed:1", "fixed:2", f"prefix:{sps}", f"async:{sps}"]  # none verifies all 3
-    assert argv[argv.index("--batch-sizes") + 1] == "2"
+    [(name, argv)] = ran.items()
+    assert name == "live" and argv[0] == "scripts/bench_engine.py"
+    assert argv[argv.index("--modes") + 1: argv.index("--max-tokens")] == ["ar", "fixed:1", "fixed:2", "fixed", "sched",
+                                                                           "async"]  # fixed verifies all 3
+    assert argv[argv.index("--concurrency") + 1: argv.index("--modes")] == ["1", "2"]
+    assert argv[argv.index("--temperature") + 1] == "1.0" and argv[argv.index("--draft") + 1] == pipeline.draft_dir(
+        "dspark")
+    pipeline.live()  # done: not run again
+    assert len(ran) == 1
