@@ -20,6 +20,8 @@ started; programs compiled during the measured loop and steps that waited for on
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
 engine's mean wall time per step (`step_ms`) and the share of the loop it spent stepping
 (`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both).
+--out is rewritten after every level; `--resume` continues a run of the same command cut short
+from the rows it holds.
 Once the models are loaded the heap is frozen, as serve.py freezes it; the full garbage
 collection before that is timed (`heap_collect_ms`, over `heap_objects` objects): what an
 unfrozen process would pay at an unforeseen step.
@@ -37,7 +39,9 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -110,6 +114,18 @@ def static_baseline(target, prompts, batch: int, max_tokens: int, temperature: f
     return tokens / (time.perf_counter() - start)
 
 
+def earlier_run(path: str, command: list[str]) -> dict:
+    """What a run of the same command cut short wrote to `path` (for --resume; {} if nothing)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("command") != command:
+        raise SystemExit(f"--resume: {path} was written by another command ({earlier.get('command')}); remove it "
+                         "or run that command again")
+    return earlier
+
+
 def mode_name(text: str) -> str:
     if text in ("ar", "fixed", "sched", "async", "sched-always") or re.fullmatch(r"fixed:[1-9]\d*", text):
         return text
@@ -146,7 +162,12 @@ def main(argv=None) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="split the target and the draft over this many devices (a tensor mesh axis)")
     p.add_argument("--out", default="bench_engine.json")
-    args = p.parse_args(argv)
+    p.add_argument("--resume", action="store_true",
+                   help="go on with a run of the same command cut short: keep the rows, the SPS table and the static "
+                        "baseline an existing --out holds, and run only what is missing")
+    command = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(command)
+    earlier = earlier_run(args.out, command) if args.resume else {}
 
     import jax
 
@@ -172,13 +193,14 @@ def main(argv=None) -> None:
     temperatures = None if args.draft.startswith("random:") else load_sts(args.draft)  # as serve.py uses them
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     mean_prompt = int(np.mean([len(x) for x in prompts]))
-    results = {"device": jax.devices()[0].device_kind, "tensor_parallel": args.tensor_parallel,
+    results = {"command": command, "device": jax.devices()[0].device_kind, "tensor_parallel": args.tensor_parallel,
                "target": args.target, "draft": args.draft,
-               "max_tokens": args.max_tokens, "temperature": args.temperature, "mean_prompt": mean_prompt, "rows": []}
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "mean_prompt": mean_prompt,
+               "rows": earlier.get("rows", [])}
     levels, context = sorted(set(args.concurrency)), mean_prompt + args.max_tokens // 2
     schedulers = {}
     if {"sched", "async", "sched-always"} & set(args.modes):
-        table = load_table(args.sps) if args.sps else {}
+        table = load_table(args.sps) if args.sps else earlier
         sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))
         draft_seconds = tuple(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
         results["sps"], results["draft_seconds"] = sps, draft_seconds
@@ -188,23 +210,25 @@ def main(argv=None) -> None:
                       "async": AsyncPrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
                       "sched-always": PrefixScheduler(sps, temperatures)}
     if args.static_batch:
-        results["static_tokens_per_s"] = static_baseline(target, prompts, args.static_batch, args.max_tokens,
-                                                         args.temperature)
+        results["static_tokens_per_s"] = earlier.get("static_tokens_per_s") or static_baseline(
+            target, prompts, args.static_batch, args.max_tokens, args.temperature)
         log.info("static generate, batch %d: %.0f tokens/s", args.static_batch, results["static_tokens_per_s"])
     # what is loaded (as serve.py does; each engine below stays collectable, to free its pool)
     seconds, frozen = freeze_heap()
     results["heap_collect_ms"], results["heap_objects"] = 1e3 * seconds, frozen
     log.info("a full garbage collection over the loaded heap (%d objects, then frozen) took %.0f ms", frozen,
              1e3 * seconds)
-    for kernels, mode, scheduling, rounds in itertools.product(args.kernels, args.modes, args.scheduling,
-                                                               args.scheduler_steps):
+    runs = [(setting, c) for setting in itertools.product(args.kernels, args.modes, args.scheduling,
+                                                          args.scheduler_steps) for c in args.concurrency]
+    remaining = runs[len(results["rows"]):]  # in order: a resumed run's rows are the first ones
+    for (kernels, mode, scheduling, rounds), group in itertools.groupby(remaining, key=lambda run: run[0]):
         engine = Engine(target, None if mode == "ar" else draft,
                         scheduler=scheduler_from_spec(mode) if mode.startswith("fixed:") else schedulers.get(mode),
                         max_num_seqs=max(args.concurrency), page_size=args.page_size,
                         kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
                         max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
                         num_scheduler_steps=rounds, kernels=kernels, mesh=mesh)
-        for c in args.concurrency:
+        for _, c in group:
             total = args.num_prompts or requests_per_level(c)
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             engine.wait_for_programs()  # and the shapes it ran padded meanwhile

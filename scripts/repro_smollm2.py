@@ -358,7 +358,8 @@ class Pipeline:
         """The serving engine (scripts/bench_engine.py) at each concurrency of the scale's live
         batches, on mt-bench prompts at T = 1: AR, DSpark verifying a fixed 1..G tokens, and the
         prefix and async schedulers with the draft's cost (over an SPS table the run profiles for
-        its concurrencies), which skip drafting on the host where it does not pay."""
+        its concurrencies), which skip drafting on the host where it does not pay. A run cut short
+        goes on from the levels it finished (bench_engine.py --resume)."""
         if "dspark" not in self.algorithms:
             return
         s = self.scale
@@ -370,7 +371,7 @@ class Pipeline:
             "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--concurrency",
             *map(str, s.live_batches), "--modes", "ar", *[f"fixed:{g}" for g in range(1, gamma)], "fixed", "sched",
             "async", "--max-tokens", str(s.speed_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
-            "--static-batch", "0", "--dtype", s.dtype, "--out", out], draft="dspark")
+            "--static-batch", "0", "--dtype", s.dtype, "--out", out, "--resume"], draft="dspark")
 
     def run(self) -> None:
         for name in STAGES:

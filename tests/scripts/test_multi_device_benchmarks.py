@@ -81,3 +81,25 @@ def test_bench_engine_async_scheduler_at_temperature(tmp_path):
     [row] = results["rows"]
     assert row["mode"] == "async" and row["tokens"] == 16 * 8 and 0.0 <= row["undrafted"] <= 1.0
     assert row["tokens_per_round"] >= 1.0
+
+
+@pytest.mark.slow  # a benchmark's own bookkeeping; CI runs the engine it drives
+def test_bench_engine_resumes_a_run_cut_short(tmp_path):
+    """--resume keeps the rows an earlier run of the same command wrote and runs only the rest;
+    another command's file is refused."""
+    out = tmp_path / "engine.json"
+    argv = ["--target", TINY, "--draft", "random:dspark", "--modes", "ar", "fixed:1", "--concurrency", "2",
+            "--max-tokens", "4", "--prompt-len", "8", "--num-prompts", "4", "--static-batch", "0", "--kv-memory",
+            "10000000", "--dtype", "float32", "--out", str(out), "--resume"]
+    bench_engine.main(argv)
+    results = json.loads(out.read_text())
+    assert [row["mode"] for row in results["rows"]] == ["ar", "fixed:1"]
+    results["rows"] = results["rows"][:1]  # cut short after the first level
+    results["rows"][0]["tokens_per_s"] = -1.0  # a mark that only a kept row carries
+    out.write_text(json.dumps(results))
+    bench_engine.main(argv)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["ar", "fixed:1"] and rows[0]["tokens_per_s"] == -1.0
+    assert rows[1]["tokens_per_s"] > 0 and rows[1]["tokens"] == 4 * 4
+    with pytest.raises(SystemExit, match="written by another command"):
+        bench_engine.main([a if a != "fixed:1" else "fixed:2" for a in argv])
