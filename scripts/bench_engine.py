@@ -114,15 +114,19 @@ def static_baseline(target, prompts, batch: int, max_tokens: int, temperature: f
     return tokens / (time.perf_counter() - start)
 
 
-def earlier_run(path: str, command: list[str]) -> dict:
-    """What a run of the same command cut short wrote to `path` (for --resume; {} if nothing)."""
+def earlier_run(path: str, command: list[str], device: str) -> dict:
+    """What a run of the same command (--resume aside) on the same kind of device, cut short,
+    wrote to `path` (for --resume; {} if nothing)."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         earlier = json.load(f)
-    if earlier.get("command") != command:
+    same = lambda argv: [a for a in argv if a != "--resume"]
+    if same(earlier.get("command") or []) != same(command):
         raise SystemExit(f"--resume: {path} was written by another command ({earlier.get('command')}); remove it "
                          "or run that command again")
+    if earlier.get("device") != device:
+        raise SystemExit(f"--resume: {path} holds rows measured on {earlier.get('device')}, not on this {device}")
     return earlier
 
 
@@ -167,9 +171,10 @@ def main(argv=None) -> None:
                         "baseline an existing --out holds, and run only what is missing")
     command = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(command)
-    earlier = earlier_run(args.out, command) if args.resume else {}
 
     import jax
+
+    earlier = earlier_run(args.out, command, jax.devices()[0].device_kind) if args.resume else {}
 
     mesh = None
     if args.tensor_parallel > 1 and "pallas" in args.kernels:

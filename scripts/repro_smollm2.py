@@ -67,7 +67,7 @@ MAX_PROMPT_CHARS = 4000
 # Results of the stages after training a drafter (globs under results/): its evaluations and speed, and for
 # DSpark the STS fit, the calibration, the trace and the scheduler simulation too.
 STALE_AFTER_TRAINING = ("eval_{algorithm}_T*.json", "speed_{algorithm}.json")
-STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live.json",
+STALE_AFTER_DSPARK = ("sts_fit.json", "simulation.json", "trace_dspark.npz", "calibration", "live.json*",
                       "sps_r*.json")  # the SPS tables hold the draft's seconds per pass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -186,17 +186,18 @@ def verify_widths(gamma: int, scheduler) -> list[int]:
     return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
 
 
-def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.Array:
+def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, scheduler_state=None) -> jax.Array:
     """Whether the next round should draft (bool scalar): always, unless the scheduler knows
     the draft's cost (`draft_seconds[r - 1]` for r rows). Then the round the scheduler would
     run on last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row
     that has not drafted yet, which counts as the mean of the active rows that have, or as
     sure acceptance when none has) is priced as it runs: its verify lengths L as the scheduler
-    picks them, E = r + the survivals they admit expected tokens, a verify pass r * w tokens
-    wide (w: the smallest verify width holding max(L) + 1) and the draft's pass; drafting pays
-    when E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r). (The
-    autoregressive side leaves out the draft's small pass that takes in the new position. With
-    no active row: True.)"""
+    picks them (the asynchronous one with the budget its `scheduler_state` already fixes),
+    E = r + the survivals they admit expected tokens, a verify pass r * w tokens wide (w: the
+    smallest verify width holding max(L) + 1) and the draft's pass; drafting pays when
+    E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r). (Both sides count
+    the r active rows only, not a batch's padding rows; the autoregressive side leaves out the
+    draft's small pass that takes in the new position. With no active row: True.)"""
     if getattr(scheduler, "draft_seconds", None) is None:
         return jnp.asarray(True)
     sps = jnp.asarray(scheduler.sps, jnp.float32)
@@ -205,8 +206,9 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array) -> jax.
     mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
     prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
     last_conf = jnp.where(known, last_conf, prior[None, :])
-    if isinstance(scheduler, AsyncPrefixScheduler):  # its budget, were these confidences two rounds old
-        length, _ = scheduler.step(last_conf, active, (last_conf, last_conf))
+    if isinstance(scheduler, AsyncPrefixScheduler):  # the budget from confidences two rounds old
+        length, _ = scheduler.step(last_conf, active, (last_conf, last_conf) if scheduler_state is None
+                                   else scheduler_state)
     else:
         length = scheduler(last_conf, active)
     length = jnp.where(active, length, 0)

@@ -368,7 +368,7 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
         undrafted = lambda _: _undrafted(target, draft, target_params, draft_params, s, active, keys, catch_up,
                                          PROBE_DRIFT if drafting is None else 0.0)
         if drafting is None and getattr(scheduler, "draft_seconds", None) is not None:
-            speculate = speculation_pays(scheduler, s.last_confidence, active)
+            speculate = speculation_pays(scheduler, s.last_confidence, active, s.scheduler_state)
             branch = jax.lax.cond(speculate, drafted, undrafted, None)
         else:
             speculate = jnp.asarray(drafting is not False)

@@ -98,7 +98,7 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         rows = flush_pending(draft, draft_params, rows, ~rows.done)
     rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
                                                      drafting=drafting, catch_up=catch_up), rows, length=num_rounds)
-    pays = speculation_pays(scheduler, rows.last_confidence, ~rows.done)
+    pays = speculation_pays(scheduler, rows.last_confidence, ~rows.done, rows.scheduler_state)
     # rows that did not run keep their state as it was (a row just prefilled waits for its first round)
     keep = lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(
         running.reshape((cap,) + (1,) * (new.ndim - 1)), new, old)

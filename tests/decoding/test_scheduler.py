@@ -52,12 +52,14 @@ def test_prefix_scheduler_matches_algorithm1(early_stop):
         np.testing.assert_array_equal(ours, algorithm1(conf, active, sps, early_stop), err_msg=str(trial))
 
 
-def pays(conf, active, sps, draft_seconds, asynchronous):
+def pays(conf, active, sps, draft_seconds, older=None):
     """Whether drafting pays, in float64: the round the scheduler would run on these
-    confidences (Algorithm 1's lengths; the asynchronous scheduler's are the global maximum's)
-    priced as it runs, expected tokens over the verify pass (r rows times the smallest power of
-    two, capped at G + 1, that holds max(L) + 1) plus the draft's pass, against r * SPS(r). A
-    row without history (NaN) counts as the mean of the active rows with one (else as sure)."""
+    confidences priced as it runs, expected tokens over the verify pass (r rows times the
+    smallest power of two, capped at G + 1, that holds max(L) + 1) plus the draft's pass,
+    against r * SPS(r). Lengths L: Algorithm 1's; with `older` (the asynchronous scheduler's
+    confidences two rounds old), the K most surviving candidates, K the global maximum's count
+    over `older`. A row without history (NaN) counts as the mean of the active rows with one
+    (else as sure)."""
     conf = np.asarray(conf, np.float64)
     seen = [i for i in range(len(conf)) if active[i] and not np.isnan(conf[i, 0])]
     prior = np.mean(conf[seen], axis=0) if seen else np.full(conf.shape[1], 30.0)
@@ -65,8 +67,15 @@ def pays(conf, active, sps, draft_seconds, asynchronous):
     r = int(np.sum(active))
     if r == 0:
         return True
-    length = algorithm1(conf, active, sps, early_stop=not asynchronous)
     a = np.cumprod(1 / (1 + np.exp(-conf)), axis=1)
+    if older is None:
+        length = algorithm1(conf, active, sps)
+    else:
+        budget = int(np.sum(algorithm1(older, active, sps, early_stop=False)))
+        cands = sorted((-a[i, j], j, i) for i in range(len(a)) for j in range(a.shape[1]) if active[i] and a[i, j] > 0)
+        length = np.zeros(len(a), int)
+        for _, j, i in cands[:budget]:
+            length[i] = max(length[i], j + 1)
     expected = r + sum(a[i, j] for i in range(len(a)) for j in range(length[i]) if active[i])
     g = conf.shape[1]
     width = min(w for w in [2, 4, 8, 16] + [g + 1] if w >= max(length) + 1 and w <= g + 1)
@@ -75,7 +84,7 @@ def pays(conf, active, sps, draft_seconds, asynchronous):
     return expected / (1 / sps_at(r * width) + draft) > r * sps_at(r)
 
 
-def test_speculation_pays_matches_enumeration():
+def test_speculation_pays_matches_a_float64_reference():
     rng = np.random.default_rng(1)
     outcomes = []
     for trial in range(24):
@@ -85,14 +94,30 @@ def test_speculation_pays_matches_enumeration():
         active = rng.uniform(size=r) < 0.85
         sps = random_sps(rng, r * (g + 1))
         draft_seconds = tuple(rng.uniform(0.0, 1.5, r).tolist())
-        sched = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds) if trial % 2 else PrefixScheduler(
-            sps, draft_seconds=draft_seconds)
-        ours = bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray(active)))
-        assert ours == pays(conf, active, sps, draft_seconds, asynchronous=bool(trial % 2)), trial
+        if trial % 2:  # the asynchronous scheduler, its budget from older confidences
+            older = rng.normal(0.5, 2.5, (r, g)).astype(np.float32)
+            sched, state = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds), (jnp.asarray(older), None)
+        else:
+            older, sched, state = None, PrefixScheduler(sps, draft_seconds=draft_seconds), None
+        ours = bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray(active), state))
+        assert ours == pays(conf, active, sps, draft_seconds, older), trial
         outcomes.append(ours)
     assert 0.2 < np.mean(outcomes) < 0.8  # both answers occur
     # without the draft's cost the scheduler always drafts
     assert bool(speculation_pays(PrefixScheduler(sps), jnp.full((1, 2), -30.0), jnp.asarray([True])))
+
+
+def test_speculation_pays_prices_the_verify_pass_as_wide_as_it_runs():
+    """One row, Algorithm 1 admits 4 sure slots (5 tokens, SPS 1); the round verifies 8 wide,
+    past a cliff in the table (SPS 0.3). Priced at 5 tokens, drafting would pay (4.82 tokens in
+    1 + 2 s against 1 token/s); at 8 it does not (4.82 in 3.33 + 2 s)."""
+    conf = np.asarray([[4.0, 4.0, 4.0, 4.0, -4.0, -4.0, -4.0]], np.float32)
+    sps = (1.0,) * 5 + (0.3,) * 11
+    sched = PrefixScheduler(sps, draft_seconds=(2.0,))
+    np.testing.assert_array_equal(sched(jnp.asarray(conf), jnp.asarray([True])), [4])
+    assert not bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray([True])))
+    assert not pays(conf, [True], sps, (2.0,))
+    assert bool(speculation_pays(PrefixScheduler(sps, draft_seconds=(0.5,)), jnp.asarray(conf), jnp.asarray([True])))
 
 
 def test_tables_carry_the_drafts_cost(tmp_path):

@@ -86,7 +86,7 @@ def test_bench_engine_async_scheduler_at_temperature(tmp_path):
 @pytest.mark.slow  # a benchmark's own bookkeeping; CI runs the engine it drives
 def test_bench_engine_resumes_a_run_cut_short(tmp_path):
     """--resume keeps the rows an earlier run of the same command wrote and runs only the rest;
-    another command's file is refused."""
+    another command's file, or one written on another kind of device, is refused."""
     out = tmp_path / "engine.json"
     argv = ["--target", TINY, "--draft", "random:dspark", "--modes", "ar", "fixed:1", "--concurrency", "2",
             "--max-tokens", "4", "--prompt-len", "8", "--num-prompts", "4", "--static-batch", "0", "--kv-memory",
@@ -103,3 +103,7 @@ def test_bench_engine_resumes_a_run_cut_short(tmp_path):
     assert rows[1]["tokens_per_s"] > 0 and rows[1]["tokens"] == 4 * 4
     with pytest.raises(SystemExit, match="written by another command"):
         bench_engine.main([a if a != "fixed:1" else "fixed:2" for a in argv])
+    results = json.loads(out.read_text())
+    out.write_text(json.dumps({**results, "device": "another GPU"}))
+    with pytest.raises(SystemExit, match="measured on another GPU"):
+        bench_engine.main(argv)

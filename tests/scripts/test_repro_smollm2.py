@@ -197,7 +197,7 @@ def test_training_keeps_one_budget_and_clears_stale_results(tmp_path):
 
     pipeline.command = fake_train
     results = tmp_path / "work" / "results"
-    kept = ["eval_dspark_T1.0.json", "sts_fit.json", "speed_eagle3.json"]
+    kept = ["eval_dspark_T1.0.json", "sts_fit.json", "speed_eagle3.json", "live.json.tmp"]  # a live run cut short
     for name in kept + ["eval_dflash_T1.0.json", "speed_dflash.json"]:
         (results / name).write_text("{}")
     pipeline.train()
