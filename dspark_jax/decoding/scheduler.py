@@ -192,7 +192,8 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     run on last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row
     that has not drafted yet, which counts as the mean of the active rows that have, or as
     sure acceptance when none has) is priced as it runs: its verify lengths L as the scheduler
-    picks them (the asynchronous one with the budget its `scheduler_state` already fixes),
+    picks them (the asynchronous one with the budget its `scheduler_state`, required for it,
+    already fixes),
     E = r + the survivals they admit expected tokens, a verify pass r * w tokens wide (w: the
     smallest verify width holding max(L) + 1) and the draft's pass; drafting pays when
     E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r). (Both sides count
@@ -207,8 +208,7 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
     last_conf = jnp.where(known, last_conf, prior[None, :])
     if isinstance(scheduler, AsyncPrefixScheduler):  # the budget from confidences two rounds old
-        length, _ = scheduler.step(last_conf, active, (last_conf, last_conf) if scheduler_state is None
-                                   else scheduler_state)
+        length, _ = scheduler.step(last_conf, active, scheduler_state)
     else:
         length = scheduler(last_conf, active)
     length = jnp.where(active, length, 0)
