@@ -24,10 +24,10 @@ report uses, logs/ the output of every command, results/commands.json the comman
               diagrams and the trace for the scheduler simulation
   speed       scripts/bench_e2e.py: AR against each drafter at batch 1 and 32 (one run per
               drafter, each with its own AR baseline)
-  schedule    SPS tables of this device for SmolLM2 at concurrency 1..256 (with DSpark's seconds
-              per pass), and the scheduler simulated on DSpark's trace against each
+  schedule    SPS tables of this device for SmolLM2 at concurrency 1, 4, 16, 64 and 256 (with
+              DSpark's seconds per pass), and the scheduler simulated on DSpark's trace against each
   live        the scheduler live in the serving engine (scripts/bench_engine.py) at concurrency 1,
-              8, 32 and 64: DSpark verifying a fixed 1..G tokens, and the prefix and async
+              4, 16 and 64: DSpark verifying a fixed 1..G tokens, and the prefix and async
               schedulers (which also skip drafting where it does not pay), against AR in the
               same run
 
@@ -104,7 +104,7 @@ SCALES = {
                   datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
-                  concurrency=(1, 2, 4, 8, 16, 32, 64, 128, 256), live_batches=(1, 8, 32, 64), sps_context=1024,
+                  concurrency=(1, 4, 16, 64, 256), live_batches=(1, 4, 16, 64), sps_context=1024,
                   dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
