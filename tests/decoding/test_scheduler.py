@@ -1,5 +1,7 @@
 """Verify-length schedulers against a loop transcription of Algorithm 1, and Appendix A."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,13 +44,15 @@ def random_sps(rng, n):
 
 @pytest.mark.parametrize("early_stop", [True, pytest.param(False, marks=pytest.mark.slow)])  # CI: the default
 def test_prefix_scheduler_matches_algorithm1(early_stop):
+    """20 random shapes, tables and confidences; jitted, as decoding runs it (one program per
+    trial: compiling each operation eagerly for every new shape would cost more)."""
     rng = np.random.default_rng(0)
     for trial in range(20):
         r, g = rng.integers(1, 9), rng.integers(1, 8)
         conf = rng.normal(1.0, 2.0, (r, g)).astype(np.float32)
         active = rng.uniform(size=r) < 0.85
         sps = random_sps(rng, r * (g + 1))
-        ours = PrefixScheduler(sps, early_stop=early_stop)(jnp.asarray(conf), jnp.asarray(active))
+        ours = jax.jit(PrefixScheduler(sps, early_stop=early_stop))(jnp.asarray(conf), jnp.asarray(active))
         np.testing.assert_array_equal(ours, algorithm1(conf, active, sps, early_stop), err_msg=str(trial))
 
 
@@ -85,6 +89,7 @@ def pays(conf, active, sps, draft_seconds, older=None):
 
 
 def test_speculation_pays_matches_a_float64_reference():
+    """24 random rounds, half of them with the asynchronous scheduler; jitted, as decoding runs it."""
     rng = np.random.default_rng(1)
     outcomes = []
     for trial in range(24):
@@ -99,7 +104,7 @@ def test_speculation_pays_matches_a_float64_reference():
             sched, state = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds), (jnp.asarray(older), None)
         else:
             older, sched, state = None, PrefixScheduler(sps, draft_seconds=draft_seconds), None
-        ours = bool(speculation_pays(sched, jnp.asarray(conf), jnp.asarray(active), state))
+        ours = bool(jax.jit(functools.partial(speculation_pays, sched))(jnp.asarray(conf), jnp.asarray(active), state))
         assert ours == pays(conf, active, sps, draft_seconds, older), trial
         outcomes.append(ours)
     assert 0.2 < np.mean(outcomes) < 0.8  # both answers occur
