@@ -239,8 +239,9 @@ def test_undrafted_rounds_keep_the_draft_context_complete(flush_first):
                               jnp.asarray([len(c) for c in context]), jnp.ones((b,), bool),
                               jnp.asarray([c[-1] for c in committed]), jnp.zeros((b,), jnp.int32), max_new, sampling,
                               keys, stops)
-    proposals = [draft.model.propose(draft.params, s.draft_cache, s.pending_features, s.pending_next, s.pending_count,
-                                     s.anchor, keys, sampling)[0] for s in (state, fresh)]
+    propose = jax.jit(draft.model.propose)  # one program for both states (eagerly, each operation compiles)
+    proposals = [propose(draft.params, s.draft_cache, s.pending_features, s.pending_next, s.pending_count, s.anchor,
+                         keys, sampling)[0] for s in (state, fresh)]
     np.testing.assert_array_equal(proposals[0].tokens, proposals[1].tokens)
     np.testing.assert_allclose(proposals[0].confidence, proposals[1].confidence, atol=1e-4)
     np.testing.assert_allclose(proposals[0].probs, proposals[1].probs, atol=1e-5)
