@@ -446,8 +446,10 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
 def test_a_request_runs_to_the_end_of_the_context(rounds):
     """Planning on the tokens steps in flight may commit never asks for pages past a request's
     last position: a prompt plus max_tokens filling max_model_len, whose pages end exactly
-    where a verify block after the last token does, in a pool with pages to spare."""
-    eng = tiny_engine("dspark", num_pages=40, num_scheduler_steps=rounds)
+    where a verify block after the last token does, in a pool with pages to spare (SMALL's: 8
+    usable, 4 needed; block tables 4 pages wide, as in the greedy test above, whose programs
+    this engine shares)."""
+    eng = tiny_engine("dspark", max_model_len=4 * SMALL["page_size"] - 5, num_scheduler_steps=rounds)
     prompt = PROMPTS[0][:10]
     max_tokens = eng.max_model_len - len(prompt)
     assert (eng.max_model_len + eng.gamma + 1) % eng.page_size == 0 and eng.gamma >= 3
