@@ -111,7 +111,8 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path):
     train.py run (both in fresh processes with the same environment)."""
     extra = ["max_steps=30", "save_every=10", "log_every=5"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS from tests/conftest.py are inherited
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the later runs load every program
 
     def command(config):
         return [sys.executable, "train.py", "--config", "configs/demo_tiny.py", "--set", *SMALL, *extra,
