@@ -36,6 +36,7 @@ one device's, are refused there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -50,7 +51,7 @@ from benchlib import requests_per_level, step_profile
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, scheduler_from_spec
+from dspark_jax.decoding.scheduler import scheduler_from_spec, scheduler_from_table
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
 from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
@@ -206,14 +207,15 @@ def main(argv=None) -> None:
     schedulers = {}
     if {"sched", "async", "sched-always"} & set(args.modes):
         table = load_table(args.sps) if args.sps else earlier
-        sps = tuple(table.get("sps") or profile_serving_sps(target, gamma, levels, context))
-        draft_seconds = tuple(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
-        results["sps"], results["draft_seconds"] = sps, draft_seconds
+        sps = {key: table[key] for key in ("sps", "sps_rows") if table.get(key)}
+        results.update(sps or profile_serving_sps(target, gamma, levels, context))
+        results["draft_seconds"] = list(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
         with open(args.out, "w") as f:  # the table, for --sps of a later run, even if this one is cut short
             json.dump(results, f, indent=1)
-        schedulers = {"sched": PrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
-                      "async": AsyncPrefixScheduler(sps, temperatures, draft_seconds=draft_seconds),
-                      "sched-always": PrefixScheduler(sps, temperatures)}
+        schedulers = {"sched": scheduler_from_table("prefix", results, temperatures),
+                      "async": scheduler_from_table("async", results, temperatures),
+                      "sched-always": dataclasses.replace(scheduler_from_table("prefix", results, temperatures),
+                                                          draft_seconds=None)}
     if args.static_batch:
         results["static_tokens_per_s"] = earlier.get("static_tokens_per_s") or static_baseline(
             target, prompts, args.static_batch, args.max_tokens, args.temperature)

@@ -22,6 +22,13 @@ information available before slot j's token was drawn, so speculative decoding s
   (the fixed-gamma baselines of the paper's Figure 7; the verify pass is then g + 1 tokens wide,
   not the whole block's).
 
+A table is the paper's one curve, sps[B - 1] steps/s at B verify tokens (measured at one
+concurrency), or a serving engine's table (`sps_rows` given): sps[i][w - 1] steps/s of
+sps_rows[i] rows verifying w tokens each, so that a round's price depends on how many rows
+carry its tokens (at a fixed B, fewer rows read less of the KV cache). The engine's
+concurrency changes from step to step, and one curve over B would mix passes of different
+row counts.
+
 The SPS table counts the target's time only. When the draft's own pass is a real share of a
 round (a small target, a weak draft, a large batch), speculating can lose to plain decoding
 whatever the verify lengths. Given the draft's seconds per pass (`draft_seconds`, by row
@@ -54,9 +61,42 @@ def survival(conf_logits: jax.Array, temperatures: Sequence[float] | None) -> ja
     return jnp.cumprod(jax.nn.sigmoid(c), axis=1)
 
 
-def _sps_at(sps: jax.Array, batch_tokens: jax.Array) -> jax.Array:
-    """SPS(B) from a table indexed by B - 1 (the last entry for larger B)."""
-    return sps[jnp.clip(batch_tokens - 1, 0, sps.shape[0] - 1)]
+def check_table(sps, sps_rows) -> None:
+    """Raises a ValueError naming the key unless (sps, sps_rows) is a table of the module doc."""
+    if sps_rows is None:
+        if not sps or any(isinstance(x, (tuple, list)) for x in sps):
+            raise ValueError("sps: expected a non-empty list of steps/s, one per verify token count (a list of curves "
+                             "needs sps_rows)")
+        return
+    if len(sps_rows) != len(sps) or not sps_rows or list(sps_rows) != sorted(set(sps_rows)) or sps_rows[0] < 1:
+        raise ValueError(f"sps_rows: expected increasing row counts >= 1, one per curve of sps ({len(sps)} curves), "
+                         f"got {list(sps_rows)}")
+    if any(not isinstance(curve, (tuple, list)) or len(curve) != len(sps[0]) or not curve for curve in sps):
+        raise ValueError("sps: with sps_rows, expected one list of steps/s per row count (w = 1, 2, ... tokens per "
+                         "row), all of the same length")
+
+
+def _rates(scheduler, rows: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Steps/s of a verify pass of `tokens` tokens (an array) carried by `rows` active rows, from
+    the scheduler's table: the paper's curve sps[B - 1] (the last entry for larger B), or a
+    serving table read at w = tokens / rows tokens per row, its seconds interpolated linearly
+    in w and then in the row count (flat outside the measured counts)."""
+    sps = jnp.asarray(scheduler.sps, jnp.float32)
+    if scheduler.sps_rows is None:
+        return sps[jnp.clip(tokens - 1, 0, sps.shape[0] - 1)]
+    seconds = 1.0 / sps  # [C, W]: C measured row counts, w = 1..W tokens per row
+    count, w_max = seconds.shape
+    r = jnp.maximum(rows, 1).astype(jnp.float32)
+    width = jnp.clip(tokens / r, 1.0, w_max)
+    lo = jnp.floor(width).astype(jnp.int32)
+    f = width - lo
+    per_count = seconds[:, lo - 1] * (1 - f) + seconds[:, jnp.minimum(lo, w_max - 1)] * f  # [C, *tokens.shape]
+    if count == 1:
+        return 1.0 / per_count[0]
+    counts = jnp.asarray(scheduler.sps_rows, jnp.float32)
+    i = jnp.clip(jnp.searchsorted(counts, r), 1, count - 1)  # counts[i - 1] < r <= counts[i] inside the range
+    g = jnp.clip((r - counts[i - 1]) / (counts[i] - counts[i - 1]), 0.0, 1.0)
+    return 1.0 / (per_count[i - 1] * (1 - g) + per_count[i] * g)
 
 
 def _admission_order(a: jax.Array, active: jax.Array):
@@ -82,10 +122,10 @@ def _expected_tokens(a_sorted, valid, active) -> tuple[jax.Array, jax.Array, jax
     return tau, r + jnp.arange(n + 1), jnp.concatenate([jnp.ones(1, bool), valid])
 
 
-def _throughputs(a_sorted, valid, active, sps) -> jax.Array:
+def _throughputs(a_sorted, valid, active, scheduler) -> jax.Array:
     """Expected throughput after admitting 0, 1, ..., B*G candidates in order: [B*G + 1]."""
     tau, tokens, exists = _expected_tokens(a_sorted, valid, active)
-    return jnp.where(exists, tau * _sps_at(sps, tokens), -jnp.inf)
+    return jnp.where(exists, tau * _rates(scheduler, jnp.sum(active), tokens), -jnp.inf)
 
 
 def _lengths(order, admitted_sorted, shape) -> jax.Array:
@@ -97,18 +137,23 @@ def _lengths(order, admitted_sorted, shape) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class PrefixScheduler:
     """Algorithm 1 over a profiled table: sps[B - 1] = target steps per second at B verify
-    tokens; draft_seconds[r - 1] = seconds of the draft's pass over r rows (optional: lets
-    `speculation_pays` skip drafting when it does not pay)."""
+    tokens, or with sps_rows a serving table (module doc); draft_seconds[r - 1] = seconds of
+    the draft's pass over r rows (optional: lets `speculation_pays` skip drafting when it does
+    not pay)."""
 
-    sps: tuple[float, ...]
+    sps: tuple[float, ...] | tuple[tuple[float, ...], ...]
     temperatures: tuple[float, ...] | None = None
     early_stop: bool = True
     draft_seconds: tuple[float, ...] | None = None
+    sps_rows: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        check_table(self.sps, self.sps_rows)
 
     def __call__(self, conf_logits: jax.Array, active: jax.Array) -> jax.Array:
         a = survival(conf_logits, self.temperatures)
         order, a_sorted, valid = _admission_order(a, active)
-        theta = _throughputs(a_sorted, valid, active, jnp.asarray(self.sps, jnp.float32))
+        theta = _throughputs(a_sorted, valid, active, self)
         if self.early_stop:
             rising = theta[1:] > theta[:-1]
             count = jnp.sum(jnp.cumprod(rising.astype(jnp.int32)))  # admit until the first drop
@@ -122,12 +167,16 @@ class AsyncPrefixScheduler:
     """Budget from confidences two rounds old, then top-K of the current candidates.
 
     Stateful across rounds: `init_state(batch, gamma)` then `(lengths, state) = step(...)`.
-    draft_seconds as in `PrefixScheduler`.
+    The table and draft_seconds as in `PrefixScheduler`.
     """
 
-    sps: tuple[float, ...]
+    sps: tuple[float, ...] | tuple[tuple[float, ...], ...]
     temperatures: tuple[float, ...] | None = None
     draft_seconds: tuple[float, ...] | None = None
+    sps_rows: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        check_table(self.sps, self.sps_rows)
 
     def init_state(self, batch: int, gamma: int) -> tuple[jax.Array, jax.Array]:
         """No history yet: budgets from an all-confident past (verify everything)."""
@@ -136,9 +185,8 @@ class AsyncPrefixScheduler:
 
     def step(self, conf_logits, active, state):
         older, old = state
-        sps = jnp.asarray(self.sps, jnp.float32)
         _, past_sorted, past_valid = _admission_order(survival(older, self.temperatures), active)
-        budget = jnp.argmax(_throughputs(past_sorted, past_valid, active, sps))
+        budget = jnp.argmax(_throughputs(past_sorted, past_valid, active, self))
         order, _, valid = _admission_order(survival(conf_logits, self.temperatures), active)
         admitted = (jnp.arange(order.shape[0]) < budget) & valid
         return _lengths(order, admitted, conf_logits.shape), (old, conf_logits.astype(jnp.float32))
@@ -196,12 +244,12 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     already fixes),
     E = r + the survivals they admit expected tokens, a verify pass r * w tokens wide (w: the
     smallest verify width holding max(L) + 1) and the draft's pass; drafting pays when
-    E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r). (Both sides count
+    E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r), both SPS read for
+    r rows (`_rates`). (Both sides count
     the r active rows only, not a batch's padding rows; the autoregressive side leaves out the
     draft's small pass that takes in the new position. With no active row: True.)"""
     if getattr(scheduler, "draft_seconds", None) is None:
         return jnp.asarray(True)
-    sps = jnp.asarray(scheduler.sps, jnp.float32)
     known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
     seen = active[:, None] & known
     mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
@@ -219,15 +267,19 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     widths = jnp.asarray(verify_widths(g, scheduler))
     width = widths[jnp.searchsorted(widths, jnp.max(length) + 1)]
     draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]
-    speculative = expected / (1.0 / _sps_at(sps, r * width) + draft)
-    return (r == 0) | (speculative > r * _sps_at(sps, r))
+    speculative = expected / (1.0 / _rates(scheduler, r, r * width) + draft)
+    return (r == 0) | (speculative > r * _rates(scheduler, r, r))
 
 
 def scheduler_from_table(kind: str, table: dict, temperatures=None):
-    """A "prefix" or "async" scheduler over an SPS table (with its draft_seconds, if any)."""
+    """A "prefix" or "async" scheduler over an SPS table: {"sps": [...]} (the paper's curve) or
+    {"sps_rows": [...], "sps": [[...], ...]} (a serving table), with its draft_seconds if any."""
     draft = tuple(float(x) for x in table["draft_seconds"]) if table.get("draft_seconds") else None
     cls = PrefixScheduler if kind == "prefix" else AsyncPrefixScheduler
-    return cls(tuple(float(x) for x in table["sps"]), temperatures, draft_seconds=draft)
+    if table.get("sps_rows") is None:
+        return cls(tuple(float(x) for x in table["sps"]), temperatures, draft_seconds=draft)
+    return cls(tuple(tuple(float(x) for x in curve) for curve in table["sps"]), temperatures, draft_seconds=draft,
+               sps_rows=tuple(int(r) for r in table["sps_rows"]))
 
 
 def scheduler_from_spec(spec: str, temperatures=None):

@@ -7,9 +7,11 @@ a given concurrency R (R sequences against a cache of `context` positions each):
 linearly in B between those points. Tables are saved as JSON
 {"device", "concurrency", "context", "gamma", "measured": {B: steps/s}, "sps": [SPS(1), ...]}.
 
-A serving engine's table (`profile_serving_sps`) covers every batch size it runs, and may
-carry the draft's seconds per pass by row count ("draft_seconds", `profile_draft_seconds`),
-so that its scheduler can also skip drafting when drafting does not pay.
+A serving engine's table (`profile_serving_sps`) is measured at several concurrencies, one
+curve per row count ({"sps_rows": [c, ...], "sps": [[SPS at w = 1..gamma + 1 tokens per row],
+...]}; `decoding.scheduler` reads it for the rows a round has), and may carry the draft's
+seconds per pass by row count ("draft_seconds", `profile_draft_seconds`), so that its
+scheduler can also skip drafting when drafting does not pay.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import jax
 import numpy as np
 
+from dspark_jax.decoding.scheduler import check_table
 from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 from dspark_jax.sampling import SamplingParams
 
@@ -49,17 +52,20 @@ def profile_sps(target, *, concurrency: int, context: int, gamma: int, steps: in
     }
 
 
-def profile_serving_sps(target, gamma: int, concurrencies, context: int) -> tuple[float, ...]:
-    """SPS(B) for B = 1..max(c) * (gamma + 1), for a serving engine: verify steps/s measured at
-    every concurrency c and the verify widths the engine runs (powers of two up to gamma + 1
-    tokens per row), interpolated in B."""
-    measured = {}
+def profile_serving_sps(target, gamma: int, concurrencies, context: int) -> dict:
+    """A serving engine's table: verify steps/s of c rows verifying w tokens each, for every
+    concurrency c and w = 1..gamma + 1, measured at the widths the engine runs (powers of two up
+    to gamma + 1) and linear in seconds between them. A pass's seconds are lowered to those of
+    any wider pass or any pass of more rows (it can always run padded to one), so one slow
+    sample cannot price a small pass above a large one. Returns {"sps_rows", "sps"} (module doc)."""
     widths = sorted({min(1 << i, gamma + 1) for i in range((gamma + 1).bit_length() + 1)})
-    for c in concurrencies:
-        for q in widths:
-            measured[c * q] = 1.0 / verify_seconds(target, batch=c, tokens=q, context=context,
-                                                   capacity=context + gamma + 2, steps=8, reps=3)
-    return tuple(interpolate(measured, max(concurrencies) * (gamma + 1)))
+    rows = sorted(set(concurrencies))
+    seconds = np.asarray([[verify_seconds(target, batch=c, tokens=q, context=context, capacity=context + gamma + 2,
+                                          steps=8, reps=3) for q in widths] for c in rows])  # [C, widths]
+    seconds = np.minimum.accumulate(seconds[:, ::-1], axis=1)[:, ::-1]
+    seconds = np.minimum.accumulate(seconds[::-1], axis=0)[::-1]
+    every = np.stack([np.interp(np.arange(1, gamma + 2), widths, s) for s in seconds])  # [C, gamma + 1]
+    return {"sps_rows": rows, "sps": (1.0 / every).tolist()}
 
 
 def profile_draft_seconds(draft, concurrencies, context: int) -> tuple[float, ...]:
@@ -84,6 +90,10 @@ def load_table(path: str) -> dict:
     """A saved SPS table; raises a ValueError naming the file if it is not one."""
     with open(path) as f:
         table = json.load(f)
-    if not isinstance(table.get("sps"), list) or not table["sps"]:
+    if not isinstance(table, dict) or not isinstance(table.get("sps"), list) or not table["sps"]:
         raise ValueError(f"{path}: not an SPS table (no 'sps' list)")
+    try:
+        check_table(table["sps"], table.get("sps_rows"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return table

@@ -155,7 +155,7 @@ def make_scheduler(args, target, draft, temperatures):
     else:
         context = min(1024, target.config.max_position_embeddings // 2)
         levels = sorted({min(c, args.max_num_seqs) for c in (1, 4, 16, 64, 256)})
-        key = json.dumps([jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"),
+        key = json.dumps(["sps by rows", jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"),
                           os.path.abspath(args.draft), args.dtype, gamma, levels, context, args.tensor_parallel])
         path = os.path.join(cache_dir(), "sps", hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         if os.path.exists(path):
@@ -165,7 +165,7 @@ def make_scheduler(args, target, draft, temperatures):
             log.info("measuring verify steps/s and the draft's pass at concurrency %s (once; cached in %s)", levels,
                      path)
             table = {"device": jax.devices()[0].device_kind, "concurrency": levels, "context": context,
-                     "gamma": gamma, "sps": list(profile_serving_sps(target, gamma, levels, context)),
+                     "gamma": gamma, **profile_serving_sps(target, gamma, levels, context),
                      "draft_seconds": list(profile_draft_seconds(draft, levels, context))}
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_table(table, path)

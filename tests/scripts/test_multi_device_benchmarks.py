@@ -70,7 +70,8 @@ def test_bench_engine_fixed_verify_lengths(tmp_path):
 
 @pytest.mark.slow  # CI runs the asynchronous scheduler through the engine's own tests
 def test_bench_engine_async_scheduler_at_temperature(tmp_path):
-    """The async mode serves every request with the asynchronous scheduler and the draft's
+    """The async mode serves every request with the asynchronous scheduler over the serving
+    table it profiles (one curve for the one concurrency, w = 1..gamma + 1) and the draft's
     profiled cost, sampling at --temperature."""
     out = tmp_path / "engine.json"
     bench_engine.main(["--target", TINY, "--draft", "random:dspark", "--modes", "async", "--concurrency", "2",
@@ -78,6 +79,7 @@ def test_bench_engine_async_scheduler_at_temperature(tmp_path):
                        "--temperature", "1.0", "--dtype", "float32", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["temperature"] == 1.0 and len(results["draft_seconds"]) == 2 and min(results["draft_seconds"]) > 0
+    assert results["sps_rows"] == [2] and len(results["sps"]) == 1 and len(results["sps"][0]) == 8
     [row] = results["rows"]
     assert row["mode"] == "async" and row["tokens"] == 16 * 8 and 0.0 <= row["undrafted"] <= 1.0
     assert row["tokens_per_round"] >= 1.0
