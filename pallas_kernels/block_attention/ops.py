@@ -49,7 +49,7 @@ def block_attention(q: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array, ctx_len: j
         blocks = gpu.Blocks(block_q=tpu.BLOCK_Q, block_k=tpu.BLOCK_K)
         run = (tpu, None if here == "tpu" else TPU_INTERPRET)
     else:
-        blocks = blocks or pick_blocks(slots=slots, head_dim=d)
+        blocks = blocks or pick_blocks(slots=slots, head_dim=d, itemsize=q.dtype.itemsize)
         run = (gpu, here != "gpu")
     a_pad = -(-a // (blocks.block_q // slots)) * (blocks.block_q // slots)
 

@@ -102,6 +102,9 @@ def test_context_keys_are_scheduled_to_the_tiles_that_see_them():
 
 def test_tuning_takes_whole_blocks_per_tile():
     assert pick_blocks(slots=8, head_dim=128) == gpu.Blocks(block_q=128, block_k=128, num_warps=8)
+    # float32 halves the tiles to the bf16 tile's bytes (128 x 128 asked an H100 for 256 KiB of shared memory)
+    assert pick_blocks(slots=8, head_dim=128, itemsize=4) == gpu.Blocks(block_q=64, block_k=64, num_warps=8)
+    assert pick_blocks(slots=8, head_dim=64, itemsize=4) == pick_blocks(slots=8, head_dim=64)
     assert pick_blocks(slots=16, head_dim=256).block_q == 32
     assert pick_blocks(slots=128, head_dim=64).block_q == 128
 
