@@ -73,7 +73,7 @@ def test_scheduling_and_the_drafting_decision_use_the_curve_of_the_rounds_rows(k
         table = {"sps": sps, "sps_rows": rows, "draft_seconds": draft_seconds}
         sched = scheduler_from_table(kind, table)
         if kind == "prefix":
-            lengths = sched(jnp.asarray(conf), jnp.asarray(active))
+            lengths = jax.jit(sched)(jnp.asarray(conf), jnp.asarray(active))
             np.testing.assert_array_equal(lengths, algorithm1(conf, active, curve), err_msg=str(trial))
             older, state = None, None
         else:
