@@ -154,7 +154,8 @@ def main(argv=None) -> None:
                    help="async: plan each step while the previous one runs; sync: one step at a time")
     p.add_argument("--scheduler-steps", type=int, nargs="+", default=[1],
                    help="the engine's num_scheduler_steps values to run (decoding rounds per step)")
-    p.add_argument("--sps", help="for sched and async: an SPS table to use (a file with an \"sps\" list, and the "
+    p.add_argument("--sps", help="for sched and async: an SPS table to use (a file with \"sps\", one curve or one "
+                                 "per row count with \"sps_rows\", and the "
                                  "draft's \"draft_seconds\" unless they are to be profiled, such as an earlier run's "
                                  "--out) instead of profiling one")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")

@@ -77,7 +77,7 @@ def check_table(sps, sps_rows) -> None:
 
 
 def _rates(scheduler, rows: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Steps/s of a verify pass of `tokens` tokens (an array) carried by `rows` active rows, from
+    """Steps/s of a verify pass of `tokens` tokens (an array) carried by `rows` (a scalar) active rows, from
     the scheduler's table: the paper's curve sps[B - 1] (the last entry for larger B), or a
     serving table read at w = tokens / rows tokens per row, its seconds interpolated linearly
     in w and then in the row count (flat outside the measured counts)."""
