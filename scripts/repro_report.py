@@ -6,6 +6,7 @@ Copies the result files the page cites into <docs>/results/ (with the run machin
 written as $WORK and $GGUF, as in the commands) and draws two figures there:
 per-position conditional acceptance per eval set, and the training curves. Every number on
 the page is read from those files; the page names the command and device behind each table.
+Results without the schedule and live stages give the page without the scheduler's tables, saying so.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ def load(results: str, name: str):
         return json.load(f)
 
 
-def run_folders(configs: dict) -> dict[str, str]:
+def run_folders(configs: dict, speed: dict) -> dict[str, str]:
     """The run machines' folders, named as the commands name them: each drafter's work folder (two
-    above its output_dir) as $WORK and its target file as $GGUF."""
-    names = {}
+    above its output_dir) as $WORK, its target file as $GGUF, and the prompt folder a speed run
+    read ($DATA/eval/<set>.jsonl) as $DATA."""
+    names = {os.path.dirname(os.path.dirname(sp["prompts"])): "$DATA" for sp in speed.values()
+             if os.path.isabs(sp.get("prompts", ""))}
     for c in configs.values():
         if c.get("output_dir"):
             names[os.path.dirname(os.path.dirname(c["output_dir"]))] = "$WORK"
@@ -170,6 +173,27 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
     return lines + summary
 
 
+def scheduler_tables(results: str, commands: dict, gamma: int, simulated: bool) -> list[str]:
+    """The scheduler in simulation and live (the schedule and live stages), or a line saying they have not run."""
+    if not simulated:
+        return ["", "## Scheduler", "", "Not measured yet: the study's schedule and live stages (the SPS tables, the "
+                "scheduler simulated on DSpark's trace, and the scheduler in the serving engine) have not run."]
+    simulation = load(results, "simulation.json")
+    tables = sorted(glob.glob(os.path.join(results, "sps_r*.json")))
+    sps_device = ", ".join(sorted({load(results, os.path.basename(t))["device"] for t in tables}))
+    lines = ["", "## Scheduler in simulation", "",
+             f"DSpark's T = 1.0 rounds ({simulation['rounds']} of them, every draft token verified) replayed against "
+             f"SPS tables measured on the {sps_device} (`{commands['profile_sps']}`); tokens/s of the target-verify "
+             "steps.", "",
+             "| concurrency | no speculation | best fixed length | Algorithm 1 | async (2 steps old) | "
+             "Algorithm 1 / best fixed |", "|---|---|---|---|---|---|"]
+    for r in simulation["rows"]:
+        lines.append(f"| {r['concurrency']} | {r['no_speculation']:.1f} | {r['best_fixed']:.1f} "
+                     f"(L={r['best_fixed_length']}) | {r['prefix']:.1f} | {r['async']:.1f} | "
+                     f"{r['prefix'] / r['best_fixed']:.3f} |")
+    return lines + live_table(results, commands, gamma)
+
+
 def write_report(results: str, docs: str) -> str:
     out_dir = os.path.join(docs, "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -184,22 +208,20 @@ def write_report(results: str, docs: str) -> str:
     # (a speed run needs the trained draft on its machine, and drafts do not travel between machines)
     speed = {a: load(results, f"speed_{a}.json") for a in ALGORITHMS
              if a == "dspark" or os.path.exists(os.path.join(results, f"speed_{a}.json"))}
-    simulation = load(results, "simulation.json")
-    for name in ["commands.json", "split.json", "sts_fit.json", "simulation.json",
+    simulated = os.path.exists(os.path.join(results, "simulation.json"))  # the schedule stage ran
+    for name in ["commands.json", "split.json", "sts_fit.json", *(["simulation.json"] if simulated else []),
                  *[f"speed_{a}.json" for a in speed],
                  *[f"eval_{a}_T{t}.json" for a in ALGORITHMS for t in TEMPERATURES],
                  *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
                  *[f"train_{a}_config.json" for a in ALGORITHMS],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
                  *(["live.json"] if os.path.exists(os.path.join(results, "live.json")) else [])]:
-        copy_result(os.path.join(results, name), out_dir, run_folders(configs))
+        copy_result(os.path.join(results, name), out_dir, run_folders(configs, speed))
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
     acceptance_figure(evals["1.0"], os.path.join(out_dir, "acceptance.png"))
     training_figure(curves, heldout, os.path.join(out_dir, "training.png"))
     devices = sorted({speed[a]["device"] for a in speed})
-    tables = sorted(glob.glob(os.path.join(results, "sps_r*.json")))
-    sps_device = ", ".join(sorted({load(results, os.path.basename(t))["device"] for t in tables}))
     gamma = evals["1.0"]["dspark"]["gamma"]
     c = configs["dspark"]
     steps = {a: curves[a][-1]["step"] for a in ALGORITHMS}
@@ -301,17 +323,7 @@ def write_report(results: str, docs: str) -> str:
                          f"{d['speedup']:.2f} | {d['ideal_speedup']:.2f} | {d['tau']:.2f} | {d['draft_ms']:.3f} | "
                          f"{d['verify_ms']:.3f} | {ar['step_ms']:.3f} |")
 
-    lines += ["", "## Scheduler in simulation", "",
-              f"DSpark's T = 1.0 rounds ({simulation['rounds']} of them, every draft token verified) replayed against "
-              f"SPS tables measured on the {sps_device} (`{commands['profile_sps']}`); tokens/s of the target-verify "
-              "steps.", "",
-              "| concurrency | no speculation | best fixed length | Algorithm 1 | async (2 steps old) | "
-              "Algorithm 1 / best fixed |", "|---|---|---|---|---|---|"]
-    for r in simulation["rows"]:
-        lines.append(f"| {r['concurrency']} | {r['no_speculation']:.1f} | {r['best_fixed']:.1f} "
-                     f"(L={r['best_fixed_length']}) | {r['prefix']:.1f} | {r['async']:.1f} | "
-                     f"{r['prefix'] / r['best_fixed']:.3f} |")
-    lines += live_table(results, commands, gamma)
+    lines += scheduler_tables(results, commands, gamma, simulated)
     path = os.path.join(docs, "results.md")
     analysis = ""  # the hand-written part of an earlier page survives a rewrite
     if os.path.exists(path):

@@ -148,8 +148,22 @@ def test_report_without_another_drafters_speed(tmp_path):
     assert not (docs / "results" / "speed_dflash.json").exists()
 
 
+def test_report_before_the_scheduler_stages(tmp_path):
+    """Results without the schedule and live stages give the page without the scheduler's tables, saying so."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    for name in ("simulation.json", "sps_r1.json", "live.json"):
+        os.remove(results / name)
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert "Not measured yet: the study's schedule and live stages" in page
+    assert "## Scheduler in simulation" not in page and "## The scheduler live" not in page
+    assert "| **mean** | | **4.500** | **3.250** | **2.500** | **1.385** | **1.800** |" in page
+    assert not (docs / "results" / "simulation.json").exists()
+
+
 def test_report_copies_name_the_run_folders(tmp_path):
-    """The copied results write the run machine's work folder and target as $WORK and $GGUF."""
+    """The copied results write the run machine's work folder, target and prompt folder as $WORK, $GGUF and
+    $DATA."""
     results, docs = tmp_path / "results", tmp_path / "docs"
     _write_results(results)
     config = json.loads((results / "train_dspark_config.json").read_text())
@@ -158,7 +172,11 @@ def test_report_copies_name_the_run_folders(tmp_path):
     evaluation = json.loads((results / "eval_dspark_T1.0.json").read_text())
     evaluation.update(draft="/remote/work/runs/dspark/draft", target="/remote/smollm2.gguf")
     (results / "eval_dspark_T1.0.json").write_text(json.dumps(evaluation))
+    speed = json.loads((results / "speed_dspark.json").read_text())
+    (results / "speed_dspark.json").write_text(json.dumps({**speed, "prompts": "/remote/data/eval/mt-bench.jsonl"}))
     repro_report.write_report(str(results), str(docs))
+    copied = json.loads((docs / "results" / "speed_dspark.json").read_text())
+    assert copied["prompts"] == "$DATA/eval/mt-bench.jsonl"
     copied = json.loads((docs / "results" / "eval_dspark_T1.0.json").read_text())
     assert copied["draft"] == "$WORK/runs/dspark/draft" and copied["target"] == "$GGUF"
     assert copied["datasets"] == evaluation["datasets"]
