@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import typing
 from typing import Sequence
 
@@ -63,17 +65,23 @@ def survival(conf_logits: jax.Array, temperatures: Sequence[float] | None) -> ja
 
 def check_table(sps, sps_rows) -> None:
     """Raises a ValueError naming the key unless (sps, sps_rows) is a table of the module doc."""
+    def rate(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 < x < math.inf
+
     if sps_rows is None:
-        if not sps or any(isinstance(x, (tuple, list)) for x in sps):
-            raise ValueError("sps: expected a non-empty list of steps/s, one per verify token count (a list of curves "
-                             "needs sps_rows)")
+        if not sps or not all(rate(x) for x in sps):
+            raise ValueError("sps: expected a non-empty list of positive finite steps/s, one per verify token count "
+                             "(a list of curves needs sps_rows)")
         return
-    if len(sps_rows) != len(sps) or not sps_rows or list(sps_rows) != sorted(set(sps_rows)) or sps_rows[0] < 1:
-        raise ValueError(f"sps_rows: expected increasing row counts >= 1, one per curve of sps ({len(sps)} curves), "
-                         f"got {list(sps_rows)}")
-    if any(not isinstance(curve, (tuple, list)) or len(curve) != len(sps[0]) or not curve for curve in sps):
-        raise ValueError("sps: with sps_rows, expected one list of steps/s per row count (w = 1, 2, ... tokens per "
-                         "row), all of the same length")
+    if (not sps_rows or len(sps_rows) != len(sps) or not all(isinstance(n, numbers.Integral)
+                                                              and not isinstance(n, bool) for n in sps_rows)
+            or list(sps_rows) != sorted(set(sps_rows)) or sps_rows[0] < 1):
+        raise ValueError(f"sps_rows: expected increasing integer row counts >= 1, one per curve of sps "
+                         f"({len(sps)} curves), got {list(sps_rows)}")
+    if any(not isinstance(curve, (tuple, list)) or len(curve) != len(sps[0]) or not curve
+           or not all(rate(x) for x in curve) for curve in sps):
+        raise ValueError("sps: with sps_rows, expected one list of positive finite steps/s per row count (w = 1, 2, "
+                         "... tokens per row), all of the same length")
 
 
 def _rates(scheduler, rows: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, PrefixScheduler, check_table
 
 
 @dataclasses.dataclass
@@ -68,6 +68,9 @@ def throughput(lengths: np.ndarray, accepted: np.ndarray, sps) -> float:
 def simulate(trace: Trace, sps, concurrency: int, temperatures=None) -> dict:
     """Throughput at one concurrency for no speculation, every fixed length, Algorithm 1
     (early stop), and the asynchronous variant."""
+    curve = tuple(sps)
+    check_table(curve, None)  # the paper's curve: a serving table's passes need the engine's row counts
+    curve = tuple(map(float, curve))
     conf, accepted = _steps(trace, concurrency)
     gamma = conf.shape[2]
     active = jnp.ones((concurrency,), bool)
@@ -77,9 +80,9 @@ def simulate(trace: Trace, sps, concurrency: int, temperatures=None) -> dict:
     out["no_speculation"] = out["fixed"][0]
     out["best_fixed_length"] = max(out["fixed"], key=out["fixed"].get)
     out["best_fixed"] = out["fixed"][out["best_fixed_length"]]
-    sync = PrefixScheduler(tuple(map(float, sps)), temperatures)
+    sync = PrefixScheduler(curve, temperatures)
     out["prefix"] = throughput(np.asarray(jax.vmap(lambda c: sync(c, active))(jnp.asarray(conf))), accepted, sps)
-    async_ = AsyncPrefixScheduler(tuple(map(float, sps)), temperatures)
+    async_ = AsyncPrefixScheduler(curve, temperatures)
 
     def step(state, c):
         lengths, state = async_.step(c, active, state)

@@ -109,3 +109,9 @@ def test_malformed_tables_name_the_key(tmp_path):
         PrefixScheduler(((3.0, 2.0), (2.0, 1.0)))
     with pytest.raises(ValueError, match="all of the same length"):
         AsyncPrefixScheduler(((3.0, 2.0), (2.0,)), sps_rows=(1, 2))
+    with pytest.raises(ValueError, match="sps_rows: expected increasing integer row counts"):
+        PrefixScheduler(((3.0, 2.0), (2.0, 1.0)), sps_rows=(1, 2.5))
+    with pytest.raises(ValueError, match="positive finite steps/s per row count"):
+        PrefixScheduler(((3.0, 2.0), (2.0, float("inf"))), sps_rows=(1, 2))
+    with pytest.raises(ValueError, match="non-empty list of positive finite steps/s"):
+        PrefixScheduler((3.0, 0.0))

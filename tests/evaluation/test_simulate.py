@@ -46,6 +46,8 @@ def test_simulated_scheduler_beats_no_speculation():
         assert out["fixed"][0] == out["no_speculation"] == pytest.approx(r * sps[r - 1])
         assert out["prefix"] > out["no_speculation"] and out["async"] > out["no_speculation"]
         assert out["prefix"] >= 0.97 * out["best_fixed"], out
+    with pytest.raises(ValueError, match="a list of curves needs sps_rows"):
+        simulate(trace, [sps[:8], sps[:8]], 4)  # a serving table: its passes need the engine's row counts
 
 
 def test_trace_from_result_needs_full_verification():
