@@ -18,8 +18,12 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same programs (a train step per run, the same drafters); a persistent
-# cache for the session compiles each once.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.mkdtemp(prefix="jax-cache-")))
+# cache for the session compiles each once, shared by pytest-xdist's workers of one run. A size
+# bound turns on the cache's file lock, so one worker never reads an entry another is writing.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_cache = os.path.join(tempfile.gettempdir(), f"jax-cache-{_run}") if _run else tempfile.mkdtemp(prefix="jax-cache-")
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
