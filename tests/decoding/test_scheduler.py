@@ -89,10 +89,10 @@ def pays(conf, active, sps, draft_seconds, older=None):
 
 
 def test_speculation_pays_matches_a_float64_reference():
-    """24 random rounds, half of them with the asynchronous scheduler; jitted, as decoding runs it."""
+    """12 random rounds, half of them with the asynchronous scheduler; jitted, as decoding runs it."""
     rng = np.random.default_rng(1)
     outcomes = []
-    for trial in range(24):
+    for trial in range(12):
         r, g = rng.integers(1, 9), rng.integers(1, 8)
         conf = rng.normal(0.5, 2.5, (r, g)).astype(np.float32)
         conf[rng.uniform(size=r) < (0.3 if trial % 5 else 1.0)] = np.nan  # rows that have not drafted yet

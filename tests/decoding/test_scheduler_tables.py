@@ -56,7 +56,8 @@ def test_hand_read_values():
     assert read(8, 8) == pytest.approx(5.0) and read(4, 40) == pytest.approx(2.0)  # flat outside the table
 
 
-@pytest.mark.parametrize("kind", ["prefix", "async"])
+# CI: the asynchronous scheduler (both read the table through one function, _rates)
+@pytest.mark.parametrize("kind", [pytest.param("prefix", marks=pytest.mark.slow), "async"])
 def test_scheduling_and_the_drafting_decision_use_the_curve_of_the_rounds_rows(kind):
     """On a serving table, Algorithm 1's lengths and `speculation_pays` equal the float64
     references run on the one curve SPS(B) of the round's active row count."""

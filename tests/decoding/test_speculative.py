@@ -124,8 +124,10 @@ def gemma_draft(algorithm):
                  jnp.float32)
 
 
-# CI: DFlash and Eagle3 here; DSpark on Gemma4 through the engine (tests/serving/test_engine.py)
-@pytest.mark.parametrize("algorithm", [pytest.param("dspark", marks=pytest.mark.slow), "dflash", "eagle3"])
+# CI: Eagle3 here; DSpark on Gemma4 through the engine (tests/serving/test_engine.py); the three drafters'
+# Gemma4 modules against the reference's in tests/models/test_gemma4_drafts.py
+@pytest.mark.parametrize("algorithm", [pytest.param(a, marks=pytest.mark.slow) for a in ("dspark", "dflash")]
+                         + ["eagle3"])
 def test_gemma4_greedy_equals_autoregressive(algorithm):
     target, draft = gemma_target(), gemma_draft(algorithm)
     ar = generate(target, None, PROMPTS, max_new_tokens=20, temperature=0.0)
@@ -192,8 +194,9 @@ def test_undrafted_rounds_sample_exactly_like_autoregressive_decoding():
     assert gated.tokens == ar.tokens and undrafted_rounds(gated) == sum(map(len, gated.confidence_logits))
 
 
-@pytest.mark.parametrize("flush_first", [pytest.param(False, marks=pytest.mark.slow), True],
-                         ids=["each-round", "flushed-before"])  # CI: the engine's way (flushed before)
+# CI: the engine's undrafted rounds (tests/serving/test_engine.py) and the gated rounds here
+@pytest.mark.slow
+@pytest.mark.parametrize("flush_first", [False, True], ids=["each-round", "flushed-before"])
 def test_undrafted_rounds_keep_the_draft_context_complete(flush_first):
     """Rounds without drafting feed the draft every committed position (the first one takes in
     all the positions the last drafted round verified), or leave them pending for the caller,

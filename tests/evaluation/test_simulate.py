@@ -66,6 +66,7 @@ def test_profile_sps_on_a_tiny_target():
     assert len(table["sps"]) == 8 and all(v > 0 for v in table["sps"])
 
 
+@pytest.mark.slow  # CI: profile_sps above and the draft's seconds in test_draft_seconds_never_fall_with_more_rows
 def test_profile_sps_command_adds_the_drafts_seconds(tmp_path):
     """`python -m dspark_jax profile-sps --draft`: each concurrency's table also holds the draft's
     seconds per pass for 1..r rows, which `scheduler_from_spec` hands to the scheduler."""

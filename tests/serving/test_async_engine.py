@@ -48,6 +48,7 @@ async def collect(eng, prompt, params):
     return [t for o in deltas for t in o.new_token_ids], deltas
 
 
+@pytest.mark.slow  # CI: the same streams through the engine process (below), serve.py's default
 def test_concurrent_streams_equal_generate():
     ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
                    scheduler=SCHEDULER).tokens

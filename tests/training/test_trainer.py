@@ -54,6 +54,7 @@ def test_eight_devices_match_one_device(tmp_path, algorithm):
     assert a[-1] < a[0]
 
 
+@pytest.mark.slow  # CI: the kernels (interpreted) against their references in tests/pallas_kernels/
 def test_training_kernels_give_the_same_trajectory(tmp_path):
     """attention=pallas (the block attention kernels, forward and backward, interpreted here) with
     the fused chunked head and losses on their kernel (loss_kernel=pallas), against the XLA path
@@ -69,7 +70,7 @@ def test_training_kernels_give_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(kernels, xla, rtol=1e-5)
 
 
-@pytest.mark.slow  # CI: the kernels' trajectory on one device (above) and the 8-device XLA run
+@pytest.mark.slow  # the kernels' trajectory over a mesh
 def test_training_kernels_split_over_a_mesh(tmp_path):
     """attention=pallas and the fused loss on its kernel on data=2 x fsdp=2 x tensor=2 (each
     device's sequences through the kernels, interpreted, and through the loss's chunks) against
