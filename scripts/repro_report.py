@@ -174,10 +174,11 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
 
 
 def scheduler_tables(results: str, commands: dict, gamma: int, simulated: bool) -> list[str]:
-    """The scheduler in simulation and live (the schedule and live stages), or a line saying they have not run."""
+    """The scheduler in simulation and live (the schedule and live stages), or a line saying they have not
+    finished."""
     if not simulated:
         return ["", "## Scheduler", "", "Not measured yet: the study's schedule and live stages (the SPS tables, the "
-                "scheduler simulated on DSpark's trace, and the scheduler in the serving engine) have not run."]
+                "scheduler simulated on DSpark's trace, and the scheduler in the serving engine) have not finished."]
     simulation = load(results, "simulation.json")
     tables = sorted(glob.glob(os.path.join(results, "sps_r*.json")))
     sps_device = ", ".join(sorted({load(results, os.path.basename(t))["device"] for t in tables}))
@@ -307,7 +308,7 @@ def write_report(results: str, docs: str) -> str:
               "One run of `scripts/bench_e2e.py` per drafter, each against autoregressive decoding measured in the "
               "same run (so each speedup is a ratio of one run); Ideal = tau x T_AR / (T_draft + T_verify) from step "
               "times measured at the same batch size and mean context."
-              + "".join(f" {NAMES[a]} has no speed run: the run that trained it ended before its speed stage, and a "
+              + "".join(f" {NAMES[a]} has no speed run: the run that trained it did not finish its speed stage, and a "
                         "speed run needs the trained draft on its machine." for a in ALGORITHMS if a not in speed),
               ""]
     for a in speed:
