@@ -17,14 +17,21 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-# Many tests compile the same programs (a train step per run, the same drafters); a persistent
-# cache for the session compiles each once, shared by pytest-xdist's workers of one run. A size
-# bound turns on the cache's file lock, so one worker never reads an entry another is writing.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_cache = os.path.join(tempfile.gettempdir(), f"jax-cache-{_run}") if _run else tempfile.mkdtemp(prefix="jax-cache-")
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+    """Many tests compile the same programs (a train step per run, the same drafters): a
+    persistent cache compiles each once. pytest-xdist's workers of one run share it, in the
+    run's temporary folder (pytest prunes old runs' folders); a size bound turns on the cache's
+    file lock, so one worker never reads an entry another is writing."""
+    worker = hasattr(config, "workerinput")
+    if not worker and config.getoption("numprocesses", None):
+        return  # pytest-xdist's controller: its workers compile
+    basetemp = worker and config.option.basetemp  # <run's folder>/gw<i>
+    cache = os.path.join(os.path.dirname(basetemp), "jax-cache") if basetemp else tempfile.mkdtemp(prefix="jax-cache-")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 
 @pytest.fixture(scope="session")
