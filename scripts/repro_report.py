@@ -49,7 +49,7 @@ def copy_result(path: str, out_dir: str, names: dict[str, str]) -> None:
     with open(path) as f:
         text = f.read()
     for real, name in sorted(names.items(), key=lambda item: -len(item[0])):  # a folder inside another first
-        text = re.sub(re.escape(real) + r'(?=[/"]|$)', lambda _: name, text)
+        text = re.sub(r'(?<![\w.-])' + re.escape(real) + r'(?=[/"]|$)', lambda _: name, text)  # whole folders only
     with open(os.path.join(out_dir, os.path.basename(path)), "w") as f:
         f.write(text)
 

@@ -173,10 +173,12 @@ def test_report_copies_name_the_run_folders(tmp_path):
     evaluation.update(draft="/remote/work/runs/dspark/draft", target="/remote/smollm2.gguf")
     (results / "eval_dspark_T1.0.json").write_text(json.dumps(evaluation))
     speed = json.loads((results / "speed_dspark.json").read_text())
-    (results / "speed_dspark.json").write_text(json.dumps({**speed, "prompts": "/remote/data/eval/mt-bench.jsonl"}))
+    (results / "speed_dspark.json").write_text(json.dumps({**speed, "prompts": "/remote/data/eval/mt-bench.jsonl",
+                                                           "other": "/elsewhere/remote/data/eval"}))
     repro_report.write_report(str(results), str(docs))
     copied = json.loads((docs / "results" / "speed_dspark.json").read_text())
     assert copied["prompts"] == "$DATA/eval/mt-bench.jsonl"
+    assert copied["other"] == "/elsewhere/remote/data/eval"  # another folder ending in the same names stays
     copied = json.loads((docs / "results" / "eval_dspark_T1.0.json").read_text())
     assert copied["draft"] == "$WORK/runs/dspark/draft" and copied["target"] == "$GGUF"
     assert copied["datasets"] == evaluation["datasets"]
