@@ -292,13 +292,12 @@ def test_statistical_power():
     assert power > 0.99, power
 
 
-# Every drafter and scheduler at T=1 (in the slow set: the asynchronous scheduler's, which the
-# engine's test_lossless runs in CI, and the plain prefix scheduler's, which runs in CI at
-# T=0.6 below and inside GATED's drafted rounds); at T=0.6 with top-p 0.9 the scheduled DSpark
-# runs in CI and the rest with the slow tests (tests/decoding/test_per_row.py also mixes T=0.6
-# and top-p rows in CI).
+# Every drafter at T=1 in CI; the schedulers, and T=0.6 with top-p 0.9, in the slow set (CI
+# runs the prefix scheduler at T=1.0, 0.6 and top-p 0.8 in the engine's test_lossless and
+# inside GATED's drafted rounds here; tests/decoding/test_per_row.py mixes T=0.6 and top-p
+# rows).
 SAMPLED = [pytest.param(d, s, 1.0, 1.0, marks=pytest.mark.slow if s is not None else ()) for d, s in DRAFTERS] + [
-    pytest.param(d, s, 0.6, 0.9, marks=() if s is SCHEDULER else pytest.mark.slow) for d, s in DRAFTERS]
+    pytest.param(d, s, 0.6, 0.9, marks=pytest.mark.slow) for d, s in DRAFTERS]
 
 
 @pytest.mark.parametrize("algorithm,scheduler,temperature,top_p", SAMPLED)

@@ -17,6 +17,7 @@ import bench_scaling  # noqa: E402
 TINY = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "qwen3_gqa_untied")
 
 
+@pytest.mark.slow  # CI: the engine over tensor-parallel meshes in tests/serving/test_sharded.py
 def test_bench_engine_runs_tensor_parallel(tmp_path, capsys):
     out = tmp_path / "engine.json"
     bench_engine.main(["--target", TINY, "--modes", "ar", "--tensor-parallel", "2", "--concurrency", "2",

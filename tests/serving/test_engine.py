@@ -459,6 +459,7 @@ def test_a_request_runs_to_the_end_of_the_context(rounds):
     assert_drained(eng)
 
 
+@pytest.mark.slow  # CI: several rounds a step with sampled tokens (below)
 def test_several_rounds_per_step_keep_greedy_tokens():
     """With num_scheduler_steps rounds per step (the scheduler's state carried from round to
     round), requests are admitted, preempted and finished (at EOS or max_tokens, in any of a
