@@ -1,4 +1,4 @@
-"""Pieces the Mosaic (TPU) kernels share; like every kernel here, nothing from dspark_jax."""
+"""Pieces the kernels and their tuning tables share; like every kernel here, nothing from dspark_jax."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ def first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
     best = jnp.max(values, axis=-1, keepdims=True)
     lanes = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
     return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[-1]), axis=-1, keepdims=True)
+
+
+def pow2_at_most(x: int) -> int:
+    """The largest power of two <= x (1 for x < 2): block sizes of the tuning tables."""
+    return 1 << (max(1, x).bit_length() - 1)

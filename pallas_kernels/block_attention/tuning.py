@@ -11,22 +11,17 @@ tiles asked an H100 for 256 KiB of shared memory, which has 227 KiB."""
 
 from __future__ import annotations
 
+from pallas_kernels._common import pow2_at_most
 from pallas_kernels.block_attention.gpu import Blocks
 
 KEYS_PER_STEP = {64: 64, 128: 128, 256: 32, 512: 16}  # head dim -> context keys per inner step
-
-
 TILE_BYTES = 128 * 128 * 2  # most bytes of a tile of query rows or of a step's keys (the swept bf16 tile)
-
-
-def _pow2_at_most(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
 
 
 def pick_blocks(*, slots: int, head_dim: int, itemsize: int = 2) -> Blocks:
     """Blocks for blocks of `slots` rows (a power of two) and heads of `head_dim` elements of
     `itemsize` bytes."""
-    rows = max(16, _pow2_at_most(TILE_BYTES // (head_dim * itemsize)))  # rows of a tile within TILE_BYTES
+    rows = max(16, pow2_at_most(TILE_BYTES // (head_dim * itemsize)))  # rows of a tile within TILE_BYTES
     block_q = max(min(128 if head_dim == 128 else 64 if head_dim <= 128 else 32, rows), slots)
     block_k = min(KEYS_PER_STEP.get(head_dim, 32), rows)
     return Blocks(block_q=block_q, block_k=block_k, num_warps=4 if head_dim <= 64 else 8)

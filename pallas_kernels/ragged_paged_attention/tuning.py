@@ -9,15 +9,12 @@ tuned on a TPU.
 
 from __future__ import annotations
 
+from pallas_kernels._common import pow2_at_most
 from pallas_kernels.ragged_paged_attention.gpu import Blocks
 
 KEYS_PER_STEP = {64: 128, 128: 64, 256: 32, 512: 16}  # head dim -> keys per inner step (default 64)
 TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors
 MAX_SPLITS = 32
-
-
-def _pow2_at_most(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
 
 
 Q_TILE_BYTES = 64 * 1024  # most bytes of a query block in shared memory (the H100 has 227 KiB per block)
@@ -29,15 +26,15 @@ def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, pa
     `itemsize`-byte elements. The query block stays within Q_TILE_BYTES, which leaves room for
     two stages of key and value tiles: 64 rows of a 512-wide float32 head, with 16 keys a step,
     asked for 256 KiB on an H100 (docs/benchmarks.md)."""
-    widest = max(16, _pow2_at_most(Q_TILE_BYTES // (head_dim * itemsize)))
+    widest = max(16, pow2_at_most(Q_TILE_BYTES // (head_dim * itemsize)))
     block_q = min(64, widest, max(16, 1 << (query_rows - 1).bit_length()))
-    pages = _pow2_at_most(KEYS_PER_STEP.get(head_dim, 64) // page_size)
+    pages = pow2_at_most(KEYS_PER_STEP.get(head_dim, 64) // page_size)
     pages = min(pages, 1 << (table_columns - 1).bit_length())  # no more than the table holds
     pages = max(pages, -(-16 // page_size))  # the smallest dot takes 16 keys
     programs = batch * kv_heads * -(-query_rows // block_q)
     splits = 1
     if programs < TARGET_PROGRAMS:
-        splits = min(MAX_SPLITS, -(-table_columns // pages), _pow2_at_most(TARGET_PROGRAMS // programs))
+        splits = min(MAX_SPLITS, -(-table_columns // pages), pow2_at_most(TARGET_PROGRAMS // programs))
     return Blocks(block_q, pages, splits, num_warps=4 if block_q * head_dim <= 32 * 128 else 8)
 
 
