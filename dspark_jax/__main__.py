@@ -179,10 +179,10 @@ def _simulate(args) -> None:
     print(f"{'R':>4} {'no spec':>10} {'best fixed':>12} {'prefix':>10} {'async':>10}  (tokens/s; best fixed length)")
     for r, path in zip(args.concurrency, args.sps):
         table = load_table(path)
-        if table.get("sps_rows"):
-            raise ValueError(f"{path}: a serving table (one curve per row count); simulate takes the table of one "
-                             "concurrency that profile-sps writes")
-        out = simulate(trace, table["sps"], r)
+        try:
+            out = simulate(trace, table["sps"], r)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         print(f"{r:>4} {out['no_speculation']:>10.1f} {out['best_fixed']:>12.1f} {out['prefix']:>10.1f} "
               f"{out['async']:>10.1f}  (L={out['best_fixed_length']})")
 

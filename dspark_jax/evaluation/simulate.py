@@ -69,7 +69,10 @@ def simulate(trace: Trace, sps, concurrency: int, temperatures=None) -> dict:
     """Throughput at one concurrency for no speculation, every fixed length, Algorithm 1
     (early stop), and the asynchronous variant."""
     curve = tuple(sps)
-    check_table(curve, None)  # the paper's curve: a serving table's passes need the engine's row counts
+    if any(isinstance(x, (tuple, list)) for x in curve):  # a serving table's passes need the engine's row counts
+        raise ValueError("sps: simulate takes one curve SPS(B), profile-sps's table of one concurrency, not a "
+                         "serving table of one curve per row count")
+    check_table(curve, None)
     curve = tuple(map(float, curve))
     conf, accepted = _steps(trace, concurrency)
     gamma = conf.shape[2]

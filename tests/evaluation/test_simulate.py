@@ -1,5 +1,7 @@
 """Scheduler simulation and SPS tables."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -46,8 +48,18 @@ def test_simulated_scheduler_beats_no_speculation():
         assert out["fixed"][0] == out["no_speculation"] == pytest.approx(r * sps[r - 1])
         assert out["prefix"] > out["no_speculation"] and out["async"] > out["no_speculation"]
         assert out["prefix"] >= 0.97 * out["best_fixed"], out
-    with pytest.raises(ValueError, match="a list of curves needs sps_rows"):
+    with pytest.raises(ValueError, match="simulate takes one curve SPS"):
         simulate(trace, [sps[:8], sps[:8]], 4)  # a serving table: its passes need the engine's row counts
+
+
+def test_simulate_command_names_a_serving_table(tmp_path):
+    from dspark_jax.__main__ import main
+
+    synthetic_trace(64, np.random.default_rng(0)).save(str(tmp_path / "trace.npz"))
+    (tmp_path / "serving.json").write_text(json.dumps({"sps_rows": [1, 4], "sps": [[3.0, 2.0], [2.0, 1.0]]}))
+    with pytest.raises(ValueError, match=r"serving.json: sps: simulate takes one curve SPS\(B\)"):
+        main(["simulate", "--trace", str(tmp_path / "trace.npz"), "--concurrency", "4",
+              "--sps", str(tmp_path / "serving.json")])
 
 
 def test_trace_from_result_needs_full_verification():
