@@ -88,6 +88,7 @@ class Scale:
     speed_new_tokens: int
     concurrency: tuple[int, ...]
     live_batches: tuple[int, ...]  # concurrency levels of the serving engine
+    live_new_tokens: int  # tokens per request there
     sps_context: int
     dtype: str
 
@@ -104,15 +105,15 @@ SCALES = {
                   datasets=(),
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
-                  concurrency=(1, 4, 16, 64, 256), live_batches=(1, 4, 16, 64), sps_context=1024,
-                  dtype="bfloat16"),
+                  concurrency=(1, 4, 16, 64, 256), live_batches=(1, 4, 16, 64), live_new_tokens=128,
+                  sps_context=1024, dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
                           "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1",
                           "export_frozen=false"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
-                   speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), live_batches=(1, 2), sps_context=64,
-                   dtype="float32"),
+                   speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), live_batches=(1, 2),
+                   live_new_tokens=8, sps_context=64, dtype="float32"),
 }
 
 
@@ -370,7 +371,7 @@ class Pipeline:
             "scripts/bench_engine.py", "--target", self.target or "smollm2", "--draft", self.draft_dir("dspark"),
             "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--concurrency",
             *map(str, s.live_batches), "--modes", "ar", *[f"fixed:{g}" for g in range(1, gamma)], "fixed", "sched",
-            "async", "--max-tokens", str(s.speed_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
+            "async", "--max-tokens", str(s.live_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
             "--static-batch", "0", "--dtype", s.dtype, "--out", out, "--resume"], draft="dspark")
 
     def run(self) -> None:
