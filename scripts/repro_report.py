@@ -6,7 +6,8 @@ Copies the result files the page cites into <docs>/results/ (with the run machin
 written as $WORK and $GGUF, as in the commands) and draws two figures there:
 per-position conditional acceptance per eval set, and the training curves. Every number on
 the page is read from those files; the page names the command and device behind each table.
-Results without the schedule and live stages give the page without the scheduler's tables, saying so.
+Results without the schedule or live stage give the page without that stage's table, saying so; a
+live run cut short is tabled as far as it went.
 """
 
 from __future__ import annotations
@@ -140,24 +141,40 @@ def live_name(mode: str, gamma: int) -> str:
     return {"ar": "AR", "sched": "prefix (Algorithm 1)", "async": "async"}.get(mode, mode.replace("fixed:", "fixed "))
 
 
+def live_run(results: str) -> tuple[str | None, bool]:
+    """The live stage's bench_engine.py file: live.json when the run finished, else the rows of a
+    run cut short (live.json.tmp, which it rewrites after every level); (None, False) if neither."""
+    for name, finished in (("live.json", True), ("live.json.tmp", False)):
+        if os.path.exists(os.path.join(results, name)):
+            return name, finished
+    return None, False
+
+
 def live_table(results: str, commands: dict, gamma: int) -> list[str]:
-    """The scheduler live (the `live` stage's bench_engine.py run, if any): each mode's tokens/s at
-    each concurrency against AR's; per concurrency, the schedulers against the best fixed length."""
-    if not os.path.exists(os.path.join(results, "live.json")):
-        return []
-    run = load(results, "live.json")
+    """The scheduler live (the `live` stage's bench_engine.py run): each mode's tokens/s at each
+    concurrency against AR's; per concurrency, the schedulers against the best fixed length
+    measured. A run cut short is tabled as far as it went, saying so."""
+    name, finished = live_run(results)
+    if name is None:
+        return ["", "## The scheduler live", "", "Not measured yet: the study's live stage has not run."]
+    run = load(results, name)
     lines = ["", "## The scheduler live", "",
              f"The serving engine under a closed loop of c requests at a time on mt-bench prompts ({run['max_tokens']} "
              f"tokens each, T = {run['temperature']}, {run['device']}): AR, DSpark verifying a fixed number of draft "
              "tokens in every round, and Algorithm 1 (prefix) and its asynchronous form with the draft's cost, which "
              "also skip drafting where it does not pay, each against AR in the same run. Command: "
-             f"`{commands['live']}`.", "",
-             "| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted |",
-             "|---|---|---|---|---|---|---|"]
+             f"`{commands['live']}`.", ""]
+    if not finished:
+        lines += [f"The run was cut short after {len(run['rows'])} rows ({name}); the modes it did not reach are "
+                  "missing below, and \"best fixed\" is the best of the fixed lengths it measured.", ""]
+    lines += ["| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted |",
+              "|---|---|---|---|---|---|---|"]
     summary = ["", "| concurrency | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
                "prefix / AR | async / AR |", "|---|---|---|---|---|---|---|"]
     for c in sorted({row["concurrency"] for row in run["rows"]}):
         rows = {row["mode"]: row for row in run["rows"] if row["concurrency"] == c}
+        if "ar" not in rows:  # a run cut short before AR at this level
+            continue
         ar = rows["ar"]["tokens_per_s"]
         for mode, row in rows.items():
             undrafted = "" if mode == "ar" else f"{row['undrafted']:.0%}"
@@ -165,20 +182,21 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
                          f"{row['tokens_per_s'] / ar:.2f} | {row['tpot_p50_ms']:.2f} | {row['tokens_per_round']:.2f} | "
                          f"{undrafted} |")
         fixed = {mode: row["tokens_per_s"] for mode, row in rows.items() if mode.startswith("fixed")}
-        best = max(fixed, key=fixed.get)
-        rate = lambda mode: rows[mode]["tokens_per_s"]
-        summary.append(f"| {c} | {ar:.1f} | {live_name(best, gamma)} ({fixed[best]:.1f}) | "
-                       f"{rate('sched') / fixed[best]:.3f} | {rate('async') / fixed[best]:.3f} | "
-                       f"{rate('sched') / ar:.3f} | {rate('async') / ar:.3f} |")
+        best = max(fixed, key=fixed.get) if fixed else None
+        ratio = lambda mode, base: f"{rows[mode]['tokens_per_s'] / base:.3f}" if mode in rows and base else "-"
+        summary.append(f"| {c} | {ar:.1f} | " + (f"{live_name(best, gamma)} ({fixed[best]:.1f})" if best else "-") +
+                       f" | {ratio('sched', fixed.get(best))} | {ratio('async', fixed.get(best))} | "
+                       f"{ratio('sched', ar)} | {ratio('async', ar)} |")
     return lines + summary
 
 
 def scheduler_tables(results: str, commands: dict, gamma: int, simulated: bool) -> list[str]:
-    """The scheduler in simulation and live (the schedule and live stages), or a line saying they have not
-    finished."""
+    """The scheduler in simulation (the schedule stage) and live (the live stage), each table or a
+    line saying its stage has not finished."""
     if not simulated:
-        return ["", "## Scheduler", "", "Not measured yet: the study's schedule and live stages (the SPS tables, the "
-                "scheduler simulated on DSpark's trace, and the scheduler in the serving engine) have not finished."]
+        lines = ["", "## Scheduler in simulation", "", "Not measured yet: the study's schedule stage (the SPS tables "
+                 "and the scheduler simulated on DSpark's trace) has not finished."]
+        return lines + live_table(results, commands, gamma)
     simulation = load(results, "simulation.json")
     tables = sorted(glob.glob(os.path.join(results, "sps_r*.json")))
     sps_device = ", ".join(sorted({load(results, os.path.basename(t))["device"] for t in tables}))
@@ -216,7 +234,7 @@ def write_report(results: str, docs: str) -> str:
                  *[f"{kind}_{a}.jsonl" for a in ALGORITHMS for kind in ("train", "heldout")],
                  *[f"train_{a}_config.json" for a in ALGORITHMS],
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
-                 *(["live.json"] if os.path.exists(os.path.join(results, "live.json")) else [])]:
+                 *[name for name in [live_run(results)[0]] if name]]:
         copy_result(os.path.join(results, name), out_dir, run_folders(configs, speed))
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)

@@ -360,7 +360,9 @@ class Pipeline:
         batches, on mt-bench prompts at T = 1: AR, DSpark verifying a fixed 1..G tokens, and the
         prefix and async schedulers with the draft's cost (over an SPS table the run profiles for
         its concurrencies), which skip drafting on the host where it does not pay. A run cut short
-        goes on from the levels it finished (bench_engine.py --resume)."""
+        goes on from the levels it finished (bench_engine.py --resume); the modes run in the order
+        AR, the two schedulers, then the fixed lengths longest first, so that one cut short for good
+        still compares the schedulers with AR and with full-block verification."""
         if "dspark" not in self.algorithms:
             return
         s = self.scale
@@ -370,8 +372,8 @@ class Pipeline:
         self.once("live", out, [
             "scripts/bench_engine.py", "--target", self.target or "smollm2", "--draft", self.draft_dir("dspark"),
             "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--concurrency",
-            *map(str, s.live_batches), "--modes", "ar", *[f"fixed:{g}" for g in range(1, gamma)], "fixed", "sched",
-            "async", "--max-tokens", str(s.live_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
+            *map(str, s.live_batches), "--modes", "ar", "sched", "async", "fixed",
+            *[f"fixed:{g}" for g in range(gamma - 1, 0, -1)], "--max-tokens", str(s.live_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
             "--static-batch", "0", "--dtype", s.dtype, "--out", out, "--resume"], draft="dspark")
 
     def run(self) -> None:

@@ -155,11 +155,29 @@ def test_report_before_the_scheduler_stages(tmp_path):
     for name in ("simulation.json", "sps_r1.json", "live.json"):
         os.remove(results / name)
     page = open(repro_report.write_report(str(results), str(docs))).read()
-    assert "Not measured yet: the study's schedule and live stages" in page
-    assert "## Scheduler in simulation" not in page and "## The scheduler live" not in page
+    assert "Not measured yet: the study's schedule stage" in page and "Not measured yet: the study's live stage" in page
+    assert "| 1 | 10.0 | 30.0 (L=7) |" not in page and "Command: `bench live`" not in page
     assert "| **mean** | | **4.500** | **3.250** | **2.500** | **1.385** | **1.800** |" in page
     assert not (docs / "results" / "simulation.json").exists()
 
+
+
+def test_report_of_a_live_run_cut_short(tmp_path):
+    """A live run cut short (its rows in live.json.tmp) is tabled as far as it went, without the
+    simulation; "best fixed" is the best fixed length it measured, and a missing scheduler is "-"."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    os.remove(results / "simulation.json")
+    run = json.loads((results / "live.json").read_text())
+    os.remove(results / "live.json")
+    run["rows"] = [r for r in run["rows"] if (r["concurrency"], r["mode"]) in
+                   {(1, "ar"), (1, "sched"), (1, "async"), (1, "fixed"), (1, "fixed:2"), (2, "ar"), (2, "sched")}]
+    (results / "live.json.tmp").write_text(json.dumps(run))
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert "Not measured yet: the study's schedule stage" in page and "cut short after 7 rows" in page
+    assert "| 1 | 80.0 | fixed 2 (160.0) | 1.100 | 1.050 | 2.200 | 2.100 |" in page
+    assert "| 2 | 100.0 | - | - | - | 1.760 | - |" in page
+    assert (docs / "results" / "live.json.tmp").exists()
 
 def test_report_copies_name_the_run_folders(tmp_path):
     """The copied results write the run machine's work folder, target and prompt folder as $WORK, $GGUF and
@@ -324,8 +342,8 @@ def test_live_runs_the_engine_with_every_fixed_length_and_both_schedulers(tmp_pa
     pipeline.live()
     [(name, argv)] = ran.items()
     assert name == "live" and argv[0] == "scripts/bench_engine.py"
-    assert argv[argv.index("--modes") + 1: argv.index("--max-tokens")] == ["ar", "fixed:1", "fixed:2", "fixed", "sched",
-                                                                           "async"]  # fixed verifies all 3
+    assert argv[argv.index("--modes") + 1: argv.index("--max-tokens")] == ["ar", "sched", "async", "fixed", "fixed:2",
+                                                                           "fixed:1"]  # fixed verifies all 3
     assert argv[argv.index("--concurrency") + 1: argv.index("--modes")] == ["1", "2"]
     assert argv[argv.index("--temperature") + 1] == "1.0" and argv[argv.index("--draft") + 1] == pipeline.draft_dir(
         "dspark")
