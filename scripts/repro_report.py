@@ -153,7 +153,8 @@ def live_run(results: str) -> tuple[str | None, bool]:
 def live_table(results: str, commands: dict, gamma: int) -> list[str]:
     """The scheduler live (the `live` stage's bench_engine.py run): each mode's tokens/s at each
     concurrency against AR's; per concurrency, the schedulers against the best fixed length
-    measured. A run cut short is tabled as far as it went, saying so."""
+    measured; a row whose measured loop waited for a compilation says so (its tokens/s then
+    holds the wait). A run cut short is tabled as far as it went, saying so."""
     name, finished = live_run(results)
     if name is None:
         return ["", "## The scheduler live", "", "Not measured yet: the study's live stage has not run."]
@@ -167,8 +168,8 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
     if not finished:
         lines += [f"The run was cut short after {len(run['rows'])} rows ({name}); the modes it did not reach are "
                   "missing below, and \"best fixed\" is the best of the fixed lengths it measured.", ""]
-    lines += ["| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted | "
+              "steps that waited for a compile |", "|---|---|---|---|---|---|---|---|"]
     summary = ["", "| concurrency | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
                "prefix / AR | async / AR |", "|---|---|---|---|---|---|---|"]
     for c in sorted({row["concurrency"] for row in run["rows"]}):
@@ -180,7 +181,7 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
             undrafted = "" if mode == "ar" else f"{row['undrafted']:.0%}"
             lines.append(f"| {c} | {live_name(mode, gamma)} | {row['tokens_per_s']:.1f} | "
                          f"{row['tokens_per_s'] / ar:.2f} | {row['tpot_p50_ms']:.2f} | {row['tokens_per_round']:.2f} | "
-                         f"{undrafted} |")
+                         f"{undrafted} | {row['compile_stalls']} |")
         fixed = {mode: row["tokens_per_s"] for mode, row in rows.items() if mode.startswith("fixed")}
         best = max(fixed, key=fixed.get) if fixed else None
         ratio = lambda mode, base: f"{rows[mode]['tokens_per_s'] / base:.3f}" if mode in rows and base else "-"
