@@ -8,7 +8,8 @@
 For each mode (ar: no draft; fixed: the draft verifying all gamma tokens; fixed:<g>: the
 draft verifying its first g tokens, through the narrower verify pass; sched: the draft
 with the confidence scheduler, Algorithm 1 over an SPS table profiled at the start of the run
-with the draft's seconds per pass, so that it also skips drafting where drafting does not pay;
+and calibrated to the engine's own rounds (`dspark_jax.serving.round_times`), with the draft's
+seconds per round, so that it also skips drafting where drafting does not pay;
 async: the same with the asynchronous scheduler, its budget from confidences two rounds old;
 sched-always: the prefix scheduler without the draft's cost, drafting every round) and each
 concurrency c, a closed loop keeps c requests in flight: --num-prompts requests (default 4c, at
@@ -54,10 +55,11 @@ from dspark_jax.console import configure_logging
 from dspark_jax.decoding.scheduler import scheduler_from_spec, scheduler_from_table
 from dspark_jax.evaluation.calibration import load_sts
 from dspark_jax.evaluation.evaluation import chat_ids, draft_from_spec, load_prompts
-from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps
+from dspark_jax.evaluation.sps import load_table, profile_draft_seconds
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
 from dspark_jax.serving.engine import freeze_heap
+from dspark_jax.serving.round_times import engine_table
 from dspark_jax.sharding import make_mesh
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--sps", help="for sched and async: an SPS table to use (a file with \"sps\", one curve or one "
                                  "per row count with \"sps_rows\", and the "
                                  "draft's \"draft_seconds\" unless they are to be profiled, such as an earlier run's "
-                                 "--out) instead of profiling one")
+                                 "--out) instead of profiling one calibrated to the engine's rounds "
+                                 "(dspark_jax.serving.round_times, with the first --scheduler-steps and --kernels)")
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
@@ -196,7 +199,6 @@ def main(argv=None) -> None:
         target = load_target(args.target, dtype=args.dtype, mesh=mesh)
     prompts = workload(target, args)
     draft = draft_from_spec(args.draft, target, args.dtype) if set(args.modes) - {"ar"} else None
-    gamma = 0 if draft is None else draft.config.block_size
     temperatures = None if args.draft.startswith("random:") else load_sts(args.draft)  # as serve.py uses them
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     mean_prompt = int(np.mean([len(x) for x in prompts]))
@@ -208,9 +210,13 @@ def main(argv=None) -> None:
     schedulers = {}
     if {"sched", "async", "sched-always"} & set(args.modes):
         table = load_table(args.sps) if args.sps else earlier
-        sps = {key: table[key] for key in ("sps", "sps_rows") if table.get(key)}
-        results.update(sps or profile_serving_sps(target, gamma, levels, context))
-        results["draft_seconds"] = list(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
+        if table.get("sps"):
+            results.update({key: table[key] for key in ("sps", "sps_rows", "draft_seconds", "round_seconds")
+                            if table.get(key)})
+            results["draft_seconds"] = list(table.get("draft_seconds") or profile_draft_seconds(draft, levels, context))
+        else:  # calibrated to the rounds of the first engine setting run
+            results.update(engine_table(target, draft, levels, context, num_rounds=args.scheduler_steps[0],
+                                        page_size=args.page_size, kernels=args.kernels[0], mesh=mesh))
         with open(args.out, "w") as f:  # the table, for --sps of a later run, even if this one is cut short
             json.dump(results, f, indent=1)
         schedulers = {"sched": scheduler_from_table("prefix", results, temperatures),

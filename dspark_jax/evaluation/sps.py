@@ -11,7 +11,8 @@ A serving engine's table (`profile_serving_sps`) is measured at several concurre
 curve per row count ({"sps_rows": [c, ...], "sps": [[SPS at w = 1..gamma + 1 tokens per row],
 ...]}; `decoding.scheduler` reads it for the rows a round has), and may carry the draft's
 seconds per pass by row count ("draft_seconds", `profile_draft_seconds`), so that its
-scheduler can also skip drafting when drafting does not pay.
+scheduler can also skip drafting when drafting does not pay. The engine's own table
+(`serving.round_times.engine_table`) calibrates those passes to its measured rounds.
 """
 
 from __future__ import annotations

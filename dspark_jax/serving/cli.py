@@ -109,7 +109,7 @@ def build_engine(args):
     draft = load_draft(args.draft, target=target, dtype=args.dtype, mesh=mesh) if args.draft else None
     scheduler = None
     if args.scheduler != "none":
-        scheduler = make_scheduler(args, target, draft, load_sts(args.draft))
+        scheduler = make_scheduler(args, target, draft, load_sts(args.draft), mesh)
     kv = None if args.kv_memory is None else (args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory))
     engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
                     kv_memory=kv, max_model_len=args.max_model_len,
@@ -139,13 +139,15 @@ def use_compilation_cache(directory: str | None) -> None:
     log.info("compiled programs cached in %s", directory)
 
 
-def make_scheduler(args, target, draft, temperatures):
-    """The confidence scheduler over --sps, or over a table measured now (and cached)."""
+def make_scheduler(args, target, draft, temperatures, mesh=None):
+    """The confidence scheduler over --sps, or over a table measured now for this engine's
+    settings, calibrated to its rounds (`serving.round_times`; cached)."""
     import jax
 
     from dspark_jax.checkpoints.smollm2 import cache_dir
     from dspark_jax.decoding.scheduler import scheduler_from_table
-    from dspark_jax.evaluation.sps import load_table, profile_draft_seconds, profile_serving_sps, save_table
+    from dspark_jax.evaluation.sps import load_table, save_table
+    from dspark_jax.serving.round_times import engine_table
 
     gamma = draft.config.block_size
     if args.sps:
@@ -155,18 +157,21 @@ def make_scheduler(args, target, draft, temperatures):
     else:
         context = min(1024, target.config.max_position_embeddings // 2)
         levels = sorted({min(c, args.max_num_seqs) for c in (1, 4, 16, 64, 256)})
-        key = json.dumps(["sps by rows", jax.devices()[0].device_kind, os.path.abspath(args.model or "smollm2"),
-                          os.path.abspath(args.draft), args.dtype, gamma, levels, context, args.tensor_parallel])
+        key = json.dumps(["sps by rows, engine rounds", jax.devices()[0].device_kind,
+                          os.path.abspath(args.model or "smollm2"), os.path.abspath(args.draft), args.dtype, gamma,
+                          levels, context, args.tensor_parallel, args.num_scheduler_steps, args.page_size,
+                          args.kernels])
         path = os.path.join(cache_dir(), "sps", hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
         if os.path.exists(path):
             table = load_table(path)
             log.info("SPS table from %s", path)
         else:
-            log.info("measuring verify steps/s and the draft's pass at concurrency %s (once; cached in %s)", levels,
-                     path)
+            log.info("measuring verify steps/s and the engine's rounds at concurrency %s (once; cached in %s)",
+                     levels, path)
             table = {"device": jax.devices()[0].device_kind, "concurrency": levels, "context": context,
-                     "gamma": gamma, **profile_serving_sps(target, gamma, levels, context),
-                     "draft_seconds": list(profile_draft_seconds(draft, levels, context))}
+                     "gamma": gamma, **engine_table(target, draft, levels, context,
+                                                    num_rounds=args.num_scheduler_steps, page_size=args.page_size,
+                                                    kernels=args.kernels, mesh=mesh)}
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_table(table, path)
     return scheduler_from_table(args.scheduler, table, temperatures)

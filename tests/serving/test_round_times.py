@@ -1,0 +1,67 @@
+"""The engine's rounds timed, and a serving table calibrated to them."""
+
+import json
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dspark_jax.decoding.scheduler import PrefixScheduler, speculation_pays
+from dspark_jax.serving.round_times import calibrate, engine_table
+from tests.decoding.test_speculative import tiny_draft, tiny_target
+
+
+def test_calibrate_by_hand():
+    """Every verify pass of a row count moves by what its undrafted round adds to its 1-token
+    pass; the draft gets the rest of the drafted round (at least 0)."""
+    passes = [[1.0, 1.1, 1.2], [2.0, 2.5, 3.0]]  # seconds at 1 and 4 rows, w = 1, 2, 3 tokens per row
+    verify, draft = calibrate(passes, undrafted=[1.5, 2.2], drafted=[3.0, 3.1])
+    np.testing.assert_allclose(verify, [[1.5, 1.6, 1.7], [2.2, 2.7, 3.2]])
+    np.testing.assert_allclose(draft, [1.3, 0.0])  # 4 rows: the drafted round is below the calibrated pass
+
+
+def test_calibrated_prices_decide_as_the_rounds_cost():
+    """One row, gamma 2: the calibrated table prices an undrafted round at its 1.5 s and a
+    drafted one of full width at its 3.0 s, so drafting pays only above 2 expected tokens;
+    the passes alone (0.3 s of draft) would draft above 1.5."""
+    verify, draft = calibrate([[1.0, 1.1, 1.2]], undrafted=[1.5], drafted=[3.0])
+    calibrated = PrefixScheduler((tuple(1 / verify[0]),), sps_rows=(1,), draft_seconds=tuple(draft))
+    passes = PrefixScheduler(((1 / 1.0, 1 / 1.1, 1 / 1.2),), sps_rows=(1,), draft_seconds=(0.3,))
+    logit = lambda p: jnp.full((1, 2), np.log(p / (1 - p)), jnp.float32)  # survival p, then p^2
+    active = jnp.ones((1,), bool)
+    # p = 0.9: 1 + 0.9 + 0.81 = 2.71 tokens in 3.0 s beats 1 in 1.5; p = 0.6: 1.96 tokens does not
+    assert bool(speculation_pays(calibrated, logit(0.9), active))
+    assert not bool(speculation_pays(calibrated, logit(0.6), active))
+    assert bool(speculation_pays(passes, logit(0.6), active))  # 1.96 tokens in 1.5 s against 1 in 1.0
+
+
+def test_engine_table_on_tiny_models():
+    """The table's undrafted price is the undrafted round as measured, and a drafted round of
+    full width costs the drafted round as measured; on a CPU a drafted round costs more."""
+    # serve.py's settings in the next test (its context: half the tiny target's 256 positions)
+    table = engine_table(tiny_target(), tiny_draft("dspark"), [1], context=128, num_rounds=2, page_size=4,
+                         kernels="xla")
+    (undrafted,), (drafted,) = table["round_seconds"]["undrafted"], table["round_seconds"]["drafted"]
+    assert 0 < undrafted < drafted
+    assert table["sps_rows"] == [1] and len(table["sps"][0]) == 5 and len(table["draft_seconds"]) == 1
+    np.testing.assert_allclose(1 / table["sps"][0][0], undrafted)
+    np.testing.assert_allclose(1 / table["sps"][0][-1] + table["draft_seconds"][0], drafted)
+
+
+def test_serve_measures_and_caches_the_calibrated_table(tmp_path, monkeypatch):
+    """serve.py without --sps: a table measured for the server's settings, calibrated to its
+    rounds and cached; a restart with the same settings reads the cache."""
+    from dspark_jax.serving import cli, round_times
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    args = SimpleNamespace(sps=None, model="target", draft="draft", dtype="float32", max_num_seqs=1,
+                           tensor_parallel=1, num_scheduler_steps=2, page_size=4, kernels="xla", scheduler="prefix")
+    scheduler = cli.make_scheduler(args, tiny_target(), tiny_draft("dspark"), None)
+    [path] = (tmp_path / "sps").iterdir()
+    table = json.loads(path.read_text())
+    assert scheduler.sps_rows == (1,) and table["concurrency"] == [1]
+    assert scheduler.draft_seconds == tuple(table["draft_seconds"])
+    np.testing.assert_allclose(1 / table["sps"][0][0], table["round_seconds"]["undrafted"][0])
+    monkeypatch.setattr(round_times, "engine_table", lambda *a, **k: pytest.fail("measured again"))
+    assert cli.make_scheduler(args, tiny_target(), tiny_draft("dspark"), None) == scheduler
