@@ -18,7 +18,16 @@
 # planned stop exits with 124, "every stage done" with 0. Send the last results.tgz as
 # .repro/seed.tgz to a fresh machine (after `receive` again): it starts from the regenerated
 # data and skips what the seed holds, so the drafters can be done on different machines, one
-# or two per machine (the drafts themselves do not travel).
+# or two per machine.
+# A trained draft (about 90 MB) can travel too, so that its later stages run on another
+# machine without training it again (GPU training is not bit-reproducible, so a second training
+# is a second draft):
+#   jobs after its training:  bash scripts/remote_repro_smollm2.sh send-draft ALGORITHM RESULTS_DIR
+#     (3 parts of 15 MiB per job, into RESULTS_DIR, until it says "all sent")
+#   here:  bash scripts/remote_repro_smollm2.sh collect-draft ALGORITHM JOB_FOLDER...
+#     (the parts, checked, in .repro/draft_ALGORITHM/p1, p2, ...: one folder to send per job)
+#   on a fresh machine, one job per folder:  bash scripts/remote_repro_smollm2.sh receive-draft ALGORITHM
+#     (sending one .repro/draft_ALGORITHM/pN), then `run` with a seed whose DONE names the drafter.
 # .repro/b, .repro/data, .whl and the repository come to about 60 MB, a seed adds about 5.
 # The machine needs jax with CUDA, flax, optax, orbax, transformers and matplotlib; grain, its
 # array-record and portpicker, gguf and tensorboardX come as wheels (prepare downloads them
@@ -70,6 +79,12 @@ run)
     if [ -f .repro/seed.tgz ] && [ ! -d "$REMOTE/work" ]; then
         mkdir -p "$REMOTE/work" && tar xzf .repro/seed.tgz -C "$REMOTE/work"
     fi
+    for received in "$REMOTE"/drafts/*/draft; do  # drafts that came with receive-draft
+        [ -d "$received" ] || continue
+        algorithm=$(basename "$(dirname "$received")")
+        [ -e "$REMOTE/work/runs/$algorithm/draft" ] || { mkdir -p "$REMOTE/work/runs/$algorithm" \
+            && mv "$received" "$REMOTE/work/runs/$algorithm/draft"; }
+    done
     status=0
     timeout "${STAGE_SECONDS:-560}" python3 scripts/repro_smollm2.py run --data .repro/data --target "$gguf" \
         --work "$REMOTE/work" "${@:3}" || status=$?
@@ -77,6 +92,59 @@ run)
     ( cd "$REMOTE/work" && tar czf "$results/results.tgz" --ignore-failed-read results logs prompts heldout \
         train_smollm2.jsonl heldout_smollm2.jsonl $(find runs -name DONE 2>/dev/null) )
     exit $status
+    ;;
+send-draft)
+    algorithm=${2:?usage: send-draft ALGORITHM RESULTS_DIR}
+    results=$(cd "$CALLER" && mkdir -p "${3:?usage: send-draft ALGORITHM RESULTS_DIR}" && cd "$3" && pwd)
+    out=$REMOTE/outgoing/$algorithm
+    if [ ! -f "$out/draft_$algorithm.sha256" ]; then
+        [ -f "$REMOTE/work/runs/$algorithm/DONE" ] || { echo "$algorithm has no finished draft here" >&2; exit 1; }
+        mkdir -p "$out"
+        tar cf - -C "$REMOTE/work/runs/$algorithm" draft | split -b 15M -d -a 2 - "$out/draft_$algorithm.tar.part"
+        cat "$out"/draft_"$algorithm".tar.part?? | sha256sum | cut -d' ' -f1 > "$out/draft_$algorithm.sha256"
+    fi
+    cp "$out/draft_$algorithm.sha256" "$results/"
+    sent=0
+    for part in "$out"/draft_"$algorithm".tar.part??; do
+        if [ ! -f "$part.sent" ] && [ $sent -lt 3 ]; then
+            cp "$part" "$results/" && touch "$part.sent" && sent=$((sent + 1))
+        fi
+    done
+    left=$(for part in "$out"/draft_"$algorithm".tar.part??; do [ -f "$part.sent" ] || echo "$part"; done | wc -l)
+    [ "$left" -eq 0 ] && echo "$algorithm: all sent" || echo "$algorithm: $left parts left; send-draft again"
+    ;;
+collect-draft)
+    algorithm=${2:?usage: collect-draft ALGORITHM JOB_FOLDER...}
+    into=.repro/draft_$algorithm
+    rm -rf "$into" && mkdir -p "$into"
+    for folder in "${@:3}"; do
+        (cd "$CALLER" && cp "$folder"/draft_"$algorithm".* "$OLDPWD/$into/")
+    done
+    [ "$(cat "$into"/draft_"$algorithm".tar.part?? | sha256sum | cut -d' ' -f1)" = "$(cat "$into/draft_$algorithm.sha256")" ] \
+        || { echo "the parts in $into do not match their checksum (a part missing?)" >&2; exit 1; }
+    n=0
+    for part in "$into"/draft_"$algorithm".tar.part??; do  # 3 parts per folder, each with the checksum
+        folder="$into/p$((n / 3 + 1))" && mkdir -p "$folder" && mv "$part" "$folder/" && n=$((n + 1))
+        cp "$into/draft_$algorithm.sha256" "$folder/"
+    done
+    rm "$into/draft_$algorithm.sha256"
+    ls "$into"
+    ;;
+receive-draft)
+    algorithm=${2:?usage: receive-draft ALGORITHM}
+    incoming=$REMOTE/incoming/$algorithm
+    mkdir -p "$incoming"
+    for folder in .repro/draft_"$algorithm"/p*; do
+        [ -d "$folder" ] && cp "$folder"/draft_"$algorithm".* "$incoming/"
+    done
+    if [ "$(cat "$incoming"/draft_"$algorithm".tar.part?? | sha256sum | cut -d' ' -f1)" \
+         = "$(cat "$incoming/draft_$algorithm.sha256")" ]; then
+        rm -rf "$REMOTE/drafts/$algorithm" && mkdir -p "$REMOTE/drafts/$algorithm"
+        cat "$incoming"/draft_"$algorithm".tar.part?? | tar xf - -C "$REMOTE/drafts/$algorithm"
+        echo "$algorithm: draft received"
+    else
+        echo "$algorithm: $(ls "$incoming" | grep -c part) parts here; receive-draft again with the next folder"
+    fi
     ;;
 *)
     sed -n '/^set -euo/q;2,$p' "$0"

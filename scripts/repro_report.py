@@ -225,7 +225,7 @@ def write_report(results: str, docs: str) -> str:
     configs = {a: load(results, f"train_{a}_config.json") for a in ALGORITHMS}
     sts = load(results, "sts_fit.json")
     # DSpark's speed is required; another drafter's exists when the run that trained it reached its speed stage
-    # (a speed run needs the trained draft on its machine, and drafts do not travel between machines)
+    # (a speed run needs the trained draft on its machine)
     speed = {a: load(results, f"speed_{a}.json") for a in ALGORITHMS
              if a == "dspark" or os.path.exists(os.path.join(results, f"speed_{a}.json"))}
     simulated = os.path.exists(os.path.join(results, "simulation.json"))  # the schedule stage ran

@@ -277,13 +277,14 @@ class Pipeline:
     def once(self, name: str, out: str, argv: list[str], draft: str | None = None) -> None:
         """Runs a command that writes `out` (it is given out + ".tmp", renamed when the command
         succeeds), unless `out` exists. `draft`: the drafter whose draft the command reads; a
-        drafter trained on another machine (its DONE came with a seed, its draft did not) can
-        only have its missing results made by training it again here."""
+        drafter trained on another machine (its DONE came with a seed) needs its draft brought
+        here (remote_repro_smollm2.sh send-draft / receive-draft) or training again."""
         if os.path.exists(out):
             return
         if draft and not os.path.isdir(self.draft_dir(draft)):
             sys.exit(f"{name}: {self.draft_dir(draft)} is missing ({draft} was trained on another machine and its "
-                     f"results there were not finished); remove {self.path('runs', draft, 'DONE')} to train it here")
+                     f"results there were not finished); bring its draft here (remote_repro_smollm2.sh "
+                     f"receive-draft) or remove {self.path('runs', draft, 'DONE')} to train it here")
         self.command(name, [out + ".tmp" if a == out else a for a in argv], record=argv)
         os.replace(out + ".tmp", out)
 
