@@ -31,8 +31,9 @@ row counts.
 
 The SPS table counts the target's time only. When the draft's own pass is a real share of a
 round (a small target, a weak draft, a large batch), speculating can lose to plain decoding
-whatever the verify lengths. Given the draft's seconds per pass (`draft_seconds`, by row
-count), `speculation_pays` decides before a round is drafted whether it should be: it
+whatever the verify lengths. Given the draft's seconds per round (`draft_seconds`, by row
+count: its pass, or for a serving engine what a drafted round costs beyond its verify pass,
+`serving.round_times`), `speculation_pays` decides before a round is drafted whether it should be: it
 prices the round the scheduler would run on the confidences of the last round drafted (its
 expected tokens, its verify pass as wide as it runs, the draft's pass) against an
 autoregressive step's (r rows at SPS(r)). The decision uses only earlier rounds, so it never
@@ -145,9 +146,9 @@ def _lengths(order, admitted_sorted, shape) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class PrefixScheduler:
     """Algorithm 1 over a profiled table: sps[B - 1] = target steps per second at B verify
-    tokens, or with sps_rows a serving table (module doc); draft_seconds[r - 1] = seconds of
-    the draft's pass over r rows (optional: lets `speculation_pays` skip drafting when it does
-    not pay)."""
+    tokens, or with sps_rows a serving table (module doc); draft_seconds[r - 1] = seconds the
+    draft adds to a round of r rows (optional: lets `speculation_pays` skip drafting when it
+    does not pay)."""
 
     sps: tuple[float, ...] | tuple[tuple[float, ...], ...]
     temperatures: tuple[float, ...] | None = None
@@ -255,7 +256,8 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r), both SPS read for
     r rows (`_rates`). (Both sides count
     the r active rows only, not a batch's padding rows; the autoregressive side leaves out the
-    draft's small pass that takes in the new position. With no active row: True.)"""
+    draft's small pass that takes in the new position unless the table is calibrated to the
+    engine's undrafted rounds, `serving.round_times`. With no active row: True.)"""
     if getattr(scheduler, "draft_seconds", None) is None:
         return jnp.asarray(True)
     known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before

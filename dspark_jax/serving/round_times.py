@@ -24,40 +24,52 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.decoding.scheduler import FixedScheduler
+from dspark_jax.decoding.batching import bucket
+from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.sps import profile_serving_sps
 from dspark_jax.serving.engine import Engine
 from dspark_jax.serving.step import engine_round
 
+FLAT_SPS = (500.0,) * 512  # every verify width priced alike: Algorithm 1 verifies every draft token
+
 
 def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = True, num_rounds: int = 1,
                   page_size: int = 16, kernels: str = "auto", mesh=None, steps: int = 4, reps: int = 3) -> float:
-    """Seconds per round of the engine's round program over `rows` running rows whose contexts
-    hold `context` positions (each its own pages), as an `Engine` of these settings runs it
-    (`num_rounds` rounds per program, its attention kernels): autoregressive without a draft,
-    else undrafted or drafted (`drafting`) with every draft token verified
-    (FixedScheduler(gamma)). The best of `reps` timings of `steps` programs after a first
-    (compiling) one, divided by `num_rounds`."""
+    """Seconds per round of the engine's round program with `rows` running rows whose contexts
+    hold `context` positions (each its own pages), as an `Engine` of these settings runs it:
+    its capacity (rows rounded up as the engine buckets them), block-table width and attention
+    kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
+    drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
+    token (the widest verify pass, with the scheduler's own work and its drafting decision).
+    The best of `reps` timings of `steps` programs after a first (compiling) one, each rep from
+    the same lengths, divided by `num_rounds`."""
     gamma = 0 if draft is None else draft.config.block_size
-    positions = context + (1 + steps * reps) * num_rounds * (gamma + 1)  # every write of the timed programs
-    pages = -(-positions // page_size)
-    engine = Engine(target, draft, scheduler=None if draft is None else FixedScheduler(gamma), max_num_seqs=rows,
-                    page_size=page_size, num_pages=rows * pages + 1, num_scheduler_steps=num_rounds, kernels=kernels,
-                    mesh=mesh, background_compile=False)
-    table = (1 + np.arange(rows * pages, dtype=np.int32)).reshape(rows, pages)  # page 0 is the scratch page
-    running = np.ones((rows,), bool)
-    state = engine.state
-    lengths = lambda cache: None if cache is None else cache.replace(lengths=cache.lengths.at[:rows].set(context))
-    state = state._replace(done=state.done & False, max_new=state.max_new + 2**30,  # every row decodes throughout
-                           target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
+    cap = bucket(rows, 4)
+    scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
+    pages = -(-(context + (1 + steps) * num_rounds * (gamma + 1)) // page_size)  # a rep's writes
+    engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=cap, page_size=page_size,
+                    num_pages=rows * pages + 1, num_scheduler_steps=num_rounds, kernels=kernels, mesh=mesh,
+                    background_compile=False)
+    table = np.zeros((cap, engine._table_width_for(pages)), np.int32)  # free slots read the scratch page 0
+    table[:rows, :pages] = 1 + np.arange(rows * pages, dtype=np.int32).reshape(rows, pages)
+    running = np.arange(cap) < rows
     models = (engine.target.model, None if draft is None else engine.draft.model, engine.scheduler)
     weights = (engine.target.params, None if draft is None else engine.draft.params)
     run = lambda s: engine_round(*models, *weights, s, table, running, num_rounds, drafting or draft is None)[0]
-    state = jax.block_until_ready(run(state))
+
+    def from_context(state):  # every running row at `context` positions, decoding throughout (state: [cap] slots)
+        lengths = lambda cache: None if cache is None else cache.replace(  # a buffer each: the state is donated
+            lengths=jnp.asarray(np.where(running, context, 0), jnp.int32))
+        return state._replace(done=jnp.asarray(~running), max_new=state.max_new + 2**30,
+                              target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
+
+    state = jax.block_until_ready(run(from_context(engine.state)))
     best = float("inf")
     for _ in range(reps):
+        state = jax.block_until_ready(from_context(state))
         start = time.perf_counter()
         for _ in range(steps):
             state = run(state)
@@ -80,16 +92,18 @@ def engine_table(target, draft, concurrencies, context: int, *, num_rounds: int 
                  kernels: str = "auto", mesh=None) -> dict:
     """A serving table ({"sps_rows", "sps", "draft_seconds"}, `decoding.scheduler`) for an
     engine of these settings, calibrated to its rounds (module doc); "round_seconds" holds the
-    rounds as measured."""
+    rounds as measured, "calibrated_for" the settings."""
     gamma = draft.config.block_size
     rows = sorted(set(concurrencies))
     passes = profile_serving_sps(target, gamma, rows, context)
     settings = dict(context=context, num_rounds=num_rounds, page_size=page_size, kernels=kernels, mesh=mesh)
     undrafted = [round_seconds(target, draft, rows=c, drafting=False, **settings) for c in rows]
     drafted = [round_seconds(target, draft, rows=c, drafting=True, **settings) for c in rows]
-    verify, draft_s = calibrate(1.0 / np.asarray(passes["sps"]), undrafted, drafted)
-    # r rows cost at most what more rows do; by row count r = 1..max(c), linear between the measured ones
-    draft_s = np.minimum.accumulate(draft_s[::-1])[::-1]
+    # r rows cost at most what more rows do (a slow first sample is lowered to the next one)
+    monotone = lambda x: np.minimum.accumulate(np.asarray(x)[::-1])[::-1]
+    verify, draft_s = calibrate(1.0 / np.asarray(passes["sps"]), monotone(undrafted), monotone(drafted))
     return {"sps_rows": rows, "sps": (1.0 / verify).tolist(),
-            "draft_seconds": np.interp(np.arange(1, rows[-1] + 1), rows, draft_s).tolist(),
-            "round_seconds": {"undrafted": undrafted, "drafted": drafted}}
+            "draft_seconds": np.interp(np.arange(1, rows[-1] + 1), rows, draft_s).tolist(),  # linear in rows
+            "round_seconds": {"undrafted": undrafted, "drafted": drafted},
+            "calibrated_for": {"context": context, "num_rounds": num_rounds, "page_size": page_size,
+                               "kernels": kernels}}
