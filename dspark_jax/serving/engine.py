@@ -46,7 +46,7 @@ prefill's chunk width and rows (powers of two holding the longest chunk and the 
 whether any request uses top-k/top-p; the rounds per step are fixed per engine. Programs are
 compiled ahead of time (`dspark_jax.serving.programs`): a step whose shape is not compiled
 yet runs a compiled program of more rows or wider chunks, padded, while its own compiles on
-a background thread, and waits only when none covers it; `precompile` compiles the largest
+a background thread (several compile at once), and waits only when none covers it; `precompile` compiles the largest
 shapes at start-up so that none has to wait.
 """
 
@@ -82,6 +82,7 @@ from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 log = logging.getLogger(__name__)
 
 PROBE_LIMIT = 512  # rounds: the longest gap between two probes of a draft that does not pay
+COMPILE_THREADS = 4  # programs compiled at once off the steps' thread (XLA compiles outside the GIL)
 
 
 # A step is logged as slow when it takes at least SLOW_STEP_SECONDS and more than SLOW_STEP_FACTOR
@@ -229,7 +230,7 @@ class Engine:
     mesh to run under (weights and KV pages are split over its tensor axis);
     async_scheduling: plan each step while the previous one runs (`step`);
     num_scheduler_steps: decoding rounds per step (vLLM's name for the same idea);
-    background_compile: compile a step's new shape on a background thread while a larger
+    background_compile: compile a step's new shape on background threads while a larger
     compiled program runs it (one device; under a mesh programs compile at their first step);
     kernels: how the target and the draft attend over their pages: "xla" (every page of the
     block table gathered, then attention over them) or "pallas" (the ragged paged attention
@@ -297,7 +298,8 @@ class Engine:
         self._state_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                          self._state)
         self._programs = Programs(self._compile, background_compile and mesh is None,
-                                  functools.partial(_cover_allowed, self._full_tables, self.pages.usable))
+                                  functools.partial(_cover_allowed, self._full_tables, self.pages.usable),
+                                  threads=COMPILE_THREADS)
         weakref.finalize(self, self._programs.close)
         self._programs_run: set = set()  # keys of the programs launched so far
         self._typical_step = (0.0, 0)  # moving average of step seconds (steps without a compile stall), count
@@ -393,7 +395,7 @@ class Engine:
         self._programs.close()
 
     def precompile(self, wait: bool = False) -> None:
-        """Compiles the largest program shapes this engine can run (on the background thread
+        """Compiles the largest program shapes this engine can run (on the background threads
         unless `background_compile` is off, and then now): its widest round at every block-table
         width, drafted and undrafted where the scheduler may skip drafting, and for each chunk
         width the prefill of the most rows the token budget holds, all for rows without
@@ -569,7 +571,7 @@ class Engine:
 
     def _compile(self, key):
         """The program of a `Programs` key, a callable of (target params, draft params, state,
-        inputs...): compiled ahead of time on one device (on the background thread: it reads no
+        inputs...): compiled ahead of time on one device (on a background thread: it reads no
         live state); under a mesh, jit's own dispatch, which compiles at the first call (the
         steps' outputs may be laid out unlike the initial state, over a data axis, and jit
         follows them where a compiled program would refuse them). A round: sizes (capacity,),

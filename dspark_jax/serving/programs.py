@@ -2,12 +2,14 @@
 
 Each engine program (a prefill, a decoding round) is specialised on bucketed shapes, and the
 first step that needs a new shape would compile it: seconds on a GPU, during which every
-running request waits. `Programs` compiles instead on a background thread and, until a shape
+running request waits. `Programs` compiles instead on background threads and, until a shape
 is ready, runs the cheapest compiled program whose shape covers the step: at least as many
 rows and as wide chunks, the same in everything else (a step padded to it runs the extra rows
 idle), where the engine allows it (`allowed`: its bound on how much larger a cover may be).
 A step waits for a compilation only when no allowed compiled program covers it; the shapes
-steps ask for compile before those `precompile` asked for.
+steps ask for compile before those `precompile` asked for. XLA compiles outside Python's GIL,
+so several threads compile several programs at once (a warm-up, or `precompile` at start-up,
+asks for many).
 
 A key is (kind, sizes, exact): sizes is a tuple of ints that a program covers when each of
 its own is at least as large; exact must be equal.
@@ -38,11 +40,12 @@ def covers(program: Key, step: Key) -> bool:
 class Programs:
     """Compiled programs by key. compile: key -> a callable (a `jax.stages.Compiled`), held
     weakly when it is a bound method (the engine's: the engine is not kept alive by its
-    programs), run on a daemon thread when `background` (else at the step that first needs
-    the key); allowed(cover, step): whether `cover` may run `step` padded."""
+    programs), run on `threads` daemon threads when `background` (else at the step that first
+    needs the key), which take the queued keys in priority order; allowed(cover, step): whether
+    `cover` may run `step` padded."""
 
     def __init__(self, compile: Callable[[Key], Callable], background: bool = True,
-                 allowed: Callable[[Key, Key], bool] = lambda cover, step: True):
+                 allowed: Callable[[Key, Key], bool] = lambda cover, step: True, threads: int = 1):
         self._compile_ref = weakref.WeakMethod(compile) if hasattr(compile, "__self__") else lambda: compile
         self._allowed = allowed
         self._ready: dict[Key, Callable] = {}
@@ -51,7 +54,9 @@ class Programs:
         if background:
             self._queue = queue.PriorityQueue()
             self._order = itertools.count()
-            threading.Thread(target=_work, args=(self._queue,), name="engine-compile", daemon=True).start()
+            self._threads = threads
+            for i in range(threads):
+                threading.Thread(target=_work, args=(self._queue,), name=f"engine-compile-{i}", daemon=True).start()
         self.stalls = 0  # steps that waited for a compilation
 
     def __len__(self) -> int:
@@ -98,11 +103,12 @@ class Programs:
         self._collect()
 
     def close(self) -> None:
-        """Drops the compilations not started and stops the background thread."""
+        """Drops the compilations not started and stops the background threads."""
         for future in self._pending.values():
             future.cancel()
         if self._queue is not None:
-            self._queue.put((-1, -1, None, None))  # before anything queued: the thread ends
+            for i in range(self._threads):
+                self._queue.put((-1, -i, None, None))  # before anything queued: one for each thread to end on
             self._queue = None
 
     def _ask(self, key: Key, priority: int) -> None:
@@ -136,7 +142,7 @@ class Programs:
 
 
 def _work(jobs: queue.PriorityQueue) -> None:
-    """The background thread: compiles queued keys, highest priority first, until closed."""
+    """A background thread: compiles queued keys, highest priority first, until closed."""
     while True:
         _, _, key, job = jobs.get()
         if key is None:

@@ -83,3 +83,19 @@ def test_shapes_steps_ask_for_compile_before_precompiled_ones():
     programs.wait()
     assert compiled[:2] == [BIG, OTHER]
     programs.close()
+
+
+def test_several_threads_compile_at_once():
+    """With two threads, two queued programs compile at the same time: each compilation waits
+    until both have started (one thread would never start the second)."""
+    both = threading.Barrier(2, timeout=30)
+
+    def compile(key):
+        both.wait()
+        return lambda: key
+
+    programs = Programs(compile, threads=2)
+    programs.precompile([BIG, SMALL])
+    programs.wait()
+    assert len(programs) == 2 and programs.get(SMALL)[0] == SMALL and programs.stalls == 0
+    programs.close()
