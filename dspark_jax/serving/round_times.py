@@ -6,7 +6,7 @@ and `profile_draft_seconds` the draft's pass alone. A round of the engine
 head, rejection sampling, the scheduler, and in an undrafted round the draft's catch-up over
 the pending positions. Priced from passes alone, drafting looked cheaper than it was: on an
 H100 with SmolLM2-135M at one row, a drafted round was priced at 1.50 ms, and the engine's
-rounds put it near 2.6 ms (docs/results.md, "The scheduler live").
+rounds put it at up to 2.6 ms (docs/results.md, "The scheduler live").
 
 `engine_table` therefore measures both and calibrates the passes to the rounds, at each row
 count c:
