@@ -237,6 +237,8 @@ def write_report(results: str, docs: str) -> str:
                  *[os.path.basename(p) for p in glob.glob(os.path.join(results, "sps_r*.json"))],
                  *[name for name in [live_run(results)[0]] if name]]:
         copy_result(os.path.join(results, name), out_dir, run_folders(configs, speed))
+    if live_run(results)[1] and os.path.exists(os.path.join(out_dir, "live.json.tmp")):
+        os.remove(os.path.join(out_dir, "live.json.tmp"))  # an earlier page's rows of a run now finished
     for png in glob.glob(os.path.join(results, "calibration", "*.png")):
         shutil.copy(png, out_dir)
     acceptance_figure(evals["1.0"], os.path.join(out_dir, "acceptance.png"))

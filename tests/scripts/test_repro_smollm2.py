@@ -179,6 +179,9 @@ def test_report_of_a_live_run_cut_short(tmp_path):
     assert "| 1 | 80.0 | fixed 2 (160.0) | 1.100 | 1.050 | 2.200 | 2.100 |" in page
     assert "| 2 | 100.0 | - | - | - | 1.760 | - |" in page
     assert (docs / "results" / "live.json.tmp").exists()
+    (results / "live.json.tmp").rename(results / "live.json")  # the run finished: its page replaces the rows
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert "cut short" not in page and not (docs / "results" / "live.json.tmp").exists()
 
 def test_report_copies_name_the_run_folders(tmp_path):
     """The copied results write the run machine's work folder, target and prompt folder as $WORK, $GGUF and
