@@ -27,6 +27,13 @@ from dspark_jax.evaluation.step_times import draft_seconds, verify_seconds
 from dspark_jax.sampling import SamplingParams
 
 
+def no_more_than_larger(seconds, axis: int = 0) -> np.ndarray:
+    """Each of `seconds` lowered to the smallest at a larger index along `axis` (a pass of more
+    rows or tokens can always run a smaller one padded), so one slow sample cannot price a small
+    pass above a large one."""
+    return np.flip(np.minimum.accumulate(np.flip(np.asarray(seconds, float), axis), axis=axis), axis)
+
+
 def interpolate(measured: dict[int, float], max_tokens: int) -> list[float]:
     """SPS(B) for B = 1..max_tokens, linear between measured B, flat outside them. A measured
     rate below that of a larger B is raised to it (a pass of B tokens can always run padded
@@ -63,8 +70,7 @@ def profile_serving_sps(target, gamma: int, concurrencies, context: int) -> dict
     rows = sorted(set(concurrencies))
     seconds = np.asarray([[verify_seconds(target, batch=c, tokens=q, context=context, capacity=context + gamma + 2,
                                           steps=8, reps=3) for q in widths] for c in rows])  # [C, widths]
-    seconds = np.minimum.accumulate(seconds[:, ::-1], axis=1)[:, ::-1]
-    seconds = np.minimum.accumulate(seconds[::-1], axis=0)[::-1]
+    seconds = no_more_than_larger(no_more_than_larger(seconds, axis=1), axis=0)
     every = np.stack([np.interp(np.arange(1, gamma + 2), widths, s) for s in seconds])  # [C, gamma + 1]
     return {"sps_rows": rows, "sps": (1.0 / every).tolist()}
 
@@ -78,7 +84,7 @@ def profile_draft_seconds(draft, concurrencies, context: int) -> tuple[float, ..
                                  sampling=SamplingParams.rows(c), steps=8, reps=3) for c in concurrencies}
     xs = sorted(measured)
     # r rows cost at most what more rows do (a slow first sample is lowered to the next one)
-    seconds = np.minimum.accumulate(np.asarray([measured[x] for x in xs])[::-1])[::-1]
+    seconds = no_more_than_larger([measured[x] for x in xs])
     return tuple(np.interp(np.arange(1, max(xs) + 1), xs, seconds).tolist())
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import PrefixScheduler
-from dspark_jax.evaluation.sps import profile_serving_sps
+from dspark_jax.evaluation.sps import no_more_than_larger, profile_serving_sps
 from dspark_jax.serving.engine import Engine
 from dspark_jax.serving.step import engine_round
 
@@ -100,8 +100,8 @@ def engine_table(target, draft, concurrencies, context: int, *, num_rounds: int 
     undrafted = [round_seconds(target, draft, rows=c, drafting=False, **settings) for c in rows]
     drafted = [round_seconds(target, draft, rows=c, drafting=True, **settings) for c in rows]
     # r rows cost at most what more rows do (a slow first sample is lowered to the next one)
-    monotone = lambda x: np.minimum.accumulate(np.asarray(x)[::-1])[::-1]
-    verify, draft_s = calibrate(1.0 / np.asarray(passes["sps"]), monotone(undrafted), monotone(drafted))
+    verify, draft_s = calibrate(1.0 / np.asarray(passes["sps"]), no_more_than_larger(undrafted),
+                                no_more_than_larger(drafted))
     return {"sps_rows": rows, "sps": (1.0 / verify).tolist(),
             "draft_seconds": np.interp(np.arange(1, rows[-1] + 1), rows, draft_s).tolist(),  # linear in rows
             "round_seconds": {"undrafted": undrafted, "drafted": drafted},
