@@ -349,6 +349,7 @@ def test_live_runs_the_engine_with_every_fixed_length_and_both_schedulers(tmp_pa
     assert argv[argv.index("--modes") + 1: argv.index("--max-tokens")] == ["ar", "sched", "async", "fixed", "fixed:2",
                                                                            "fixed:1"]  # fixed verifies all 3
     assert argv[argv.index("--concurrency") + 1: argv.index("--modes")] == ["1", "2"]
+    assert argv[argv.index("--kernels") + 1] == "xla"  # the full scale's "pallas" would run interpreted here
     assert argv[argv.index("--temperature") + 1] == "1.0" and argv[argv.index("--draft") + 1] == pipeline.draft_dir(
         "dspark")
     pipeline.live()  # done: not run again
