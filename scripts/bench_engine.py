@@ -20,7 +20,8 @@ loop runs once to compile the engine's programs, and the run waits for the compi
 started; programs compiled during the measured loop and steps that waited for one are
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
 engine's mean wall time per step (`step_ms`) and the share of the loop it spent stepping
-(`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both).
+(`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both),
+and the drafting decision's forecast scale at the level's end (`forecast_scale`, `Engine.forecast_scale`).
 --out is rewritten after every level; `--resume` continues a run of the same command cut short
 from the rows it holds.
 Once the models are loaded the heap is frozen, as serve.py freezes it; the full garbage
@@ -254,6 +255,7 @@ def main(argv=None) -> None:
             row["compile_stalls"] = after.compile_stalls - before.compile_stalls
             row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
+            row["forecast_scale"] = after.forecast_scale
             row.update(step_profile(after.steps - before.steps, after.step_seconds - before.step_seconds,
                                     row["seconds"]))
             row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,

@@ -243,21 +243,25 @@ def verify_widths(gamma: int, scheduler) -> list[int]:
     return sorted({min(1 << i, gamma + 1) for i in range(1, (gamma + 1).bit_length() + 1)})
 
 
-def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, scheduler_state=None) -> jax.Array:
+def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, scheduler_state=None,
+                     forecast_scale=1.0) -> jax.Array:
     """Whether the next round should draft (bool scalar): always, unless the scheduler knows
     the draft's cost (`draft_seconds[r - 1]` for r rows). Then the round the scheduler would
     run on last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row
     that has not drafted yet, which counts as the mean of the active rows that have, or as
-    sure acceptance when none has) is priced as it runs: its verify lengths L as the scheduler
-    picks them (the asynchronous one with the budget its `scheduler_state`, required for it,
-    already fixes),
-    E = r + the survivals they admit expected tokens, a verify pass r * w tokens wide (w: the
-    smallest verify width holding max(L) + 1) and the draft's pass; drafting pays when
-    E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r), both SPS read for
-    r rows (`_rates`). (Both sides count
-    the r active rows only, not a batch's padding rows; the autoregressive side leaves out the
-    draft's small pass that takes in the new position unless the table is calibrated to the
-    engine's undrafted rounds, `serving.round_times`. With no active row: True.)"""
+    sure acceptance when none has) is priced as it runs:
+    - its verify lengths L as the scheduler picks them (the asynchronous one with the budget its
+      `scheduler_state`, required for it, already fixes);
+    - E = r + forecast_scale x the survivals they admit expected tokens. forecast_scale (a
+      scalar) is how many draft tokens rounds have accepted per token their confidences
+      forecast: 1 trusts the confidences; a serving engine measures it (`Engine`);
+    - a verify pass r * w tokens wide (w: the smallest verify width holding max(L) + 1), plus
+      the draft's pass.
+    Drafting pays when E / (1 / SPS(r * w) + draft) beats an autoregressive step's r * SPS(r),
+    both SPS read for r rows (`_rates`). Both sides count the r active rows only, not a
+    batch's padding rows; the autoregressive side leaves out the draft's small pass that takes
+    in the new position unless the table is calibrated to the engine's undrafted rounds
+    (`serving.round_times`). With no active row: True."""
     if getattr(scheduler, "draft_seconds", None) is None:
         return jnp.asarray(True)
     known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
@@ -273,7 +277,7 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     g = last_conf.shape[1]
     a = survival(last_conf, scheduler.temperatures)  # [B, G]
     r = jnp.sum(active)
-    expected = r + jnp.sum(jnp.where(jnp.arange(g)[None, :] < length[:, None], a, 0.0))
+    expected = r + forecast_scale * jnp.sum(jnp.where(jnp.arange(g)[None, :] < length[:, None], a, 0.0))
     widths = jnp.asarray(verify_widths(g, scheduler))
     width = widths[jnp.searchsorted(widths, jnp.max(length) + 1)]
     draft = jnp.asarray(scheduler.draft_seconds, jnp.float32)[jnp.clip(r - 1, 0, len(scheduler.draft_seconds) - 1)]

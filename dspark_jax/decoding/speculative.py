@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import DRAFT_STREAM, NEXT_STREAM, verify, verify_logits
-from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays, verify_widths
+from dspark_jax.decoding.scheduler import AsyncPrefixScheduler, speculation_pays, survival, verify_widths
 from dspark_jax.models.draft_config import check_draft_fits
 from dspark_jax.models.kv_cache import KVCache, PagedKVCache
 from dspark_jax.sampling import SamplingParams, draw, fold, probabilities, row_keys
@@ -81,6 +81,8 @@ class RoundOutput(NamedTuple):
     confidence: jax.Array  # [B, G] the draft's confidence logits (zeros without a confidence head or a draft)
     active: jax.Array  # [B] rows that took part
     drafted: jax.Array  # [B] rows that took part in a drafted round (False in autoregressive rounds)
+    forecast: jax.Array  # [B] accepted draft tokens the round's confidences forecast: the prefix survivals
+    #                      (with the scheduler's temperatures) of the verified slots (0 without drafting)
 
 
 def check_setup(target_config, draft_config, scheduler) -> None:
@@ -405,5 +407,7 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
         last_confidence=confidence,
     )
     drafted_rows = active & speculate
+    verified = jnp.arange(confidence.shape[1])[None, :] < jnp.where(drafted_rows, length, 0)[:, None]  # [B, G]
+    forecast = jnp.sum(jnp.where(verified, survival(confidence, getattr(scheduler, "temperatures", None)), 0.0), axis=1)
     return state, RoundOutput(commit, count, length, jnp.where(active, accepted, 0),
-                              jnp.where(drafted_rows[:, None], confidence, 0.0), active, drafted_rows)
+                              jnp.where(drafted_rows[:, None], confidence, 0.0), active, drafted_rows, forecast)

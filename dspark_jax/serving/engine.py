@@ -25,6 +25,12 @@ A request goes waiting -> prefilling -> decoding -> finished:
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
+  The confidences forecast a round's accepted tokens, and a forecast can be off for the
+  traffic at hand (a confidence head calibrated on other prompts, or at another temperature).
+  So the decision scales each forecast by what the engine's drafted rounds have accepted per
+  token their own confidences forecast (`forecast_scale`: sums over the rows' drafted rounds,
+  decayed so that about the last FORECAST_MEMORY count, with FORECAST_PRIOR tokens of evidence
+  for 1). Only finished rounds set it, so the output stays exactly the target's.
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The
@@ -82,6 +88,9 @@ from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 log = logging.getLogger(__name__)
 
 PROBE_LIMIT = 512  # rounds: the longest gap between two probes of a draft that does not pay
+FORECAST_MEMORY = 256  # row-rounds (one row's drafted round each): the forecast scale's evidence weighs e times
+#                       less for every FORECAST_MEMORY row-rounds drafted since
+FORECAST_PRIOR = 2.0  # draft tokens of evidence for a forecast scale of 1 (the confidences trusted)
 COMPILE_THREADS = 4  # programs compiled at once off the steps' thread (XLA compiles outside the GIL)
 
 
@@ -113,6 +122,7 @@ class EngineStats:
     compile_stalls: int = 0  # steps that waited for a program to compile
     compiles_pending: int = 0  # programs asked for and still compiling or queued
     undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
+    forecast_scale: float = 1.0  # accepted draft tokens per token the confidences forecast (`Engine.forecast_scale`)
     step_seconds: float = 0.0  # wall time inside `step` (planning, launching, waiting for the device, committing)
 
     @property
@@ -294,6 +304,7 @@ class Engine:
         # or to probe after _probe_gap undrafted steps (_undrafted_steps planned in a row)
         self._drafting, self._probing = True, False
         self._probe_gap, self._undrafted_steps = 1, 0
+        self._forecast = (0.0, 0.0)  # decayed sums over drafted rounds: (accepted, forecast) draft tokens
         # state shapes and shardings, for compiling programs off the main thread
         self._state_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                          self._state)
@@ -377,7 +388,17 @@ class Engine:
             pages_used=self.pages.num_used, pages_free=self.pages.num_free,
             verify_length_histogram=list(s.verify_length_histogram), accepted_at_position=list(s.accepted_at_position),
             verified_at_position=list(s.verified_at_position), program_shapes=len(self._programs),
-            compile_stalls=self._programs.stalls, compiles_pending=self.compiles_pending)
+            compile_stalls=self._programs.stalls, compiles_pending=self.compiles_pending,
+            forecast_scale=self.forecast_scale)
+
+    @property
+    def forecast_scale(self) -> float:
+        """Draft tokens the drafted rounds accepted per token their confidences forecast (the
+        prefix survivals of the verified slots), over about the last FORECAST_MEMORY rows'
+        drafted rounds, with FORECAST_PRIOR tokens for 1: the drafting decision scales its
+        forecast by it (`speculation_pays`)."""
+        accepted, forecast = self._forecast
+        return (accepted + FORECAST_PRIOR) / (forecast + FORECAST_PRIOR)
 
     @property
     def compiles_pending(self) -> int:
@@ -511,7 +532,7 @@ class Engine:
         launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing, programs=keys)
         if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
             self._drafting = self._probing = False
-        return launch, filtered, (prefill, batch), (rnd, table, running)
+        return launch, filtered, (prefill, batch), (rnd, table, running, np.float32(self.forecast_scale))
 
     def _dispatch(self, launch: _Launch, filtered: bool, prefill, rnd) -> _Launch:
         """Runs the planned programs (each (program, its inputs), or (None, ...)) without waiting
@@ -541,6 +562,8 @@ class Engine:
                 token = int(prefilled[0][i])
                 r.output.append(token)
                 outputs.append(self._emit(r, [token], bool(prefilled[1][i])))
+        if launch.rnd is not None and launch.drafting:
+            self._learn_forecast(rnd[0])
         if launch.rnd is not None:
             self._decide_drafting(launch, bool(rnd[2]))
         for r in launch.decoding:
@@ -549,6 +572,15 @@ class Engine:
             if self._requests.get(r.id) is r:
                 outputs.append(self._finish_round(r, *rnd[:2]))
         return outputs
+
+    def _learn_forecast(self, out) -> None:
+        """Adds a drafted step's rounds (RoundOutput fields [rounds, cap, ...], on the host) to
+        the forecast scale's sums, the earlier sums decayed by e^(-row rounds / FORECAST_MEMORY)."""
+        drafted = out.drafted
+        decay = math.exp(-int(drafted.sum()) / FORECAST_MEMORY)
+        accepted, forecast = self._forecast
+        self._forecast = (decay * accepted + float(out.accepted[drafted].sum()),
+                          decay * forecast + float(out.forecast[drafted].sum()))
 
     def _decide_drafting(self, launch: _Launch, pays: bool) -> None:
         """Whether the steps planned from now on draft (with asynchronous scheduling, the step
@@ -583,7 +615,7 @@ class Engine:
         params = (self.target.params, None if self.draft is None else self.draft.params)
         if kind == "round":
             (cap,), (columns, _, drafting) = sizes, exact
-            inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool))
+            inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool), np.float32(1))
             program = functools.partial(engine_round, *models)
             statics = (self.num_scheduler_steps, drafting)
         else:

@@ -50,6 +50,10 @@ class EngineCollector:
         yield CounterMetricFamily("dspark_round_tokens", "Tokens committed by decoding rounds.", value=s.tokens)
         yield GaugeMetricFamily("dspark_tokens_per_round", "Mean tokens a decoding round commits (accepted + 1).",
                                 value=s.tokens_per_round)
+        yield GaugeMetricFamily(
+            "dspark_draft_forecast_scale",
+            "Draft tokens accepted per token the confidences forecast (it scales the drafting decision).",
+            value=s.forecast_scale)
         histogram = CounterMetricFamily("dspark_verify_length", "Decoding rounds by draft tokens verified.",
                                         labels=["length"])
         for length, count in enumerate(s.verify_length_histogram):

@@ -56,14 +56,14 @@ def test_prefix_scheduler_matches_algorithm1(early_stop):
         np.testing.assert_array_equal(ours, algorithm1(conf, active, sps, early_stop), err_msg=str(trial))
 
 
-def pays(conf, active, sps, draft_seconds, older=None):
+def pays(conf, active, sps, draft_seconds, older=None, scale=1.0):
     """Whether drafting pays, in float64: the round the scheduler would run on these
     confidences priced as it runs, expected tokens over the verify pass (r rows times the
     smallest power of two, capped at G + 1, that holds max(L) + 1) plus the draft's pass,
     against r * SPS(r). Lengths L: Algorithm 1's; with `older` (the asynchronous scheduler's
     confidences two rounds old), the K most surviving candidates, K the global maximum's count
-    over `older`. A row without history (NaN) counts as the mean of the active rows with one
-    (else as sure)."""
+    over `older`. Expected tokens: r + scale x the admitted survivals. A row without history
+    (NaN) counts as the mean of the active rows with one (else as sure)."""
     conf = np.asarray(conf, np.float64)
     seen = [i for i in range(len(conf)) if active[i] and not np.isnan(conf[i, 0])]
     prior = np.mean(conf[seen], axis=0) if seen else np.full(conf.shape[1], 30.0)
@@ -80,7 +80,7 @@ def pays(conf, active, sps, draft_seconds, older=None):
         length = np.zeros(len(a), int)
         for _, j, i in cands[:budget]:
             length[i] = max(length[i], j + 1)
-    expected = r + sum(a[i, j] for i in range(len(a)) for j in range(length[i]) if active[i])
+    expected = r + scale * sum(a[i, j] for i in range(len(a)) for j in range(length[i]) if active[i])
     g = conf.shape[1]
     width = min(w for w in [2, 4, 8, 16] + [g + 1] if w >= max(length) + 1 and w <= g + 1)
     sps_at = lambda b: sps[min(max(b, 1), len(sps)) - 1]
@@ -89,7 +89,8 @@ def pays(conf, active, sps, draft_seconds, older=None):
 
 
 def test_speculation_pays_matches_a_float64_reference():
-    """12 random rounds, half of them with the asynchronous scheduler; jitted, as decoding runs it."""
+    """12 random rounds, half of them with the asynchronous scheduler, 8 with the forecast scaled;
+    jitted, as decoding runs it."""
     rng = np.random.default_rng(1)
     outcomes = []
     for trial in range(12):
@@ -104,8 +105,10 @@ def test_speculation_pays_matches_a_float64_reference():
             sched, state = AsyncPrefixScheduler(sps, draft_seconds=draft_seconds), (jnp.asarray(older), None)
         else:
             older, sched, state = None, PrefixScheduler(sps, draft_seconds=draft_seconds), None
-        ours = bool(jax.jit(functools.partial(speculation_pays, sched))(jnp.asarray(conf), jnp.asarray(active), state))
-        assert ours == pays(conf, active, sps, draft_seconds, older), trial
+        scale = 1.0 if trial < 4 else rng.uniform(0.2, 1.5)  # the forecast as the confidences say, then scaled
+        ours = bool(jax.jit(functools.partial(speculation_pays, sched))(jnp.asarray(conf), jnp.asarray(active), state,
+                                                                         jnp.float32(scale)))
+        assert ours == pays(conf, active, sps, draft_seconds, older, scale), trial
         outcomes.append(ours)
     assert 0.2 < np.mean(outcomes) < 0.8  # both answers occur
     # without the draft's cost the scheduler always drafts

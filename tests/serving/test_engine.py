@@ -511,6 +511,36 @@ def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch, async_s
     assert kinds == expected[:len(kinds)] and len(kinds) >= 20, kinds  # gaps of 2, 4, 4, 4
 
 
+def test_the_drafting_decision_learns_how_far_the_confidences_over_forecast(monkeypatch):
+    """A draft whose confidence head calls every token surely accepted (logit 20) forecasts
+    every verified token as accepted; with this table drafting pays only above 2 accepted tokens
+    a round. Trusting its confidences (the forecast scale held at 1) the engine drafts every
+    round. Learning, it finds the scale that its rounds' counts give in float64 (accepted over
+    verified draft tokens, as every survival is 1, plus the prior: no decay here) and drafts
+    only to probe. Greedy tokens stay the target's either way."""
+    draft = tiny_draft("dspark")
+    head = draft.params["confidence_head"]
+    sure = {**head, "proj": {"bias": np.full((1,), 20.0, np.float32), "kernel": np.zeros_like(head["proj"]["kernel"])}}
+    draft = Draft(draft.config, {**draft.params, "confidence_head": sure}, draft.dtype)
+    scheduler = PrefixScheduler(sps=(1000.0,) * 64, draft_seconds=(0.002,))  # pays above 0.002 * 1000 accepted
+    monkeypatch.setattr(engine_module, "FORECAST_MEMORY", 1e12)
+    requests = [(p, greedy(m)) for p, m in zip(PROMPTS, LIMITS)]
+    for prior in (engine_module.FORECAST_PRIOR, 1e12):
+        monkeypatch.setattr(engine_module, "FORECAST_PRIOR", prior)
+        eng = Engine(tiny_target(), draft, scheduler=scheduler, **SMALL)
+        tokens, _, _ = serve(eng, requests)
+        assert tokens == [expected(i, m) for i, m in enumerate(LIMITS)]
+        stats = eng.stats()
+        verified = sum(length * n for length, n in enumerate(stats.verify_length_histogram))
+        scale = (sum(stats.accepted_at_position) + prior) / (verified + prior)
+        assert stats.forecast_scale == pytest.approx(scale, rel=1e-6)
+        if prior == 1e12:  # the confidences trusted
+            assert stats.undrafted_rounds == 0
+        else:  # this random draft accepts about one token in twenty
+            assert scale < 0.2 and stats.undrafted_rounds > 0.8 * stats.rounds
+        assert_drained(eng)
+
+
 def test_several_rounds_per_step_keep_sampled_tokens():
     """Seeded sampled requests (mixed temperatures and top_p) get the same tokens with three
     rounds per step as with one. (With a scheduler they may not: the verify lengths it picks
