@@ -168,8 +168,12 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
     if not finished:
         lines += [f"The run was cut short after {len(run['rows'])} rows ({name}); the modes it did not reach are "
                   "missing below, and \"best fixed\" is the best of the fixed lengths it measured.", ""]
-    lines += ["| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted | "
-              "steps that waited for a compile |", "|---|---|---|---|---|---|---|---|"]
+    kernels = sorted({row["kernels"] for row in run["rows"]})
+    lines += [f"Attention: {' and '.join(kernels)}. The forecast scale is what the engine measured at the level's "
+              "end: draft tokens accepted per token the confidences forecast, by which the drafting decision scales "
+              "its forecast.", "",
+              "| concurrency | decoder | tokens/s | vs AR | TPOT p50 ms | tokens/round | rounds undrafted | "
+              "forecast scale | steps that waited for a compile |", "|---|---|---|---|---|---|---|---|---|"]
     summary = ["", "| concurrency | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
                "prefix / AR | async / AR |", "|---|---|---|---|---|---|---|"]
     for c in sorted({row["concurrency"] for row in run["rows"]}):
@@ -179,9 +183,10 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
         ar = rows["ar"]["tokens_per_s"]
         for mode, row in rows.items():
             undrafted = "" if mode == "ar" else f"{row['undrafted']:.0%}"
+            scale = f"{row['forecast_scale']:.2f}" if mode in ("sched", "async") and "forecast_scale" in row else ""
             lines.append(f"| {c} | {live_name(mode, gamma)} | {row['tokens_per_s']:.1f} | "
                          f"{row['tokens_per_s'] / ar:.2f} | {row['tpot_p50_ms']:.2f} | {row['tokens_per_round']:.2f} | "
-                         f"{undrafted} | {row['compile_stalls']} |")
+                         f"{undrafted} | {scale} | {row['compile_stalls']} |")
         fixed = {mode: row["tokens_per_s"] for mode, row in rows.items() if mode.startswith("fixed")}
         best = max(fixed, key=fixed.get) if fixed else None
         ratio = lambda mode, base: f"{rows[mode]['tokens_per_s'] / base:.3f}" if mode in rows and base else "-"

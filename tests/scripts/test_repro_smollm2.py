@@ -90,7 +90,7 @@ def _write_results(results):
             2: {"ar": 100.0, "fixed:1": 130.0, "fixed:2": 160.0, "fixed": 200.0, "sched": 176.0, "async": 168.0}}
     rows = [{"mode": mode, "concurrency": c, "tokens_per_s": t, "tpot_p50_ms": 1.5,
              "tokens_per_round": 1.0 if mode == "ar" else 2.5, "undrafted": 0.0 if mode == "ar" else 0.25,
-             "compile_stalls": int(c == 2 and mode == "sched")}
+             "compile_stalls": int(c == 2 and mode == "sched"), "kernels": "pallas", "forecast_scale": 0.5}
             for c, modes in live.items() for mode, t in modes.items()]
     w("live.json", {"device": "Test GPU", "max_tokens": 8, "temperature": 1.0, "rows": rows})  # as bench_engine writes
     commands["live"] = "bench live"
@@ -114,11 +114,13 @@ def test_report_tables_hold_the_results(tmp_path):
     assert "| 1 | DFlash | 180.0 | 120.0 | 1.50 | 3.00 | 4.50 | 1.000 | 2.000 | 2.000 |" in page
     assert "devices: Other GPU, Test GPU" in page and "SPS tables measured on the SPS GPU" in page and "`bench eagle3` (4 mt-bench prompts" in page
     assert "| 1 | 10.0 | 30.0 (L=7) | 33.0 | 31.0 | 1.100 |" in page
-    assert "| 1 | fixed 2 | 160.0 | 2.00 | 1.50 | 2.50 | 25% | 0 |" in page and "Command: `bench live`" in page
-    assert "| 1 | AR | 80.0 | 1.00 | 1.50 | 1.00 |  | 0 |" in page
+    assert "| 1 | fixed 2 | 160.0 | 2.00 | 1.50 | 2.50 | 25% |  | 0 |" in page and "Command: `bench live`" in page
+    assert "| 1 | prefix (Algorithm 1) | 176.0 | 2.20 | 1.50 | 2.50 | 25% | 0.50 | 0 |" in page  # with its scale
+    assert "Attention: pallas." in page
+    assert "| 1 | AR | 80.0 | 1.00 | 1.50 | 1.00 |  |  | 0 |" in page
     assert "| 1 | 80.0 | fixed 2 (160.0) | 1.100 | 1.050 | 2.200 | 2.100 |" in page
     assert f"| 2 | 100.0 | fixed {GAMMA} (200.0) | 0.880 | 0.840 | 1.760 | 1.680 |" in page  # the whole block
-    assert "| 2 | prefix (Algorithm 1) | 176.0 | 1.76 | 1.50 | 2.50 | 25% | 1 |" in page
+    assert "| 2 | prefix (Algorithm 1) | 176.0 | 1.76 | 1.50 | 2.50 | 25% | 0.50 | 1 |" in page
     assert "2 optimizer steps of 64 sequences" in page
     for name in ("acceptance.png", "training.png", "gsm8k_reliability.png", "speed_eagle3.json", "sps_r1.json",
                  "live.json"):
