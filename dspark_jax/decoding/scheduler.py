@@ -36,8 +36,10 @@ count: its pass, or for a serving engine what a drafted round costs beyond its v
 `serving.round_times`), `speculation_pays` decides before a round is drafted whether it should be: it
 prices the round the scheduler would run on the confidences of the last round drafted (its
 expected tokens, its verify pass as wide as it runs, the draft's pass) against an
-autoregressive step's (r rows at SPS(r)). The decision uses only earlier rounds, so it never
-biases the output.
+autoregressive step's (r rows at SPS(r)). A caller that measures how far the confidences
+over- or under-forecast scales the expected tokens (`forecast_scale`), and may give the
+confidences a row without any drafted round counts as (`fallback`); a serving engine does both.
+The decision uses only earlier rounds, so it never biases the output.
 """
 
 from __future__ import annotations
@@ -244,12 +246,13 @@ def verify_widths(gamma: int, scheduler) -> list[int]:
 
 
 def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, scheduler_state=None,
-                     forecast_scale=1.0) -> jax.Array:
+                     forecast_scale=1.0, fallback=None) -> jax.Array:
     """Whether the next round should draft (bool scalar): always, unless the scheduler knows
     the draft's cost (`draft_seconds[r - 1]` for r rows). Then the round the scheduler would
     run on last_conf [B, G] (the confidences of each row's last drafted round; NaN for a row
-    that has not drafted yet, which counts as the mean of the active rows that have, or as
-    sure acceptance when none has) is priced as it runs:
+    that has not drafted yet, which counts as the mean of the active rows that have, or when
+    none has as `fallback` [G], confidences the caller keeps from earlier rows, or as sure
+    acceptance without them: None or NaN) is priced as it runs:
     - its verify lengths L as the scheduler picks them (the asynchronous one with the budget its
       `scheduler_state`, required for it, already fixes);
     - E = r + forecast_scale x the survivals they admit expected tokens. forecast_scale (a
@@ -267,7 +270,8 @@ def speculation_pays(scheduler, last_conf: jax.Array, active: jax.Array, schedul
     known = ~jnp.isnan(last_conf[:, :1])  # [B, 1] rows that have drafted before
     seen = active[:, None] & known
     mean = jnp.sum(jnp.where(seen, last_conf, 0.0), axis=0) / jnp.maximum(jnp.sum(seen), 1)  # [G]
-    prior = jnp.where(jnp.any(seen), mean, CONFIDENT)  # with no history at all, try drafting
+    fallback = CONFIDENT if fallback is None else jnp.where(jnp.isnan(fallback), CONFIDENT, fallback)
+    prior = jnp.where(jnp.any(seen), mean, fallback)  # [G]
     last_conf = jnp.where(known, last_conf, prior[None, :])
     if isinstance(scheduler, AsyncPrefixScheduler):  # the budget from confidences two rounds old
         length, _ = scheduler.step(last_conf, active, scheduler_state)

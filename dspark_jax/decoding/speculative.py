@@ -82,7 +82,8 @@ class RoundOutput(NamedTuple):
     active: jax.Array  # [B] rows that took part
     drafted: jax.Array  # [B] rows that took part in a drafted round (False in autoregressive rounds)
     forecast: jax.Array  # [B] accepted draft tokens the round's confidences forecast: the prefix survivals
-    #                      (with the scheduler's temperatures) of the verified slots (0 without drafting)
+    #                      (with the scheduler's temperatures) of the verified slots, up to an accepted stop token
+    #                      (as `accepted` counts); 0 without drafting
 
 
 def check_setup(target_config, draft_config, scheduler) -> None:
@@ -407,7 +408,8 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
         last_confidence=confidence,
     )
     drafted_rows = active & speculate
-    verified = jnp.arange(confidence.shape[1])[None, :] < jnp.where(drafted_rows, length, 0)[:, None]  # [B, G]
+    counted = jnp.where(stopped, jnp.minimum(length, first_stop + 1), length)  # verified up to a stop token
+    verified = jnp.arange(confidence.shape[1])[None, :] < jnp.where(drafted_rows, counted, 0)[:, None]  # [B, G]
     forecast = jnp.sum(jnp.where(verified, survival(confidence, getattr(scheduler, "temperatures", None)), 0.0), axis=1)
     return state, RoundOutput(commit, count, length, jnp.where(active, accepted, 0),
                               jnp.where(drafted_rows[:, None], confidence, 0.0), active, drafted_rows, forecast)

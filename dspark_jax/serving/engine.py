@@ -13,7 +13,8 @@ A request goes waiting -> prefilling -> decoding -> finished:
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
   rejection sampling commits), after the host has given it pages for those rounds' writes.
   When the scheduler knows the draft's cost, each round program also says whether drafting
-  pays for its rows (`speculation_pays`, from their latest confidences); while it does not,
+  pays for its rows (`speculation_pays`, from their latest confidences; for the rows that ran
+  when all have finished); while it does not,
   the host launches autoregressive rounds instead (a second round program, without the
   draft's proposal: the draft only takes in the new positions), which decide again as rows
   come and go. While drafting does not pay, the host probes it with one drafted step now
@@ -30,7 +31,10 @@ A request goes waiting -> prefilling -> decoding -> finished:
   So the decision scales each forecast by what the engine's drafted rounds have accepted per
   token their own confidences forecast (`forecast_scale`: sums over the rows' drafted rounds,
   decayed so that about the last FORECAST_MEMORY count, with FORECAST_PRIOR tokens of evidence
-  for 1). Only finished rounds set it, so the output stays exactly the target's.
+  for 1). A request that has not drafted yet counts as the other rows that have, and when none
+  has (say, one request at a time) as the rows of the last drafted round, not as sure to be
+  accepted: a new request does not draft while drafting does not pay. Only finished rounds set these, so
+  the output stays exactly the target's.
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The
@@ -305,6 +309,8 @@ class Engine:
         self._drafting, self._probing = True, False
         self._probe_gap, self._undrafted_steps = 1, 0
         self._forecast = (0.0, 0.0)  # decayed sums over drafted rounds: (accepted, forecast) draft tokens
+        # [G] mean confidences of the last drafted round's rows, for rows that have not drafted (NaN: none yet)
+        self._fallback = np.full((self.gamma,), np.nan, np.float32)
         # state shapes and shardings, for compiling programs off the main thread
         self._state_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                          self._state)
@@ -532,7 +538,8 @@ class Engine:
         launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing, programs=keys)
         if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
             self._drafting = self._probing = False
-        return launch, filtered, (prefill, batch), (rnd, table, running, np.float32(self.forecast_scale))
+        decision = (np.float32(self.forecast_scale), self._fallback.copy())
+        return launch, filtered, (prefill, batch), (rnd, table, running, *decision)
 
     def _dispatch(self, launch: _Launch, filtered: bool, prefill, rnd) -> _Launch:
         """Runs the planned programs (each (program, its inputs), or (None, ...)) without waiting
@@ -575,8 +582,13 @@ class Engine:
 
     def _learn_forecast(self, out) -> None:
         """Adds a drafted step's rounds (RoundOutput fields [rounds, cap, ...], on the host) to
-        the forecast scale's sums, the earlier sums decayed by e^(-row rounds / FORECAST_MEMORY)."""
+        the forecast scale's sums, the earlier sums decayed by e^(-row rounds / FORECAST_MEMORY),
+        and keeps the mean confidences of its last round's drafted rows as the fallback."""
         drafted = out.drafted
+        if not drafted.any():
+            return
+        last = np.flatnonzero(drafted.any(axis=1))[-1]
+        self._fallback = out.confidence[last][drafted[last]].mean(axis=0).astype(np.float32)
         decay = math.exp(-int(drafted.sum()) / FORECAST_MEMORY)
         accepted, forecast = self._forecast
         self._forecast = (decay * accepted + float(out.accepted[drafted].sum()),
@@ -615,7 +627,8 @@ class Engine:
         params = (self.target.params, None if self.draft is None else self.draft.params)
         if kind == "round":
             (cap,), (columns, _, drafting) = sizes, exact
-            inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool), np.float32(1))
+            inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool), np.float32(1),
+                      np.full((self.gamma,), np.nan, np.float32))
             program = functools.partial(engine_round, *models)
             statics = (self.num_scheduler_steps, drafting)
         else:

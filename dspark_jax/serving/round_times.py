@@ -58,7 +58,8 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     running = np.arange(cap) < rows
     models = (engine.target.model, None if draft is None else engine.draft.model, engine.scheduler)
     weights = (engine.target.params, None if draft is None else engine.draft.params)
-    run = lambda s: engine_round(*models, *weights, s, table, running, np.float32(1), num_rounds,
+    decision = (np.float32(1), np.full((gamma,), np.nan, np.float32))  # the confidences trusted, no fallback
+    run = lambda s: engine_round(*models, *weights, s, table, running, *decision, num_rounds,
                                  drafting or draft is None)[0]
 
     def from_context(state):  # every running row at `context` positions, decoding throughout (state: [cap] slots)

@@ -75,17 +75,18 @@ def _detach(rows_cache, pools, running):
     return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(lengths))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 9, 10), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 10, 11), donate_argnums=(5,))
 def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running,
-                 forecast_scale, num_rounds: int, drafting: bool
+                 forecast_scale, fallback, num_rounds: int, drafting: bool
                  ) -> tuple[DecodeState, RoundOutput, jax.Array, jax.Array]:
     """num_rounds rounds for the running rows among slots 0..cap-1, drafted or not
     (`drafting`). table [cap, M] block tables (free slots point at the scratch page; a row's
-    pages cover all the rounds' writes); running [cap] bool; forecast_scale: a float32 scalar
-    for `speculation_pays`. Returns the state, the rounds' outputs for slots 0..cap-1 (each
-    field [num_rounds, cap, ...]), done [cap] after the last round, and whether drafting pays
-    for the rows still running (`speculation_pays`: True when the scheduler does not know the
-    draft's cost)."""
+    pages cover all the rounds' writes); running [cap] bool; forecast_scale (float32 scalar)
+    and fallback (float32 [G]) for `speculation_pays`. Returns the state, the rounds' outputs
+    for slots 0..cap-1 (each field [num_rounds, cap, ...]), done [cap] after the last round,
+    and whether drafting pays
+    for the rows still running, or for those that ran when all have finished
+    (`speculation_pays`: True when the scheduler does not know the draft's cost)."""
     cap = table.shape[0]
     before = _rows(state._replace(target_cache=None, draft_cache=None), cap)
     rows = before._replace(
@@ -100,7 +101,9 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         rows = flush_pending(draft, draft_params, rows, ~rows.done)
     rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
                                                      drafting=drafting, catch_up=catch_up), rows, length=num_rounds)
-    pays = speculation_pays(scheduler, rows.last_confidence, ~rows.done, rows.scheduler_state, forecast_scale)
+    # (with no row left, the rows that ran speak for the requests that follow: no rows at all would say "draft")
+    deciding = jnp.where(jnp.any(~rows.done), ~rows.done, running)
+    pays = speculation_pays(scheduler, rows.last_confidence, deciding, rows.scheduler_state, forecast_scale, fallback)
     # rows that did not run keep their state as it was (a row just prefilled waits for its first round)
     keep = lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(
         running.reshape((cap,) + (1,) * (new.ndim - 1)), new, old)

@@ -196,8 +196,9 @@ def test_undrafted_rounds_sample_exactly_like_autoregressive_decoding():
 
 def test_a_round_forecasts_its_accepted_tokens_from_its_confidences():
     """A drafted round's `forecast` is, per row, the prefix survivals of the slots it verified,
-    with the scheduler's temperatures (float64 here, from the round's own confidences and
-    verify lengths); a row that did not take part forecasts nothing."""
+    up to an accepted stop token (tokens 3 and 5 stop half the rows), with the scheduler's
+    temperatures (float64 here, from the round's own confidences, verify lengths and counts);
+    a row that did not take part forecasts nothing."""
     target, draft = tiny_target(), tiny_draft("dspark")
     temperatures = (0.7, 1.3, 2.0, 0.9)
     scheduler = PrefixScheduler(sps=tuple(0.98 ** i for i in range(64)), temperatures=temperatures)
@@ -206,20 +207,24 @@ def test_a_round_forecasts_its_accepted_tokens_from_its_confidences():
     tokens, lengths = pad_prompts(PROMPTS)
     lengths[2] = 0  # a padding row
     sampling = SamplingParams.rows(b, temperature=1.0)
-    keys, max_new, stops = request_keys(5, b, b), jnp.full((b,), 64, jnp.int32), jnp.full((b, 1), -1, jnp.int32)
+    keys, max_new = request_keys(5, b, b), jnp.full((b,), 64, jnp.int32)
+    stops = jnp.asarray([[3, 5] if i % 2 else [-1, -1] for i in range(b)], jnp.int32)
     state, _ = prefill(*models, scheduler, target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths),
                        sampling, keys, max_new, stops, cache_length=128)
-    forecasts = []
-    for _ in range(3):
+    forecasts, stopped = [], 0
+    for _ in range(6):
         state, out = spec_round(*models, scheduler, target.params, draft.params, state)
         conf = np.asarray(out.confidence, np.float64)
         survival = np.cumprod(1 / (1 + np.exp(-conf / np.asarray(temperatures))), axis=1)
-        length = np.asarray(out.verify_length)
-        want = [survival[i, :length[i]].sum() if out.drafted[i] else 0.0 for i in range(b)]
+        length, accepted, count = (np.asarray(x) for x in (out.verify_length, out.accepted, out.count))
+        ends = [min(n, a) if c == a else n for n, a, c in zip(length, accepted, count)]  # a stop: no bonus token
+        stopped += sum(bool(out.drafted[i]) and count[i] == accepted[i] for i in range(b))
+        want = [survival[i, :ends[i]].sum() if out.drafted[i] else 0.0 for i in range(b)]
         np.testing.assert_allclose(np.asarray(out.forecast), want, rtol=1e-5, atol=1e-6)
         assert not out.drafted[2] and out.forecast[2] == 0
         forecasts += want
     assert 0 < min(f for f in forecasts if f) and len(set(np.round(forecasts, 3))) > 8  # varied rounds
+    assert stopped > 0
 
 
 # CI: the engine's undrafted rounds (tests/serving/test_engine.py) and the gated rounds here
