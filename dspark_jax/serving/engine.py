@@ -56,7 +56,7 @@ prefill's chunk width and rows (powers of two holding the longest chunk and the 
 whether any request uses top-k/top-p; the rounds per step are fixed per engine. Programs are
 compiled ahead of time (`dspark_jax.serving.programs`): a step whose shape is not compiled
 yet runs a compiled program of more rows or wider chunks, padded, while its own compiles on
-a background thread (several compile at once), and waits only when none covers it; `precompile` compiles the largest
+a background thread (COMPILE_THREADS of them), and waits only when none covers it; `precompile` compiles the largest
 shapes at start-up so that none has to wait.
 """
 
@@ -95,7 +95,9 @@ PROBE_LIMIT = 512  # rounds: the longest gap between two probes of a draft that 
 FORECAST_MEMORY = 256  # row-rounds (one row's drafted round each): the forecast scale's evidence weighs e times
 #                       less for every FORECAST_MEMORY row-rounds drafted since
 FORECAST_PRIOR = 2.0  # draft tokens of evidence for a forecast scale of 1 (the confidences trusted)
-COMPILE_THREADS = 4  # programs compiled at once off the steps' thread (XLA compiles outside the GIL)
+# Programs compiled at once off the steps' thread. One: with four, a CPU test run once crashed inside XLA (a
+# segfault serializing an executable for the persistent cache), and what more threads gain was never measured.
+COMPILE_THREADS = 1
 
 
 # A step is logged as slow when it takes at least SLOW_STEP_SECONDS and more than SLOW_STEP_FACTOR

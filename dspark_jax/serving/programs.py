@@ -8,8 +8,7 @@ rows and as wide chunks, the same in everything else (a step padded to it runs t
 idle), where the engine allows it (`allowed`: its bound on how much larger a cover may be).
 A step waits for a compilation only when no allowed compiled program covers it; the shapes
 steps ask for compile before those `precompile` asked for. XLA compiles outside Python's GIL,
-so several threads compile several programs at once (a warm-up, or `precompile` at start-up,
-asks for many).
+so several threads (`threads`) can compile several programs at once.
 
 A key is (kind, sizes, exact): sizes is a tuple of ints that a program covers when each of
 its own is at least as large; exact must be equal.
