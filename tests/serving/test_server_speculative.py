@@ -84,6 +84,8 @@ def test_concurrent_clients_get_their_greedy_answers(server):
     assert sum(v > 0 for v in lengths[1:]) >= 2  # the scheduler chose varied lengths
     # the table's draft cost made it skip drafting in some rounds, not all
     assert 0 < metrics["dspark_undrafted_rounds_total"] < 0.9 * metrics["dspark_decode_rounds_total"], metrics
+    # the engine measured how far this random draft's confidences over-forecast (it accepts far less than they say)
+    assert 0 < metrics["dspark_draft_forecast_scale"] < 0.5, metrics
 
 
 def test_compiled_programs_are_cached(server):
