@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.scheduler import PrefixScheduler, speculation_pays
-from dspark_jax.serving.round_times import calibrate, engine_table
+from dspark_jax.serving.round_times import calibrate
 from tests.decoding.test_speculative import tiny_draft, tiny_target
 
 
@@ -36,22 +36,11 @@ def test_calibrated_prices_decide_as_the_rounds_cost():
     assert bool(speculation_pays(passes, logit(0.6), active))  # 1.96 tokens in 1.5 s against 1 in 1.0
 
 
-def test_engine_table_on_tiny_models():
-    """The table's undrafted price is the undrafted round as measured, and a drafted round of
-    full width costs the drafted round as measured; on a CPU a drafted round costs more."""
-    # serve.py's settings in the next test (its context: half the tiny target's 256 positions)
-    table = engine_table(tiny_target(), tiny_draft("dspark"), [1], context=128, num_rounds=2, page_size=4,
-                         kernels="xla")
-    (undrafted,), (drafted,) = table["round_seconds"]["undrafted"], table["round_seconds"]["drafted"]
-    assert 0 < undrafted < drafted
-    assert table["sps_rows"] == [1] and len(table["sps"][0]) == 5 and len(table["draft_seconds"]) == 1
-    np.testing.assert_allclose(1 / table["sps"][0][0], undrafted)
-    np.testing.assert_allclose(1 / table["sps"][0][-1] + table["draft_seconds"][0], drafted)
-
-
 def test_serve_measures_and_caches_the_calibrated_table(tmp_path, monkeypatch):
     """serve.py without --sps: a table measured for the server's settings, calibrated to its
-    rounds and cached; a restart with the same settings reads the cache."""
+    rounds and cached; a restart with the same settings reads the cache. The table's undrafted
+    price is the undrafted round as measured, and a drafted round of full width costs the
+    drafted round as measured; on a CPU a drafted round costs more."""
     from dspark_jax.serving import cli, round_times
 
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
@@ -62,6 +51,9 @@ def test_serve_measures_and_caches_the_calibrated_table(tmp_path, monkeypatch):
     table = json.loads(path.read_text())
     assert scheduler.sps_rows == (1,) and table["concurrency"] == [1]
     assert scheduler.draft_seconds == tuple(table["draft_seconds"])
-    np.testing.assert_allclose(1 / table["sps"][0][0], table["round_seconds"]["undrafted"][0])
+    (undrafted,), (drafted,) = table["round_seconds"]["undrafted"], table["round_seconds"]["drafted"]
+    assert 0 < undrafted < drafted and len(table["sps"][0]) == 5
+    np.testing.assert_allclose(1 / table["sps"][0][0], undrafted)
+    np.testing.assert_allclose(1 / table["sps"][0][-1] + table["draft_seconds"][0], drafted)
     monkeypatch.setattr(round_times, "engine_table", lambda *a, **k: pytest.fail("measured again"))
     assert cli.make_scheduler(args, tiny_target(), tiny_draft("dspark"), None) == scheduler
