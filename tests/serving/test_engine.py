@@ -145,7 +145,11 @@ def test_greedy_equals_generate_under_queueing_chunking_and_preemption(config, s
     if CONFIGS[config][0] is not None:
         assert sum(stats.accepted_at_position) > 0  # draft tokens were accepted: not AR in disguise
         assert sum(stats.verify_length_histogram) == stats.rounds - stats.undrafted_rounds
-        assert (0 < stats.undrafted_rounds < 0.8 * stats.rounds) == (config == "dspark-gated")
+        drafted = stats.rounds - stats.undrafted_rounds
+        if config == "dspark-gated":  # the gate decides both ways, many times each
+            assert min(stats.undrafted_rounds, drafted) >= 20, (stats.undrafted_rounds, drafted)
+        else:
+            assert stats.undrafted_rounds == 0
     if kernels == "pallas":
         assert {exact[0] for _, _, exact in eng._programs._ready} == {eng.max_pages}  # every program's table columns
     assert_drained(eng)
