@@ -6,10 +6,9 @@ Runs the engine's round program (`dspark_jax.serving.step.engine_round`) directl
 the host's planning, on random weights (`dspark_jax.serving.round_times.round_seconds`): every
 one of `rows` rows running with `context` positions in its own pages. The three programs:
 without a draft (AR), with a random DSpark draft that does not draft (what the engine launches
-while drafting does not pay: the target decodes alone, and the draft takes in the pending
-positions once its buffers fill) and with it drafting and verifying every draft token (the
-widest verify pass). Prints milliseconds per round, the best of 3 timings of a run of at least
-4 programs and 16 rounds after a first one.
+while drafting does not pay: the draft takes in the pending positions once, then the target
+decodes alone) and with it drafting and verifying every draft token (the widest verify pass).
+Prints milliseconds per round, the best of 3 timings of 4 programs after a first one.
 """
 
 from __future__ import annotations

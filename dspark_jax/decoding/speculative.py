@@ -59,9 +59,8 @@ from pallas_kernels.ragged_paged_attention import unsupported as unsupported_att
 class DecodeState(NamedTuple):
     target_cache: KVCache | PagedKVCache
     draft_cache: KVCache | PagedKVCache | None  # None without a draft
-    pending_features: jax.Array  # [B, P, L_t * H] verified positions the draft has not seen (P = G + 1, or more
-    #                              in a serving engine's undrafted rounds: `serving.step.pending_width`)
-    pending_next: jax.Array  # [B, P] the committed token after each of them
+    pending_features: jax.Array  # [B, G + 1, L_t * H] verified positions the draft has not seen
+    pending_next: jax.Array  # [B, G + 1] the committed token after each of them
     pending_count: jax.Array  # [B]
     anchor: jax.Array  # [B] last committed token (not yet in the target cache)
     generated: jax.Array  # [B] tokens committed so far
@@ -296,18 +295,17 @@ def _undrafted(target, draft, target_params, draft_params, s: DecodeState, activ
     itself), so that drafting is tried again after a while: without that, a batch whose rows
     stay the same would never draft again, whatever the draft could do now. A caller that
     decides (`drafting`) also decides when to try again, with no drift."""
-    b, width = s.pending_next.shape  # width: G + 1, or more in an engine's undrafted steps
+    b, g1 = s.pending_next.shape
     next_token, tcache, feature = _autoregressive(target, target_params, s, active, keys, draft.config.target_layer_ids)
     if catch_up:
         s = flush_pending(draft, draft_params, s, active)
     rows = jnp.arange(b)
-    at = jnp.where(active, s.pending_count, width)  # inactive rows write nowhere
+    at = jnp.where(active, s.pending_count, g1)  # inactive rows write nowhere
     features = s.pending_features.at[rows, at].set(feature, mode="drop")
     confidence = jnp.where(active[:, None], s.last_confidence + drift, s.last_confidence)
     zeros = jnp.zeros((b,), jnp.int32)
-    drafts = jnp.zeros((b, draft.config.block_size), jnp.int32)
-    return (tcache, s.draft_cache, drafts, zeros, zeros, next_token, confidence, s.scheduler_state, features,
-            s.pending_count)
+    return (tcache, s.draft_cache, jnp.zeros((b, g1 - 1), jnp.int32), zeros, zeros, next_token, confidence,
+            s.scheduler_state, features, s.pending_count)
 
 
 def _drafted(target, draft, scheduler, target_params, draft_params, s: DecodeState, active, keys):
@@ -401,7 +399,7 @@ def spec_round(target, draft, scheduler, target_params, draft_params, s: DecodeS
         target_cache=tcache.rollback(start + 1 + accepted),
         draft_cache=dcache,
         pending_features=pending_features,
-        pending_next=appended if drafting is False else jnp.where(speculate, commit, appended),
+        pending_next=jnp.where(speculate, commit, appended),
         pending_count=jnp.where(active, jnp.where(speculate, accepted, pending_count) + 1, 0),
         anchor=jnp.where(active, next_token, s.anchor),
         generated=generated,

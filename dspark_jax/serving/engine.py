@@ -87,7 +87,7 @@ from dspark_jax.sampling import SamplingParams as RowSampling
 from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
 from dspark_jax.serving.params import RequestOutput, SamplingParams
 from dspark_jax.serving.programs import Programs
-from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round, pending_width
+from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
 
@@ -833,8 +833,8 @@ class Engine:
         state = DecodeState(
             target_cache=tcache.rows(tcache.block_table, zeros()),
             draft_cache=None if dcache is None else dcache.rows(dcache.block_table, zeros()),
-            pending_features=jnp.zeros((n, pending_width(g), features), target.dtype),
-            pending_next=jnp.zeros((n, pending_width(g)), jnp.int32), pending_count=zeros(), anchor=zeros(), generated=zeros(),
+            pending_features=jnp.zeros((n, g + 1, features), target.dtype),
+            pending_next=jnp.zeros((n, g + 1), jnp.int32), pending_count=zeros(), anchor=zeros(), generated=zeros(),
             max_new=zeros(), done=jnp.ones((n,), bool), sampling=RowSampling.rows(n),
             keys=jax.vmap(jax.random.key)(jnp.zeros((n,), jnp.uint32)),
             stop_ids=jnp.full((n, self.max_stop_ids), -1, jnp.int32),

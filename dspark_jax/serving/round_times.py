@@ -3,11 +3,10 @@
 A serving table (`evaluation.sps.profile_serving_sps`) times the target's verify passes alone,
 and `profile_draft_seconds` the draft's pass alone. A round of the engine
 (`serving.step.engine_round`) does more: the Markov head's sequential slots, the confidence
-head, rejection sampling, the scheduler, and in undrafted rounds the draft's catch-up over
-the pending positions (once every PENDING_ROUNDS rounds or so). Priced from passes alone,
-drafting looked cheaper than it was: on an H100 with SmolLM2-135M at one row, a drafted round
-was priced at 1.50 ms, and the engine's rounds put it at up to 2.6 ms (docs/results.md, "The
-scheduler live").
+head, rejection sampling, the scheduler, and in an undrafted round the draft's catch-up over
+the pending positions. Priced from passes alone, drafting looked cheaper than it was: on an
+H100 with SmolLM2-135M at one row, a drafted round was priced at 1.50 ms, and the engine's
+rounds put it at up to 2.6 ms (docs/results.md, "The scheduler live").
 
 `engine_table` therefore measures both and calibrates the passes to the rounds, at each row
 count c:
@@ -32,25 +31,22 @@ from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.sps import no_more_than_larger, profile_serving_sps
 from dspark_jax.serving.engine import Engine
-from dspark_jax.serving.step import PENDING_ROUNDS, engine_round
+from dspark_jax.serving.step import engine_round
 
 FLAT_SPS = (500.0,) * 512  # every verify width priced alike: Algorithm 1 verifies every draft token
 
 
 def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = True, num_rounds: int = 1,
-                  page_size: int = 16, kernels: str = "auto", mesh=None, reps: int = 3) -> float:
+                  page_size: int = 16, kernels: str = "auto", mesh=None, steps: int = 4, reps: int = 3) -> float:
     """Seconds per round of the engine's round program with `rows` running rows whose contexts
     hold `context` positions (each its own pages), as an `Engine` of these settings runs it:
     its capacity (rows rounded up as the engine buckets them), block-table width and attention
     kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
     drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
     token (the widest verify pass, with the scheduler's own work and its drafting decision).
-    The best of `reps` timings of a run of programs after a first (compiling) one, each rep from
-    the same lengths, divided by its rounds: at least 4 programs and PENDING_ROUNDS rounds, so
-    that an undrafted run holds the draft's lazy catch-up as often as the engine does
-    (`serving.step`)."""
+    The best of `reps` timings of `steps` programs after a first (compiling) one, each rep from
+    the same lengths, divided by `num_rounds`."""
     gamma = 0 if draft is None else draft.config.block_size
-    steps = max(4, -(-PENDING_ROUNDS // num_rounds))
     cap = bucket(rows, 4)
     scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
     pages = -(-(context + (1 + steps) * num_rounds * (gamma + 1)) // page_size)  # a rep's writes

@@ -5,21 +5,13 @@ rows) whose caches are `PagedKVCache` pools with no rows attached. Between progr
 owns the block tables; each program attaches the tables of the rows it runs:
 
 1. `engine_round`: `num_rounds` decoding rounds in a row (`spec_round`: speculative, or
-   autoregressive without a draft or when the host decided that drafting does not pay) over
-   slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a row that
-   finishes sits out the remaining rounds);
+   autoregressive without a draft or when the host decided that drafting does not pay, in
+   which case the draft takes in the pending positions once before the rounds rather than in
+   each) over slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a
+   row that finishes sits out the remaining rounds);
 2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
    (`extend_context`), written through the rows' own tables; rows whose chunk ends their
    context join the state at their slots, ready for a round.
-
-The draft catches up lazily. An undrafted round only appends its anchor to the row's pending
-positions (`DecodeState.pending_features`), and the engine's pending buffers hold
-`pending_width(gamma)` positions, more than a drafted round's G + 1: the draft takes the
-pending positions in (`flush_pending`, one pass of the draft) only before a step whose
-undrafted rounds would overflow some running row's buffer, and then every running row's, so
-that rows stay in step. An engine that seldom drafts thus runs the draft once every
-PENDING_ROUNDS rounds or so, not in every step. A drafted step reads a G + 1 view of the
-buffers; a row holding more first gives the draft all its positions but the last.
 
 An engine step runs the prefill, then the rounds, each only when it has rows (a row whose
 prefill ends its context decodes in the same step's rounds when the host has pages for
@@ -41,14 +33,6 @@ import jax.numpy as jnp
 from dspark_jax.decoding.scheduler import speculation_pays
 from dspark_jax.decoding.speculative import DecodeState, RoundOutput, extend_context, flush_pending, spec_round
 from dspark_jax.sampling import SamplingParams
-
-PENDING_ROUNDS = 16  # undrafted rounds whose anchors an engine's pending buffers hold before the draft catches up
-
-
-def pending_width(gamma: int) -> int:
-    """Positions in an engine's pending buffers (module doc): at least a drafted round's G + 1
-    (gamma 0, no draft: 1, a buffer nothing reads)."""
-    return max(gamma + 1, PENDING_ROUNDS) if gamma else 1
 
 
 class PrefillBatch(NamedTuple):
@@ -74,31 +58,6 @@ def _rows(tree, cap: int):
 def _put_rows(tree, rows, index):
     """tree's leading-axis entries at index [R] set to rows' (out-of-range indices dropped)."""
     return jax.tree.map(lambda x, r: x.at[index].set(r, mode="drop"), tree, rows)
-
-
-def _flush_all_but_last(draft, draft_params, s: DecodeState, active) -> DecodeState:
-    """The active rows' pending positions but the last appended to the draft cache
-    (`Draft.extend_context`), the last moved to the front (pending count 1): a drafted round
-    then takes in that one (Eagle3 drafts from the last pending pair)."""
-    count = s.pending_count  # [B]
-    moved = active & (count > 1)
-    dcache = draft.extend_context(draft_params, s.draft_cache, s.pending_features, s.pending_next,
-                                  jnp.where(moved, count - 1, 0))
-    rows, last = jnp.arange(count.shape[0]), jnp.maximum(count - 1, 0)
-    front = lambda x: x.at[:, 0].set(jnp.where(moved.reshape((-1,) + (1,) * (x.ndim - 2)), x[rows, last], x[:, 0]))
-    return s._replace(draft_cache=dcache, pending_features=front(s.pending_features),
-                      pending_next=front(s.pending_next), pending_count=jnp.where(moved, 1, count))
-
-
-def _narrow_pending(s: DecodeState, width: int) -> DecodeState:
-    """s with its pending buffers cut to their first `width` positions (the rest must be empty)."""
-    return s._replace(pending_features=s.pending_features[:, :width], pending_next=s.pending_next[:, :width])
-
-
-def _widen_pending(s: DecodeState, width: int) -> DecodeState:
-    """s with its pending buffers zero-padded to `width` positions."""
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    return s._replace(pending_features=pad(s.pending_features), pending_next=pad(s.pending_next))
 
 
 def _attach(pools, table, running):
@@ -135,20 +94,13 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         draft_cache=None if draft is None else _attach(state.draft_cache, table, running),
         done=before.done | ~running,
     )
-    width = rows.pending_next.shape[1]
-    # the draft catching up lazily (module doc); with more rounds than the buffers hold, it does in each round
-    catch_up = drafting or draft is None or num_rounds > width
-    active, g1 = ~rows.done, 0 if draft is None else draft.config.block_size + 1
-    if drafting and width > g1 > 0:
-        over = jnp.any(active & (rows.pending_count > g1))
-        rows = _narrow_pending(jax.lax.cond(over, lambda r: _flush_all_but_last(draft, draft_params, r, active),
-                                            lambda r: r, rows), g1)
-    elif not catch_up:
-        full = jnp.any(active & (rows.pending_count + num_rounds > width))
-        rows = jax.lax.cond(full, lambda r: flush_pending(draft, draft_params, r, active), lambda r: r, rows)
+    # Undrafted rounds leave their anchors pending; the draft takes in the step's pending
+    # positions once, before the rounds, when the pending buffer holds all the rounds' anchors.
+    catch_up = drafting or draft is None or num_rounds > rows.pending_next.shape[1]
+    if not catch_up:
+        rows = flush_pending(draft, draft_params, rows, ~rows.done)
     rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
                                                      drafting=drafting, catch_up=catch_up), rows, length=num_rounds)
-    rows = _widen_pending(rows, width)
     # (with no row left, the rows that ran speak for the requests that follow: no rows at all would say "draft")
     deciding = jnp.where(jnp.any(~rows.done), ~rows.done, running)
     pays = speculation_pays(scheduler, rows.last_confidence, deciding, rows.scheduler_state, forecast_scale, fallback)
@@ -175,7 +127,6 @@ def engine_prefill(target, draft, scheduler, target_params, draft_params, state:
         None if draft is None else state.draft_cache.rows(p.table, p.start),
         p.tokens, p.next_ids, p.num_new, p.final, p.given, p.generated, p.max_new, p.sampling,
         jax.vmap(jax.random.key)(p.seeds), p.stop_ids)
-    new = _widen_pending(new, state.pending_next.shape[1])  # to the engine's pending width
     detached = state.target_cache.block_table
     joined = jnp.where(p.final, p.slots, state.anchor.shape[0])  # rows that start decoding
     per_row = _put_rows(state._replace(target_cache=None, draft_cache=None),

@@ -26,7 +26,6 @@ from dspark_jax.decoding.speculative import resolve_kernels, use_kernels
 from dspark_jax.models.draft_config import draft_config_for_target
 from dspark_jax.serving import Engine, EngineFull, SamplingParams
 from dspark_jax.serving import engine as engine_module
-from dspark_jax.serving import step as step_module
 from dspark_jax.sharding import make_mesh
 from tests.decoding.test_speculative import GATED, SCHEDULER, V, gemma_draft, gemma_target, tiny_draft, tiny_target
 
@@ -490,52 +489,6 @@ def test_undrafted_steps_of_several_rounds_keep_greedy_tokens():
     drafted = stats.rounds - stats.undrafted_rounds
     assert min(stats.undrafted_rounds, drafted) >= 40 and stats.rounds > 2 * stats.steps  # both kinds, many times
     assert_drained(eng)
-
-
-def test_the_draft_catches_up_lazily_and_drafts_as_if_it_had_caught_up_each_step(monkeypatch):
-    """Drafting never pays here, so the engine probes after ever longer gaps of undrafted
-    steps. Its pending buffers hold 16 positions (`step.pending_width`; a drafted round reads
-    gamma + 1 = 5): the draft takes them in only before a step whose 2 rounds would overflow
-    them, and a probe after a longer gap first takes in all but the last. At every step the
-    draft's cache and the pending positions cover exactly the target's; each probe drafts the
-    same confidences as an engine whose buffers hold only a drafted round's 5 positions (so
-    that its draft catches up nearly every step), and greedy tokens are the target's."""
-    monkeypatch.setattr(engine_module, "PROBE_LIMIT", 16)
-    never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
-
-    def run():
-        eng = Engine(tiny_target(), tiny_draft("dspark"), scheduler=never, max_num_seqs=1, page_size=32,
-                     num_pages=6, async_scheduling=False, num_scheduler_steps=2)
-        eng.add_request(PROMPTS[1][:8], greedy(max_tokens=60, ignore_eos=True))
-        tokens, confidences, catch_ups, draft_length = [], [], 0, None
-        while eng.has_unfinished():
-            before = eng.stats()
-            tokens += [t for out in eng.step() for t in out.new_token_ids]
-            s = jax.device_get(eng.state)
-            target_length, length, pending = (int(x[0]) for x in (s.target_cache.lengths, s.draft_cache.lengths,
-                                                                  s.pending_count))
-            if eng.has_unfinished():
-                assert length + pending == target_length
-                assert pending <= s.pending_next.shape[1]
-            undrafted = eng.stats().undrafted_rounds > before.undrafted_rounds
-            catch_ups += undrafted and draft_length is not None and length > draft_length
-            draft_length = length
-            if not undrafted:
-                confidences.append(eng._fallback.copy())
-        return tokens, np.array(confidences), catch_ups, eng.state.pending_next.shape[1], eng.stats()
-
-    tokens, confidences, catch_ups, width, stats = run()
-    monkeypatch.setattr(step_module, "PENDING_ROUNDS", 0)
-    eager_tokens, eager_confidences, eager_catch_ups, eager_width, _ = run()
-    assert (width, eager_width) == (16, 5)
-    target_alone = generate(tiny_target(), None, [PROMPTS[1][:8]], max_new_tokens=60, temperature=0.0,
-                            stop_ids=(-1,)).tokens[0]
-    assert tokens == eager_tokens == target_alone
-    assert stats.undrafted_rounds > 0.8 * stats.rounds and len(confidences) >= 4
-    np.testing.assert_allclose(confidences, eager_confidences, rtol=1e-5, atol=1e-5)
-    # the eager engine's draft runs in every step that reaches a full buffer (count + 2 > 5), the lazy one's
-    # only before a 17th position
-    assert 0 < catch_ups <= stats.undrafted_rounds // 7 and eager_catch_ups >= 2 * catch_ups
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
