@@ -14,10 +14,9 @@ A request goes waiting -> prefilling -> decoding -> finished:
   rejection sampling commits), after the host has given it pages for those rounds' writes.
   When the scheduler knows the draft's cost, each round program also says whether drafting
   pays for its rows (`speculation_pays`, from their latest confidences; for the rows that ran
-  when all have finished); while it does not,
-  the host launches autoregressive rounds instead (a second round program, without the
-  draft's proposal: the draft only takes in the new positions), which decide again as rows
-  come and go. While drafting does not pay, the host probes it with one drafted step now
+  when all have finished); while it does not, the host launches autoregressive rounds
+  instead (a second round program, without the draft's proposal: the draft only takes in the
+  new positions), which decide again as rows come and go. While drafting does not pay, the host probes it with one drafted step now
   and then: 2 undrafted steps after drafting stopped paying, then after a gap that doubles
   each time a probe finds that it still does not pay (4, 8, ... steps, up to PROBE_LIMIT
   rounds and at least 2 steps). A draft that does not pay then costs one drafted step in about
@@ -33,8 +32,8 @@ A request goes waiting -> prefilling -> decoding -> finished:
   decayed so that about the last FORECAST_MEMORY count, with FORECAST_PRIOR tokens of evidence
   for 1). A request that has not drafted yet counts as the other rows that have, and when none
   has (say, one request at a time) as the rows of the last drafted round, not as sure to be
-  accepted: a new request does not draft while drafting does not pay. Only finished rounds set these, so
-  the output stays exactly the target's.
+  accepted: a new request does not draft while drafting does not pay. Only finished rounds
+  set these, so the output stays exactly the target's.
   A request whose prefill ends in a step joins that step's rounds when pages for them are
   free. Several rounds per step divide the host's work per step (planning, the launch,
   reading back) among them: for a small model that work, not the device, sets the pace. The

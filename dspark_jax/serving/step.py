@@ -84,9 +84,8 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
     pages cover all the rounds' writes); running [cap] bool; forecast_scale (float32 scalar)
     and fallback (float32 [G]) for `speculation_pays`. Returns the state, the rounds' outputs
     for slots 0..cap-1 (each field [num_rounds, cap, ...]), done [cap] after the last round,
-    and whether drafting pays
-    for the rows still running, or for those that ran when all have finished
-    (`speculation_pays`: True when the scheduler does not know the draft's cost)."""
+    and whether drafting pays for the rows still running, or for those that ran when all have
+    finished (`speculation_pays`: True when the scheduler does not know the draft's cost)."""
     cap = table.shape[0]
     before = _rows(state._replace(target_cache=None, draft_cache=None), cap)
     rows = before._replace(
