@@ -19,8 +19,9 @@ request sampled with its own seed otherwise). Before each measured loop the same
 loop runs once to compile the engine's programs, and the run waits for the compilations it
 started; programs compiled during the measured loop and steps that waited for one are
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
-engine's mean wall time per step (`step_ms`) and the share of the loop it spent stepping
-(`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both),
+engine's mean wall time per step (`step_ms`), the part of it spent blocked on the device
+(`wait_ms`: the rest is the host's planning, launching and committing), the share of the loop
+it spent stepping (`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both),
 and the drafting decision's forecast scale at the level's end (`forecast_scale`, `Engine.forecast_scale`).
 --out is rewritten after every level; `--resume` continues a run of the same command cut short
 from the rows it holds.
@@ -257,7 +258,7 @@ def main(argv=None) -> None:
             row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
             row["forecast_scale"] = after.forecast_scale
             row.update(step_profile(after.steps - before.steps, after.step_seconds - before.step_seconds,
-                                    row["seconds"]))
+                                    row["seconds"], after.wait_seconds - before.wait_seconds))
             row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
                                                                     before.verify_length_histogram)]
             results["rows"].append(row)
@@ -274,13 +275,13 @@ def main(argv=None) -> None:
     if "static_tokens_per_s" in results:
         print(f"static generate at batch {args.static_batch}: {results['static_tokens_per_s']:.0f} tokens/s")
     print("| mode | attention | scheduling | rounds/step | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | "
-          "TPOT p50 ms | TPOT p99 ms | tokens/round | undrafted | step ms | stepping |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TPOT p50 ms | TPOT p99 ms | tokens/round | undrafted | step ms | waiting ms | stepping |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['mode']} | {r['kernels']} | {r['scheduling']} | {r['scheduler_steps']} | {r['concurrency']} | "
               f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
               f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} | {r['step_ms']:.2f} | "
-              f"{r['stepping']:.0%} |")
+              f"{r.get('wait_ms', float('nan')):.2f} | {r['stepping']:.0%} |")
 
 
 if __name__ == "__main__":

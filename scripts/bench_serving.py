@@ -20,11 +20,11 @@ start the server with --no-precompile.
 Reported per level: requests/s, output tokens/s (usage counts over wall time), time to first
 token (TTFT) and time per output token after the first (TPOT) p50/p99 over requests, and the
 server's mean tokens per decoding round over the level (from its /metrics; 1.0 without a
-draft), its engine's mean wall time per step and the share of the level it spent stepping
-(as `bench_engine.py` reports them: a share well below the engine's in process means the
-engine waited between steps), and the engine programs the server compiled during the measured run (a nonzero
-count warns that compilation overlapped it). JSON goes to --out, a markdown
-table to stdout.
+draft), its engine's mean wall time per step, the part of it blocked on the device, and the
+share of the level it spent stepping (as `bench_engine.py` reports them: a share well below
+the engine's in process means the engine waited between steps), and the engine programs the
+server compiled during the measured run (a nonzero count warns that compilation overlapped
+it). JSON goes to --out, a markdown table to stdout.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
 
 KEEPALIVE_SECONDS = 2.0
 COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
-            "dspark_engine_step_seconds_total", "dspark_engine_program_shapes")
+            "dspark_engine_step_seconds_total", "dspark_engine_wait_seconds_total", "dspark_engine_program_shapes")
 
 
 async def counters(http) -> tuple[dict, float]:
@@ -145,7 +145,8 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
             "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
-            **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds),
+            **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds,
+                            delta["dspark_engine_wait_seconds_total"]),
             "new_program_shapes": int(delta["dspark_engine_program_shapes"]), "warmup_passes": passes}
 
 
@@ -189,12 +190,12 @@ def main(argv=None) -> None:
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"
     print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round "
-          "| step ms | stepping | new program shapes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step ms | waiting ms | stepping | new program shapes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
               f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} "
-              f"| {r['step_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']} |")
+              f"| {r['step_ms']:.2f} | {r['wait_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']} |")
 
 
 if __name__ == "__main__":

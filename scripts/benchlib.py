@@ -20,14 +20,16 @@ def requests_per_level(concurrency: int) -> int:
     return max(4 * concurrency, 16)
 
 
-def step_profile(steps: float, step_seconds: float, seconds: float) -> dict:
+def step_profile(steps: float, step_seconds: float, seconds: float, wait_seconds: float = float("nan")) -> dict:
     """A serving engine's mean wall time per step over a level (`steps` steps, `step_seconds`
-    inside them, in a level of `seconds`), and the share of the level it spent stepping (1.0
-    when steps follow each other without a gap); NaN without steps (a server that does not
-    count them). bench_engine and bench_serving alike."""
+    inside them, in a level of `seconds`), the part of it blocked on the device (`wait_ms`, of
+    `wait_seconds`: near 0 when the host's own work per step is the bottleneck), and the share
+    of the level it spent stepping (1.0 when steps follow each other without a gap); NaN
+    without steps (a server that does not count them). bench_engine and bench_serving alike."""
     if not steps:
-        return {"step_ms": float("nan"), "stepping": float("nan")}
-    return {"step_ms": 1e3 * step_seconds / steps, "stepping": step_seconds / seconds}
+        return {"step_ms": float("nan"), "wait_ms": float("nan"), "stepping": float("nan")}
+    return {"step_ms": 1e3 * step_seconds / steps, "wait_ms": 1e3 * wait_seconds / steps,
+            "stepping": step_seconds / seconds}
 
 
 def matmul_rate(n: int) -> float:

@@ -129,6 +129,7 @@ class EngineStats:
     undrafted_rounds: int = 0  # rounds decoded autoregressively because drafting did not pay
     forecast_scale: float = 1.0  # accepted draft tokens per token the confidences forecast (`Engine.forecast_scale`)
     step_seconds: float = 0.0  # wall time inside `step` (planning, launching, waiting for the device, committing)
+    wait_seconds: float = 0.0  # the part of step_seconds spent blocked reading launched steps back from the device
 
     @property
     def tokens_per_round(self) -> float:
@@ -561,7 +562,9 @@ class Engine:
     def _commit(self, launch: _Launch) -> list[RequestOutput]:
         """Waits for a launched step and commits its tokens to the requests still alive (one
         finished or aborted since the launch is skipped)."""
+        start = time.perf_counter()
         rnd, prefilled = jax.device_get((launch.rnd, launch.prefilled))
+        self._stats.wait_seconds += time.perf_counter() - start
         outputs = []
         for i, (r, first) in enumerate(zip(launch.prefilling, launch.firsts)):
             r.unread -= first

@@ -35,6 +35,9 @@ class EngineCollector:
                                   "Wall time the engine spent stepping (planning, launching, waiting for the device, "
                                   "committing); the rest of its time it waited for requests or messages.",
                                   value=s.step_seconds)
+        yield CounterMetricFamily("dspark_engine_wait_seconds",
+                                  "The part of the stepping time spent blocked reading steps back from the device.",
+                                  value=s.wait_seconds)
         yield GaugeMetricFamily("dspark_engine_program_shapes",
                                 "Device programs compiled so far (one per bucketed step shape).",
                                 value=s.program_shapes)

@@ -437,6 +437,7 @@ def test_a_step_returns_what_the_previous_launch_committed(async_scheduling):
     outside = time.perf_counter() - between  # the gap between the calls is not counted
     assert eng.stats().steps == 2
     assert 0 < eng.stats().step_seconds <= (between - start) + outside
+    assert 0 < eng.stats().wait_seconds < eng.stats().step_seconds  # reading a launch back is part of a step
     assert eng.stats().program_shapes == 2  # the first step's prefill and round; the second reran that round
     assert [o.new_token_ids for o in first + second] == [expected(i, 3)[:1], expected(i, 3)[1:2]] + (
         [] if async_scheduling else [expected(i, 3)[2:3]])

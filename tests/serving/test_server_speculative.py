@@ -80,6 +80,7 @@ def test_concurrent_clients_get_their_greedy_answers(server):
     metrics = server.wait_idle()
     assert metrics["dspark_draft_accepted_total{position=1}"] > 0 and metrics["dspark_tokens_per_round"] > 1
     assert metrics["dspark_engine_steps_total"] > 0 and metrics["dspark_engine_step_seconds_total"] > 0
+    assert 0 < metrics["dspark_engine_wait_seconds_total"] < metrics["dspark_engine_step_seconds_total"]
     lengths = [metrics[f"dspark_verify_length_total{{length={b}}}"] for b in range(5)]
     assert sum(v > 0 for v in lengths[1:]) >= 2  # the scheduler chose varied lengths
     # the table's draft cost made it skip drafting in some rounds, not all
