@@ -188,8 +188,9 @@ CHAT = ["What is the capital of France?", "Compute 12 * 7 and explain briefly.",
         "Write a haiku about the sea.", "What is 2 + 2?", "Who wrote Hamlet?"]
 
 
-@pytest.mark.parametrize("speculative", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["ar", "dspark-prefix"])
+# CI: SmolLM2 reaches the engine through serve.py (tests/serving/test_server.py's greedy chat against `generate`)
+@pytest.mark.parametrize("speculative", [pytest.param(False, marks=pytest.mark.slow),
+                                         pytest.param(True, marks=pytest.mark.slow)], ids=["ar", "dspark-prefix"])
 def test_smollm2_greedy_equals_generate(smollm2, speculative):
     tok = smollm2.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=True,
