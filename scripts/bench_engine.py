@@ -21,8 +21,9 @@ started; programs compiled during the measured loop and steps that waited for on
 reported (`compiled_during`, `compile_stalls`: zero when the warm-up met every shape), with the
 engine's mean wall time per step (`step_ms`), the part of it spent blocked on the device
 (`wait_ms`: the rest is the host's planning, launching and committing), the share of the loop
-it spent stepping (`stepping`; serve.py's /metrics gives the same for its engine, so bench_serving.py reports both),
-and the drafting decision's forecast scale at the level's end (`forecast_scale`, `Engine.forecast_scale`).
+it spent stepping (`stepping`; serve.py's /metrics gives the same for its engine, so
+bench_serving.py reports them too), and the drafting decision's forecast scale at the level's
+end (`forecast_scale`, `Engine.forecast_scale`).
 --out is rewritten after every level; `--resume` continues a run of the same command cut short
 from the rows it holds.
 Once the models are loaded the heap is frozen, as serve.py freezes it; the full garbage

@@ -20,7 +20,7 @@ def requests_per_level(concurrency: int) -> int:
     return max(4 * concurrency, 16)
 
 
-def step_profile(steps: float, step_seconds: float, seconds: float, wait_seconds: float = float("nan")) -> dict:
+def step_profile(steps: float, step_seconds: float, seconds: float, wait_seconds: float) -> dict:
     """A serving engine's mean wall time per step over a level (`steps` steps, `step_seconds`
     inside them, in a level of `seconds`), the part of it blocked on the device (`wait_ms`, of
     `wait_seconds`: near 0 when the host's own work per step is the bottleneck), and the share
