@@ -44,12 +44,12 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
     drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
     token (the widest verify pass, with the scheduler's own work and its drafting decision).
-    After a first (compiling) call, each of `reps` reps starts from the same lengths and times
-    `steps` + 1 programs from the moment the first is launched (so the device is busy
-    throughout, as in a serving engine, which launches a step while the previous one runs;
-    timing from before the first launch would add its host-side dispatch, milliseconds for
-    a model of many layers, to the device time); the best rep per program, divided by
-    `num_rounds`."""
+    Each of `reps` reps times 1 program and then 1 + `steps` programs, each run from the rows
+    at `context` (`decoding_from`), and keeps the difference per program: what the first
+    program's launch adds (host-side dispatch, milliseconds for a model of many layers, which a
+    serving engine hides behind the step in flight) cancels, leaving the device's time per
+    program (or the host's, when launching is the slower). The best rep, divided by
+    `num_rounds`, after a first (compiling) call."""
     gamma = 0 if draft is None else draft.config.block_size
     cap = bucket(rows, 4)
     scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
@@ -66,22 +66,31 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     run = lambda s: engine_round(*models, *weights, s, table, running, *decision, num_rounds,
                                  drafting or draft is None)[0]
 
-    def from_context(state):  # every running row at `context` positions, decoding throughout (state: [cap] slots)
-        lengths = lambda cache: None if cache is None else cache.replace(  # a buffer each: the state is donated
-            lengths=jnp.asarray(np.where(running, context, 0), jnp.int32))
-        return state._replace(done=jnp.asarray(~running), max_new=state.max_new + 2**30,
-                              target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
-
-    state = jax.block_until_ready(run(from_context(engine.state)))
-    best = float("inf")
-    for _ in range(reps):
-        state = run(jax.block_until_ready(from_context(state)))
+    def seconds(n: int) -> float:  # n programs from the rows at `context`, from a synchronised start
+        nonlocal state
+        state = jax.block_until_ready(decoding_from(state, running, context))
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             state = run(state)
         jax.block_until_ready(state)
-        best = min(best, (time.perf_counter() - start) / (steps + 1))
+        return time.perf_counter() - start
+
+    state = engine.state
+    seconds(1)
+    best = min(seconds(1 + steps) - seconds(1) for _ in range(reps)) / steps
     return best / num_rounds
+
+
+def decoding_from(state, running, context: int):
+    """`state` (an engine's, over its slots) with every `running` [cap] slot at `context`
+    positions, decoding with nothing generated yet and 2^30 tokens to go, and the other slots
+    done; a fresh buffer for each field it sets (the round program donates its state)."""
+    cap = running.shape[0]
+    lengths = lambda cache: None if cache is None else cache.replace(
+        lengths=jnp.asarray(np.where(running, context, 0), jnp.int32))
+    rows = lambda value: jnp.asarray(np.full(cap, value, np.int32))
+    return state._replace(done=jnp.asarray(~running), generated=rows(0), max_new=rows(2**30),
+                          target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
 
 
 def calibrate(pass_seconds, undrafted, drafted) -> tuple[np.ndarray, np.ndarray]:

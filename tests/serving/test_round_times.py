@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.scheduler import PrefixScheduler, speculation_pays
-from dspark_jax.serving.round_times import calibrate
+from dspark_jax.serving.engine import Engine
+from dspark_jax.serving.round_times import calibrate, decoding_from
+from dspark_jax.serving.step import engine_round
 from tests.decoding.test_speculative import tiny_draft, tiny_target
 
 
@@ -34,6 +36,29 @@ def test_calibrated_prices_decide_as_the_rounds_cost():
     assert bool(speculation_pays(calibrated, logit(0.9), active))
     assert not bool(speculation_pays(calibrated, logit(0.6), active))
     assert bool(speculation_pays(passes, logit(0.6), active))  # 1.96 tokens in 1.5 s against 1 in 1.0
+
+
+def test_timed_rounds_start_from_decoding_rows_every_time():
+    """round_seconds runs each timing from `decoding_from`, applied to the state the previous
+    programs left: every time the running rows are at the context, decode through the whole
+    program and commit a token a round, and the free slot stays out. (Before, each reset added
+    2^30 to max_new, which wrapped around int32 at the second reset and finished the rows in
+    their first round, so the rounds timed were mostly idle.)"""
+    target = tiny_target()
+    engine = Engine(target, None, max_num_seqs=4, page_size=4, num_pages=7, num_scheduler_steps=2,
+                    background_compile=False)
+    running = np.arange(4) < 3
+    table = np.zeros((4, 2), np.int32)  # rows 0-2: two pages each (context 5, then 2 rounds); slot 3 free
+    table[:3] = 1 + np.arange(6).reshape(3, 2)
+    state = engine.state
+    for _ in range(4):
+        state = decoding_from(state, running, 5)
+        np.testing.assert_array_equal(state.target_cache.lengths, [5, 5, 5, 0])
+        state, out, done, _ = engine_round(engine.target.model, None, None, engine.target.params, None, state, table,
+                                           running, np.float32(1), np.zeros((0,), np.float32), 2, True)
+        np.testing.assert_array_equal(done, [False, False, False, True])
+        np.testing.assert_array_equal(np.asarray(out.count), [[1, 1, 1, 0]] * 2)  # [rounds, cap]
+        np.testing.assert_array_equal(state.target_cache.lengths, [7, 7, 7, 0])
 
 
 def test_serve_measures_and_caches_the_calibrated_table(tmp_path, monkeypatch):
