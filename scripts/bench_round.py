@@ -8,8 +8,8 @@ one of `rows` rows running with `context` positions in its own pages. The three 
 without a draft (AR), with a random DSpark draft that does not draft (what the engine launches
 while drafting does not pay: the draft takes in the pending positions once, then the target
 decodes alone) and with it drafting and verifying every draft token (the widest verify pass).
-Prints milliseconds per round: the best of 3 reps of (5 programs - 1 program) / 4, so that
-the first launch's host work cancels (`round_seconds`).
+Prints milliseconds per round: (the fastest of 3 timings of 5 programs - the fastest of 3 of
+1 program) / 4, so that the first launch's host work cancels (`round_seconds`).
 """
 
 from __future__ import annotations

@@ -44,12 +44,12 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
     drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
     token (the widest verify pass, with the scheduler's own work and its drafting decision).
-    Each of `reps` reps times 1 program and then 1 + `steps` programs, each run from the rows
-    at `context` (`decoding_from`), and keeps the difference per program: what the first
-    program's launch adds (host-side dispatch, milliseconds for a model of many layers, which a
-    serving engine hides behind the step in flight) cancels, leaving the device's time per
-    program (or the host's, when launching is the slower). The best rep, divided by
-    `num_rounds`, after a first (compiling) call."""
+    After a first (compiling) call, each of `reps` reps times 1 program and then 1 + `steps`
+    programs, each from the rows at `context` (`decoding_from`); the difference of the two
+    (each the fastest of the reps) per program cancels what the first program's launch adds
+    (host-side dispatch, milliseconds for a model of many layers, which a serving engine hides
+    behind the step in flight), leaving the device's time per program (or the host's, when
+    launching is the slower), divided by `num_rounds`."""
     gamma = 0 if draft is None else draft.config.block_size
     cap = bucket(rows, 4)
     scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
@@ -77,8 +77,9 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
 
     state = engine.state
     seconds(1)
-    best = min(seconds(1 + steps) - seconds(1) for _ in range(reps)) / steps
-    return best / num_rounds
+    timings = np.array([(seconds(1), seconds(1 + steps)) for _ in range(reps)])  # [reps, 2]
+    one, more = timings.min(axis=0)  # each at its quietest rep
+    return (more - one) / steps / num_rounds
 
 
 def decoding_from(state, running, context: int):
