@@ -31,7 +31,7 @@ from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.sps import no_more_than_larger, profile_serving_sps
 from dspark_jax.serving.engine import Engine
-from dspark_jax.serving.step import engine_round
+from dspark_jax.serving.step import engine_round, must_flush, pending_bound
 
 FLAT_SPS = (500.0,) * 512  # every verify width priced alike: Algorithm 1 verifies every draft token
 
@@ -43,7 +43,9 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     its capacity (rows rounded up as the engine buckets them), block-table width and attention
     kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
     drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
-    token (the widest verify pass, with the scheduler's own work and its drafting decision).
+    token (the widest verify pass, with the scheduler's own work and its drafting decision);
+    undrafted programs take the draft's pending positions in as the engine's steps do, only
+    when they could overflow (`must_flush`), so that their rounds are timed at the engine's mix.
     After a first (compiling) call, each of `reps` reps times 1 program and then 1 + `steps`
     programs, each from the rows at `context` (`decoding_from`); the difference of the two
     (each the fastest of the reps) per program cancels what the first program's launch adds
@@ -63,20 +65,22 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
     models = (engine.target.model, None if draft is None else engine.draft.model, engine.scheduler)
     weights = (engine.target.params, None if draft is None else engine.draft.params)
     decision = (np.float32(1), np.full((gamma,), np.nan, np.float32))  # the confidences trusted, no fallback
-    run = lambda s: engine_round(*models, *weights, s, table, running, *decision, num_rounds,
-                                 drafting or draft is None)[0]
+    drafting = drafting or draft is None
 
     def seconds(n: int) -> float:  # n programs from the rows at `context`, from a synchronised start
         nonlocal state
         state = jax.block_until_ready(decoding_from(state, running, context))
+        bound = 0  # the rows' pending positions: undrafted steps flush them as the engine does
         start = time.perf_counter()
         for _ in range(n):
-            state = run(state)
+            flush = draft is not None and not drafting and must_flush([bound], num_rounds, gamma + 1)
+            bound = pending_bound(bound, num_rounds, gamma + 1, drafting, flush)
+            state = engine_round(*models, *weights, state, table, running, *decision, num_rounds, drafting, flush)[0]
         jax.block_until_ready(state)
         return time.perf_counter() - start
 
     state = engine.state
-    seconds(1)
+    seconds(1 + steps)  # compiles the programs
     timings = np.array([(seconds(1), seconds(1 + steps)) for _ in range(reps)])  # [reps, 2]
     one, more = timings.min(axis=0)  # each at its quietest rep
     return (more - one) / steps / num_rounds
@@ -84,13 +88,14 @@ def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = Tr
 
 def decoding_from(state, running, context: int):
     """`state` (an engine's, over its slots) with every `running` [cap] slot at `context`
-    positions, decoding with nothing generated yet and 2^30 tokens to go, and the other slots
-    done; a fresh buffer for each field it sets (the round program donates its state)."""
+    positions (the draft's too, with no position pending), decoding with nothing generated yet
+    and 2^30 tokens to go, and the other slots done; a fresh buffer for each field it sets (the
+    round program donates its state)."""
     cap = running.shape[0]
     lengths = lambda cache: None if cache is None else cache.replace(
         lengths=jnp.asarray(np.where(running, context, 0), jnp.int32))
     rows = lambda value: jnp.asarray(np.full(cap, value, np.int32))
-    return state._replace(done=jnp.asarray(~running), generated=rows(0), max_new=rows(2**30),
+    return state._replace(done=jnp.asarray(~running), generated=rows(0), max_new=rows(2**30), pending_count=rows(0),
                           target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
 
 
