@@ -22,9 +22,10 @@ A request goes waiting -> prefilling -> decoding -> finished:
   `must_flush`), which decide again as rows come and go. While drafting does not pay, the
   host probes it with one drafted step now and then: 2 undrafted steps after drafting stopped
   paying, then after a gap that doubles each time a probe finds that it still does not pay (4,
-  8, ... steps, up to PROBE_LIMIT rounds and at least 2 steps). A draft that does not pay then costs one drafted step in about
-  PROBE_LIMIT rounds (under 1% for a draft costing as much as the target), and one that starts
-  to pay is found within about PROBE_LIMIT rounds (half a second at 1 ms a round).
+  8, ... steps, up to PROBE_LIMIT rounds and at least 2 steps). A draft that does not pay
+  then costs one drafted step in about PROBE_LIMIT rounds (under 1% for a draft costing as
+  much as the target), and one that starts to pay is found within about PROBE_LIMIT rounds
+  (half a second at 1 ms a round).
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
