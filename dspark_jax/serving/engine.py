@@ -444,11 +444,11 @@ class Engine:
         budget = bucket(self.max_num_batched_tokens)
         cap = min(self.max_num_seqs, bucket(self.max_num_seqs, 4))
         gated = self.draft is not None and getattr(self.scheduler, "draft_seconds", None) is not None
-        # (drafting, flush): undrafted rounds flush first, or need not when their anchors fit (`must_flush`)
-        kinds = [(True, False)]
-        if gated:
-            lazy = not must_flush([1], self.num_scheduler_steps, self.gamma + 1)
-            kinds += [(False, True)] + [(False, False)] * lazy
+        # (drafting, flush): undrafted rounds flush first or not, as `must_flush` decides for the
+        # largest and the smallest pending positions a row can have
+        width = self.gamma + 1
+        flushes = sorted({must_flush([bound], self.num_scheduler_steps, width) for bound in (width, 1)})
+        kinds = [(True, False)] + [(False, flush) for flush in flushes] * gated
         keys = []
         for columns in sorted({self._table_width_for(pages) for pages in range(1, self.max_pages + 1)}):
             keys += [("round", (cap,), (columns, False) + kind) for kind in kinds]

@@ -3,10 +3,11 @@
 A serving table (`evaluation.sps.profile_serving_sps`) times the target's verify passes alone,
 and `profile_draft_seconds` the draft's pass alone. A round of the engine
 (`serving.step.engine_round`) does more: the Markov head's sequential slots, the confidence
-head, rejection sampling, the scheduler, and in an undrafted round the draft's catch-up over
-the pending positions. Priced from passes alone, drafting looked cheaper than it was: on an
-H100 with SmolLM2-135M at one row, a drafted round was priced at 1.50 ms, and the engine's
-rounds put it at up to 2.6 ms (docs/results.md, "The scheduler live").
+head, rejection sampling, the scheduler, and in undrafted rounds the draft's catch-up over the
+pending positions (in the steps where they could overflow). Priced from passes alone, drafting
+looked cheaper than it was: on an H100 with SmolLM2-135M at one row, a drafted round was
+priced at 1.50 ms, and the engine's rounds put it at about 2.2 ms (docs/benchmarks.md,
+"eleventh measurement").
 
 `engine_table` therefore measures both and calibrates the passes to the rounds, at each row
 count c:
