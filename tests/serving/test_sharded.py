@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from dspark_jax import Draft, Target
 from dspark_jax.models.draft_config import draft_config_for_target
@@ -36,11 +37,14 @@ PROMPTS = [RNG.integers(0, V, int(RNG.integers(1, 14))).tolist() for _ in range(
 
 @pytest.fixture(autouse=True, scope="module")
 def no_persistent_cache():
-    """These programs compile uncached: a CI run crashed (a segfault) inside XLA while writing
-    one of this module's sharded engine programs to the persistent compilation cache."""
+    """These programs compile uncached: CI runs crashed (a segfault) inside XLA while writing
+    one of this module's sharded engine programs to the persistent compilation cache. JAX
+    decides once whether it uses the cache, so the setting needs `reset_cache` both ways."""
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     yield
     jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
 
 
 @functools.lru_cache(maxsize=None)
