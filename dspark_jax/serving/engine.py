@@ -16,16 +16,12 @@ A request goes waiting -> prefilling -> decoding -> finished:
   pays for its rows (`speculation_pays`, from their latest confidences; for the rows that ran
   when all have finished); while it does not, the host launches autoregressive rounds
   instead (a second round program, without the draft's proposal: the draft only takes in the
-  new positions, in one pass before the rounds, and only when they could overflow its buffer
-  of gamma + 1 pending positions: with gamma = 7, in one step of 8 at 1 round a step and in
-  every other step at 4, the other steps running a third program that leaves that pass out,
-  `must_flush`), which decide again as rows come and go. While drafting does not pay, the
-  host probes it with one drafted step now and then: 2 undrafted steps after drafting stopped
-  paying, then after a gap that doubles each time a probe finds that it still does not pay (4,
-  8, ... steps, up to PROBE_LIMIT rounds and at least 2 steps). A draft that does not pay
-  then costs one drafted step in about PROBE_LIMIT rounds (under 1% for a draft costing as
-  much as the target), and one that starts to pay is found within about PROBE_LIMIT rounds
-  (half a second at 1 ms a round).
+  new positions), which decide again as rows come and go. While drafting does not pay, the host probes it with one drafted step now
+  and then: 2 undrafted steps after drafting stopped paying, then after a gap that doubles
+  each time a probe finds that it still does not pay (4, 8, ... steps, up to PROBE_LIMIT
+  rounds and at least 2 steps). A draft that does not pay then costs one drafted step in about
+  PROBE_LIMIT rounds (under 1% for a draft costing as much as the target), and one that starts
+  to pay is found within about PROBE_LIMIT rounds (half a second at 1 ms a round).
   The decision is made on the host, a step or two late, rather than by a branch inside the
   program: on an H200 with SmolLM2, rounds behind such a branch took as long as drafted ones
   (docs/benchmarks.md).
@@ -90,7 +86,7 @@ from dspark_jax.sampling import SamplingParams as RowSampling
 from dspark_jax.serving.pages import SCRATCH_PAGE, PageAllocator, page_bytes, pages_for_budget
 from dspark_jax.serving.params import RequestOutput, SamplingParams
 from dspark_jax.serving.programs import Programs
-from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round, must_flush, pending_bound
+from dspark_jax.serving.step import PrefillBatch, engine_prefill, engine_round
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +209,6 @@ class _Request:
     preempted: bool = False  # has held a slot (waits outside the queue's bound)
     unread: int = 0  # the most tokens that launched, unread steps may commit
     launched: int = 0  # launched, unread units of work (a round or a first token), >= 1 token each
-    pending: int = 1  # the most positions the draft has not taken in after the planned steps (`pending_bound`)
 
     @property
     def context(self) -> list[int]:
@@ -444,14 +439,9 @@ class Engine:
         budget = bucket(self.max_num_batched_tokens)
         cap = min(self.max_num_seqs, bucket(self.max_num_seqs, 4))
         gated = self.draft is not None and getattr(self.scheduler, "draft_seconds", None) is not None
-        # (drafting, flush): undrafted rounds flush first or not, as `must_flush` decides for the
-        # largest and the smallest pending positions a row can have
-        width = self.gamma + 1
-        flushes = sorted({must_flush([bound], self.num_scheduler_steps, width) for bound in (width, 1)})
-        kinds = [(True, False)] + [(False, flush) for flush in flushes] * gated
-        keys = []
+        keys, draftings = [], (True, False) if gated else (True,)
         for columns in sorted({self._table_width_for(pages) for pages in range(1, self.max_pages + 1)}):
-            keys += [("round", (cap,), (columns, False) + kind) for kind in kinds]
+            keys += [("round", (cap,), (columns, False, drafting)) for drafting in draftings]
             widest = bucket(columns * self.page_size)  # a chunk's width, at most its table's positions
             keys += [("prefill", (min(bucket(self.max_num_seqs, 1), max(1, budget // w)), w), (columns, False))
                      for w in (16 << i for i in range(budget.bit_length())) if w <= min(budget, widest)]
@@ -527,7 +517,6 @@ class Engine:
         for r, n in chunks:
             r.computed += n
             r.decoding = r.computed == len(r.context)
-            r.pending = 1  # a row that starts decoding: its last context position
             firsts.append(r.decoding and not r.output)  # resumed requests know their next token
             r.unread += firsts[-1]
             r.launched += firsts[-1]
@@ -537,9 +526,7 @@ class Engine:
         if decoding:
             cap = min(self.max_num_seqs, bucket(1 + max(r.slot for r in decoding), 4))
             columns = self._table_width(decoding)
-            flush = self.draft is not None and not self._drafting and must_flush(
-                [r.pending for r in decoding], self.num_scheduler_steps, self.gamma + 1)
-            key, rnd = self._programs.get(("round", (cap,), (columns, filtered, self._drafting, flush)))
+            key, rnd = self._programs.get(("round", (cap,), (columns, filtered, self._drafting)))
             keys.append(key)
             (cap,) = key[1]  # a compiled program's capacity, at least this step's
             table = np.full((cap, columns), SCRATCH_PAGE, np.int32)
@@ -549,7 +536,6 @@ class Engine:
                 running[r.slot] = True
                 r.unread += self.num_scheduler_steps * self._round_width(self._drafting)
                 r.launched += self.num_scheduler_steps
-                r.pending = pending_bound(r.pending, self.num_scheduler_steps, self.gamma + 1, self._drafting, flush)
             self._undrafted_steps = 0 if self._drafting else self._undrafted_steps + 1
         launch = _Launch(decoding, [r for r, _ in chunks], firsts, self._drafting, self._probing, programs=keys)
         if decoding and self._probing:  # one probing step: the next ones are undrafted until it is read back
@@ -637,18 +623,18 @@ class Engine:
         live state); under a mesh, jit's own dispatch, which compiles at the first call (the
         steps' outputs may be laid out unlike the initial state, over a data axis, and jit
         follows them where a compiled program would refuse them). A round: sizes (capacity,),
-        exact (table columns, filtered, drafting, flush); a prefill: sizes (rows, chunk width), exact
+        exact (table columns, filtered, drafting); a prefill: sizes (rows, chunk width), exact
         (table columns, filtered)."""
         kind, sizes, exact = key
         filtered = exact[1]
         models = (self.target.model, None if self.draft is None else self.draft.model, self.scheduler)
         params = (self.target.params, None if self.draft is None else self.draft.params)
         if kind == "round":
-            (cap,), (columns, _, drafting, flush) = sizes, exact
+            (cap,), (columns, _, drafting) = sizes, exact
             inputs = (np.zeros((cap, columns), np.int32), np.zeros((cap,), bool), np.float32(1),
                       np.full((self.gamma,), np.nan, np.float32))
             program = functools.partial(engine_round, *models)
-            statics = (self.num_scheduler_steps, drafting, flush)
+            statics = (self.num_scheduler_steps, drafting)
         else:
             (rows, width), columns = sizes, exact[0]
             inputs = (self._prefill_batch([], rows, width, columns, filtered),)

@@ -3,11 +3,10 @@
 A serving table (`evaluation.sps.profile_serving_sps`) times the target's verify passes alone,
 and `profile_draft_seconds` the draft's pass alone. A round of the engine
 (`serving.step.engine_round`) does more: the Markov head's sequential slots, the confidence
-head, rejection sampling, the scheduler, and in undrafted rounds the draft's catch-up over the
-pending positions (in the steps where they could overflow). Priced from passes alone, drafting
-looked cheaper than it was: on an H100 with SmolLM2-135M at one row, a drafted round was
-priced at 1.50 ms, and the engine's rounds put it at about 2.2 ms (docs/benchmarks.md,
-"eleventh measurement").
+head, rejection sampling, the scheduler, and in an undrafted round the draft's catch-up over
+the pending positions. Priced from passes alone, drafting looked cheaper than it was: on an
+H100 with SmolLM2-135M at one row, a drafted round was priced at 1.50 ms, and the engine's
+rounds put it at up to 2.6 ms (docs/results.md, "The scheduler live").
 
 `engine_table` therefore measures both and calibrates the passes to the rounds, at each row
 count c:
@@ -32,7 +31,7 @@ from dspark_jax.decoding.batching import bucket
 from dspark_jax.decoding.scheduler import PrefixScheduler
 from dspark_jax.evaluation.sps import no_more_than_larger, profile_serving_sps
 from dspark_jax.serving.engine import Engine
-from dspark_jax.serving.step import engine_round, must_flush, pending_bound
+from dspark_jax.serving.step import engine_round
 
 FLAT_SPS = (500.0,) * 512  # every verify width priced alike: Algorithm 1 verifies every draft token
 
@@ -40,84 +39,58 @@ FLAT_SPS = (500.0,) * 512  # every verify width priced alike: Algorithm 1 verifi
 def round_seconds(target, draft, *, rows: int, context: int, drafting: bool = True, num_rounds: int = 1,
                   page_size: int = 16, kernels: str = "auto", mesh=None, steps: int = 4, reps: int = 3) -> float:
     """Seconds per round of the engine's round program with `rows` running rows whose contexts
-    hold `context` positions (each its own pages), as an `Engine` of these settings runs it
-    (`RoundPrograms`). After a first (compiling) call, each of `reps` reps times 1 program and
-    then 1 + `steps` programs, each from the rows at `context`; the difference of the two (each
-    the fastest of the reps) per program cancels what the first program's launch adds
+    hold `context` positions (each its own pages), as an `Engine` of these settings runs it:
+    its capacity (rows rounded up as the engine buckets them), block-table width and attention
+    kernels, `num_rounds` rounds per program; autoregressive without a draft, else undrafted or
+    drafted (`drafting`) under a confidence scheduler whose flat table verifies every draft
+    token (the widest verify pass, with the scheduler's own work and its drafting decision).
+    After a first (compiling) call, each of `reps` reps times 1 program and then 1 + `steps`
+    programs, each from the rows at `context` (`decoding_from`); the difference of the two
+    (each the fastest of the reps) per program cancels what the first program's launch adds
     (host-side dispatch, milliseconds for a model of many layers, which a serving engine hides
     behind the step in flight), leaving the device's time per program (or the host's, when
     launching is the slower), divided by `num_rounds`."""
-    programs = RoundPrograms(target, draft, rows=rows, context=context, drafting=drafting, num_rounds=num_rounds,
-                             page_size=page_size, kernels=kernels, mesh=mesh, programs=1 + steps)
-    programs.seconds(1 + steps)  # compiles the programs
-    timings = np.array([(programs.seconds(1), programs.seconds(1 + steps)) for _ in range(reps)])  # [reps, 2]
+    gamma = 0 if draft is None else draft.config.block_size
+    cap = bucket(rows, 4)
+    scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
+    pages = -(-(context + (1 + steps) * num_rounds * (gamma + 1)) // page_size)  # a rep's writes
+    engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=cap, page_size=page_size,
+                    num_pages=rows * pages + 1, num_scheduler_steps=num_rounds, kernels=kernels, mesh=mesh,
+                    background_compile=False)
+    table = np.zeros((cap, engine._table_width_for(pages)), np.int32)  # free slots read the scratch page 0
+    table[:rows, :pages] = 1 + np.arange(rows * pages, dtype=np.int32).reshape(rows, pages)
+    running = np.arange(cap) < rows
+    models = (engine.target.model, None if draft is None else engine.draft.model, engine.scheduler)
+    weights = (engine.target.params, None if draft is None else engine.draft.params)
+    decision = (np.float32(1), np.full((gamma,), np.nan, np.float32))  # the confidences trusted, no fallback
+    run = lambda s: engine_round(*models, *weights, s, table, running, *decision, num_rounds,
+                                 drafting or draft is None)[0]
+
+    def seconds(n: int) -> float:  # n programs from the rows at `context`, from a synchronised start
+        nonlocal state
+        state = jax.block_until_ready(decoding_from(state, running, context))
+        start = time.perf_counter()
+        for _ in range(n):
+            state = run(state)
+        jax.block_until_ready(state)
+        return time.perf_counter() - start
+
+    state = engine.state
+    seconds(1)
+    timings = np.array([(seconds(1), seconds(1 + steps)) for _ in range(reps)])  # [reps, 2]
     one, more = timings.min(axis=0)  # each at its quietest rep
     return (more - one) / steps / num_rounds
 
 
-class RoundPrograms:
-    """The engine's round program over `rows` running rows whose contexts hold `context`
-    positions (each its own pages, enough for `programs` programs from `reset`), as an `Engine`
-    of these settings runs it: its capacity (rows rounded up as the engine buckets them),
-    block-table width and attention kernels, `num_rounds` rounds per program; autoregressive
-    without a draft, else undrafted or drafted (`drafting`) under a confidence scheduler whose
-    flat table verifies every draft token (the widest verify pass, with the scheduler's own work
-    and its drafting decision). Undrafted programs take the draft's pending positions in as the
-    engine's steps do, only when they could overflow (`must_flush`), unless `launch` is told."""
-
-    def __init__(self, target, draft, *, rows: int, context: int, drafting: bool = True, num_rounds: int = 1,
-                 page_size: int = 16, kernels: str = "auto", mesh=None, programs: int = 5):
-        self.gamma = 0 if draft is None else draft.config.block_size
-        cap = bucket(rows, 4)
-        scheduler = None if draft is None else PrefixScheduler(FLAT_SPS, draft_seconds=(1e-3,))
-        pages = -(-(context + programs * num_rounds * (self.gamma + 1)) // page_size)  # the programs' writes
-        engine = Engine(target, draft, scheduler=scheduler, max_num_seqs=cap, page_size=page_size,
-                        num_pages=rows * pages + 1, num_scheduler_steps=num_rounds, kernels=kernels, mesh=mesh,
-                        background_compile=False)
-        self.table = np.zeros((cap, engine._table_width_for(pages)), np.int32)  # free slots read scratch page 0
-        self.table[:rows, :pages] = 1 + np.arange(rows * pages, dtype=np.int32).reshape(rows, pages)
-        self.running = np.arange(cap) < rows
-        self.models = (engine.target.model, None if draft is None else engine.draft.model, engine.scheduler)
-        self.weights = (engine.target.params, None if draft is None else engine.draft.params)
-        self.decision = (np.float32(1), np.full((self.gamma,), np.nan, np.float32))  # confidences trusted
-        self.context, self.num_rounds, self.drafting = context, num_rounds, drafting or draft is None
-        self.state, self.bound = engine.state, 0
-
-    def reset(self) -> None:
-        """The rows back at `context` positions (`decoding_from`), synchronised."""
-        self.state = jax.block_until_ready(decoding_from(self.state, self.running, self.context))
-        self.bound = 0  # the rows' pending positions
-
-    def launch(self, flush: bool | None = None) -> None:
-        """Launches one program without waiting for it; an undrafted one flushes the pending
-        positions first as the engine would (None) or as told."""
-        if flush is None:
-            flush = self.models[1] is not None and not self.drafting and must_flush(
-                [self.bound], self.num_rounds, self.gamma + 1)
-        self.bound = pending_bound(self.bound, self.num_rounds, self.gamma + 1, self.drafting, flush)
-        self.state = engine_round(*self.models, *self.weights, self.state, self.table, self.running, *self.decision,
-                                  self.num_rounds, self.drafting, flush)[0]
-
-    def seconds(self, n: int) -> float:
-        """Seconds for n programs from the rows at `context`, from a synchronised start."""
-        self.reset()
-        start = time.perf_counter()
-        for _ in range(n):
-            self.launch()
-        jax.block_until_ready(self.state)
-        return time.perf_counter() - start
-
-
 def decoding_from(state, running, context: int):
     """`state` (an engine's, over its slots) with every `running` [cap] slot at `context`
-    positions (the draft's too, with no position pending), decoding with nothing generated yet
-    and 2^30 tokens to go, and the other slots done; a fresh buffer for each field it sets (the
-    round program donates its state)."""
+    positions, decoding with nothing generated yet and 2^30 tokens to go, and the other slots
+    done; a fresh buffer for each field it sets (the round program donates its state)."""
     cap = running.shape[0]
     lengths = lambda cache: None if cache is None else cache.replace(
         lengths=jnp.asarray(np.where(running, context, 0), jnp.int32))
     rows = lambda value: jnp.asarray(np.full(cap, value, np.int32))
-    return state._replace(done=jnp.asarray(~running), generated=rows(0), max_new=rows(2**30), pending_count=rows(0),
+    return state._replace(done=jnp.asarray(~running), generated=rows(0), max_new=rows(2**30),
                           target_cache=lengths(state.target_cache), draft_cache=lengths(state.draft_cache))
 
 

@@ -6,11 +6,9 @@ owns the block tables; each program attaches the tables of the rows it runs:
 
 1. `engine_round`: `num_rounds` decoding rounds in a row (`spec_round`: speculative, or
    autoregressive without a draft or when the host decided that drafting does not pay, in
-   which case each round adds its anchor to the draft's pending positions, and the draft takes
-   them in (`flush_pending`) before the rounds only when the host says that a row's pending
-   buffer could not hold the rounds' anchors: `flush`) over slots 0..cap-1, cap =
-   table.shape[0], for the rows the host marks `running` (a row that finishes sits out the
-   remaining rounds);
+   which case the draft takes in the pending positions once before the rounds rather than in
+   each) over slots 0..cap-1, cap = table.shape[0], for the rows the host marks `running` (a
+   row that finishes sits out the remaining rounds);
 2. `engine_prefill`: one chunk of context for each row of a `PrefillBatch`
    (`extend_context`), written through the rows' own tables; rows whose chunk ends their
    context join the state at their slots, ready for a round.
@@ -19,7 +17,7 @@ An engine step runs the prefill, then the rounds, each only when it has rows (a 
 prefill ends its context decodes in the same step's rounds when the host has pages for
 them). They are two programs, not one, so that the programs compiled are the round shapes
 plus the prefill shapes rather than their product. Each is specialised on shapes only (the
-round on its capacity and table width, on whether it drafts or flushes, and on the engine's fixed
+round on its capacity and table width, on whether it drafts, and on the engine's fixed
 `num_rounds`; the prefill on its rows, chunk width and table width), all bucketed by the
 engine, so a new request never compiles anything.
 """
@@ -77,14 +75,12 @@ def _detach(rows_cache, pools, running):
     return rows_cache.rows(pools.block_table, pools.lengths.at[:cap].set(lengths))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 10, 11, 12), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 10, 11), donate_argnums=(5,))
 def engine_round(target, draft, scheduler, target_params, draft_params, state: DecodeState, table, running,
-                 forecast_scale, fallback, num_rounds: int, drafting: bool, flush: bool
+                 forecast_scale, fallback, num_rounds: int, drafting: bool
                  ) -> tuple[DecodeState, RoundOutput, jax.Array, jax.Array]:
     """num_rounds rounds for the running rows among slots 0..cap-1, drafted or not
-    (`drafting`); undrafted rounds whose anchors fit the pending buffer flush it first when
-    `flush`, and otherwise the caller guarantees that they fit the running rows' pending counts
-    (`must_flush`). table [cap, M] block tables (free slots point at the scratch page; a row's
+    (`drafting`). table [cap, M] block tables (free slots point at the scratch page; a row's
     pages cover all the rounds' writes); running [cap] bool; forecast_scale (float32 scalar)
     and fallback (float32 [G]) for `speculation_pays`. Returns the state, the rounds' outputs
     for slots 0..cap-1 (each field [num_rounds, cap, ...]), done [cap] after the last round,
@@ -97,10 +93,10 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
         draft_cache=None if draft is None else _attach(state.draft_cache, table, running),
         done=before.done | ~running,
     )
-    # Undrafted rounds leave their anchors pending when the pending buffer holds all the rounds'
-    # anchors; the draft then takes in the pending positions before the rounds when `flush`.
+    # Undrafted rounds leave their anchors pending; the draft takes in the step's pending
+    # positions once, before the rounds, when the pending buffer holds all the rounds' anchors.
     catch_up = drafting or draft is None or num_rounds > rows.pending_next.shape[1]
-    if not catch_up and flush:
+    if not catch_up:
         rows = flush_pending(draft, draft_params, rows, ~rows.done)
     rows, out = jax.lax.scan(lambda r, _: spec_round(target, draft, scheduler, target_params, draft_params, r,
                                                      drafting=drafting, catch_up=catch_up), rows, length=num_rounds)
@@ -117,30 +113,6 @@ def engine_round(target, draft, scheduler, target_params, draft_params, state: D
     state = state._replace(target_cache=_detach(rows.target_cache, pools_t, running),
                            draft_cache=None if draft is None else _detach(rows.draft_cache, pools_d, running))
     return state, out, state.done[:cap], pays
-
-
-def must_flush(bounds, num_rounds: int, width: int) -> bool:
-    """Whether an undrafted step of num_rounds rounds must first flush the pending positions of
-    rows whose pending counts are at most `bounds` (ints, one per running row), in buffers of
-    `width` positions: when some row's anchors could overflow it, and always when two steps'
-    anchors overflow it (a program without the flush would then serve only rows that have just
-    started decoding). False when each round flushes anyway (num_rounds > width:
-    `engine_round`)."""
-    if num_rounds > width:
-        return False
-    return 2 * num_rounds > width or any(bound + num_rounds > width for bound in bounds)
-
-
-def pending_bound(bound: int, num_rounds: int, width: int, drafting: bool, flush: bool) -> int:
-    """A running row's most pending positions after a step, from `bound` before it: a drafted
-    round leaves at most `width` (the accepted prefix and the next anchor's pair), an undrafted
-    one adds its anchor (after the flush, when there is one; each round flushes when
-    num_rounds > width). A row that starts decoding has 1."""
-    if drafting:
-        return width
-    if num_rounds > width:
-        return 1
-    return (0 if flush else bound) + num_rounds
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))

@@ -518,34 +518,6 @@ def test_a_draft_that_never_pays_is_probed_ever_more_rarely(monkeypatch, async_s
     assert kinds == expected[:len(kinds)] and len(kinds) >= 20, kinds  # gaps of 2, 4, 4, 4
 
 
-@pytest.mark.parametrize("rounds", [1, 2])
-def test_undrafted_steps_flush_the_drafts_pending_positions_only_when_they_could_overflow(rounds):
-    """Drafting never pays, for requests that arrive, are preempted and finish over many steps:
-    the draft takes in its pending positions (a buffer of gamma + 1 = 5 a row) before an
-    undrafted step only when the step's anchors could overflow them (`must_flush`). After every
-    step, each unfinished row's draft cache plus its pending positions are exactly its target
-    cache, with no more pending positions than the buffer and the host's bound hold; steps ran
-    both with the flush and without it; and the tokens are the target's greedy tokens."""
-    never = PrefixScheduler(SCHEDULER.sps, draft_seconds=(1e9,))
-    eng = Engine(tiny_target(), tiny_draft("dspark"), scheduler=never, **SMALL, num_scheduler_steps=rounds)
-    chosen = [i for i, p in enumerate(PROMPTS) if len(p) >= 24][:10]  # long enough to run out of pages
-    ids = {eng.add_request(PROMPTS[i], greedy()): i for i in chosen}
-    tokens = {i: [] for i in chosen}
-    while eng.has_unfinished():
-        for out in eng.step():
-            tokens[ids[out.request_id]] += out.new_token_ids
-        state = eng._state
-        target_len, draft_len, pending, done = (np.asarray(x) for x in (
-            state.target_cache.lengths, state.draft_cache.lengths, state.pending_count, state.done))
-        for r in eng._slots:
-            if r is not None and r.decoding and not done[r.slot]:  # (a finished row's count is 0)
-                assert draft_len[r.slot] + pending[r.slot] == target_len[r.slot]
-                assert pending[r.slot] <= min(r.pending, eng.gamma + 1)
-    assert tokens == {i: expected(i, MAX_TOKENS) for i in chosen}
-    flushes = {exact[3] for kind, _, exact in eng._programs_run if kind == "round" and not exact[2]}
-    assert flushes == {True, False} and eng.stats().preemptions > 0
-
-
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_requests_one_after_another_draft_only_to_probe(async_scheduling):
     """One request at a time, drafting never paying: only the first request drafts its first
@@ -710,6 +682,6 @@ def test_a_slow_step_is_logged_with_its_programs(caplog, monkeypatch):
     assert "launched round (4,)" in message and "read back round (4,)" in message and "first run" not in message
     finish(eng)
     assert eng.stats().pages_used == 0 and not eng.has_unfinished() and rid
-    key = ("round", (4,), (2, False, True, False))
+    key = ("round", (4,), (2, False, True))
     first = engine_module._Launch([], [], [], programs=[key], first_runs=[key])
-    assert engine_module._describe([first]) == "round (4,) (2, False, True, False) (its first run)"
+    assert engine_module._describe([first]) == "round (4,) (2, False, True) (its first run)"

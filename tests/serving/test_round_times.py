@@ -55,7 +55,7 @@ def test_timed_rounds_start_from_decoding_rows_every_time():
         state = decoding_from(state, running, 5)
         np.testing.assert_array_equal(state.target_cache.lengths, [5, 5, 5, 0])
         state, out, done, _ = engine_round(engine.target.model, None, None, engine.target.params, None, state, table,
-                                           running, np.float32(1), np.zeros((0,), np.float32), 2, True, False)
+                                           running, np.float32(1), np.zeros((0,), np.float32), 2, True)
         np.testing.assert_array_equal(done, [False, False, False, True])
         np.testing.assert_array_equal(np.asarray(out.count), [[1, 1, 1, 0]] * 2)  # [rounds, cap]
         np.testing.assert_array_equal(state.target_cache.lengths, [7, 7, 7, 0])

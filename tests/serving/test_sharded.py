@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from dspark_jax import Draft, Target
 from dspark_jax.models.draft_config import draft_config_for_target
@@ -33,18 +32,6 @@ MAX_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 RNG = np.random.default_rng(0)
 PROMPTS = [RNG.integers(0, V, int(RNG.integers(1, 14))).tolist() for _ in range(16)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_persistent_cache():
-    """These programs compile uncached: CI runs crashed (a segfault) inside XLA while writing
-    one of this module's sharded engine programs to the persistent compilation cache. JAX
-    decides once whether it uses the cache, so the setting needs `reset_cache` both ways."""
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
 
 
 @functools.lru_cache(maxsize=None)
