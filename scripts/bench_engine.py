@@ -24,6 +24,11 @@ engine's mean wall time per step (`step_ms`), the part of it spent blocked on th
 it spent stepping (`stepping`; serve.py's /metrics gives the same for its engine, so
 bench_serving.py reports them too), and the drafting decision's forecast scale at the level's
 end (`forecast_scale`, `Engine.forecast_scale`).
+Each setting's engine runs every level before the next engine is built, unless --repeats R
+asks for more than one measurement: then every engine stays alive (the KV budget shared
+evenly), and each level measures the settings in turn, R times over, so that whatever drifts
+in the process (the host's clocks, the device allocator's layout) weighs on each engine alike;
+the summary adds each setting's medians and its tokens/s over AR's in each repeat.
 --out is rewritten after every level; `--resume` continues a run of the same command cut short
 from the rows it holds.
 Once the models are loaded the heap is frozen, as serve.py freezes it; the full garbage
@@ -62,6 +67,7 @@ from dspark_jax.evaluation.sps import load_table, profile_draft_seconds
 from dspark_jax.models.presets import preset
 from dspark_jax.serving import Engine, SamplingParams
 from dspark_jax.serving.engine import freeze_heap
+from dspark_jax.serving.pages import pages_for_budget
 from dspark_jax.serving.round_times import engine_table
 from dspark_jax.sharding import make_mesh
 
@@ -167,7 +173,11 @@ def main(argv=None) -> None:
     p.add_argument("--static-batch", type=int, default=64, help="batch of the static generate baseline (0: skip)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5,
-                   help="KV pages' budget: a fraction of free device memory, or bytes if > 1")
+                   help="KV pages' budget: a fraction of free device memory, or bytes if > 1 (shared evenly by the "
+                        "engines with --repeats)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="above 1: every setting's engine stays alive, and each level measures them in turn this many "
+                        "times (ratios to AR from the same repeat; a process's drift shows in every engine alike)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "pallas", "xla"],
                    help="the engines' paged attention, each in turn (auto: the engine's default)")
@@ -184,6 +194,8 @@ def main(argv=None) -> None:
 
     earlier = earlier_run(args.out, command, jax.devices()[0].device_kind) if args.resume else {}
 
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     mesh = None
     if args.tensor_parallel > 1 and "pallas" in args.kernels:
         p.error("--kernels pallas runs on one device; use --kernels xla with --tensor-parallel")
@@ -235,39 +247,55 @@ def main(argv=None) -> None:
     results["heap_collect_ms"], results["heap_objects"] = 1e3 * seconds, frozen
     log.info("a full garbage collection over the loaded heap (%d objects, then frozen) took %.0f ms", frozen,
              1e3 * seconds)
-    runs = [(setting, c) for setting in itertools.product(args.kernels, args.modes, args.scheduling,
-                                                          args.scheduler_steps) for c in args.concurrency]
-    remaining = runs[len(results["rows"]):]  # in order: a resumed run's rows are the first ones
-    for (kernels, mode, scheduling, rounds), group in itertools.groupby(remaining, key=lambda run: run[0]):
-        engine = Engine(target, None if mode == "ar" else draft,
-                        scheduler=scheduler_from_spec(mode) if mode.startswith("fixed:") else schedulers.get(mode),
-                        max_num_seqs=max(args.concurrency), page_size=args.page_size,
-                        kv_memory=args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory),
-                        max_num_batched_tokens=2048, async_scheduling=scheduling == "async",
-                        num_scheduler_steps=rounds, kernels=kernels, mesh=mesh)
-        for _, c in group:
-            total = args.num_prompts or requests_per_level(c)
+    settings = list(itertools.product(args.kernels, args.modes, args.scheduling, args.scheduler_steps))
+    if args.repeats == 1:  # one engine at a time, each through every level
+        runs = [(setting, c, 0) for setting in settings for c in args.concurrency]
+    else:  # every engine alive, each level's settings measured in turn, --repeats times
+        runs = [(setting, c, rep) for c in args.concurrency for rep in range(args.repeats) for setting in settings]
+    # the KV budget in bytes, shared evenly by the engines alive at once
+    kv_memory = pages_for_budget(args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory), 1,
+                                 jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+    kv_memory //= 1 if args.repeats == 1 else len(settings)
+    engines, warm = {}, set()
+    for setting, c, rep in runs[len(results["rows"]):]:  # in order: a resumed run's rows are the first ones
+        kernels, mode, scheduling, rounds = setting
+        if setting not in engines:
+            if args.repeats == 1:
+                for engine in engines.values():
+                    engine.close()
+                engines.clear()  # the last engine's KV pool, before the next engine sizes its own
+            engines[setting] = Engine(
+                target, None if mode == "ar" else draft,
+                scheduler=scheduler_from_spec(mode) if mode.startswith("fixed:") else schedulers.get(mode),
+                max_num_seqs=max(args.concurrency), page_size=args.page_size, kv_memory=kv_memory,
+                max_num_batched_tokens=2048, async_scheduling=scheduling == "async", num_scheduler_steps=rounds,
+                kernels=kernels, mesh=mesh)
+        engine = engines[setting]
+        total = args.num_prompts or requests_per_level(c)
+        if (setting, c) not in warm:
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             engine.wait_for_programs()  # and the shapes it ran padded meanwhile
-            before = engine.stats()
-            row = {"mode": mode, "kernels": engine.target.config.attention, "scheduling": scheduling,
-                   "scheduler_steps": rounds, "concurrency": c, **closed_loop(engine, prompts, c, total, params)}
-            after = engine.stats()
-            row["compiled_during"] = after.program_shapes - before.program_shapes
-            row["compile_stalls"] = after.compile_stalls - before.compile_stalls
-            row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
-            row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
-            row["forecast_scale"] = after.forecast_scale
-            row.update(step_profile(after.steps - before.steps, after.step_seconds - before.step_seconds,
-                                    row["seconds"], after.wait_seconds - before.wait_seconds))
-            row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
-                                                                    before.verify_length_histogram)]
-            results["rows"].append(row)
-            log.info("%s", json.dumps(row))
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            warm.add((setting, c))
+        before = engine.stats()
+        row = {"mode": mode, "kernels": engine.target.config.attention, "scheduling": scheduling,
+               "scheduler_steps": rounds, "concurrency": c, "repeat": rep,
+               **closed_loop(engine, prompts, c, total, params)}
+        after = engine.stats()
+        row["compiled_during"] = after.program_shapes - before.program_shapes
+        row["compile_stalls"] = after.compile_stalls - before.compile_stalls
+        row["tokens_per_round"] = (after.tokens - before.tokens) / max(after.rounds - before.rounds, 1)
+        row["undrafted"] = (after.undrafted_rounds - before.undrafted_rounds) / max(after.rounds - before.rounds, 1)
+        row["forecast_scale"] = after.forecast_scale
+        row.update(step_profile(after.steps - before.steps, after.step_seconds - before.step_seconds,
+                                row["seconds"], after.wait_seconds - before.wait_seconds))
+        row["verify_length_histogram"] = [a - b for a, b in zip(after.verify_length_histogram,
+                                                                before.verify_length_histogram)]
+        results["rows"].append(row)
+        log.info("%s", json.dumps(row))
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    for engine in engines.values():
         engine.close()
-        del engine  # its KV pool, before the next engine sizes its own
     print(f"\n{results['device']} x {args.tensor_parallel} (tensor parallel), target {args.target}, "
           f"draft {args.draft}, {args.max_tokens} tokens per request at T = {args.temperature}, "
           f"mean prompt {mean_prompt}")
@@ -283,6 +311,25 @@ def main(argv=None) -> None:
               f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
               f"{r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} | {r['undrafted']:.0%} | {r['step_ms']:.2f} | "
               f"{r.get('wait_ms', float('nan')):.2f} | {r['stepping']:.0%} |")
+    if args.repeats > 1:
+        print_repeats(list(zip(runs, results["rows"])))
+
+
+def print_repeats(measured) -> None:
+    """For each setting and level over the repeats ((setting, concurrency, repeat), row) pairs:
+    the median tokens/s and TPOT p50, and each repeat's tokens/s over the AR engine's of the
+    same repeat, level, attention, scheduling and rounds per step (when ar is among the modes)."""
+    ar = {((k, s, n), c, rep): row["tokens_per_s"] for ((k, m, s, n), c, rep), row in measured if m == "ar"}
+    groups = {}
+    for ((k, m, s, n), c, rep), row in measured:
+        groups.setdefault(((k, m, s, n), c), []).append((rep, row))
+    print("\n| mode | attention | scheduling | rounds/step | concurrency | repeats | median tokens/s | "
+          "median TPOT p50 ms | tokens/s over AR's, each repeat |\n|---|---|---|---|---|---|---|---|---|")
+    for ((k, m, s, n), c), reps in groups.items():
+        ratios = [row["tokens_per_s"] / ar[(k, s, n), c, rep] for rep, row in reps if ((k, s, n), c, rep) in ar]
+        print(f"| {m} | {reps[0][1]['kernels']} | {s} | {n} | {c} | {len(reps)} | "
+              f"{np.median([row['tokens_per_s'] for _, row in reps]):.0f} | "
+              f"{np.median([row['tpot_p50_ms'] for _, row in reps]):.2f} | {' '.join(f'{x:.3f}' for x in ratios)} |")
 
 
 if __name__ == "__main__":

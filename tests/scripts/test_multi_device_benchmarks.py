@@ -110,3 +110,30 @@ def test_bench_engine_resumes_a_run_cut_short(tmp_path):
     out.write_text(json.dumps({**results, "device": "another GPU"}))
     with pytest.raises(SystemExit, match="measured on another GPU"):
         bench_engine.main(argv)
+
+
+@pytest.mark.slow  # a benchmark's own bookkeeping; CI runs the engine it drives
+def test_bench_engine_repeats_measure_the_engines_in_turn(tmp_path, capsys, monkeypatch):
+    """--repeats 2 builds one engine per mode, each with half the KV budget, measures them in
+    turn twice, and reports each repeat's tokens/s over AR's of the same repeat."""
+    built = []
+
+    class Recorded(bench_engine.Engine):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["kv_memory"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bench_engine, "Engine", Recorded)
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--target", TINY, "--draft", "random:dspark", "--modes", "ar", "fixed:1", "--concurrency",
+                       "2", "--max-tokens", "4", "--prompt-len", "8", "--num-prompts", "4", "--static-batch", "0",
+                       "--kv-memory", "10000000", "--dtype", "float32", "--repeats", "2", "--out", str(out)])
+    assert built == [5000000, 5000000]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mode"], row["repeat"]) for row in rows] == [("ar", 0), ("fixed:1", 0), ("ar", 1), ("fixed:1", 1)]
+    assert all(row["tokens"] == 4 * 4 and row["concurrency"] == 2 for row in rows)
+    ratios = [rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rows[3]["tokens_per_s"] / rows[2]["tokens_per_s"]]
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| fixed:1 |") and x.count("|") == 10]
+    assert line.endswith(f"| {ratios[0]:.3f} {ratios[1]:.3f} |")
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--target", TINY, "--modes", "ar", "--repeats", "0"])
