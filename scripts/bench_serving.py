@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import time
 
@@ -94,11 +95,11 @@ COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_e
 
 
 async def counters(http) -> tuple[dict, float]:
-    """The server's `COUNTERS` so far and its programs compiling now, from its /metrics (zeros
-    from a server without them)."""
+    """The server's `COUNTERS` so far (NaN for one it does not export: another server, or an
+    older serve.py) and its programs compiling now (0 when it does not say), from its /metrics."""
     text = (await http.get("/metrics")).text
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return {name: values.get(name, 0.0) for name in COUNTERS}, values.get("dspark_engine_compiles_pending", 0.0)
+    return {name: values.get(name, math.nan) for name in COUNTERS}, values.get("dspark_engine_compiles_pending", 0.0)
 
 
 async def settled(http, every: float = 10.0) -> dict:
@@ -129,7 +130,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
         await run()
         passes += 1
         shapes, before = before["dspark_engine_program_shapes"], await settled(http)
-        if before["dspark_engine_program_shapes"] == shapes:
+        if before["dspark_engine_program_shapes"] == shapes or math.isnan(shapes):  # (NaN: the server does not say)
             break
     start = time.perf_counter()
     results = await run()
@@ -147,7 +148,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
             **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds,
                             delta["dspark_engine_wait_seconds_total"]),
-            "new_program_shapes": int(delta["dspark_engine_program_shapes"]), "warmup_passes": passes}
+            "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes}
 
 
 async def run(args) -> dict:
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
               f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} "
-              f"| {r['step_ms']:.2f} | {r['wait_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']} |")
+              f"| {r['step_ms']:.2f} | {r['wait_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']:.0f} |")
 
 
 if __name__ == "__main__":
