@@ -252,10 +252,10 @@ def main(argv=None) -> None:
         runs = [(setting, c, 0) for setting in settings for c in args.concurrency]
     else:  # every engine alive, each level's settings measured in turn, --repeats times
         runs = [(setting, c, rep) for c in args.concurrency for rep in range(args.repeats) for setting in settings]
-    # the KV budget in bytes, shared evenly by the engines alive at once
-    kv_memory = pages_for_budget(args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory), 1,
-                                 jax.devices()[0] if mesh is None else mesh.devices.flat[0])
-    kv_memory //= 1 if args.repeats == 1 else len(settings)
+    kv_memory = args.kv_memory if args.kv_memory <= 1 else int(args.kv_memory)
+    if args.repeats > 1:  # the engines alive at once share the budget evenly, in bytes
+        kv_memory = pages_for_budget(kv_memory, 1, jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+        kv_memory //= len(settings)
     engines, warm = {}, set()
     for setting, c, rep in runs[len(results["rows"]):]:  # in order: a resumed run's rows are the first ones
         kernels, mode, scheduling, rounds = setting
@@ -263,7 +263,8 @@ def main(argv=None) -> None:
             if args.repeats == 1:
                 for engine in engines.values():
                     engine.close()
-                engines.clear()  # the last engine's KV pool, before the next engine sizes its own
+                engines.clear()
+                engine = None  # the last engine's KV pool freed, before the next engine sizes its own
             engines[setting] = Engine(
                 target, None if mode == "ar" else draft,
                 scheduler=scheduler_from_spec(mode) if mode.startswith("fixed:") else schedulers.get(mode),

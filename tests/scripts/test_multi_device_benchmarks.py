@@ -5,6 +5,7 @@ bench_scaling.py times data and fsdp meshes against one device."""
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -136,4 +137,24 @@ def test_bench_engine_repeats_measure_the_engines_in_turn(tmp_path, capsys, monk
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| fixed:1 |") and x.count("|") == 10]
     assert line.endswith(f"| {ratios[0]:.3f} {ratios[1]:.3f} |")
     with pytest.raises(SystemExit):
-        bench_engine.main(["--target", TINY, "--modes", "ar", "--repeats", "0"])
+        bench_engine.main(["--target", TINY, "--modes", "ar", "--repeats", "0", "--out", str(tmp_path / "no.json")])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a benchmark's own bookkeeping; CI runs the engine it drives
+def test_bench_engine_frees_each_engine_before_the_next_without_repeats(tmp_path, monkeypatch):
+    """One engine at a time: the last one's KV pool is gone when the next one sizes its own
+    (a fraction of the free memory then)."""
+    alive_at_build, built = [], []
+
+    class Recorded(bench_engine.Engine):
+        def __init__(self, *args, **kwargs):
+            alive_at_build.append([ref() is not None for ref in built])
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(bench_engine, "Engine", Recorded)
+    bench_engine.main(["--target", TINY, "--draft", "random:dspark", "--modes", "ar", "fixed:1", "--concurrency", "2",
+                       "--max-tokens", "4", "--prompt-len", "8", "--num-prompts", "4", "--static-batch", "0",
+                       "--kv-memory", "10000000", "--dtype", "float32", "--out", str(tmp_path / "engine.json")])
+    assert alive_at_build == [[], [False]]
