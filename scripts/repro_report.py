@@ -154,16 +154,24 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
     """The scheduler live (the `live` stage's bench_engine.py run): each mode's tokens/s at each
     concurrency against AR's; per concurrency, the schedulers against the best fixed length
     measured; a row whose measured loop waited for a compilation says so (its tokens/s then
-    holds the wait). A run cut short is tabled as far as it went, saying so."""
+    holds the wait). A run of several repeats (bench_engine.py --repeats: the engines measured
+    in turn) gives each mode's medians over them, and each ratio as the median of its ratios
+    within a repeat. A run cut short is tabled as far as it went, saying so."""
     name, finished = live_run(results)
     if name is None:
         return ["", "## The scheduler live", "", "Not measured yet: the study's live stage has not run."]
     run = load(results, name)
+    measured = {}  # (concurrency, mode) -> {repeat: row}
+    for row in run["rows"]:
+        measured.setdefault((row["concurrency"], row["mode"]), {})[row.get("repeat", 0)] = row
+    repeats = max((len(reps) for reps in measured.values()), default=1)
+    each = (f" It ran {repeats} repeats, the engines measured in turn in each (`--repeats`): each number is the "
+            "median over the repeats, and each ratio the median of the ratios within a repeat." if repeats > 1 else "")
     lines = ["", "## The scheduler live", "",
              f"The serving engine under a closed loop of c requests at a time on mt-bench prompts ({run['max_tokens']} "
              f"tokens each, T = {run['temperature']}, {run['device']}): AR, DSpark verifying a fixed number of draft "
              "tokens in every round, and Algorithm 1 (prefix) and its asynchronous form with the draft's cost, which "
-             "also skip drafting where it does not pay, each against AR in the same run. Command: "
+             f"also skip drafting where it does not pay, each against AR in the same run.{each} Command: "
              f"`{commands['live']}`.", ""]
     if not finished:
         lines += [f"The run was cut short after {len(run['rows'])} rows ({name}); the modes it did not reach are "
@@ -176,22 +184,33 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
               "forecast scale | steps that waited for a compile |", "|---|---|---|---|---|---|---|---|---|"]
     summary = ["", "| concurrency | AR tokens/s | best fixed (tokens/s) | prefix / best fixed | async / best fixed | "
                "prefix / AR | async / AR |", "|---|---|---|---|---|---|---|"]
-    for c in sorted({row["concurrency"] for row in run["rows"]}):
-        rows = {row["mode"]: row for row in run["rows"] if row["concurrency"] == c}
-        if "ar" not in rows:  # a run cut short before AR at this level
+    median = lambda reps, key: float(np.median([row[key] for row in reps.values()]))
+
+    def over(reps, base) -> float | None:  # the median of reps' tokens/s over base's, repeat by repeat
+        ratios = [row["tokens_per_s"] / base[k]["tokens_per_s"] for k, row in reps.items() if k in base]
+        return float(np.median(ratios)) if ratios else None
+
+    for c in sorted({c for c, _ in measured}):
+        modes = {mode: reps for (level, mode), reps in measured.items() if level == c}
+        if "ar" not in modes:  # a run cut short before AR at this level
             continue
-        ar = rows["ar"]["tokens_per_s"]
-        for mode, row in rows.items():
-            undrafted = "" if mode == "ar" else f"{row['undrafted']:.0%}"
-            scale = f"{row['forecast_scale']:.2f}" if mode in ("sched", "async") and "forecast_scale" in row else ""
-            lines.append(f"| {c} | {live_name(mode, gamma)} | {row['tokens_per_s']:.1f} | "
-                         f"{row['tokens_per_s'] / ar:.2f} | {row['tpot_p50_ms']:.2f} | {row['tokens_per_round']:.2f} | "
-                         f"{undrafted} | {scale} | {row['compile_stalls']} |")
-        fixed = {mode: row["tokens_per_s"] for mode, row in rows.items() if mode.startswith("fixed")}
+        ar = modes["ar"]
+        for mode, reps in modes.items():
+            undrafted = "" if mode == "ar" else f"{median(reps, 'undrafted'):.0%}"
+            scale = f"{median(reps, 'forecast_scale'):.2f}" if mode in ("sched", "async") and all(
+                "forecast_scale" in row for row in reps.values()) else ""
+            vs_ar = over(reps, ar)
+            lines.append(f"| {c} | {live_name(mode, gamma)} | {median(reps, 'tokens_per_s'):.1f} | "
+                         f"{'-' if vs_ar is None else f'{vs_ar:.2f}'} | {median(reps, 'tpot_p50_ms'):.2f} | "
+                         f"{median(reps, 'tokens_per_round'):.2f} | {undrafted} | {scale} | "
+                         f"{sum(row['compile_stalls'] for row in reps.values())} |")
+        fixed = {mode: median(reps, "tokens_per_s") for mode, reps in modes.items() if mode.startswith("fixed")}
         best = max(fixed, key=fixed.get) if fixed else None
-        ratio = lambda mode, base: f"{rows[mode]['tokens_per_s'] / base:.3f}" if mode in rows and base else "-"
-        summary.append(f"| {c} | {ar:.1f} | " + (f"{live_name(best, gamma)} ({fixed[best]:.1f})" if best else "-") +
-                       f" | {ratio('sched', fixed.get(best))} | {ratio('async', fixed.get(best))} | "
+        ratio = lambda mode, base: "-" if mode not in modes or base is None or over(modes[mode], base) is None else \
+            f"{over(modes[mode], base):.3f}"
+        summary.append(f"| {c} | {median(ar, 'tokens_per_s'):.1f} | " +
+                       (f"{live_name(best, gamma)} ({fixed[best]:.1f})" if best else "-") +
+                       f" | {ratio('sched', modes.get(best))} | {ratio('async', modes.get(best))} | "
                        f"{ratio('sched', ar)} | {ratio('async', ar)} |")
     return lines + summary
 

@@ -29,7 +29,7 @@ report uses, logs/ the output of every command, results/commands.json the comman
   live        the scheduler live in the serving engine (scripts/bench_engine.py) at concurrency 1,
               4, 16 and 64: DSpark verifying a fixed 1..G tokens, and the prefix and async
               schedulers (which also skip drafting where it does not pay), against AR in the
-              same run, every mode on the Pallas kernels
+              same run, every mode on the Pallas kernels, the engines measured in turn 3 times
 
 `--stages train sts` (say) runs some stages only. `--algorithms` limits the stages to some
 drafters (DSpark's STS and scheduler stages run with DSpark), so that the study can run one
@@ -90,6 +90,7 @@ class Scale:
     live_batches: tuple[int, ...]  # concurrency levels of the serving engine
     live_new_tokens: int  # tokens per request there
     live_kernels: str  # the engine's kernels there, the same for every mode
+    live_repeats: int  # measurements of each mode at each level, the engines measured in turn
     sps_context: int
     dtype: str
 
@@ -107,14 +108,14 @@ SCALES = {
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
                   concurrency=(1, 4, 16, 64, 256), live_batches=(1, 4, 16, 64), live_new_tokens=128,
-                  live_kernels="pallas", sps_context=1024, dtype="bfloat16"),
+                  live_kernels="pallas", live_repeats=3, sps_context=1024, dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
                           "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1",
                           "export_frozen=false"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
                    speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), live_batches=(1, 2),
-                   live_new_tokens=8, live_kernels="xla", sps_context=64, dtype="float32"),
+                   live_new_tokens=8, live_kernels="xla", live_repeats=2, sps_context=64, dtype="float32"),
 }
 
 
@@ -367,7 +368,10 @@ class Pipeline:
         still compares the schedulers with AR and with full-block verification. Every mode runs
         the scale's kernels (the Pallas ones on the GPU), so that AR and the drafted modes attend
         with the same kernel (`kernels="auto"` would give AR alone the Pallas one) and a row's
-        block table is a whole context wide whatever its length (fewer programs to compile)."""
+        block table is a whole context wide whatever its length (fewer programs to compile). The
+        engines stay alive and each level measures them in turn, the scale's `live_repeats` times
+        (bench_engine.py --repeats): measured one after the other, two engines' tokens/s differed
+        by more than the gap between them (docs/benchmarks.md, "eleventh measurement")."""
         if "dspark" not in self.algorithms:
             return
         s = self.scale
@@ -379,7 +383,8 @@ class Pipeline:
             "--prompts", os.path.join(self.data, "eval", "mt-bench.jsonl"), "--concurrency",
             *map(str, s.live_batches), "--modes", "ar", "sched", "async", "fixed",
             *[f"fixed:{g}" for g in range(gamma - 1, 0, -1)], "--max-tokens", str(s.live_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
-            "--static-batch", "0", "--kernels", s.live_kernels, "--dtype", s.dtype, "--out", out, "--resume"],
+            "--static-batch", "0", "--kernels", s.live_kernels, "--dtype", s.dtype, "--repeats", str(s.live_repeats),
+            "--out", out, "--resume"],
             draft="dspark")
 
     def run(self) -> None:

@@ -165,6 +165,29 @@ def test_report_before_the_scheduler_stages(tmp_path):
 
 
 
+def test_report_of_a_live_run_of_several_repeats_takes_medians_and_ratios_within_repeats(tmp_path):
+    """With the engines measured in turn (bench_engine.py --repeats), each number is the median
+    over the repeats and each ratio the median of the ratios within a repeat, not a ratio of
+    medians: a drift between repeats that moves every engine alike cancels."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    _write_results(results)
+    run = json.loads((results / "live.json").read_text())
+    drift = {0: 1.0, 1: 2.0, 2: 1.5}  # the whole process twice as fast in the second repeat
+    sched = {0: 1.3, 1: 1.05, 2: 1.0}  # the prefix scheduler over AR, repeat by repeat
+    run["rows"] = [{**row, "repeat": rep, "tokens_per_s": row["tokens_per_s"] * drift[rep] * (
+        sched[rep] * 80.0 / 176.0 if row["mode"] == "sched" else 1.0)}
+        for rep in drift for row in run["rows"] if row["concurrency"] == 1]
+    (results / "live.json").write_text(json.dumps(run))
+    page = open(repro_report.write_report(str(results), str(docs))).read()
+    assert "It ran 3 repeats, the engines measured in turn" in page
+    assert "| 1 | AR | 120.0 | 1.00 | 1.50 | 1.00 |  |  | 0 |" in page  # median of 80, 160, 120
+    # 104, 168 and 120 tokens/s: the median ratio is 1.05, where the ratio of the medians would be 1.00
+    assert "| 1 | prefix (Algorithm 1) | 120.0 | 1.05 | 1.50 | 2.50 | 25% | 0.50 | 0 |" in page
+    assert "| 1 | fixed 2 | 240.0 | 2.00 |" in page
+    # prefix / best fixed (fixed 2) within each repeat: 104 / 160, 168 / 320, 120 / 240 (median 0.525, not 0.500)
+    assert "| 1 | 120.0 | fixed 2 (240.0) | 0.525 | 1.050 | 1.050 | 2.100 |" in page
+
+
 def test_report_of_a_live_run_cut_short(tmp_path):
     """A live run cut short (its rows in live.json.tmp) is tabled as far as it went, without the
     simulation; "best fixed" is the best fixed length it measured, and a missing scheduler is "-"."""
@@ -352,6 +375,7 @@ def test_live_runs_the_engine_with_every_fixed_length_and_both_schedulers(tmp_pa
                                                                            "fixed:1"]  # fixed verifies all 3
     assert argv[argv.index("--concurrency") + 1: argv.index("--modes")] == ["1", "2"]
     assert argv[argv.index("--kernels") + 1] == "xla"  # the full scale's "pallas" would run interpreted here
+    assert argv[argv.index("--repeats") + 1] == "2"  # the engines measured in turn, twice
     assert argv[argv.index("--temperature") + 1] == "1.0" and argv[argv.index("--draft") + 1] == pipeline.draft_dir(
         "dspark")
     pipeline.live()  # done: not run again
