@@ -113,13 +113,15 @@ def engine_table(target, draft, concurrencies, context: int, *, num_rounds: int 
     rows = sorted(set(concurrencies))
     passes = profile_serving_sps(target, gamma, rows, context)
     settings = dict(context=context, num_rounds=num_rounds, page_size=page_size, kernels=kernels, mesh=mesh)
-    undrafted = [round_seconds(target, draft, rows=c, drafting=False, **settings) for c in rows]
-    drafted = [round_seconds(target, draft, rows=c, drafting=True, **settings) for c in rows]
+    # each row count's two kinds of round timed one after the other: a device whose speed drifts
+    # during the calibration (its clocks) then moves both prices alike
+    undrafted, drafted = zip(*[[round_seconds(target, draft, rows=c, drafting=drafting, **settings)
+                                for drafting in (False, True)] for c in rows])
     # r rows cost at most what more rows do (a slow first sample is lowered to the next one)
     verify, draft_s = calibrate(1.0 / np.asarray(passes["sps"]), no_more_than_larger(undrafted),
                                 no_more_than_larger(drafted))
     return {"sps_rows": rows, "sps": (1.0 / verify).tolist(),
             "draft_seconds": np.interp(np.arange(1, rows[-1] + 1), rows, draft_s).tolist(),  # linear in rows
-            "round_seconds": {"undrafted": undrafted, "drafted": drafted},
+            "round_seconds": {"undrafted": list(undrafted), "drafted": list(drafted)},
             "calibrated_for": {"context": context, "num_rounds": num_rounds, "page_size": page_size,
                                "kernels": kernels}}
