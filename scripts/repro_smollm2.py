@@ -91,6 +91,7 @@ class Scale:
     live_new_tokens: int  # tokens per request there
     live_kernels: str  # the engine's kernels there, the same for every mode
     live_repeats: int  # measurements of each mode at each level, the engines measured in turn
+    live_kv_memory: float  # the engines' KV budget there: a fraction of free device memory, or bytes (a CPU's)
     sps_context: int
     dtype: str
 
@@ -108,14 +109,15 @@ SCALES = {
                   eval_limit=128, eval_new_tokens=512, eval_batch=64, speed_prompts=32, speed_batches=(1, 32),
                   speed_new_tokens=256,
                   concurrency=(1, 4, 16, 64, 256), live_batches=(1, 4, 16, 64), live_new_tokens=128,
-                  live_kernels="pallas", live_repeats=3, sps_context=1024, dtype="bfloat16"),
+                  live_kernels="pallas", live_repeats=3, live_kv_memory=0.5, sps_context=1024, dtype="bfloat16"),
     "smoke": Scale(heldout=4, regen_limit=12, regen_new_tokens=24, regen_batch=4,
                    train=("max_length=192", "num_anchors=16", "global_batch_size=4", "micro_batch_size=2",
                           "max_steps=2", "save_every=1", "log_every=1", "min_loss_tokens=4", "eval_every=1",
                           "export_frozen=false"),
                    datasets=("gsm8k", "mt-bench"), eval_limit=2, eval_new_tokens=16, eval_batch=2, speed_prompts=2,
                    speed_batches=(1, 2), speed_new_tokens=8, concurrency=(1, 2), live_batches=(1, 2),
-                   live_new_tokens=8, live_kernels="xla", live_repeats=2, sps_context=64, dtype="float32"),
+                   live_new_tokens=8, live_kernels="xla", live_repeats=2, live_kv_memory=1e9, sps_context=64,
+                   dtype="float32"),
 }
 
 
@@ -384,7 +386,7 @@ class Pipeline:
             *map(str, s.live_batches), "--modes", "ar", "sched", "async", "fixed",
             *[f"fixed:{g}" for g in range(gamma - 1, 0, -1)], "--max-tokens", str(s.live_new_tokens), "--temperature", "1.0", "--scheduler-steps", "4",
             "--static-batch", "0", "--kernels", s.live_kernels, "--dtype", s.dtype, "--repeats", str(s.live_repeats),
-            "--out", out, "--resume"],
+            "--kv-memory", str(s.live_kv_memory), "--out", out, "--resume"],
             draft="dspark")
 
     def run(self) -> None:

@@ -376,6 +376,7 @@ def test_live_runs_the_engine_with_every_fixed_length_and_both_schedulers(tmp_pa
     assert argv[argv.index("--concurrency") + 1: argv.index("--modes")] == ["1", "2"]
     assert argv[argv.index("--kernels") + 1] == "xla"  # the full scale's "pallas" would run interpreted here
     assert argv[argv.index("--repeats") + 1] == "2"  # the engines measured in turn, twice
+    assert argv[argv.index("--kv-memory") + 1] == "1000000000.0"  # bytes: a CPU reports no free memory
     assert argv[argv.index("--temperature") + 1] == "1.0" and argv[argv.index("--draft") + 1] == pipeline.draft_dir(
         "dspark")
     pipeline.live()  # done: not run again
