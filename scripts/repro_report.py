@@ -206,8 +206,10 @@ def live_table(results: str, commands: dict, gamma: int) -> list[str]:
                          f"{sum(row['compile_stalls'] for row in reps.values())} |")
         fixed = {mode: median(reps, "tokens_per_s") for mode, reps in modes.items() if mode.startswith("fixed")}
         best = max(fixed, key=fixed.get) if fixed else None
-        ratio = lambda mode, base: "-" if mode not in modes or base is None or over(modes[mode], base) is None else \
-            f"{over(modes[mode], base):.3f}"
+        def ratio(mode, base) -> str:
+            value = over(modes[mode], base) if mode in modes and base is not None else None
+            return "-" if value is None else f"{value:.3f}"
+
         summary.append(f"| {c} | {median(ar, 'tokens_per_s'):.1f} | " +
                        (f"{live_name(best, gamma)} ({fixed[best]:.1f})" if best else "-") +
                        f" | {ratio('sched', modes.get(best))} | {ratio('async', modes.get(best))} | "
