@@ -72,11 +72,18 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         lowest = jnp.min(jnp.where(qpos >= 0, qpos, capacity))
         first = jnp.maximum(first, jnp.maximum(lowest - window + 1, 0) // block_k)
 
+    key = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    key_column, key_slot = key // page_size, key % page_size  # [block_k]: each key's table column and page slot
+
     def body(j, carry):
         acc, peak, total = carry  # [block_q, D], [block_q], [block_q] fp32
-        ids = table_ref[pl.ds(j * pages, pages)]  # [pages]
-        k = k_ref[ids].reshape(block_k, d)  # [block_k, D]
-        v = v_ref[ids].reshape(block_k, d)
+        # each key's row is addressed on its own (its page id gathered from the table), so the
+        # load is one [block_k, D] gather that feeds the dot directly: Triton's pipeliner then
+        # copies keys and values asynchronously into shared memory (a [pages, page_size, D] load
+        # reshaped for the dot went through registers instead: docs/benchmarks.md)
+        ids = table_ref[j * pages + key_column]  # [block_k]
+        k = k_ref[ids, key_slot, :]  # [block_k, D]
+        v = v_ref[ids, key_slot, :]
         scores = pl_triton.dot(q, k, trans_b=True, allow_tf32=False) * scale  # [block_q, block_k] fp32
         slots = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         visible = (slots <= qpos[:, None]) & (slots < needed)
