@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels.block_attention import block_attention, gpu, reference, tpu
 from pallas_kernels.block_attention.tuning import pick_blocks
-from tests.pallas_kernels.lowering import lower
+from pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 

@@ -19,7 +19,7 @@ from pallas_kernels.markov_sampling import gpu, markov_sample, reference, tpu, u
 from pallas_kernels.markov_sampling.gpu import Blocks
 from pallas_kernels.markov_sampling.ops import finish
 from pallas_kernels.markov_sampling.tuning import pick_blocks
-from tests.pallas_kernels.lowering import lower
+from pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")

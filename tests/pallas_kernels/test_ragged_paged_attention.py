@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, tpu, unsupported
 from pallas_kernels.ragged_paged_attention.tuning import pick_blocks, tpu_pages
-from tests.pallas_kernels.lowering import lower
+from pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")

@@ -13,7 +13,7 @@ from dspark_jax.decoding.rejection import ACCEPT_STREAM, NEXT_STREAM, verify
 from dspark_jax.sampling import SamplingParams, fold, probabilities
 from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.rejection_sampling import gpu, rejection_sample, reference, tpu
-from tests.pallas_kernels.lowering import lower
+from pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 TPU_INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="raise")

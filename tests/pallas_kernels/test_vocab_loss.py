@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.vocab_loss import gpu, loss_and_grad, reference
-from tests.pallas_kernels.lowering import lower
+from pallas_kernels.lowering import lower
 
 on_gpu = jax.default_backend() == "gpu"
 

@@ -3,7 +3,11 @@ rules of Triton (GPU) or Mosaic (TPU) on abstract arguments, which catches what 
 refuse (block shapes, layouts, unsupported operations) without the device. For Triton the
 kernel's module is also run through MLIR's verifier, as the GPU compiler does first (it
 catches, for one, a loop whose bounds have different integer types). Neither reaches the
-device compiler's own passes (shared memory or register limits)."""
+device compiler's own passes (shared memory or register limits); `scripts/inspect_triton.py`
+takes the Triton modules further, through the `triton` package's CUDA passes.
+
+A tool for tests and scripts, not for the kernels' callers.
+"""
 
 from __future__ import annotations
 
@@ -18,18 +22,21 @@ from jax._src.pallas.triton import pallas_call_registration as triton_registrati
 _TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 
-def _verified(lower_module):
+def _verified(lower_module, modules: list[str] | None):
     def lowered(*args, **kwargs):
         result = lower_module(*args, **kwargs)
         result.module.operation.verify()  # raises an MLIRError naming the operation
+        if modules is not None:
+            modules.append(str(result.module))
         return result
 
     return lowered
 
 
-def lower(fn, *args, platform: str) -> str:
+def lower(fn, *args, platform: str, triton_modules: list[str] | None = None) -> str:
     """The StableHLO text of jit(fn) lowered for "cuda" (an H200) or "tpu"; args may be
-    jax.ShapeDtypeStructs."""
+    jax.ShapeDtypeStructs. For "cuda", the text of each Triton module is appended to
+    `triton_modules` if one is given."""
     if platform == "cuda":
         device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
         scope = contextlib.ExitStack()
@@ -37,7 +44,7 @@ def lower(fn, *args, platform: str) -> str:
             jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)))
         to_triton = triton_registration.lowering.lower_jaxpr_to_triton_module
         scope.enter_context(mock.patch.object(triton_registration.lowering, "lower_jaxpr_to_triton_module",
-                                              _verified(to_triton)))
+                                              _verified(to_triton, triton_modules)))
         checks = (_TRITON,)
     else:
         scope, checks = contextlib.nullcontext(), ()
