@@ -79,8 +79,8 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         acc, peak, total = carry  # [block_q, D], [block_q], [block_q] fp32
         # each key's row is addressed on its own (its page id gathered from the table), so the
         # load is one [block_k, D] gather that feeds the dot directly: Triton's pipeliner then
-        # copies keys and values asynchronously into shared memory (a [pages, page_size, D] load
-        # reshaped for the dot went through registers instead: docs/benchmarks.md)
+        # copies keys and values asynchronously into shared memory (the values of a [pages,
+        # page_size, D] load reshaped for the dot went through registers instead: docs/benchmarks.md)
         ids = table_ref[j * pages + key_column]  # [block_k]
         k = k_ref[ids, key_slot, :]  # [block_k, D]
         v = v_ref[ids, key_slot, :]

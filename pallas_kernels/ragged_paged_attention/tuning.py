@@ -3,10 +3,10 @@
 GPU: the choices follow the measurements in docs/benchmarks.md ("Ragged paged attention"):
 keys per inner step by head dim, 4 warps for the small query blocks of decoding and
 verifying, and enough programs to fill the chip: when there are few rows, a row's pages are
-split between programs, which matters most for long contexts. Rows that fill the chip on
-their own take longer steps (128 keys for a head dim of 128, as many as fit a 32 KiB tile);
-split rows were measured slower with them and keep 64. TPU: a fixed number of keys per step,
-not yet tuned on a TPU.
+split between programs, which matters most for long contexts. Rows of 16-bit elements that
+fill the chip on their own take longer steps where that was measured faster (128 keys for a
+head dim of 128); for split rows the measurements were mixed, and they keep the shorter
+steps. TPU: a fixed number of keys per step, not yet tuned on a TPU.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 from pallas_kernels._common import pow2_at_most
 from pallas_kernels.ragged_paged_attention.gpu import Blocks
 
-KEYS_PER_STEP = {64: 128, 128: 128, 256: 32, 512: 16}  # head dim -> keys per inner step (default 64)
-SPLIT_KEYS_PER_STEP = {64: 128, 128: 64, 256: 32, 512: 16}  # the same for rows split between programs
-KEY_TILE_BYTES = 32 * 1024  # most bytes of one step's keys (and as many of values) in shared memory
+KEYS_PER_STEP = {64: 128, 128: 64, 256: 32, 512: 16}  # head dim -> keys per inner step (default 64)
+FILLED_KEYS_PER_STEP = {128: 128}  # the same where unsplit rows of 16-bit elements fill the chip
 TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors
 MAX_SPLITS = 32
 
@@ -34,8 +33,10 @@ def pick_blocks(*, batch: int, kv_heads: int, query_rows: int, head_dim: int, pa
     block_q = min(64, widest, max(16, 1 << (query_rows - 1).bit_length()))
     programs = batch * kv_heads * -(-query_rows // block_q)
     split = programs < TARGET_PROGRAMS
-    keys = (SPLIT_KEYS_PER_STEP if split else KEYS_PER_STEP).get(head_dim, 64)
-    pages = pow2_at_most(min(keys, KEY_TILE_BYTES // (head_dim * itemsize)) // page_size)
+    keys = KEYS_PER_STEP.get(head_dim, 64)
+    if not split and itemsize == 2:
+        keys = FILLED_KEYS_PER_STEP.get(head_dim, keys)
+    pages = pow2_at_most(keys // page_size)
     pages = min(pages, 1 << (table_columns - 1).bit_length())  # no more than the table holds
     pages = max(pages, -(-16 // page_size))  # the smallest dot takes 16 keys
     splits = 1

@@ -157,7 +157,7 @@ def test_tuning_fills_the_chip_with_splits_only_when_rows_are_few():
     assert few.splits > 1 and many.splits == 1
     assert (few.block_q, few.pages, many.pages) == (16, 2, 4)  # split rows 64 keys a step, the others 128
     assert pick_blocks(batch=64, kv_heads=8, query_rows=4, head_dim=128, page_size=32, table_columns=16,
-                       itemsize=4).pages == 2  # a float32 tile of 128 keys would take 64 KiB
+                       itemsize=4).pages == 2  # longer steps were measured in bf16 only
     odd = pick_blocks(batch=4, kv_heads=2, query_rows=32, head_dim=64, page_size=16, table_columns=6)
     assert odd.pages == 8  # 128 keys; the kernel pads the table to whole steps
     assert pick_blocks(batch=4, kv_heads=2, query_rows=1, head_dim=64, page_size=4, table_columns=2).pages == 4
