@@ -1,10 +1,14 @@
-"""What Triton makes of the ragged paged attention kernel for Hopper, without a GPU.
+"""What Triton makes of the attention kernels for Hopper, without a GPU.
 
     pip install triton==3.9.0   # not a dependency of the project; a CPU machine will do
     python scripts/inspect_triton.py --preset qwen3-4b --batch 64 --context 8192 --queries 8
+    python scripts/inspect_triton.py --kernel block_attention --preset qwen3-4b --batch 1 --context 4096 --queries 8
 
-Pallas lowers the kernel to a Triton module (`pallas_kernels.lowering`, as the tests do);
-this runs that module through the `triton` package's CUDA passes for sm_90a and its `ptxas`,
+`ragged_paged_attention` is the serving kernel (`--batch` rows of `--context` positions,
+`--queries` new tokens each); `block_attention` is drafter training's (forward and both
+backward kernels; `--batch` sequences of `--context` keys and 512 blocks of `--queries`
+slots, the recipe's shape). Pallas lowers a kernel to Triton modules (`pallas_kernels.lowering`,
+as the tests do); this runs each module through the `triton` package's CUDA passes for sm_90a and its `ptxas`,
 and prints what a kernel author checks first: which loads the software pipeliner turned into
 asynchronous copies into shared memory and which it left as loads into registers (inside and
 outside the main loop), the matrix instructions, and ptxas's registers and spills.
@@ -17,6 +21,7 @@ what one Triton release does with the module, a lead to confirm with a timing on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import re
@@ -27,9 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.models.presets import preset
+from pallas_kernels.block_attention import gpu as block_gpu
+from pallas_kernels.block_attention.tuning import pick_blocks as block_attention_blocks
 from pallas_kernels.lowering import lower
-from pallas_kernels.ragged_paged_attention import gpu
-from pallas_kernels.ragged_paged_attention.tuning import pick_blocks
+from pallas_kernels.ragged_paged_attention import gpu as ragged_gpu
+from pallas_kernels.ragged_paged_attention.tuning import pick_blocks as ragged_attention_blocks
 
 ARCH = 90  # Hopper (H100, H200)
 
@@ -97,45 +104,76 @@ def summarize(texts: dict[str, str]) -> list[tuple[str, int]]:
     ]
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="qwen3-4b")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--queries", type=int, default=8, help="query tokens per row (1 + gamma)")
-    p.add_argument("--page-size", type=int, default=32)
-    p.add_argument("--pages", type=int, help="pages per step (default: the tuning's)")
-    p.add_argument("--warps", type=int, help="warps per program (default: the tuning's)")
-    p.add_argument("--stages", type=int, help="pipeline stages (default: the tuning's)")
-    p.add_argument("--keep", help="a folder for the module after each stage")
-    args = p.parse_args(argv)
-
-    cfg = preset(args.preset)
+def ragged_calls(cfg, args):
+    """(name, fn, abstract arguments, blocks) of the serving kernel at the arguments' shape."""
     kv_heads, n, d, ps, t = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, args.page_size, args.queries
     columns = -(-args.context // ps)
-    blocks = pick_blocks(batch=args.batch, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
-                         page_size=ps, table_columns=columns)
-    blocks = gpu.Blocks(blocks.block_q, args.pages or blocks.pages, blocks.splits, args.warps or blocks.num_warps,
-                        args.stages or blocks.num_stages)
+    blocks = ragged_attention_blocks(batch=args.batch, kv_heads=kv_heads, query_rows=t * (n // kv_heads), head_dim=d,
+                                     page_size=ps, table_columns=columns)
+    blocks = dataclasses.replace(blocks, **overrides(args, pages=args.pages))
     S = jax.ShapeDtypeStruct
     pool = S((args.batch * columns + 1, ps, kv_heads, d), jnp.bfloat16)
     arrays = (S((args.batch, t, n, d), jnp.bfloat16), pool, pool, S((args.batch, columns), jnp.int32),
               S((args.batch, t), jnp.int32), S((args.batch,), jnp.int32))
-    modules: list[str] = []
-    lower(functools.partial(gpu.ragged_paged_attention, blocks=blocks), *arrays, platform="cuda",
-          triton_modules=modules)
-    print(f"ragged paged attention, {args.preset} layer (K={kv_heads}, N={n}, D={d}), {args.batch} rows of "
-          f"{args.context} positions, {t} queries, pages of {ps}; {blocks}; sm_{ARCH}a")
-    for module in modules:
-        texts = compile_stages(module, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-        if args.keep:
-            os.makedirs(args.keep, exist_ok=True)
-            for stage, text in texts.items():
-                with open(os.path.join(args.keep, f"ragged_paged_attention.{stage}"), "w") as f:
-                    f.write(text)
-        for label, count in summarize(texts):
-            print(f"{label:45} {count}")
-        print(f"ptxas: {ptxas_report(texts['ptx'])}")
+    return [("ragged_paged_attention", functools.partial(ragged_gpu.ragged_paged_attention, blocks=blocks), arrays,
+             blocks)]
+
+
+def block_calls(cfg, args):
+    """The training kernels (forward, backward) at the arguments' shape: 512 blocks of
+    `queries` slots a sequence."""
+    kv_heads, n, d, slots = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, args.queries
+    blocks = block_attention_blocks(slots=slots, head_dim=d)
+    blocks = dataclasses.replace(blocks, **overrides(args))
+    S, b, rows = jax.ShapeDtypeStruct, args.batch, 512 * slots
+    q = S((b, n, rows, d), jnp.bfloat16)
+    positions = S((b, rows), jnp.int32)
+    context, own = S((b, kv_heads, args.context, d), jnp.bfloat16), S((b, kv_heads, rows, d), jnp.bfloat16)
+    arrays = (q, positions, positions, context, context, own, own)
+    static = dict(slots=slots, blocks=blocks, scale=d**-0.5)
+    return [("block_attention forward", functools.partial(block_gpu.forward, **static), arrays, blocks),
+            ("block_attention backward", functools.partial(block_gpu.backward, **static),
+             (*arrays, q, S((b, n, rows), jnp.float32), q), blocks)]
+
+
+def overrides(args, **extra) -> dict:
+    """The block settings given on the command line."""
+    given = dict(num_warps=args.warps, num_stages=args.stages, **extra)
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", default="ragged_paged_attention", choices=["ragged_paged_attention", "block_attention"])
+    p.add_argument("--preset", default="qwen3-4b")
+    p.add_argument("--batch", type=int, default=64, help="rows (serving) or sequences (training)")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--queries", type=int, default=8, help="query tokens per row (1 + gamma) or slots per block")
+    p.add_argument("--page-size", type=int, default=32)
+    p.add_argument("--pages", type=int, help="pages per step of the serving kernel (default: the tuning's)")
+    p.add_argument("--warps", type=int, help="warps per program (default: the tuning's)")
+    p.add_argument("--stages", type=int, help="pipeline stages (default: the tuning's)")
+    p.add_argument("--keep", help="a folder for each module after each stage")
+    args = p.parse_args(argv)
+
+    cfg = preset(args.preset)
+    calls = (ragged_calls if args.kernel == "ragged_paged_attention" else block_calls)(cfg, args)
+    print(f"{args.kernel}, {args.preset} (K={cfg.num_kv_heads}, N={cfg.num_heads}, D={cfg.head_dim}), batch "
+          f"{args.batch}, context {args.context}, {args.queries} queries; sm_{ARCH}a")
+    for name, fn, arrays, blocks in calls:
+        modules: list[str] = []
+        lower(fn, *arrays, platform="cuda", triton_modules=modules)
+        for i, module in enumerate(modules):
+            texts = compile_stages(module, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                for stage, text in texts.items():
+                    with open(os.path.join(args.keep, f"{name.replace(' ', '_')}_{i}.{stage}"), "w") as f:
+                        f.write(text)
+            print(f"\n{name}, module {i + 1} of {len(modules)}: {blocks}")
+            for label, count in summarize(texts):
+                print(f"{label:45} {count}")
+            print(f"ptxas: {ptxas_report(texts['ptx'])}")
 
 
 if __name__ == "__main__":
