@@ -124,7 +124,7 @@ def block_calls(cfg, args):
     `queries` slots a sequence."""
     kv_heads, n, d, slots = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, args.queries
     blocks = block_attention_blocks(slots=slots, head_dim=d)
-    blocks = dataclasses.replace(blocks, **overrides(args))
+    blocks = dataclasses.replace(blocks, **overrides(args, block_q=args.block_q, block_k=args.block_k))
     S, b, rows = jax.ShapeDtypeStruct, args.batch, 512 * slots
     q = S((b, n, rows, d), jnp.bfloat16)
     positions = S((b, rows), jnp.int32)
@@ -151,6 +151,8 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, default=8, help="query tokens per row (1 + gamma) or slots per block")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--pages", type=int, help="pages per step of the serving kernel (default: the tuning's)")
+    p.add_argument("--block-q", type=int, help="query rows per program of the training kernels (default: the tuning's)")
+    p.add_argument("--block-k", type=int, help="keys per step of the training kernels (default: the tuning's)")
     p.add_argument("--warps", type=int, help="warps per program (default: the tuning's)")
     p.add_argument("--stages", type=int, help="pipeline stages (default: the tuning's)")
     p.add_argument("--keep", help="a folder for each module after each stage")
