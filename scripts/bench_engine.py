@@ -13,8 +13,9 @@ seconds per round, so that it also skips drafting where drafting does not pay;
 async: the same with the asynchronous scheduler, its budget from confidences two rounds old;
 sched-always: the prefix scheduler without the draft's cost, drafting every round) and each
 concurrency c, a closed loop keeps c requests in flight: --num-prompts requests (default 4c, at
-least 16), each new one added as soon as one finishes. Every request asks for --max-tokens tokens with
-EOS ignored, so all modes produce the same amount of text, at --temperature (0: greedy; each
+least 16; one count for every level or one per level), each new one added as soon as one
+finishes. Every request asks for --max-tokens tokens with EOS ignored, so all modes produce
+the same amount of text, at --temperature (0: greedy; each
 request sampled with its own seed otherwise). Before each measured loop the same
 loop runs once to compile the engine's programs, and the run waits for the compilations it
 started; programs compiled during the measured loop and steps that waited for one are
@@ -56,7 +57,7 @@ import time
 
 import numpy as np
 
-from benchlib import requests_per_level, step_profile
+from benchlib import level_requests, requests_per_level, step_profile
 
 from dspark_jax import Target, generate, load_target
 from dspark_jax.console import configure_logging
@@ -158,7 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16))")
+    p.add_argument("--num-prompts", type=int, nargs="+",
+                   help="requests per level: one count, or one per --concurrency level (default: max(4c, 16))")
     p.add_argument("--modes", nargs="+", default=["ar", "fixed", "sched"], type=mode_name,
                    help="ar, fixed, fixed:<g>, sched, async, sched-always")
     p.add_argument("--scheduling", nargs="+", default=["async"], choices=["async", "sync"],
@@ -194,6 +196,10 @@ def main(argv=None) -> None:
 
     earlier = earlier_run(args.out, command, jax.devices()[0].device_kind) if args.resume else {}
 
+    try:
+        requests = dict(zip(args.concurrency, level_requests(args.num_prompts, args.concurrency, requests_per_level)))
+    except ValueError as e:
+        p.error(str(e))
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     mesh = None
@@ -272,7 +278,7 @@ def main(argv=None) -> None:
                 max_num_batched_tokens=2048, async_scheduling=scheduling == "async", num_scheduler_steps=rounds,
                 kernels=kernels, mesh=mesh)
         engine = engines[setting]
-        total = args.num_prompts or requests_per_level(c)
+        total = requests[c]
         if (setting, c) not in warm:
             closed_loop(engine, prompts, c, total, params)  # the same loop first: it compiles the level's programs
             engine.wait_for_programs()  # and the shapes it ran padded meanwhile

@@ -10,7 +10,8 @@ Runs, one after the other and each in its own processes (so each has the device 
 2. `serve.py` with the same engine settings and the same decoding (with --draft: `--scheduler
    prefix` over the table step 1 profiled), and `bench_serving.py` against it.
 Both see the same prompts, requests per level, tokens per request (EOS ignored), pages, rounds
-per step, slots (the largest concurrency) and prefill budget (2048 tokens a step). The server
+per step, kernels (--kernels), slots (the largest concurrency) and prefill budget (2048 tokens
+a step). The server
 runs with --no-precompile, so that each compiles only the shapes its warm-up meets.
 
 Prints, per concurrency, both rows and the server's share of the engine's output tokens/s and
@@ -33,6 +34,8 @@ import tempfile
 import time
 
 import httpx
+
+from benchlib import level_requests, requests_per_level
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -85,8 +88,11 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", required=True, help="a {\"turns\": [...]} prompt file (the server takes text)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16)); more give steadier "
-                                                  "figures on a fast device")
+    p.add_argument("--num-prompts", type=int, nargs="+",
+                   help="requests per level: one count, or one per --concurrency level (default: max(4c, 16)); "
+                        "more give steadier figures on a fast device")
+    p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+                   help="both engines' kernels (serve.py's --kernels)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--kv-memory", type=float, default=0.5, help="a fraction of free device memory, or bytes if > 1")
     p.add_argument("--num-scheduler-steps", type=int, default=4)
@@ -102,18 +108,24 @@ def main(argv=None) -> None:
     engine_json, server_json = os.path.join(work, "engine.json"), os.path.join(work, "server.json")
     kv = repr(args.kv_memory) if args.kv_memory <= 1 else str(int(args.kv_memory))
     levels = [str(c) for c in args.concurrency]
-    per_level = [] if args.num_prompts is None else ["--num-prompts", str(args.num_prompts)]
+    try:  # refused here, before either run starts
+        level_requests(args.num_prompts, args.concurrency, requests_per_level)
+    except ValueError as e:
+        p.error(str(e))
+    per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
                     *(["--draft", args.draft] if args.draft else []), "--prompts", args.prompts,
                     "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
                     "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),
-                    "--dtype", args.dtype, *per_level, "--out", engine_json], check=True, cwd=ROOT)
+                    "--dtype", args.dtype, "--kernels", args.kernels, *per_level, "--out", engine_json],
+                   check=True, cwd=ROOT)
 
     flags = ([] if args.model == "smollm2" else ["--model", args.model]) + [
         "--dtype", args.dtype, "--page-size", str(args.page_size), "--kv-memory", kv,
         "--max-num-batched-tokens", str(PREFILL_TOKENS), "--max-num-seqs", str(max(args.concurrency)),
-        "--num-scheduler-steps", str(args.num_scheduler_steps), "--no-precompile", "--port", str(args.port),
+        "--num-scheduler-steps", str(args.num_scheduler_steps), "--kernels", args.kernels, "--no-precompile",
+        "--port", str(args.port),
         "--engine-process" if args.engine_process else "--no-engine-process"]
     if args.draft:  # the engine run's SPS table, with its draft seconds
         flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]

@@ -7,8 +7,9 @@
 Each request is a streamed chat completion of one prompt of the file (first user turns of
 {"turns": [...]} records, or one prompt a line) asking for --max-tokens tokens at
 temperature 0 with EOS ignored, so every run produces the same amount of text. Load is
-either a closed loop per concurrency c (c requests in flight, max(4c, 16) requests, each new
-one sent when one finishes) or open-loop Poisson arrivals at --request-rate requests/s.
+either a closed loop per concurrency c (c requests in flight, max(4c, 16) requests unless
+--num-prompts gives a count for every level or one per level, each new one sent when one
+finishes) or open-loop Poisson arrivals at --request-rate requests/s.
 Before each measured level the same load runs to warm the server up (compilation), again
 until a pass meets no program shape the server had not run (at most --warmup-passes), and
 the level starts once the server compiles nothing in the background. A server started with
@@ -40,7 +41,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchlib import requests_per_level, step_profile
+from benchlib import level_requests, requests_per_level, step_profile
 
 from dspark_jax.__main__ import read_prompt_file
 
@@ -162,8 +163,7 @@ async def run(args) -> dict:
             args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
         out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens, "rows": []}
         levels = [("request_rate", r) for r in args.request_rate] or [("concurrency", c) for c in args.concurrency]
-        for load, level in levels:
-            total = args.num_prompts or (requests_per_level(int(level)) if load == "concurrency" else 8)
+        for (load, level), total in zip(levels, args.requests):
             row = await measure(http, args, prompts, load, level, total)
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -182,11 +182,17 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--request-rate", type=float, nargs="*", default=[],
                    help="Poisson arrivals at these rates (requests/s) instead of closed loops")
-    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(4c, 16), or 8 per rate)")
+    p.add_argument("--num-prompts", type=int, nargs="+",
+                   help="requests per level: one count, or one per level (default: max(4c, 16), or 8 per rate)")
     p.add_argument("--warmup-passes", type=int, default=3, help="most warm-up runs of a level's load")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="bench_serving.json")
     args = p.parse_args(argv)
+    try:
+        args.requests = level_requests(args.num_prompts, args.request_rate or args.concurrency,
+                                       (lambda rate: 8) if args.request_rate else requests_per_level)
+    except ValueError as e:
+        p.error(str(e))
     out = asyncio.run(run(args))
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"

@@ -20,6 +20,18 @@ def requests_per_level(concurrency: int) -> int:
     return max(4 * concurrency, 16)
 
 
+def level_requests(num_prompts: list[int] | None, levels: list, default) -> list[int]:
+    """Requests each load level measures, in the levels' order: a --num-prompts given once (every
+    level) or once per level, else `default(level)`; a ValueError names a mismatch."""
+    if not num_prompts:
+        return [default(level) for level in levels]
+    if len(num_prompts) not in (1, len(levels)):
+        raise ValueError(f"--num-prompts takes one count or one per level ({len(levels)}), got {len(num_prompts)}")
+    if min(num_prompts) < 1:
+        raise ValueError(f"--num-prompts must be positive, got {min(num_prompts)}")
+    return num_prompts * len(levels) if len(num_prompts) == 1 else list(num_prompts)
+
+
 def step_profile(steps: float, step_seconds: float, seconds: float, wait_seconds: float) -> dict:
     """A serving engine's mean wall time per step over a level (`steps` steps, `step_seconds`
     inside them, in a level of `seconds`), the part of it blocked on the device (`wait_ms`, of

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 import bench_serving  # noqa: E402
-from benchlib import step_profile  # noqa: E402
+from benchlib import level_requests, step_profile  # noqa: E402
 
 
 def read_counters(metrics: bytes):
@@ -43,3 +43,20 @@ def test_a_counter_the_server_does_not_export_is_nan_and_the_others_are_read():
 def test_a_server_without_any_of_them_has_nothing_compiling():
     values, pending = read_counters(b"")
     assert pending == 0 and all(math.isnan(v) for v in values.values())
+
+
+def test_requests_per_level_come_once_for_every_level_or_once_per_level():
+    default = lambda c: max(4 * c, 16)
+    assert level_requests(None, [1, 16, 64], default) == [16, 64, 256]
+    assert level_requests([32], [1, 16, 64], default) == [32, 32, 32]
+    assert level_requests([64, 128, 512], [1, 16, 64], default) == [64, 128, 512]
+    with pytest.raises(ValueError, match=r"one per level \(3\), got 2"):
+        level_requests([64, 128], [1, 16, 64], default)
+    with pytest.raises(ValueError, match="positive"):
+        level_requests([0], [1], default)
+
+
+def test_the_load_generator_refuses_counts_that_do_not_match_its_levels(capsys):
+    with pytest.raises(SystemExit):
+        bench_serving.main(["--concurrency", "1", "4", "--num-prompts", "8", "8", "8"])
+    assert "one per level (2), got 3" in capsys.readouterr().err
