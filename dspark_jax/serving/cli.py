@@ -52,7 +52,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "small models) but a new request waits for the step in flight")
     p.add_argument("--kernels", choices=["auto", "pallas", "xla"], default="auto",
                    help="paged attention, draft sampling and verification: XLA, or the Pallas kernels (one "
-                        "device; interpreted off a GPU or TPU); auto: the kernels without --draft on one GPU, else XLA")
+                        "device; interpreted off a GPU or TPU); auto: the kernels on one GPU, else XLA")
     p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the engine's largest program shapes at start-up, in the background, so that no "
                         "step waits for a compilation (default: on, except on a CPU)")

@@ -254,8 +254,8 @@ class Engine:
     3.5x faster than "xla" per layer on an H200, docs/benchmarks.md), with the fused sampling
     kernels of DSpark/DFlash draft slots and rejection sampling (one device, the shapes
     `use_kernels` accepts on a GPU, and interpreted on a CPU, which is for tests); "auto" (the
-    default): "pallas" without a draft on one GPU, where the kernels are measured faster, else
-    "xla" (`resolve_kernels`).
+    default): "pallas" on one GPU, where the kernels are measured faster, else "xla"
+    (`resolve_kernels`).
     """
 
     def __init__(self, target: Target, draft: Draft | None = None, *, scheduler=None, max_num_seqs: int = 64,

@@ -353,15 +353,15 @@ def test_bad_kernels_settings_are_refused():
 
 
 def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
-    """kernels="auto" (the default) picks the kernels on one GPU without a draft when they
-    take the target's shapes; XLA with a draft, under a mesh or for a head dim they do not
-    take."""
+    """kernels="auto" (the default) picks the kernels on one GPU when they take the target's
+    and the draft's shapes, with a draft or without; XLA under a mesh or for a head dim or a
+    Markov rank they do not take."""
     target, draft = tiny_target(), tiny_draft("dspark")  # built before the backend is patched
     monkeypatch.setattr(speculative.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(speculative, "unsupported_attention", lambda head_dim, page, width: None)
     monkeypatch.setattr(speculative, "unsupported_markov", lambda rank: None)
     assert resolve_kernels("auto", target, None) == "pallas"
-    assert resolve_kernels("auto", target, draft) == "xla"
+    assert resolve_kernels("auto", target, draft) == "pallas"
     assert resolve_kernels("pallas", target, draft) == "pallas" and resolve_kernels("xla", target, None) == "xla"
     mesh = make_mesh(tensor=2, devices=jax.devices("cpu")[:2])
     assert resolve_kernels("auto", target, None, mesh=mesh) == "xla"
@@ -373,7 +373,9 @@ def test_auto_kernels_are_the_pallas_ones_on_one_gpu(monkeypatch):
     eng = Engine(target, None, **SMALL, background_compile=False)  # the engine takes what "auto" resolves to
     assert eng.target.config.attention == "pallas" and eng._full_tables
     eng = Engine(target, draft, scheduler=SCHEDULER, **SMALL, background_compile=False)
-    assert eng.target.config.attention == "xla" and not eng._full_tables
+    assert eng.target.config.attention == eng.draft.config.layers.attention == "pallas" and eng._full_tables
+    monkeypatch.setattr(speculative, "unsupported_markov", lambda rank: f"Markov rank {rank}")
+    assert resolve_kernels("auto", target, draft) == "xla" and resolve_kernels("auto", target, None) == "pallas"
 
 
 def test_bad_requests_are_refused_and_the_engine_serves_on():
