@@ -18,8 +18,10 @@ Prints, per concurrency, both rows and the server's share of the engine's output
 its TPOT p50 over the engine's (goal: within 10%), and where the difference lies: each engine's
 mean wall time per step and the share of the level it spent stepping (a server engine that
 steps as fast but less of the time waits between steps: for requests, or for the messages
-of its process). `--no-engine-process` serves from the engine in the HTTP process instead,
-which separates the process hop from the HTTP layer. JSON (both runs and the ratios) goes to --out.
+of its process), and the CPU time the load generator and the server's HTTP process spent per
+second of the level (near 1.0: that process caps the server). `--no-engine-process` serves
+from the engine in the HTTP process instead, which separates the process hop from the HTTP
+layer. JSON (both runs and the ratios) goes to --out.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def compare(engine: dict, server: dict) -> list[dict]:
                      "tpot_ratio": s["tpot_p50_ms"] / e["tpot_p50_ms"],
                      "engine_ttft_p50_ms": e["ttft_p50_ms"], "server_ttft_p50_ms": s["ttft_p50_ms"],
                      "engine_step_ms": e["step_ms"], "server_step_ms": s["step_ms"],
-                     "engine_stepping": e["stepping"], "server_stepping": s["stepping"]})
+                     "engine_stepping": e["stepping"], "server_stepping": s["stepping"],
+                     "client_cpu": s["client_cpu"], "server_cpu": s["server_cpu"]})
     return rows
 
 
@@ -150,13 +153,14 @@ def main(argv=None) -> None:
           f"{'in its own process' if args.engine_process else 'in the HTTP process'}, "
           f"{args.max_tokens} tokens per request (logs in {work})")
     print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
-          "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server | "
+          "CPU client / server HTTP |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['engine_tokens_per_s']:.0f} | {r['server_tokens_per_s']:.0f} | "
               f"{r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | {r['server_tpot_p50_ms']:.2f} | "
               f"{r['tpot_ratio']:.3f} | {r['engine_step_ms']:.2f} / {r['server_step_ms']:.2f} | "
-              f"{r['engine_stepping']:.0%} / {r['server_stepping']:.0%} |")
+              f"{r['engine_stepping']:.0%} / {r['server_stepping']:.0%} | "
+              f"{r['client_cpu']:.2f} / {r['server_cpu']:.2f} |")
 
 
 if __name__ == "__main__":

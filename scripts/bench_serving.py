@@ -25,7 +25,9 @@ draft), its engine's mean wall time per step, the part of it blocked on the devi
 share of the level it spent stepping (as `bench_engine.py` reports them: a share well below
 the engine's in process means the engine waited between steps), and the engine programs the
 server compiled during the measured run (a nonzero count warns that compilation overlapped
-it). JSON goes to --out, a markdown table to stdout.
+it), and the CPU time this client and the server's HTTP process (its /metrics'
+process_cpu_seconds_total) spent per second of the level: near 1.0, that process is saturated and
+caps the level. JSON goes to --out, a markdown table to stdout.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
 
 KEEPALIVE_SECONDS = 2.0
 COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
-            "dspark_engine_step_seconds_total", "dspark_engine_wait_seconds_total", "dspark_engine_program_shapes")
+            "dspark_engine_step_seconds_total", "dspark_engine_wait_seconds_total", "dspark_engine_program_shapes",
+            "process_cpu_seconds_total")
 
 
 async def counters(http) -> tuple[dict, float]:
@@ -133,9 +136,9 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
         shapes, before = before["dspark_engine_program_shapes"], await settled(http)
         if before["dspark_engine_program_shapes"] == shapes or math.isnan(shapes):  # (NaN: the server does not say)
             break
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = await run()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     after, _ = await counters(http)
     delta = {name: after[name] - before[name] for name in COUNTERS}
     rounds = delta["dspark_decode_rounds_total"]
@@ -149,7 +152,8 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
             "tokens_per_round": delta["dspark_round_tokens_total"] / rounds if rounds else float("nan"),
             **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds,
                             delta["dspark_engine_wait_seconds_total"]),
-            "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes}
+            "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes,
+            "client_cpu": cpu / seconds, "server_cpu": delta["process_cpu_seconds_total"] / seconds}
 
 
 async def run(args) -> dict:
@@ -197,12 +201,13 @@ def main(argv=None) -> None:
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"
     print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round "
-          "| step ms | waiting ms | stepping | new program shapes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step ms | waiting ms | stepping | new program shapes | client CPU | server HTTP CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "
               f"{r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p99_ms']:.2f} | {r['tokens_per_round']:.2f} "
-              f"| {r['step_ms']:.2f} | {r['wait_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']:.0f} |")
+              f"| {r['step_ms']:.2f} | {r['wait_ms']:.2f} | {r['stepping']:.0%} | {r['new_program_shapes']:.0f} | "
+              f"{r['client_cpu']:.2f} | {r['server_cpu']:.2f} |")
 
 
 if __name__ == "__main__":

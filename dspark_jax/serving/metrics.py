@@ -8,7 +8,7 @@ Names follow vLLM's where one exists, under the `dspark_` prefix.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -80,6 +80,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(stats))
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total etc. of the HTTP process (on Linux)
         self.prompt_tokens = Counter("dspark_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("dspark_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("dspark_request_success", "Requests finished, by finish reason.", ["finished_reason"],

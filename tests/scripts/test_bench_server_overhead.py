@@ -28,6 +28,7 @@ def test_engine_and_server_serve_the_same_load_and_the_ratios_are_theirs(tmp_pat
         assert s["tokens_per_s"] * s["seconds"] == pytest.approx(16 * 6)
         # the server's counters are read just outside the timed loop: a step more than it timed
         assert 0 < e["stepping"] <= 1 and 0 < s["stepping"] <= 1.1 and e["step_ms"] > 0 and s["step_ms"] > 0
+        assert 0 < s["client_cpu"] < 2 and 0 < s["server_cpu"] < 2  # CPU seconds per second of the level
     for row, e, s in zip(result["rows"], engine, server):
         assert row["throughput_ratio"] == pytest.approx(s["tokens_per_s"] / e["tokens_per_s"])
         assert row["tpot_ratio"] == pytest.approx(s["tpot_p50_ms"] / e["tpot_p50_ms"])

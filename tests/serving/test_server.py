@@ -201,3 +201,4 @@ def test_a_dropped_stream_frees_its_pages(server):
     assert any(line.startswith("data: ") for line in got)
     metrics = server.wait_idle(timeout_s=20)  # the closed connection aborted the request
     assert metrics.get("dspark_request_success_total{finished_reason=length}", 0) == before
+    assert metrics["process_cpu_seconds_total"] > 0  # the HTTP process's own CPU time (bench_serving reads it)
