@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-prompts", type=int, nargs="+",
                    help="requests per level: one count, or one per --concurrency level (default: max(4c, 16)); "
                         "more give steadier figures on a fast device")
+    p.add_argument("--client-processes", type=int, default=1, help="bench_serving.py's load-generator processes")
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
                    help="both engines' kernels (serve.py's --kernels)")
     p.add_argument("--page-size", type=int, default=32)
@@ -136,7 +137,8 @@ def main(argv=None) -> None:
     try:
         subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
                         f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
-                        "--max-tokens", str(args.max_tokens), *per_level, "--out", server_json], check=True, cwd=ROOT)
+                        "--max-tokens", str(args.max_tokens), "--client-processes", str(args.client_processes),
+                        *per_level, "--out", server_json], check=True, cwd=ROOT)
     finally:
         server.send_signal(signal.SIGTERM)  # drains, then exits
         server.wait(timeout=120)

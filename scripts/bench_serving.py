@@ -9,7 +9,8 @@ Each request is a streamed chat completion of one prompt of the file (first user
 temperature 0 with EOS ignored, so every run produces the same amount of text. Load is
 either a closed loop per concurrency c (c requests in flight, max(4c, 16) requests unless
 --num-prompts gives a count for every level or one per level, each new one sent when one
-finishes) or open-loop Poisson arrivals at --request-rate requests/s.
+finishes, split over --client-processes processes that each keep their share in flight) or
+open-loop Poisson arrivals at --request-rate requests/s.
 Before each measured level the same load runs to warm the server up (compilation), again
 until a pass meets no program shape the server had not run (at most --warmup-passes), and
 the level starts once the server compiles nothing in the background. A server started with
@@ -25,19 +26,22 @@ draft), its engine's mean wall time per step, the part of it blocked on the devi
 share of the level it spent stepping (as `bench_engine.py` reports them: a share well below
 the engine's in process means the engine waited between steps), and the engine programs the
 server compiled during the measured run (a nonzero count warns that compilation overlapped
-it), and the CPU time this client and the server's HTTP process (its /metrics'
-process_cpu_seconds_total) spent per second of the level: near 1.0, that process is saturated and
-caps the level. JSON goes to --out, a markdown table to stdout.
+it), and the CPU time this client (its processes together) and the server's HTTP process (its
+/metrics' process_cpu_seconds_total) spent per second of the level: near 1.0 a process, that
+process is saturated and caps the level. JSON goes to --out, a markdown table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 import numpy as np
@@ -71,8 +75,8 @@ async def one_request(http: httpx.AsyncClient, args, prompt: str) -> dict:
             "tokens": tokens}
 
 
-async def closed_loop(http, args, prompts, concurrency: int, total: int) -> list[dict]:
-    order = iter(range(total))
+async def closed_loop(http, args, prompts, concurrency: int, total: int, first: int = 0) -> list[dict]:
+    order = iter(range(first, first + total))
     results = []
 
     async def worker():
@@ -90,6 +94,39 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
         tasks.append(asyncio.ensure_future(one_request(http, args, prompts[i % len(prompts)])))
         await asyncio.sleep(rng.expovariate(rate))
     return list(await asyncio.gather(*tasks))
+
+
+def connect(args) -> httpx.AsyncClient:
+    """The load generator's HTTP client. A connection idle for 5 s is closed by uvicorn (as by
+    vLLM's server); httpx keeps one for 5 s too, so a request sent on it just then can meet the
+    close: idle ones are dropped sooner."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_SECONDS)
+    return httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits)
+
+
+def share_of_closed_loop(args, prompts, concurrency: int, total: int, first: int) -> tuple[list[dict], float]:
+    """One load-generator process's share of a closed loop, on its own event loop and
+    connections: its requests' timings and the CPU seconds it spent."""
+    async def main():
+        async with connect(args) as http:
+            return await closed_loop(http, args, prompts, concurrency, total, first)
+
+    cpu = time.process_time()
+    results = asyncio.run(main())
+    return results, time.process_time() - cpu
+
+
+async def spread_closed_loop(pool, args, prompts, concurrency: int, total: int) -> tuple[list[dict], float]:
+    """A closed loop split over the processes of `pool` (each keeps its share of the requests in
+    flight): every request's timings and the CPU seconds the processes spent."""
+    n = min(args.client_processes, concurrency, total)  # each process with at least one slot and one request
+    shares = [(concurrency * i // n, concurrency * (i + 1) // n, total * i // n, total * (i + 1) // n)
+              for i in range(n)]  # (first slot, end slot, first request, end request) of each process
+    loop = asyncio.get_running_loop()
+    done = await asyncio.gather(*(loop.run_in_executor(pool, share_of_closed_loop, args, prompts, c1 - c0, t1 - t0, t0)
+                                  for c0, c1, t0, t1 in shares))
+    return [r for results, _ in done for r in results], sum(cpu for _, cpu in done)
 
 
 KEEPALIVE_SECONDS = 2.0
@@ -123,9 +160,14 @@ async def settled(http, every: float = 10.0) -> dict:
         await asyncio.sleep(0.5)
 
 
-async def measure(http, args, prompts, load: str, level: float, total: int) -> dict:
-    run = (lambda: closed_loop(http, args, prompts, int(level), total)) if load == "concurrency" else \
-        (lambda: poisson(http, args, prompts, level, total))
+async def measure(http, args, prompts, load: str, level: float, total: int, pool=None) -> dict:
+    async def run() -> tuple[list[dict], float]:  # timings, and CPU seconds of client processes besides this one
+        if load != "concurrency":
+            return await poisson(http, args, prompts, level, total), 0.0
+        if pool is None:
+            return await closed_loop(http, args, prompts, int(level), total), 0.0
+        return await spread_closed_loop(pool, args, prompts, int(level), total)
+
     # warm-up: the server compiles the shapes this level meets; requests arrive at times that
     # vary from run to run, so a pass may meet shapes the one before did not: warm up until a
     # pass meets none (or --warmup-passes), then measure once the server compiles nothing
@@ -137,8 +179,8 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
         if before["dspark_engine_program_shapes"] == shapes or math.isnan(shapes):  # (NaN: the server does not say)
             break
     start, cpu = time.perf_counter(), time.process_time()
-    results = await run()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    results, elsewhere = await run()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu + elsewhere
     after, _ = await counters(http)
     delta = {name: after[name] - before[name] for name in COUNTERS}
     rounds = delta["dspark_decode_rounds_total"]
@@ -158,21 +200,21 @@ async def measure(http, args, prompts, load: str, level: float, total: int) -> d
 
 async def run(args) -> dict:
     prompts = read_prompt_file(args.prompts) if args.prompts else ["Write a story about a robot."]
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    # A connection idle for 5 s is closed by uvicorn (as by vLLM's server); httpx keeps one for
-    # 5 s too, so a request sent on it just then can meet the close. Drop idle ones sooner.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_SECONDS)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as http:
-        if args.model is None:
-            args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens, "rows": []}
-        levels = [("request_rate", r) for r in args.request_rate] or [("concurrency", c) for c in args.concurrency]
-        for (load, level), total in zip(levels, args.requests):
-            row = await measure(http, args, prompts, load, level, total)
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
+    spread = args.client_processes > 1 and not args.request_rate
+    with (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn")) if spread
+          else contextlib.nullcontext()) as pool:
+        async with connect(args) as http:
+            if args.model is None:
+                args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
+            out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens,
+                   "client_processes": args.client_processes if spread else 1, "rows": []}
+            levels = [("request_rate", r) for r in args.request_rate] or [("concurrency", c) for c in args.concurrency]
+            for (load, level), total in zip(levels, args.requests):
+                row = await measure(http, args, prompts, load, level, total, pool)
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(out, f, indent=1)
     return out
 
 
@@ -189,9 +231,14 @@ def main(argv=None) -> None:
     p.add_argument("--num-prompts", type=int, nargs="+",
                    help="requests per level: one count, or one per level (default: max(4c, 16), or 8 per rate)")
     p.add_argument("--warmup-passes", type=int, default=3, help="most warm-up runs of a level's load")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="load-generator processes a closed loop is split over (each with its share of the requests "
+                        "in flight), so that one client process does not cap a fast server")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="bench_serving.json")
     args = p.parse_args(argv)
+    if args.client_processes < 1:
+        p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     try:
         args.requests = level_requests(args.num_prompts, args.request_rate or args.concurrency,
                                        (lambda rate: 8) if args.request_rate else requests_per_level)

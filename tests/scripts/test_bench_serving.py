@@ -2,9 +2,11 @@
 not export is unknown (NaN), not zero."""
 
 import asyncio
+import json
 import math
 import os
 import sys
+import time
 
 import httpx
 import pytest
@@ -60,3 +62,57 @@ def test_the_load_generator_refuses_counts_that_do_not_match_its_levels(capsys):
     with pytest.raises(SystemExit):
         bench_serving.main(["--concurrency", "1", "4", "--num-prompts", "8", "8", "8"])
     assert "one per level (2), got 3" in capsys.readouterr().err
+
+
+def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
+    """bench_serving against a stand-in server that streams 5 chunks per chat completion and
+    records each prompt: one process and two give the same requests, each sent once, and the
+    clients' CPU time is counted."""
+    import threading
+
+    import portpicker
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse, StreamingResponse
+
+    app, seen = FastAPI(), []
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return ""  # exports nothing: the counters are NaN
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append(body["messages"][0]["content"])
+
+        def chunks():
+            for i in range(5):
+                yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}) + "\n\n"
+            yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": 5}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    port = portpicker.pick_unused_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
+    try:
+        for processes in ("1", "2"):
+            seen.clear()
+            out = tmp_path / f"out{processes}.json"
+            bench_serving.main(["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--prompts", str(prompts),
+                                "--concurrency", "3", "1", "--num-prompts", "10", "--warmup-passes", "1",
+                                "--client-processes", processes, "--out", str(out)])
+            for row in json.loads(out.read_text())["rows"]:  # concurrency 1 runs in one process whatever the count
+                assert row["requests"] == 10 and row["tokens_per_s"] * row["seconds"] == pytest.approx(50)
+                assert row["client_cpu"] > 0 and math.isnan(row["server_cpu"])
+            assert sorted(seen) == sorted([f"prompt {i}" for i in range(10)] * 4)  # each level: a warm-up, a pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
