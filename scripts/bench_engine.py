@@ -197,9 +197,12 @@ def main(argv=None) -> None:
     earlier = earlier_run(args.out, command, jax.devices()[0].device_kind) if args.resume else {}
 
     try:
-        requests = dict(zip(args.concurrency, level_requests(args.num_prompts, args.concurrency, requests_per_level)))
+        counts = level_requests(args.num_prompts, args.concurrency, requests_per_level)
     except ValueError as e:
         p.error(str(e))
+    requests = dict(zip(args.concurrency, counts))
+    if any(requests[c] != n for c, n in zip(args.concurrency, counts)):
+        p.error("a --concurrency level given twice needs one --num-prompts count for every level")
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     mesh = None

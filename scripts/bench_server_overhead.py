@@ -18,8 +18,8 @@ Prints, per concurrency, both rows and the server's share of the engine's output
 its TPOT p50 over the engine's (goal: within 10%), and where the difference lies: each engine's
 mean wall time per step and the share of the level it spent stepping (a server engine that
 steps as fast but less of the time waits between steps: for requests, or for the messages
-of its process), and the CPU time the load generator and the server's HTTP process spent per
-second of the level (near 1.0: that process caps the server). `--no-engine-process` serves
+of its process), and the CPU seconds per second of the level of the load generator's busiest
+process and of the server's process (bench_serving.py says what each counts). `--no-engine-process` serves
 from the engine in the HTTP process instead, which separates the process hop from the HTTP
 layer. JSON (both runs and the ratios) goes to --out.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def compare(engine: dict, server: dict) -> list[dict]:
                      "engine_ttft_p50_ms": e["ttft_p50_ms"], "server_ttft_p50_ms": s["ttft_p50_ms"],
                      "engine_step_ms": e["step_ms"], "server_step_ms": s["step_ms"],
                      "engine_stepping": e["stepping"], "server_stepping": s["stepping"],
-                     "client_cpu": s["client_cpu"], "server_cpu": s["server_cpu"]})
+                     "client_cpu": s.get("client_cpu", math.nan), "server_cpu": s.get("server_cpu", math.nan)})
     return rows
 
 
@@ -116,6 +117,8 @@ def main(argv=None) -> None:
         level_requests(args.num_prompts, args.concurrency, requests_per_level)
     except ValueError as e:
         p.error(str(e))
+    if args.client_processes < 1:
+        p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
                     *(["--draft", args.draft] if args.draft else []), "--prompts", args.prompts,
@@ -156,7 +159,7 @@ def main(argv=None) -> None:
           f"{args.max_tokens} tokens per request (logs in {work})")
     print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
           "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server | "
-          "CPU client / server HTTP |\n|---|---|---|---|---|---|---|---|---|---|")
+          "CPU client / server |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['engine_tokens_per_s']:.0f} | {r['server_tokens_per_s']:.0f} | "
               f"{r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | {r['server_tpot_p50_ms']:.2f} | "

@@ -26,9 +26,11 @@ draft), its engine's mean wall time per step, the part of it blocked on the devi
 share of the level it spent stepping (as `bench_engine.py` reports them: a share well below
 the engine's in process means the engine waited between steps), and the engine programs the
 server compiled during the measured run (a nonzero count warns that compilation overlapped
-it), and the CPU time this client (its processes together) and the server's HTTP process (its
-/metrics' process_cpu_seconds_total) spent per second of the level: near 1.0 a process, that
-process is saturated and caps the level. JSON goes to --out, a markdown table to stdout.
+it), and the CPU seconds per second of the level of this client's busiest process and of the
+server's process (its /metrics' process_cpu_seconds_total: serve.py's HTTP process with its
+threads, and its engine too with --no-engine-process): a client value near 1.0 means that client
+process was saturated; a server value near 1.0 points at the server's Python work. JSON goes to
+--out, a markdown table to stdout.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ async def poisson(http, args, prompts, rate: float, total: int) -> list[dict]:
     return list(await asyncio.gather(*tasks))
 
 
+KEEPALIVE_SECONDS = 2.0
+
+
 def connect(args) -> httpx.AsyncClient:
     """The load generator's HTTP client. A connection idle for 5 s is closed by uvicorn (as by
     vLLM's server); httpx keeps one for 5 s too, so a request sent on it just then can meet the
@@ -105,9 +110,14 @@ def connect(args) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits)
 
 
+def ready() -> None:
+    """A task that starts a load-generator process (and imports this script in it)."""
+
+
 def share_of_closed_loop(args, prompts, concurrency: int, total: int, first: int) -> tuple[list[dict], float]:
     """One load-generator process's share of a closed loop, on its own event loop and
-    connections: its requests' timings and the CPU seconds it spent."""
+    connections (opened for each pass, so they start cold where one process keeps its own):
+    its requests' timings and the CPU seconds it spent."""
     async def main():
         async with connect(args) as http:
             return await closed_loop(http, args, prompts, concurrency, total, first)
@@ -118,18 +128,19 @@ def share_of_closed_loop(args, prompts, concurrency: int, total: int, first: int
 
 
 async def spread_closed_loop(pool, args, prompts, concurrency: int, total: int) -> tuple[list[dict], float]:
-    """A closed loop split over the processes of `pool` (each keeps its share of the requests in
-    flight): every request's timings and the CPU seconds the processes spent."""
-    n = min(args.client_processes, concurrency, total)  # each process with at least one slot and one request
-    shares = [(concurrency * i // n, concurrency * (i + 1) // n, total * i // n, total * (i + 1) // n)
-              for i in range(n)]  # (first slot, end slot, first request, end request) of each process
+    """A closed loop split over the processes of `pool`, each keeping its share of the slots in
+    flight with requests in proportion: every request's timings and the CPU seconds of the
+    busiest process."""
+    n = min(args.client_processes, concurrency)  # each process with at least one slot
+    slots = [concurrency * i // n for i in range(n + 1)]
+    starts = [total * c // concurrency for c in slots]  # first request of each process
     loop = asyncio.get_running_loop()
-    done = await asyncio.gather(*(loop.run_in_executor(pool, share_of_closed_loop, args, prompts, c1 - c0, t1 - t0, t0)
-                                  for c0, c1, t0, t1 in shares))
-    return [r for results, _ in done for r in results], sum(cpu for _, cpu in done)
+    done = await asyncio.gather(*(loop.run_in_executor(pool, share_of_closed_loop, args, prompts,
+                                                       slots[i + 1] - slots[i], starts[i + 1] - starts[i], starts[i])
+                                  for i in range(n)))
+    return [r for results, _ in done for r in results], max(cpu for _, cpu in done)
 
 
-KEEPALIVE_SECONDS = 2.0
 COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
             "dspark_engine_step_seconds_total", "dspark_engine_wait_seconds_total", "dspark_engine_program_shapes",
             "process_cpu_seconds_total")
@@ -161,7 +172,7 @@ async def settled(http, every: float = 10.0) -> dict:
 
 
 async def measure(http, args, prompts, load: str, level: float, total: int, pool=None) -> dict:
-    async def run() -> tuple[list[dict], float]:  # timings, and CPU seconds of client processes besides this one
+    async def run() -> tuple[list[dict], float]:  # timings, and CPU seconds of the busiest other client process
         if load != "concurrency":
             return await poisson(http, args, prompts, level, total), 0.0
         if pool is None:
@@ -180,7 +191,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
             break
     start, cpu = time.perf_counter(), time.process_time()
     results, elsewhere = await run()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu + elsewhere
+    seconds, cpu = time.perf_counter() - start, max(time.process_time() - cpu, elsewhere)
     after, _ = await counters(http)
     delta = {name: after[name] - before[name] for name in COUNTERS}
     rounds = delta["dspark_decode_rounds_total"]
@@ -195,19 +206,22 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
             **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds,
                             delta["dspark_engine_wait_seconds_total"]),
             "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes,
+            "client_processes": min(args.client_processes, int(level)) if pool is not None else 1,
             "client_cpu": cpu / seconds, "server_cpu": delta["process_cpu_seconds_total"] / seconds}
 
 
 async def run(args) -> dict:
     prompts = read_prompt_file(args.prompts) if args.prompts else ["Write a story about a robot."]
-    spread = args.client_processes > 1 and not args.request_rate
+    spread = args.client_processes > 1
     with (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn")) if spread
           else contextlib.nullcontext()) as pool:
+        if pool is not None:  # every process started (and this script imported there) before any timed pass
+            await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(pool, ready)
+                                   for _ in range(args.client_processes)))
         async with connect(args) as http:
             if args.model is None:
                 args.model = (await http.get("/v1/models")).json()["data"][0]["id"]
-            out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens,
-                   "client_processes": args.client_processes if spread else 1, "rows": []}
+            out = {"base_url": args.base_url, "model": args.model, "max_tokens": args.max_tokens, "rows": []}
             levels = [("request_rate", r) for r in args.request_rate] or [("concurrency", c) for c in args.concurrency]
             for (load, level), total in zip(levels, args.requests):
                 row = await measure(http, args, prompts, load, level, total, pool)
@@ -239,6 +253,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.client_processes < 1:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
+    if args.client_processes > 1 and args.request_rate:
+        p.error("--client-processes splits closed loops (--concurrency), not --request-rate arrivals")
     try:
         args.requests = level_requests(args.num_prompts, args.request_rate or args.concurrency,
                                        (lambda rate: 8) if args.request_rate else requests_per_level)
@@ -248,7 +264,7 @@ def main(argv=None) -> None:
     print(f"\n{out['model']} at {out['base_url']}, {args.max_tokens} tokens per request")
     key = "request_rate" if args.request_rate else "concurrency"
     print(f"| {key} | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tokens/round "
-          "| step ms | waiting ms | stepping | new program shapes | client CPU | server HTTP CPU |")
+          "| step ms | waiting ms | stepping | new program shapes | client CPU | server CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(f"| {r[key]:g} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | "

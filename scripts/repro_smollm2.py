@@ -369,7 +369,7 @@ class Pipeline:
         AR, the two schedulers, then the fixed lengths longest first, so that one cut short for good
         still compares the schedulers with AR and with full-block verification. Every mode runs
         the scale's kernels (the Pallas ones on the GPU), so that AR and the drafted modes attend
-        with the same kernel (`kernels="auto"` would give AR alone the Pallas one) and a row's
+        with the same kernel on any backend (`kernels="auto"` takes them on one GPU only) and a row's
         block table is a whole context wide whatever its length (fewer programs to compile). The
         engines stay alive and each level measures them in turn, the scale's `live_repeats` times
         (bench_engine.py --repeats): measured one after the other, two engines' tokens/s differed

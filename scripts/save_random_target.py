@@ -1,7 +1,8 @@
 """A target of a preset's shape with random weights and a real tokenizer, saved as a
 transformers directory: what `serve.py` and `bench_server_overhead.py` serve on a machine
-without the real weights. With EOS ignored (as the serving benchmarks ask) a model's speed does
-not depend on its weights' values.
+without the real weights. With EOS ignored (as the serving benchmarks ask) the speed of
+autoregressive decoding does not depend on the weights' values (with a draft it does: the
+draft's acceptance depends on them).
 
     python scripts/save_random_target.py --preset smollm2-135m --out /tmp/smollm2-shape
     python scripts/bench_server_overhead.py --model /tmp/smollm2-shape --prompts gsm8k.jsonl ...

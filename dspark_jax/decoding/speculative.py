@@ -126,11 +126,11 @@ def use_kernels(target, draft, kernels: str, *, mesh=None, page_size: int = PAGE
 
 
 def resolve_kernels(kernels: str, target, draft, *, mesh=None, page_size: int = PAGE_SIZE) -> str:
-    """"xla" or "pallas" for `kernels`. "auto" is "pallas" where the kernels are measured
-    faster (docs/benchmarks.md): on one GPU, where the ragged paged attention kernel takes the
-    target's (and the draft's) shapes and the sampling kernels the draft's Markov rank. There the
-    engine's rounds run 2.3x to 2.7x faster with the kernels than with XLA's paged attention,
-    drafted and undrafted alike (Qwen3-4B's shape, 64 rows of 1,024 positions, an H100). It is
+    """"xla" or "pallas" for `kernels`. "auto" is "pallas" on one GPU, where the ragged paged
+    attention kernel takes the target's (and the draft's) shapes and the sampling kernels the
+    draft's Markov rank: there the engine's round programs ran 2.3x to 2.7x faster with the
+    kernels than with XLA, drafted and undrafted alike, at the shape measured (Qwen3-4B, 64 rows
+    of 1,024 positions, an H100; docs/benchmarks.md, "twelfth measurement"). It is
     "xla" under a mesh, on a CPU, where the kernels run interpreted, and on a TPU, where they
     have not run at these shapes."""
     if kernels not in KERNELS + ("auto",):

@@ -62,6 +62,27 @@ def test_the_load_generator_refuses_counts_that_do_not_match_its_levels(capsys):
     with pytest.raises(SystemExit):
         bench_serving.main(["--concurrency", "1", "4", "--num-prompts", "8", "8", "8"])
     assert "one per level (2), got 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_serving.main(["--request-rate", "4", "--client-processes", "2"])
+    assert "splits closed loops" in capsys.readouterr().err
+
+
+def test_client_processes_share_the_slots_and_the_requests_in_proportion(monkeypatch):
+    calls = []
+
+    class Pool:  # runs each process's share here, in order
+        pass
+
+    async def run_here(pool, fn, *args):
+        calls.append(args[2:])  # (slots, requests, first request)
+        return [{}] * args[3], 0.5 * len(calls)
+
+    loop = asyncio.new_event_loop()
+    monkeypatch.setattr(loop, "run_in_executor", lambda pool, fn, *args: run_here(pool, fn, *args))
+    args = type("Args", (), {"client_processes": 2})()
+    results, cpu = loop.run_until_complete(bench_serving.spread_closed_loop(Pool(), args, ["p"], 3, 10))
+    loop.close()
+    assert calls == [(1, 3, 0), (2, 7, 3)] and len(results) == 10 and cpu == 1.0  # the busiest process's CPU
 
 
 def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
@@ -109,10 +130,20 @@ def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_
             bench_serving.main(["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--prompts", str(prompts),
                                 "--concurrency", "3", "1", "--num-prompts", "10", "--warmup-passes", "1",
                                 "--client-processes", processes, "--out", str(out)])
-            for row in json.loads(out.read_text())["rows"]:  # concurrency 1 runs in one process whatever the count
+            rows = json.loads(out.read_text())["rows"]
+            assert [r["client_processes"] for r in rows] == [int(processes), 1]  # concurrency 1: one process
+            for row in rows:
                 assert row["requests"] == 10 and row["tokens_per_s"] * row["seconds"] == pytest.approx(50)
                 assert row["client_cpu"] > 0 and math.isnan(row["server_cpu"])
             assert sorted(seen) == sorted([f"prompt {i}" for i in range(10)] * 4)  # each level: a warm-up, a pass
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_engine_benchmark_refuses_a_level_given_twice_with_two_counts(capsys):
+    import bench_engine
+
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--modes", "ar", "--concurrency", "2", "2", "--num-prompts", "4", "8"])
+    assert "given twice" in capsys.readouterr().err
