@@ -86,35 +86,17 @@ def test_client_processes_share_the_slots_and_the_requests_in_proportion(monkeyp
 
 
 def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
-    """bench_serving against a stand-in server that streams 5 chunks per chat completion and
-    records each prompt: one process and two give the same requests, each sent once, and the
-    clients' CPU time is counted."""
+    """bench_serving against the stand-in server (scripts/stream_stub.py, 5 chunks of 1 token per
+    chat completion, recording each prompt): one process and two give the same requests, each
+    sent once, and the clients' CPU time is counted."""
     import threading
 
     import portpicker
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from stream_stub import make_app
 
-    app, seen = FastAPI(), []
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
-        return ""  # exports nothing: the counters are NaN
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        seen.append(body["messages"][0]["content"])
-
-        def chunks():
-            for i in range(5):
-                yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}) + "\n\n"
-            yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": 5}}) + "\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
+    seen = []
+    app = make_app(chunks=5, tokens_per_chunk=1, interval_s=0.0, prompts=seen)
     port = portpicker.pick_unused_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
