@@ -127,10 +127,10 @@ def share_of_closed_loop(args, prompts, concurrency: int, total: int, first: int
     return results, time.process_time() - cpu
 
 
-async def spread_closed_loop(pool, args, prompts, concurrency: int, total: int) -> tuple[list[dict], float]:
+async def spread_closed_loop(pool, args, prompts, concurrency: int, total: int) -> tuple[list[dict], float, int]:
     """A closed loop split over the processes of `pool`, each keeping its share of the slots in
-    flight with requests in proportion: every request's timings and the CPU seconds of the
-    busiest process."""
+    flight with requests in proportion: every request's timings, the CPU seconds of the busiest
+    process and the number of processes used."""
     n = min(args.client_processes, concurrency)  # each process with at least one slot
     slots = [concurrency * i // n for i in range(n + 1)]
     starts = [total * c // concurrency for c in slots]  # first request of each process
@@ -138,7 +138,7 @@ async def spread_closed_loop(pool, args, prompts, concurrency: int, total: int) 
     done = await asyncio.gather(*(loop.run_in_executor(pool, share_of_closed_loop, args, prompts,
                                                        slots[i + 1] - slots[i], starts[i + 1] - starts[i], starts[i])
                                   for i in range(n)))
-    return [r for results, _ in done for r in results], max(cpu for _, cpu in done)
+    return [r for results, _ in done for r in results], max(cpu for _, cpu in done), n
 
 
 COUNTERS = ("dspark_decode_rounds_total", "dspark_round_tokens_total", "dspark_engine_steps_total",
@@ -172,11 +172,11 @@ async def settled(http, every: float = 10.0) -> dict:
 
 
 async def measure(http, args, prompts, load: str, level: float, total: int, pool=None) -> dict:
-    async def run() -> tuple[list[dict], float]:  # timings, and CPU seconds of the busiest other client process
+    async def run() -> tuple[list[dict], float, int]:  # timings, CPU of the busiest other client process, processes
         if load != "concurrency":
-            return await poisson(http, args, prompts, level, total), 0.0
+            return await poisson(http, args, prompts, level, total), 0.0, 1
         if pool is None:
-            return await closed_loop(http, args, prompts, int(level), total), 0.0
+            return await closed_loop(http, args, prompts, int(level), total), 0.0, 1
         return await spread_closed_loop(pool, args, prompts, int(level), total)
 
     # warm-up: the server compiles the shapes this level meets; requests arrive at times that
@@ -190,7 +190,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
         if before["dspark_engine_program_shapes"] == shapes or math.isnan(shapes):  # (NaN: the server does not say)
             break
     start, cpu = time.perf_counter(), time.process_time()
-    results, elsewhere = await run()
+    results, elsewhere, processes = await run()
     seconds, cpu = time.perf_counter() - start, max(time.process_time() - cpu, elsewhere)
     after, _ = await counters(http)
     delta = {name: after[name] - before[name] for name in COUNTERS}
@@ -206,7 +206,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
             **step_profile(delta["dspark_engine_steps_total"], delta["dspark_engine_step_seconds_total"], seconds,
                             delta["dspark_engine_wait_seconds_total"]),
             "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes,
-            "client_processes": min(args.client_processes, int(level)) if pool is not None else 1,
+            "client_processes": processes,
             "client_cpu": cpu / seconds, "server_cpu": delta["process_cpu_seconds_total"] / seconds}
 
 

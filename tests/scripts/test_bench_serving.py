@@ -80,9 +80,10 @@ def test_client_processes_share_the_slots_and_the_requests_in_proportion(monkeyp
     loop = asyncio.new_event_loop()
     monkeypatch.setattr(loop, "run_in_executor", lambda pool, fn, *args: run_here(pool, fn, *args))
     args = type("Args", (), {"client_processes": 2})()
-    results, cpu = loop.run_until_complete(bench_serving.spread_closed_loop(Pool(), args, ["p"], 3, 10))
+    results, cpu, processes = loop.run_until_complete(bench_serving.spread_closed_loop(Pool(), args, ["p"], 3, 10))
     loop.close()
     assert calls == [(1, 3, 0), (2, 7, 3)] and len(results) == 10 and cpu == 1.0  # the busiest process's CPU
+    assert processes == 2
 
 
 def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
