@@ -6,9 +6,10 @@
 
 Runs, one after the other and each in its own processes (so each has the device to itself):
 1. `bench_engine.py`: the engine in process, autoregressive (`ar`), or with --draft the
-   confidence scheduler over an SPS table it profiles (`sched`);
+   confidence scheduler over an SPS table it profiles (`sched`), or over --sps (an earlier
+   bench_engine.py run's --out, say, which saves the profiling);
 2. `serve.py` with the same engine settings and the same decoding (with --draft: `--scheduler
-   prefix` over the table step 1 profiled), and `bench_serving.py` against it.
+   prefix` over the table of step 1), and `bench_serving.py` against it.
 Both see the same prompts, requests per level, tokens per request (EOS ignored), pages, rounds
 per step, kernels (--kernels), slots (the largest concurrency) and prefill budget (2048 tokens
 a step). The server
@@ -89,6 +90,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2 (the setup's download), a .gguf or a transformers dir")
     p.add_argument("--draft", help="a DeepSpec draft directory: both decode with the confidence scheduler")
+    p.add_argument("--sps", help="with --draft: the SPS table both use (bench_engine.py's --sps), instead of "
+                                 "profiling one")
     p.add_argument("--prompts", required=True, help="a {\"turns\": [...]} prompt file (the server takes text)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-tokens", type=int, default=128)
@@ -117,11 +120,14 @@ def main(argv=None) -> None:
         level_requests(args.num_prompts, args.concurrency, requests_per_level)
     except ValueError as e:
         p.error(str(e))
+    if args.sps and not args.draft:
+        p.error("--sps needs --draft (it prices drafted rounds)")
     if args.client_processes < 1:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
-                    *(["--draft", args.draft] if args.draft else []), "--prompts", args.prompts,
+                    *(["--draft", args.draft] if args.draft else []), *(["--sps", args.sps] if args.sps else []),
+                    "--prompts", args.prompts,
                     "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
                     "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),
@@ -134,7 +140,7 @@ def main(argv=None) -> None:
         "--num-scheduler-steps", str(args.num_scheduler_steps), "--kernels", args.kernels, "--no-precompile",
         "--port", str(args.port),
         "--engine-process" if args.engine_process else "--no-engine-process"]
-    if args.draft:  # the engine run's SPS table, with its draft seconds
+    if args.draft:  # the engine run's SPS table (--sps's, or the one it profiled), with its draft seconds
         flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]
     server = serve(args, flags, os.path.join(work, "server.log"))
     try:

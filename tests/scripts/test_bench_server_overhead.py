@@ -32,3 +32,11 @@ def test_engine_and_server_serve_the_same_load_and_the_ratios_are_theirs(tmp_pat
     for row, e, s in zip(result["rows"], engine, server):
         assert row["throughput_ratio"] == pytest.approx(s["tokens_per_s"] / e["tokens_per_s"])
         assert row["tpot_ratio"] == pytest.approx(s["tpot_p50_ms"] / e["tpot_p50_ms"])
+
+
+def test_a_table_without_a_draft_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_server_overhead.main(["--prompts", str(tmp_path / "p.jsonl"), "--sps", str(tmp_path / "table.json"),
+                                    "--out", str(tmp_path / "out.json")])
+    assert "--sps needs --draft" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
