@@ -124,6 +124,52 @@ def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_
         thread.join(timeout=10)
 
 
+def test_serve_apps_http_layer_over_a_paced_engine_streams_every_token_and_counts_its_cpu(tmp_path, tiny_chat_target):
+    """stream_stub.py --api: serve.py's app over PacedEngine (4 tokens a step) streams each request its
+    max_tokens of the engine's text, detokenized, with usage; bench_serving reads the process's CPU from /metrics."""
+    import threading
+
+    import openai
+    import portpicker
+    import uvicorn
+    from stream_stub import PacedEngine
+    from transformers import AutoTokenizer
+
+    from dspark_jax.serving.openai_server import build_app
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    engine = PacedEngine(tokenizer, tokens_per_chunk=4, interval_s=0.001)
+    port = portpicker.pick_unused_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, tokenizer, "stub"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        stream = client.chat.completions.create(model="stub", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=10, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"return_token_ids": True})
+        chunks = list(stream)
+        ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra or {}).get("token_ids") or []]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        expected = [engine.text_ids[i % len(engine.text_ids)] for i in range(10)]
+        assert ids == expected and text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert chunks[-1].usage.completion_tokens == 10 and chunks[-2].choices[0].finish_reason == "length"
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
+        out = tmp_path / "out.json"
+        bench_serving.main(["--base-url", f"http://127.0.0.1:{port}", "--prompts", str(prompts), "--concurrency", "4",
+                            "--num-prompts", "8", "--max-tokens", "12", "--warmup-passes", "1", "--out", str(out)])
+        row = json.loads(out.read_text())["rows"][0]
+        assert row["requests"] == 8 and row["tokens_per_s"] * row["seconds"] == pytest.approx(8 * 12)
+        assert 0 < row["server_cpu"] < 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_the_engine_benchmark_refuses_a_level_given_twice_with_two_counts(capsys):
     import bench_engine
 
