@@ -72,13 +72,12 @@ class Choice:
 
     def take(self, out: RequestOutput) -> tuple[str, list[int]]:
         """The text and token ids `out` adds to this choice (cut at a stop string, which ends it)."""
-        text, ids = "", []
-        for token in out.new_token_ids:
-            text += self.text.add(token)
-            ids.append(token)
-            if self.text.stopped:
-                self.finish_reason, self.stop_reason = "stop", self.text.stop_reason
-                return text, ids
+        taken = len(self.text.token_ids)
+        text = self.text.extend(out.new_token_ids)
+        ids = self.text.token_ids[taken:]
+        if self.text.stopped:
+            self.finish_reason, self.stop_reason = "stop", self.text.stop_reason
+            return text, ids
         if out.finished:
             text += self.text.finish()
             self.finish_reason = out.finish_reason

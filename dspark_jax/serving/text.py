@@ -1,7 +1,8 @@
 """Token ids to streamed text: incremental detokenization and stop strings.
 
-`TextStream` takes a request's generated tokens one at a time and returns the text each adds,
-so that the deltas of a stream concatenate to the whole answer:
+`TextStream` takes a request's generated tokens, one at a time (`add`) or a step's at once
+(`extend`), and returns the text they add, so that the deltas of a stream concatenate to the
+whole answer:
 
 - a token's text depends on its neighbours (a leading space, a multi-byte character split
   over tokens), so each step decodes a short window that starts a few tokens back and keeps
@@ -9,7 +10,10 @@ so that the deltas of a stream concatenate to the whole answer:
   ("\\ufffd") waits for the next token;
 - with stop strings, the last (longest stop - 1) characters are held back until the answer
   either goes on past them or ends, so that a stop string is never half-sent; when one
-  appears the text is cut before it and the stream ends.
+  appears the text is cut before it and the stream ends;
+- `extend` decodes a step's tokens in one window (the decodes are most of a streamed token's
+  cost in the server), and takes them again one at a time where that could differ: when they
+  complete a stop string (to stop at the token that completed it) or end inside a character.
 """
 
 from __future__ import annotations
@@ -44,6 +48,27 @@ class TextStream:
         if self.tokenizer is not None:
             self._read_new(final=False)
         return self._release(final=self.stopped)
+
+    def extend(self, token_ids: Sequence[int]) -> str:
+        """Takes several generated tokens; returns what `add` over them one at a time would have
+        returned altogether, and leaves the stream as it would."""
+        if self.stopped:
+            raise RuntimeError("the stream ended at a stop string")
+        if self.tokenizer is None or len(token_ids) < 2:
+            return "".join(self.add(t) for t in token_ids)
+        state = len(self.token_ids), self.text, self._prefix, self._read
+        self.token_ids.extend(int(t) for t in token_ids)
+        self._read_new(final=False)
+        if not self.stopped and self._read == len(self.token_ids):  # every token's text is in, no stop string
+            return self._release(final=False)
+        taken, self.text, self._prefix, self._read = state
+        del self.token_ids[taken:]
+        self.stop_reason, delta = None, ""
+        for t in token_ids:
+            delta += self.add(t)
+            if self.stopped:
+                break
+        return delta
 
     def finish(self) -> str:
         """The text still held back, at the end of the answer."""

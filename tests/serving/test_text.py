@@ -1,13 +1,14 @@
-"""`TextStream` (serving/text.py) turns generated token ids, fed one at a time, into text deltas, with the real
-SmolLM2 tokenizer (the one built from the GGUF, as the server does).
+"""`TextStream` (serving/text.py) turns generated token ids, fed one at a time (`add`) or four at a time as a server
+step of four rounds commits them (`extend`), into text deltas, with the real SmolLM2 tokenizer (the one built from
+the GGUF, as the server does).
 
 Every expectation comes from an independent reference: the tokenizer's own decode of the ids all at once
 (`decode(ids, skip_special_tokens=True)`, "the full decode") and plain string operations on it. Checked:
 
 - the deltas (every `add()` return, then `finish()`) concatenate to the full decode, for English, accented and
   multi-byte text (characters split over several tokens), code, spaces at both ends and special tokens; no delta
-  has a "\\ufffd" the full decode lacks; after each token the text sent is exactly the decode of the ids so far
-  less the last (longest stop - 1) characters, as soon as that decode ends in a whole character;
+  has a "\\ufffd" the full decode lacks; after each token (or four) the text sent is exactly the decode of the ids
+  so far less the last (longest stop - 1) characters, as soon as that decode ends in a whole character;
 - an answer that ends inside a character (max_tokens, or <|im_end|> next) still adds up to its full decode;
 - with stop strings: `token_ids` are the first k ids, k the fewest whose decode contains a stop string (so the
   decode of `token_ids` has the stop at the cut, and the decode of `token_ids[:-1]` has no stop string anywhere);
@@ -15,9 +16,11 @@ Every expectation comes from an independent reference: the tokenizer's own decod
   before its earliest stop string (checked too), unless a stop string that starts earlier only ends later (one
   case shows the stream ending at the first completed); `stopped` says whether one was found; no delta, nor the
   text sent, holds a stop string; `finish()` after a stop adds nothing (`Choice.take` does not call it) and
-  `add()` raises RuntimeError;
+  `add()` and `extend()` raise RuntimeError; fed four at a time, the stream stops at the same token;
 - the same properties over 200 seeded random sequences (ids drawn from a text's ids, or uniform below 49152, so
   with special tokens, unfinished and invalid UTF-8), with a stop string cut out of their full decode;
+- piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens, at once (a piece ending
+  inside a character, or completing a stop string, included), and leaves the same ids and stop;
 - without a tokenizer, deltas are "" and the ids are kept.
 """
 
@@ -63,15 +66,17 @@ def encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def feed(tok, ids, stop=(), check_sent=False):
-    """Feeds `ids` one at a time until the stream stops, then calls finish(); returns the stream and its deltas
-    (the last one finish()'s). With `check_sent`, after each token whose decode so far ends in a whole character,
-    the text sent must be that decode (cut at a stop string) less the characters a stop string could still need."""
+def feed(tok, ids, stop=(), check_sent=False, step=1):
+    """Feeds `ids` one at a time (`add`), or `step` at a time (`extend`; the last piece may be shorter), until the
+    stream stops, then calls finish(); returns the stream and its deltas (the last one finish()'s). With
+    `check_sent`, after each piece whose decode so far ends in a whole character, the text sent must be that decode
+    (cut at a stop string) less the characters a stop string could still need."""
     s = TextStream(tok, stop)
     hold = max(map(len, stop), default=1) - 1
     deltas = []
-    for k, t in enumerate(ids, 1):
-        deltas.append(s.add(t))
+    for start in range(0, len(ids), step):
+        k = min(start + step, len(ids))
+        deltas.append(s.add(ids[start]) if step == 1 else s.extend(ids[start:k]))
         if check_sent and not s.stopped:
             so_far = decode(tok, ids[:k])
             if not so_far.endswith("\ufffd"):
@@ -101,8 +106,8 @@ def earliest_cut(full: str, stop) -> str:
     return full[: min((full.find(s) for s in stop if s in full), default=len(full))]
 
 
-def check_stops(tok, ids, stop):
-    s, deltas = feed(tok, ids, stop, check_sent=True)
+def check_stops(tok, ids, stop, step=1):
+    s, deltas = feed(tok, ids, stop, check_sent=True, step=step)
     text, reason, token_ids = reference(tok, ids, stop)
     sent = "".join(deltas)
     assert sent == text == s.text
@@ -115,15 +120,18 @@ def check_stops(tok, ids, stop):
         assert deltas[-1] == ""  # everything up to the cut went out with add(); Choice.take does not call finish()
         with pytest.raises(RuntimeError):
             s.add(ids[0])
+        with pytest.raises(RuntimeError):
+            s.extend(ids[:2])
         assert s.token_ids == token_ids
     return s
 
 
+@pytest.mark.parametrize("step", [1, 4])
 @pytest.mark.parametrize("name", list(TEXTS))
-def test_deltas_concatenate_to_full_decode(tok, name):
+def test_deltas_concatenate_to_full_decode(tok, name, step):
     ids = encode(tok, TEXTS[name])
     full = decode(tok, ids)
-    s, deltas = feed(tok, ids, check_sent=True)
+    s, deltas = feed(tok, ids, check_sent=True, step=step)
     assert "".join(deltas) == full
     assert s.token_ids == ids and not s.stopped and s.stop_reason is None
     if "\ufffd" not in full:
@@ -167,11 +175,12 @@ STOP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("step", [1, 4])
 @pytest.mark.parametrize("name,stop,case", STOP_CASES, ids=[c[2] for c in STOP_CASES])
-def test_stop_strings(tok, name, stop, case):
+def test_stop_strings(tok, name, stop, case, step):
     ids = encode(tok, TEXTS[name])
     full = decode(tok, ids)
-    s = check_stops(tok, ids, stop)
+    s = check_stops(tok, ids, stop, step)
     assert s.text == earliest_cut(full, stop)
     if s.stopped:
         assert s.stop_reason == min((x for x in stop if x in full), key=full.find)
@@ -246,29 +255,56 @@ def random_sequences(tok, count=200):
         yield n, ids, full, (stop if stop and "\ufffd" not in stop else None)
 
 
-def test_random_sequences_concatenate_to_full_decode(tok):
+@pytest.mark.parametrize("step", [1, 4])
+def test_random_sequences_concatenate_to_full_decode(tok, step):
     for n, ids, full, _ in random_sequences(tok):
-        s, deltas = feed(tok, ids, check_sent=True)
+        s, deltas = feed(tok, ids, check_sent=True, step=step)
         assert "".join(deltas) == full, (n, ids)
         assert s.token_ids == ids and not s.stopped
         if "\ufffd" not in full:
             assert not any("\ufffd" in d for d in deltas), (n, ids)
 
 
-def test_random_sequences_stop_strings(tok):
+@pytest.mark.parametrize("step", [1, 4])
+def test_random_sequences_stop_strings(tok, step):
     stops_found = 0
     for n, ids, full, stop in random_sequences(tok):
         if stop is None:
             continue
-        s = check_stops(tok, ids, (stop, "\x00never\x00"))
+        s = check_stops(tok, ids, (stop, "\x00never\x00"), step)
         assert s.stopped and s.stop_reason == stop and s.text == full[: full.find(stop)], (n, ids, stop)
         stops_found += 1
     assert stops_found >= 100
+
+
+def test_extend_returns_what_add_returns_over_the_same_tokens(tok):
+    """Piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens altogether, now (not
+    a step later: a piece ending inside a character still sends the whole characters before it), and both streams
+    stop at the same token."""
+    rng = np.random.default_rng(1)
+    split_pieces = 0
+    for n, ids, full, stop in random_sequences(tok):
+        stops = () if stop is None else (stop,)
+        one, many = TextStream(tok, stops), TextStream(tok, stops)
+        start = 0
+        while start < len(ids) and not one.stopped:
+            piece = ids[start : start + int(rng.integers(1, 6))]
+            split_pieces += decode(tok, ids[: start + len(piece)]).endswith("\ufffd")
+            expected = ""
+            for t in piece:
+                expected += one.add(t)
+                if one.stopped:
+                    break
+            assert many.extend(piece) == expected, (n, ids, start)
+            assert many.token_ids == one.token_ids and many.stop_reason == one.stop_reason, (n, ids, start)
+            start += len(piece)
+        assert many.finish() == one.finish()
+    assert split_pieces >= 20  # the premise: many pieces end inside a character
 
 
 @pytest.mark.parametrize("stop", [(), ("a",)])
 def test_without_tokenizer(stop):
     s = TextStream(None, stop)
     ids = [5, 17, 49151, 0, 504]
-    assert [s.add(t) for t in ids] == [""] * len(ids)
+    assert [s.add(t) for t in ids[:2]] == ["", ""] and s.extend(ids[2:]) == ""
     assert s.finish() == "" and s.token_ids == ids and s.text == "" and not s.stopped and s.stop_reason is None
