@@ -11,8 +11,8 @@ whole answer:
 - with stop strings, the last (longest stop - 1) characters are held back until the answer
   either goes on past them or ends, so that a stop string is never half-sent; when one
   appears the text is cut before it and the stream ends;
-- `extend` decodes a step's tokens in one window (the decodes are most of a streamed token's
-  cost in the server), and takes them again one at a time where that could differ: when they
+- `extend` decodes a step's tokens in one window (the decodes are a large part of a streamed
+  token's cost in the server), and takes them again one at a time where that could differ: when they
   complete a stop string (to stop at the token that completed it) or end inside a character.
 """
 
@@ -51,7 +51,7 @@ class TextStream:
 
     def extend(self, token_ids: Sequence[int]) -> str:
         """Takes several generated tokens; returns what `add` over them one at a time would have
-        returned altogether, and leaves the stream as it would."""
+        returned altogether, and leaves the same token ids, text and stop."""
         if self.stopped:
             raise RuntimeError("the stream ended at a stop string")
         if self.tokenizer is None or len(token_ids) < 2:

@@ -1,6 +1,6 @@
-"""`TextStream` (serving/text.py) turns generated token ids, fed one at a time (`add`) or four at a time as a server
-step of four rounds commits them (`extend`), into text deltas, with the real SmolLM2 tokenizer (the one built from
-the GGUF, as the server does).
+"""`TextStream` (serving/text.py) turns generated token ids, fed one at a time (`add`) or several at a time as a
+server step commits them (`extend`), into text deltas, with the real SmolLM2 tokenizer (the one built from the GGUF,
+as the server does).
 
 Every expectation comes from an independent reference: the tokenizer's own decode of the ids all at once
 (`decode(ids, skip_special_tokens=True)`, "the full decode") and plain string operations on it. Checked:
@@ -19,8 +19,9 @@ Every expectation comes from an independent reference: the tokenizer's own decod
   `add()` and `extend()` raise RuntimeError; fed four at a time, the stream stops at the same token;
 - the same properties over 200 seeded random sequences (ids drawn from a text's ids, or uniform below 49152, so
   with special tokens, unfinished and invalid UTF-8), with a stop string cut out of their full decode;
-- piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens, at once (a piece ending
-  inside a character, or completing a stop string, included), and leaves the same ids and stop;
+- piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens (a piece ending inside
+  a character, or completing a stop string, included), and leaves the same ids and stop; a piece of 4 English
+  tokens costs it 2 decodes, where `add` makes 2 a token;
 - without a tokenizer, deltas are "" and the ids are kept.
 """
 
@@ -278,9 +279,8 @@ def test_random_sequences_stop_strings(tok, step):
 
 
 def test_extend_returns_what_add_returns_over_the_same_tokens(tok):
-    """Piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens altogether, now (not
-    a step later: a piece ending inside a character still sends the whole characters before it), and both streams
-    stop at the same token."""
+    """Piece by piece (1 to 5 tokens), `extend` returns what `add` returns over the same tokens altogether, in the
+    same call (a piece ending inside a character included), and both streams stop at the same token."""
     rng = np.random.default_rng(1)
     split_pieces = 0
     for n, ids, full, stop in random_sequences(tok):
@@ -289,7 +289,7 @@ def test_extend_returns_what_add_returns_over_the_same_tokens(tok):
         start = 0
         while start < len(ids) and not one.stopped:
             piece = ids[start : start + int(rng.integers(1, 6))]
-            split_pieces += decode(tok, ids[: start + len(piece)]).endswith("\ufffd")
+            split_pieces += len(piece) > 1 and decode(tok, ids[: start + len(piece)]).endswith("\ufffd")
             expected = ""
             for t in piece:
                 expected += one.add(t)
@@ -299,7 +299,32 @@ def test_extend_returns_what_add_returns_over_the_same_tokens(tok):
             assert many.token_ids == one.token_ids and many.stop_reason == one.stop_reason, (n, ids, start)
             start += len(piece)
         assert many.finish() == one.finish()
-    assert split_pieces >= 20  # the premise: many pieces end inside a character
+    assert split_pieces >= 20  # the premise: many pieces of several tokens end inside a character
+
+
+def test_extend_decodes_a_clean_piece_once(tok):
+    """The point of `extend`: a piece of 4 English tokens with no stop string in it is read with one window (2
+    decodes: the window, and its part already read), where `add` decodes twice a token."""
+    calls = []
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            calls.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    ids = encode(tok, TEXTS["english"])[:12]
+    one, many = TextStream(Counting(), ("zebra",)), TextStream(Counting(), ("zebra",))
+    sent_one = "".join(one.add(t) for t in ids[:4])
+    sent_many = many.extend(ids[:4])
+    calls.clear()
+    sent_one += "".join(one.add(t) for t in ids[4:8])
+    assert len(calls) == 8
+    calls.clear()
+    sent_many += many.extend(ids[4:8])
+    assert len(calls) == 2
+    sent_one += "".join(one.add(t) for t in ids[8:]) + one.finish()
+    sent_many += many.extend(ids[8:]) + many.finish()
+    assert sent_many == sent_one == decode(tok, ids)
 
 
 @pytest.mark.parametrize("stop", [(), ("a",)])
