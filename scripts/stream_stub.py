@@ -6,10 +6,11 @@
   then its usage and [DONE]; /metrics exports nothing.
 - With --api, serve.py's own app (`build_app`: validation, the chat template, detokenization,
   stop strings, SSE, metrics) over `PacedEngine`, an engine that commits --tokens-per-chunk
-  tokens for every running request once every --interval-ms, each request until its
+  tokens for every running request at most once every --interval-ms, each request until its
   max_tokens: the HTTP layer's own cost per streamed token, in its /metrics'
   process_cpu_seconds_total (bench_serving.py's `server_cpu`). The outputs reach the event loop
-  directly, not through the engine process's pipe and threads.
+  directly, not through the engine process's pipe and threads, so serve.py's own HTTP process
+  costs somewhat more: a lower bound.
 
     python scripts/stream_stub.py --port 8001 &
     python scripts/bench_serving.py --base-url http://127.0.0.1:8001 --model stub --concurrency 16 64 256 \\
@@ -71,10 +72,11 @@ def make_app(chunks: int = 32, tokens_per_chunk: int = 4, interval_s: float = 0.
 
 
 class PacedEngine(_Front):
-    """An engine front (what serve.py's app drives) with no model: every `interval_s` one
-    "step" commits the next `tokens_per_chunk` token ids of `TEXT` to every running request,
-    as one `RequestOutput` each, until the request's max_tokens. Requests are checked as an
-    engine checks them; aborts stop a request before the next step."""
+    """An engine front (what serve.py's app drives) with no model: one "step" at most every
+    `interval_s` (it sleeps, then commits) gives every running request the next
+    `tokens_per_chunk` token ids of `TEXT`, as one `RequestOutput` each, until the request's
+    max_tokens (stop token ids are not looked for: every request ends by length). Requests are
+    checked as an engine checks them; aborts stop a request before the next step."""
 
     def __init__(self, tokenizer, tokens_per_chunk: int = 4, interval_s: float = 0.005, max_model_len: int = 8192):
         super().__init__()
@@ -120,6 +122,7 @@ class PacedEngine(_Front):
     async def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def main(argv=None) -> None:

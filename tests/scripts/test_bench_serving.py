@@ -2,10 +2,12 @@
 not export is unknown (NaN), not zero."""
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 
 import httpx
@@ -86,31 +88,41 @@ def test_client_processes_share_the_slots_and_the_requests_in_proportion(monkeyp
     assert processes == 2
 
 
-def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
-    """bench_serving against the stand-in server (scripts/stream_stub.py, 5 chunks of 1 token per
-    chat completion, recording each prompt): one process and two give the same requests, each
-    sent once, and the clients' CPU time is counted."""
-    import threading
-
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on 127.0.0.1 in a thread, for the block; yields its base URL."""
     import portpicker
     import uvicorn
-    from stream_stub import make_app
 
-    seen = []
-    app = make_app(chunks=5, tokens_per_chunk=1, interval_s=0.0, prompts=seen)
     port = portpicker.pick_unused_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
         time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_path):
+    """bench_serving against the stand-in server (scripts/stream_stub.py, 5 chunks of 1 token per
+    chat completion, recording each prompt): one process and two give the same requests, each
+    sent once, and the clients' CPU time is counted."""
+    from stream_stub import make_app
+
+    seen = []
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
-    try:
+    with serving(make_app(chunks=5, tokens_per_chunk=1, interval_s=0.0, prompts=seen)) as url:
         for processes in ("1", "2"):
             seen.clear()
             out = tmp_path / f"out{processes}.json"
-            bench_serving.main(["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--prompts", str(prompts),
+            bench_serving.main(["--base-url", url, "--model", "m", "--prompts", str(prompts),
                                 "--concurrency", "3", "1", "--num-prompts", "10", "--warmup-passes", "1",
                                 "--client-processes", processes, "--out", str(out)])
             rows = json.loads(out.read_text())["rows"]
@@ -119,19 +131,12 @@ def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_
                 assert row["requests"] == 10 and row["tokens_per_s"] * row["seconds"] == pytest.approx(50)
                 assert row["client_cpu"] > 0 and math.isnan(row["server_cpu"])
             assert sorted(seen) == sorted([f"prompt {i}" for i in range(10)] * 4)  # each level: a warm-up, a pass
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_serve_apps_http_layer_over_a_paced_engine_streams_every_token_and_counts_its_cpu(tmp_path, tiny_chat_target):
     """stream_stub.py --api: serve.py's app over PacedEngine (4 tokens a step) streams each request its
     max_tokens of the engine's text, detokenized, with usage; bench_serving reads the process's CPU from /metrics."""
-    import threading
-
     import openai
-    import portpicker
-    import uvicorn
     from stream_stub import PacedEngine
     from transformers import AutoTokenizer
 
@@ -139,15 +144,8 @@ def test_serve_apps_http_layer_over_a_paced_engine_streams_every_token_and_count
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
     engine = PacedEngine(tokenizer, tokens_per_chunk=4, interval_s=0.001)
-    port = portpicker.pick_unused_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, tokenizer, "stub"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    with serving(build_app(engine, tokenizer, "stub")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
         stream = client.chat.completions.create(model="stub", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=10, stream=True, stream_options={"include_usage": True},
                                                 extra_body={"return_token_ids": True})
@@ -160,14 +158,11 @@ def test_serve_apps_http_layer_over_a_paced_engine_streams_every_token_and_count
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
         out = tmp_path / "out.json"
-        bench_serving.main(["--base-url", f"http://127.0.0.1:{port}", "--prompts", str(prompts), "--concurrency", "4",
+        bench_serving.main(["--base-url", url, "--prompts", str(prompts), "--concurrency", "4",
                             "--num-prompts", "8", "--max-tokens", "12", "--warmup-passes", "1", "--out", str(out)])
         row = json.loads(out.read_text())["rows"][0]
         assert row["requests"] == 8 and row["tokens_per_s"] * row["seconds"] == pytest.approx(8 * 12)
         assert 0 < row["server_cpu"] < 2
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_the_engine_benchmark_refuses_a_level_given_twice_with_two_counts(capsys):
