@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (the setup's download), a .gguf or a transformers dir")
     p.add_argument("--draft", help="a DeepSpec draft directory: both decode with the confidence scheduler")
     p.add_argument("--sps", help="with --draft: the SPS table both use (bench_engine.py's --sps), instead of "
-                                 "profiling one")
+                                 "profiling one; measure it with the same kernels, page size and rounds a step")
     p.add_argument("--prompts", required=True, help="a {\"turns\": [...]} prompt file (the server takes text)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-tokens", type=int, default=128)
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
-                    *(["--draft", args.draft] if args.draft else []), *(["--sps", args.sps] if args.sps else []),
+                    *(["--draft", args.draft] if args.draft else []), *(["--sps", os.path.abspath(args.sps)] if args.sps else []),
                     "--prompts", args.prompts,
                     "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
