@@ -126,8 +126,8 @@ def main(argv=None) -> None:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
-                    *(["--draft", args.draft] if args.draft else []), *(["--sps", os.path.abspath(args.sps)] if args.sps else []),
-                    "--prompts", args.prompts,
+                    *(["--draft", args.draft] if args.draft else []),
+                    *(["--sps", os.path.abspath(args.sps)] if args.sps else []), "--prompts", args.prompts,
                     "--modes", "sched" if args.draft else "ar", "--concurrency", *levels,
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
                     "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),

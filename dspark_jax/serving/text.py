@@ -12,8 +12,9 @@ whole answer:
   either goes on past them or ends, so that a stop string is never half-sent; when one
   appears the text is cut before it and the stream ends;
 - `extend` decodes a step's tokens in one window (the decodes are a large part of a streamed
-  token's cost in the server), and takes them again one at a time where that could differ: when they
-  complete a stop string (to stop at the token that completed it) or end inside a character.
+  token's cost in the server), and takes them again one at a time where that could differ:
+  when they complete a stop string (to stop at the token that completed it) or end inside a
+  character.
 """
 
 from __future__ import annotations
