@@ -9,7 +9,8 @@ Runs, one after the other and each in its own processes (so each has the device 
    confidence scheduler over an SPS table it profiles (`sched`), or over --sps (an earlier
    bench_engine.py run's --out, say, which saves the profiling);
 2. `serve.py` with the same engine settings and the same decoding (with --draft: `--scheduler
-   prefix` over the table of step 1), and `bench_serving.py` against it.
+   prefix` over the table of step 1), and `bench_serving.py` against it; once for each
+   --api-server-count (serve.py's HTTP processes), one server after the other.
 Both see the same prompts, requests per level, tokens per request (EOS ignored), pages, rounds
 per step, kernels (--kernels), slots (the largest concurrency) and prefill budget (2048 tokens
 a step). The server
@@ -22,7 +23,7 @@ steps as fast but less of the time waits between steps: for requests, or for the
 of its process), and the CPU seconds per second of the level of the load generator's busiest
 process and of the server's process (bench_serving.py says what each counts). `--no-engine-process` serves
 from the engine in the HTTP process instead, which separates the process hop from the HTTP
-layer. JSON (both runs and the ratios) goes to --out.
+layer. JSON (the runs and the ratios) goes to --out.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-scheduler-steps", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-server-count", type=int, nargs="+", default=[1],
+                   help="serve.py's HTTP processes; several counts: a server for each, measured in turn")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="serve.py's engine in its own process (its default), or in the HTTP process's event loop")
     p.add_argument("--startup-timeout", type=float, default=600)
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="bench_server_overhead_")
-    engine_json, server_json = os.path.join(work, "engine.json"), os.path.join(work, "server.json")
+    engine_json = os.path.join(work, "engine.json")
     kv = repr(args.kv_memory) if args.kv_memory <= 1 else str(int(args.kv_memory))
     levels = [str(c) for c in args.concurrency]
     try:  # refused here, before either run starts
@@ -122,6 +125,8 @@ def main(argv=None) -> None:
         p.error(str(e))
     if args.sps and not args.draft:
         p.error("--sps needs --draft (it prices drafted rounds)")
+    if min(args.api_server_count) < 1 or (max(args.api_server_count) > 1 and not args.engine_process):
+        p.error("--api-server-count must be at least 1, and 1 with --no-engine-process")
     if args.client_processes < 1:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
@@ -142,34 +147,38 @@ def main(argv=None) -> None:
         "--engine-process" if args.engine_process else "--no-engine-process"]
     if args.draft:  # the engine run's SPS table (--sps's, or the one it profiled), with its draft seconds
         flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]
-    server = serve(args, flags, os.path.join(work, "server.log"))
-    try:
-        subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
-                        f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
-                        "--max-tokens", str(args.max_tokens), "--client-processes", str(args.client_processes),
-                        *per_level, "--out", server_json], check=True, cwd=ROOT)
-    finally:
-        server.send_signal(signal.SIGTERM)  # drains, then exits
-        server.wait(timeout=120)
+    servers = {}
+    for count in args.api_server_count:
+        server_json = os.path.join(work, f"server{count}.json")
+        server = serve(args, [*flags, "--api-server-count", str(count)], os.path.join(work, f"server{count}.log"))
+        try:
+            subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
+                            f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
+                            "--max-tokens", str(args.max_tokens), "--client-processes", str(args.client_processes),
+                            *per_level, "--out", server_json], check=True, cwd=ROOT)
+        finally:
+            server.send_signal(signal.SIGTERM)  # drains, then exits
+            server.wait(timeout=120)
+        with open(server_json) as f:
+            servers[count] = json.load(f)
 
     with open(engine_json) as f:
         engine = json.load(f)
-    with open(server_json) as f:
-        served = json.load(f)
-    rows = compare(engine, served)
+    rows = [{"api_server_count": count, **row} for count, served in servers.items() for row in compare(engine, served)]
     with open(args.out, "w") as f:
-        json.dump({"engine": engine, "server": served, "engine_process": args.engine_process, "rows": rows}, f,
-                  indent=1)
+        json.dump({"engine": engine, "servers": {str(count): served for count, served in servers.items()},
+                   "engine_process": args.engine_process, "rows": rows}, f, indent=1)
     print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, server engine "
           f"{'in its own process' if args.engine_process else 'in the HTTP process'}, "
           f"{args.max_tokens} tokens per request (logs in {work})")
-    print("| concurrency | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
+    print("| concurrency | HTTP processes | engine tokens/s | server tokens/s | server/engine | engine TPOT p50 ms | "
           "server TPOT p50 ms | server/engine | step ms engine / server | stepping engine / server | "
-          "CPU client / server |\n|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['engine_tokens_per_s']:.0f} | {r['server_tokens_per_s']:.0f} | "
-              f"{r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | {r['server_tpot_p50_ms']:.2f} | "
-              f"{r['tpot_ratio']:.3f} | {r['engine_step_ms']:.2f} / {r['server_step_ms']:.2f} | "
+          "CPU client / server |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["api_server_count"])):
+        print(f"| {r['concurrency']} | {r['api_server_count']} | {r['engine_tokens_per_s']:.0f} | "
+              f"{r['server_tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | {r['engine_tpot_p50_ms']:.2f} | "
+              f"{r['server_tpot_p50_ms']:.2f} | {r['tpot_ratio']:.3f} | "
+              f"{r['engine_step_ms']:.2f} / {r['server_step_ms']:.2f} | "
               f"{r['engine_stepping']:.0%} / {r['server_stepping']:.0%} | "
               f"{r['client_cpu']:.2f} / {r['server_cpu']:.2f} |")
 

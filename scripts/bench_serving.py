@@ -28,8 +28,9 @@ the engine's in process means the engine waited between steps), and the engine p
 server compiled during the measured run (a nonzero count warns that compilation overlapped
 it), and the CPU seconds per second of the level of this client's busiest process and of the
 server's process (its /metrics' process_cpu_seconds_total: serve.py's HTTP process with its
-threads, and its engine too with --no-engine-process): a client value near 1.0 means that client
-process was saturated; a server value near 1.0 points at the server's Python work. JSON goes to
+threads, and its engine too with --no-engine-process; with --api-server-count N, the busiest of
+its HTTP processes, from dspark_api_server_cpu_seconds): a client value near 1.0 means that
+client process was saturated; a server value near 1.0 points at the server's Python work. JSON goes to
 --out, a markdown table to stdout.
 """
 
@@ -150,8 +151,20 @@ async def counters(http) -> tuple[dict, float]:
     """The server's `COUNTERS` so far (NaN for one it does not export: another server, or an
     older serve.py) and its programs compiling now (0 when it does not say), from its /metrics."""
     text = (await http.get("/metrics")).text
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return {name: values.get(name, math.nan) for name in COUNTERS}, values.get("dspark_engine_compiles_pending", 0.0)
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    values = {s.name: s.value for s in samples}
+    out = {name: values.get(name, math.nan) for name in COUNTERS}
+    # serve.py --api-server-count N: each HTTP process's CPU seconds, by pid
+    out["api_server_cpu"] = {s.labels["pid"]: s.value for s in samples if s.name == "dspark_api_server_cpu_seconds"}
+    return out, values.get("dspark_engine_compiles_pending", 0.0)
+
+
+def server_cpu_seconds(before: dict, after: dict) -> float:
+    """CPU seconds the server's HTTP process used between two `counters`: with several, the
+    busiest's."""
+    if not after["api_server_cpu"]:
+        return after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]
+    return max(cpu - before["api_server_cpu"].get(pid, 0.0) for pid, cpu in after["api_server_cpu"].items())
 
 
 async def settled(http, every: float = 10.0) -> dict:
@@ -207,7 +220,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
                             delta["dspark_engine_wait_seconds_total"]),
             "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes,
             "client_processes": processes,
-            "client_cpu": cpu / seconds, "server_cpu": delta["process_cpu_seconds_total"] / seconds}
+            "client_cpu": cpu / seconds, "server_cpu": server_cpu_seconds(before, after) / seconds}
 
 
 async def run(args) -> dict:

@@ -54,6 +54,7 @@ def assert_one_line_error(proc, *names):
      ["--max-new-tokens"]),
     (["scripts/repro_smollm2.py", "report", "--work", "no/such/run"], ["no/such/run"]),
     (["serve.py", "--scheduler", "prefix"], ["--scheduler needs --draft"]),
+    (["serve.py", "--api-server-count", "2", "--no-engine-process"], ["--api-server-count > 1 needs the engine"]),
     (["serve.py", "--model", "no/such/model.gguf", "--port", "0"], ["no/such/model.gguf"]),
     (["-m", "dspark_jax", "serve", "--tensor-parallel", "0"], ["--tensor-parallel"]),
 ])

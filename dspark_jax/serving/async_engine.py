@@ -12,6 +12,10 @@ slot and pages before the next step.
   so the event loop's per-token work (detokenizing, events, socket writes) and the engine's
   host work do not share one interpreter lock. Requests are checked in the parent against
   the engine's `RequestLimits` before they are sent.
+- `EngineClient` is the same front over a connection to that child from another process:
+  with `EngineProcess(build, clients=True)` the child also listens on a Unix socket, so that
+  several HTTP server processes (`serve.py --api-server-count N`) share one engine, each
+  receiving only its own requests' outputs.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import secrets
 import signal
 import threading
 import weakref
+from multiprocessing.connection import Client, Connection, Listener, arbitrary_address, wait
 from queue import SimpleQueue
 from typing import AsyncIterator, Callable, Sequence
 
@@ -38,9 +44,10 @@ class _Front:
 
     limits: RequestLimits
 
-    def __init__(self):
+    def __init__(self, id_prefix: str = "async"):
         self._queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
+        self._id_prefix = id_prefix
         self._failure: BaseException | None = None
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -54,7 +61,7 @@ class _Front:
             raise RuntimeError("the engine stopped after a failed step") from self._failure
         if self._queued() >= self.limits.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.limits.max_waiting} waiting requests); retry later")
-        rid = f"async-{next(self._ids)}" if request_id is None else str(request_id)
+        rid = f"{self._id_prefix}-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._queues:
             raise ValueError(f"request_id {rid!r} is already in use")
         self._queues[rid] = asyncio.Queue()
@@ -196,55 +203,50 @@ class AsyncEngine(_Front):
                 self._deliver(output.request_id, output)
 
 
-class EngineProcess(_Front):
-    """An engine built by `build` (a picklable callable returning (Engine, tokenizer, model
-    name)) and stepped in a child process (module docstring). Blocks until the engine is
-    ready; raises what `build` raised if it could not be built. `tokenizer` and `model_name`
-    are what `build` returned.
+class EngineClient(_Front):
+    """A front over `conn`, a connection to an engine process whose first message is its
+    "ready" (or "failed", raised here). `tokenizer` and `model_name` are what the engine's
+    build returned; request ids start with `id_prefix`, which must differ between the
+    clients of one engine. `connect` opens one to an `EngineProcess(..., clients=True)`.
 
     Two threads move messages so that the event loop never waits on the pipe: one sends the
-    loop's requests and aborts in order, one receives the child's messages and hands them to
+    loop's requests and aborts in order, one receives the engine's messages and hands them to
     the loop."""
 
-    def __init__(self, build: Callable[[], tuple[Engine, object, str]]):
-        super().__init__()
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited device state
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(child, build), name="dspark-engine", daemon=True)
-        self._process.start()
-        child.close()
-        # the child ignores SIGTERM (the parent drains first), so at exit it is killed
-        weakref.finalize(self, self._process.kill)
+    def __init__(self, conn: Connection, id_prefix: str = "async"):
+        super().__init__(id_prefix)
+        self._conn = conn
         try:
-            message = self._conn.recv()
-        except Exception as error:  # EOF, or an exception the parent cannot rebuild
+            message = conn.recv()
+        except Exception as error:  # EOF, or an exception this process cannot rebuild
             message = ("failed", RuntimeError(f"the engine process failed while starting ({error!r})"))
         if message[0] == "failed":
-            self._process.join(10)
-            self._process.kill()
+            conn.close()
             raise message[1]
         _, self.limits, self.tokenizer, self.model_name, self._stats, self._child_queued = message
-        self._sent = self._consumed = 0  # add messages sent, and taken by the child
+        self._sent = self._consumed = 0  # add messages sent, and taken by the engine
         self._outbox: SimpleQueue = SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+
+    @classmethod
+    def connect(cls, address: str, authkey: bytes, id_prefix: str) -> EngineClient:
+        """A client of the engine process listening at `address` (`EngineProcess.address`)."""
+        return cls(Client(address, family="AF_UNIX", authkey=authkey), id_prefix)
 
     def stats(self) -> EngineStats:
         """The engine's statistics as of its last step (or last change)."""
         return self._stats
 
     async def shutdown(self) -> None:
+        """Says "stop": the engine aborts what this client still has and forgets it."""
         self._stopping = True
         self._outbox.put(("stop",))
         if self._loop is None:  # nothing was ever sent: no sender thread
             try:
                 self._conn.send(("stop",))
-            except OSError:  # the child is gone already
+            except OSError:  # the engine is gone already
                 pass
-        await asyncio.to_thread(self._process.join, 30)
-        if self._process.is_alive():
-            self._process.kill()
-            await asyncio.to_thread(self._process.join, 10)
 
     def _queued(self) -> int:
         return self._child_queued + self._sent - self._consumed
@@ -257,9 +259,9 @@ class EngineProcess(_Front):
         self._send(("abort", rid))
 
     async def start(self) -> None:
-        """Starts taking the child's messages on the running event loop. Until then (or the
-        first request, which starts it too) `stats()` stays as the child was when it became
-        ready: compilations started at build time, say, seem pending for ever."""
+        """Starts taking the engine's messages on the running event loop. Until then (or the
+        first request, which starts it too) `stats()` stays as the engine was when this client
+        connected: compilations started at build time, say, seem pending for ever."""
         self._bind()
 
     def _bind(self) -> None:
@@ -289,7 +291,7 @@ class EngineProcess(_Front):
         while True:
             try:
                 message = self._conn.recv()
-            except Exception as error:  # EOF when the child is gone, or a message that cannot be read
+            except Exception as error:  # EOF when the engine is gone, or a message that cannot be read
                 if not self._stopping:
                     self._call(self._failed, f"the engine process stopped unexpectedly ({error!r})")
                 return
@@ -325,11 +327,127 @@ class EngineProcess(_Front):
             self._fail(RuntimeError(message))
 
 
-def _engine_main(conn, build) -> None:
+class EngineProcess(EngineClient):
+    """An engine built by `build` (a picklable callable returning (Engine, tokenizer, model
+    name)) and stepped in a child process (module docstring), with this object its first
+    client. Blocks until the engine is ready; raises what `build` raised if it could not be
+    built. With `clients=True` the child also takes `EngineClient.connect(address, authkey,
+    ...)` from other processes; it then sends this object nothing after "ready" (a
+    supervisor's handle, which only starts and stops the engine: add no requests to it)."""
+
+    def __init__(self, build: Callable[[], tuple[Engine, object, str]], clients: bool = False):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited device state
+        conn, child = context.Pipe()
+        # a socket path in a directory only this user can enter (removed when this process exits)
+        self.address = arbitrary_address("AF_UNIX") if clients else None
+        self.authkey = secrets.token_bytes(32) if clients else None
+        self._process = context.Process(target=_engine_main, args=(child, build, self.address, self.authkey),
+                                        name="dspark-engine", daemon=True)
+        self._process.start()
+        child.close()
+        # the child ignores SIGTERM (the parent drains first), so at exit it is killed
+        weakref.finalize(self, self._process.kill)
+        try:
+            super().__init__(conn)
+        except BaseException:
+            self._process.join(10)
+            self._process.kill()
+            raise
+
+    async def shutdown(self) -> None:
+        """Stops the engine (its clients' requests end with it) and waits for the child."""
+        await super().shutdown()
+        await asyncio.to_thread(self._process.join, 30)
+        if self._process.is_alive():
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 10)
+
+
+class _Clients:
+    """The engine process's side of its clients' connections: which client each request came
+    from, so that its outputs and refusal go back there alone, and how many requests each
+    client has sent that the engine has taken (its `_queued` count)."""
+
+    def __init__(self, engine: Engine, tokenizer, name: str):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.taken: dict[Connection, int] = {}  # connections open, and their add messages taken
+        self.owner: dict[str, Connection] = {}  # request id -> its client, until it finishes
+
+    def ready(self) -> tuple:
+        e = self.engine
+        return ("ready", e.limits, self.tokenizer, self.name, e.stats(), e.num_queued)
+
+    def add(self, conn: Connection) -> None:
+        self.taken[conn] = 0
+        self.send(conn, self.ready())
+
+    def drop(self, conn: Connection) -> None:
+        """A client that stopped or is gone: its requests are aborted, its connection closed."""
+        if self.taken.pop(conn, None) is None:
+            return
+        for rid in [rid for rid, owner in self.owner.items() if owner is conn]:
+            del self.owner[rid]
+            self.engine.abort(rid)
+        conn.close()
+
+    def send(self, conn: Connection, message) -> None:
+        try:
+            conn.send(message)
+        except OSError:  # the client is gone
+            self.drop(conn)
+
+    def take(self, conn: Connection) -> None:
+        """Applies what `conn` sent since the last step."""
+        try:
+            while conn in self.taken and conn.poll():
+                message = conn.recv()
+                if message[0] == "stop":
+                    self.drop(conn)
+                elif message[0] == "abort":
+                    if self.owner.get(message[1]) is conn:
+                        del self.owner[message[1]]
+                        self.engine.abort(message[1])
+                else:
+                    _, rid, prompt, params = message
+                    self.taken[conn] += 1
+                    try:
+                        self.engine.add_request(prompt, params, request_id=rid)
+                        self.owner[rid] = conn
+                    except (ValueError, EngineFull) as error:
+                        self.send(conn, ("refused", rid, error))
+        except (EOFError, OSError):  # the client is gone
+            self.drop(conn)
+
+    def publish(self, outputs: list[RequestOutput] | None) -> None:
+        """A step's outputs, each to its client, with the engine's statistics to every client
+        (None: only the statistics)."""
+        mine: dict[Connection, list[RequestOutput]] = {conn: [] for conn in self.taken}
+        for output in outputs or ():
+            conn = self.owner.get(output.request_id)
+            if conn is not None:
+                mine[conn].append(output)
+                if output.finished:
+                    del self.owner[output.request_id]
+        stats, queued = self.engine.stats(), self.engine.num_queued
+        for conn, batch in mine.items():
+            if outputs is None:
+                self.send(conn, ("stats", stats, queued, self.taken[conn]))
+            else:
+                self.send(conn, ("outputs", batch, stats, queued, self.taken[conn]))
+
+    def fail(self, message: str) -> None:
+        for conn in list(self.taken):
+            self.send(conn, ("failed", message))
+
+
+def _engine_main(conn, build, address: str | None = None, authkey: bytes | None = None) -> None:
     """The child process: builds the engine, then steps it while any request is unfinished,
-    taking the parent's requests and aborts between steps, and sends every step's outputs
-    with the engine's statistics. A signal is the parent's to handle: it drains its requests,
-    then sends "stop"."""
+    taking its clients' requests and aborts between steps, and sends each client its
+    requests' outputs of every step with the engine's statistics. `conn` is the parent's:
+    without `address` its only client, whose "stop" (or exit) ends the child; with one, the
+    supervisor's, which gets "ready" and later says "stop", while the clients connect at
+    `address` (a thread accepts them, waking the loop through a pipe) and come and go. A
+    signal is the parent's to handle: it drains its requests, then sends "stop"."""
     from dspark_jax.console import configure_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -338,42 +456,58 @@ def _engine_main(conn, build) -> None:
     try:
         engine, tokenizer, name = build()
         freeze_heap()
-        conn.send(("ready", engine.limits, tokenizer, name, engine.stats(), engine.num_queued))
+        listener = None if address is None else Listener(address, family="AF_UNIX", authkey=authkey)
     except Exception as error:  # the parent raises it (a bad flag or checkpoint is the user's error)
         try:
             conn.send(("failed", error))
         except Exception:  # it does not pickle
             conn.send(("failed", RuntimeError(f"the engine did not start: {type(error).__name__}: {error}")))
         return
-    consumed, compiling = 0, engine.compiles_pending  # add messages taken; compilations pending
+    clients = _Clients(engine, tokenizer, name)
+    watched: list = []  # what the loop waits on besides the clients: the supervisor, new clients' wake-up
+    woken = None
+    if listener is None:
+        clients.add(conn)
+    else:
+        conn.send(clients.ready())
+        arrived: SimpleQueue = SimpleQueue()
+        wake, woken = multiprocessing.Pipe()
+        threading.Thread(target=_accept, args=(listener, arrived, wake), name="engine-accept", daemon=True).start()
+        watched = [conn, woken]
+    compiling = engine.compiles_pending
     try:
-        while True:
-            if not engine.has_unfinished():  # idle: wait for a message (or, while programs compile, a second)
-                conn.poll(1.0 if compiling else None)
+        while clients.taken or watched:
+            busy = engine.has_unfinished()
+            # idle: wait for a message (or, while programs compile, a second)
+            ready = wait([*clients.taken, *watched], 0 if busy else 1.0 if compiling else None)
             pending = engine.compiles_pending
-            changed, compiling = pending != compiling, pending  # the parent's gauge follows the compilations
-            while conn.poll():
-                message = conn.recv()
-                if message[0] == "stop":
-                    return
-                changed = True
-                if message[0] == "abort":
-                    engine.abort(message[1])
-                    continue
-                _, rid, prompt, params = message
-                consumed += 1
-                try:
-                    engine.add_request(prompt, params, request_id=rid)
-                except (ValueError, EngineFull) as error:
-                    conn.send(("refused", rid, error))
+            changed, compiling = pending != compiling or bool(ready), pending  # the gauge follows compilations
+            if conn in ready and listener is not None:  # the supervisor says "stop" (or is gone)
+                return
+            if woken is not None and woken in ready:
+                woken.recv()
+                clients.add(arrived.get())
+            for client in ready:
+                if client in clients.taken:
+                    clients.take(client)
             if engine.has_unfinished():
-                conn.send(("outputs", engine.step(), engine.stats(), engine.num_queued, consumed))
+                clients.publish(engine.step())
             elif changed:
-                conn.send(("stats", engine.stats(), engine.num_queued, consumed))
-    except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent is gone
-        return
+                clients.publish(None)
     except Exception as error:
         log.exception("the engine failed")
-        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        clients.fail(f"{type(error).__name__}: {error}")
     finally:
         engine.close()  # no more background compilation
+
+
+def _accept(listener: Listener, arrived: SimpleQueue, wake: Connection) -> None:
+    """The engine process's thread that takes new clients (their handshake checks the key)."""
+    while True:
+        try:
+            client = listener.accept()
+        except (OSError, EOFError, multiprocessing.AuthenticationError) as error:
+            log.warning("a client could not connect to the engine: %r", error)
+            continue
+        arrived.put(client)
+        wake.send(None)

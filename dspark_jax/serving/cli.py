@@ -7,6 +7,13 @@ SPS table (--sps FILE, or measured on this device at start-up with the draft's s
 pass, and cached under $DSPARK_CACHE/sps, default ~/.cache/dspark_jax/sps); with the draft's
 cost in the table it also skips drafting in rounds where drafting does not pay. The engine
 is built and stepped in a child process (`EngineProcess`) unless --no-engine-process.
+
+With --api-server-count N > 1, N HTTP server processes share the port (uvicorn's workers:
+it restarts one that dies, and on SIGTERM lets each drain) and the engine process: each
+connects to it (`EngineClient`) and gets its own requests' outputs, so the per-token work of
+the HTTP layer (detokenizing, JSON, socket writes) spreads over N cores. /metrics then adds
+up the processes' request metrics (prometheus_client's multiprocess mode) and shows each
+one's CPU seconds in dspark_api_server_cpu_seconds{pid=...}.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dspark_jax.console import HelpFormatter, configure_logging, run_cli
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_SERVER_ENV = "DSPARK_API_SERVER"  # how --api-server-count's processes find the engine (JSON)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +53,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engine in its own process (the HTTP layer's Python work then never delays "
                         "an engine step)")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="HTTP server processes sharing the port and the engine process: more spread the HTTP "
+                        "layer's per-token work over cores (worth it when /metrics' CPU of one nears a core)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="plan each engine step while the previous one runs on the device")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
@@ -77,6 +88,10 @@ def check_serve_args(args) -> None:
         raise ValueError("--scheduler needs --draft")
     if args.sps and args.scheduler == "none":
         raise ValueError("--sps needs --scheduler prefix or async")
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and not args.engine_process:
+        raise ValueError("--api-server-count > 1 needs the engine in its own process (drop --no-engine-process)")
     if args.tensor_parallel < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     if args.kv_memory is not None and args.kv_memory <= 0:
@@ -178,26 +193,84 @@ def make_scheduler(args, target, draft, temperatures, mesh=None):
 
 
 def run(args) -> None:
+    check_serve_args(args)
+    serve(functools.partial(build_engine, args), host=args.host, port=args.port, api_key=args.api_key,
+          api_server_count=args.api_server_count, engine_process=args.engine_process,
+          drain_timeout=args.drain_timeout)
+
+
+def serve(build, *, host: str, port: int, api_key: str | None = None, api_server_count: int = 1,
+          engine_process: bool = True, drain_timeout: float | None = None) -> None:
+    """Serves the engine `build()` returns (with its tokenizer and model name; a picklable
+    callable) on host:port until SIGTERM or SIGINT: in a child process unless not
+    `engine_process`, with `api_server_count` HTTP processes (module docstring)."""
     import uvicorn
 
     from dspark_jax.serving import AsyncEngine, EngineProcess
     from dspark_jax.serving.engine import freeze_heap
     from dspark_jax.serving.openai_server import build_app
 
-    check_serve_args(args)
-    if args.engine_process:
-        engine = EngineProcess(functools.partial(build_engine, args))
+    if api_server_count > 1:
+        run_api_servers(build, host=host, port=port, api_key=api_key, count=api_server_count,
+                        drain_timeout=drain_timeout)
+        return
+    if engine_process:
+        engine = EngineProcess(build)
         tokenizer, name = engine.tokenizer, engine.model_name
     else:
-        local, tokenizer, name = build_engine(args)
+        local, tokenizer, name = build()
         engine = AsyncEngine(local)
-    app = build_app(engine, tokenizer, name, api_key=args.api_key)
+    app = build_app(engine, tokenizer, name, api_key=api_key)
     freeze_heap()  # this process's (the engine's too without --engine-process)
-    log.info("serving %s on http://%s:%d/v1%s", name, args.host, args.port, " (API key required)" if args.api_key else "")
+    log.info("serving %s on http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
     # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in
     # flight finish, then runs the app's shutdown (which stops the engine).
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=drain_timeout)
+
+
+def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: int,
+                    drain_timeout: float | None) -> None:
+    """`count` HTTP processes over one engine process (module docstring): the engine process,
+    then uvicorn's workers, each building its app with `api_server_app`; once they have
+    drained and exited, the engine stops."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from dspark_jax.serving import EngineProcess
+
+    engine = EngineProcess(build, clients=True)
+    metrics_dir = tempfile.mkdtemp(prefix="dspark-metrics-")
+    # read by the workers' prometheus_client when it is imported: every process's metrics in files there
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[API_SERVER_ENV] = json.dumps({"address": engine.address, "authkey": engine.authkey.hex(),
+                                             "api_key": api_key})
+    log.info("serving %s on http://%s:%d/v1 from %d processes%s", engine.model_name, host, port, count,
+             " (API key required)" if api_key else "")
+    try:
+        uvicorn.run(f"{__name__}:api_server_app", factory=True, workers=count, host=host, port=port,
+                    log_level="warning", access_log=False, timeout_graceful_shutdown=drain_timeout)
+    finally:
+        asyncio.run(engine.shutdown())
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def api_server_app():
+    """The app of one of --api-server-count's processes (uvicorn calls it in each): a client
+    of the engine process that `run_api_servers` started, with request ids of its own."""
+    from dspark_jax.serving import EngineClient
+    from dspark_jax.serving.engine import freeze_heap
+    from dspark_jax.serving.openai_server import build_app
+
+    configure_logging()
+    settings = json.loads(os.environ[API_SERVER_ENV])
+    engine = EngineClient.connect(settings["address"], bytes.fromhex(settings["authkey"]), f"api{os.getpid()}")
+    app = build_app(engine, engine.tokenizer, engine.model_name, api_key=settings["api_key"])
+    freeze_heap()
+    return app
 
 
 def main(argv=None) -> int:

@@ -4,11 +4,20 @@ The engine's own counters (`EngineStats`) are read when /metrics is scraped, by 
 what only the HTTP layer sees (tokens per request, time to first token, time per output
 token, end-to-end latency, finished requests by reason) is recorded as requests end.
 Names follow vLLM's where one exists, under the `dspark_` prefix.
+
+When several HTTP processes serve one engine (`serve.py --api-server-count N`), the server
+sets PROMETHEUS_MULTIPROC_DIR for them: prometheus_client then keeps each process's metrics
+in files there, and /metrics, from whichever process answers, adds them up (and shows each
+process's CPU seconds, one series per pid, in place of this process's own process metrics).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+import os
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -77,10 +86,15 @@ class EngineCollector:
 
 class ServerMetrics:
     def __init__(self, stats):
-        self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(stats))
-        r = self.registry
-        ProcessCollector(registry=r)  # process_cpu_seconds_total etc. of the HTTP process (on Linux)
+        self.engine = EngineCollector(stats)
+        self.registry = r = CollectorRegistry()
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if self.multiprocess:
+            self.cpu = Gauge("dspark_api_server_cpu_seconds", "CPU seconds used by each HTTP server process so far "
+                             "(as of its last finished request).", multiprocess_mode="all", registry=r)
+        else:
+            r.register(self.engine)
+            ProcessCollector(registry=r)  # process_cpu_seconds_total etc. of the HTTP process (on Linux)
         self.prompt_tokens = Counter("dspark_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("dspark_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("dspark_request_success", "Requests finished, by finish reason.", ["finished_reason"],
@@ -103,3 +117,15 @@ class ServerMetrics:
             self.ttft.observe(first - arrival)
             if tokens > 1:
                 self.tpot.observe((end - first) / (tokens - 1))
+        if self.multiprocess:
+            self.cpu.set(time.process_time())
+
+    def render(self) -> bytes:
+        """The text /metrics answers: this process's registry, or every HTTP process's metrics
+        added up, with the engine's."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(self.engine)
+        return generate_latest(registry)

@@ -33,10 +33,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from dspark_jax.serving.async_engine import AsyncEngine, EngineProcess
+from dspark_jax.serving.async_engine import AsyncEngine, EngineClient
 from dspark_jax.serving.engine import EngineFull
 from dspark_jax.serving.metrics import ServerMetrics
 from dspark_jax.serving.params import RequestOutput, SamplingParams
@@ -91,7 +91,7 @@ class Choice:
         return self.text.token_ids
 
 
-def build_app(engine: AsyncEngine | EngineProcess, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine | EngineClient, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     """The app serving `engine` under `model_name`; `tokenizer` (None: token-id prompts only,
     answers as token ids with empty text) turns text into ids and back; with `api_key`, every
     /v1 route wants `Authorization: Bearer <api_key>`."""
@@ -145,7 +145,7 @@ def build_app(engine: AsyncEngine | EngineProcess, tokenizer, model_name: str, a
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 

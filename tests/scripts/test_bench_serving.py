@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -46,7 +47,29 @@ def test_a_counter_the_server_does_not_export_is_nan_and_the_others_are_read():
 
 def test_a_server_without_any_of_them_has_nothing_compiling():
     values, pending = read_counters(b"")
-    assert pending == 0 and all(math.isnan(v) for v in values.values())
+    assert pending == 0 and all(math.isnan(values[name]) for name in bench_serving.COUNTERS)
+    assert values["api_server_cpu"] == {}
+
+
+def test_the_server_cpu_is_its_busiest_http_process():
+    """One HTTP process: its process_cpu_seconds_total; several (serve.py --api-server-count):
+    the largest change of dspark_api_server_cpu_seconds over the processes, by pid (one that
+    appeared during the level counts from zero)."""
+    registry = CollectorRegistry()
+    Counter("process_cpu_seconds", "cpu", registry=registry).inc(3.5)
+    one, _ = read_counters(generate_latest(registry))
+    assert bench_serving.server_cpu_seconds({**one, "process_cpu_seconds_total": 1.0}, one) == 2.5
+
+    def several(values):
+        registry = CollectorRegistry()
+        gauge = Gauge("dspark_api_server_cpu_seconds", "cpu", ["pid"], registry=registry)
+        for pid, value in values.items():
+            gauge.labels(pid).set(value)
+        return read_counters(generate_latest(registry))[0]
+
+    before, after = several({"11": 5.0, "12": 1.0}), several({"11": 6.0, "12": 4.0, "13": 0.5})
+    assert after["api_server_cpu"] == {"11": 6.0, "12": 4.0, "13": 0.5}
+    assert bench_serving.server_cpu_seconds(before, after) == 3.0
 
 
 def test_requests_per_level_come_once_for_every_level_or_once_per_level():
@@ -133,36 +156,44 @@ def test_a_closed_loop_split_over_client_processes_sends_every_request_once(tmp_
             assert sorted(seen) == sorted([f"prompt {i}" for i in range(10)] * 4)  # each level: a warm-up, a pass
 
 
-def test_serve_apps_http_layer_over_a_paced_engine_streams_every_token_and_counts_its_cpu(tmp_path, tiny_chat_target):
-    """stream_stub.py --api: serve.py's app over PacedEngine (4 tokens a step) streams each request its
-    max_tokens of the engine's text, detokenized, with usage; bench_serving reads the process's CPU from /metrics."""
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_serve_over_a_paced_engine_streams_every_token_and_counts_its_cpu(tmp_path, tiny_chat_target, api_servers):
+    """stream_stub.py --api: serve.py (its engine process and HTTP processes) over PacedEngine (4
+    tokens a step) streams each request its max_tokens of the engine's text, detokenized, with
+    usage; bench_serving reads the HTTP process's CPU (the busiest one's) from /metrics."""
     import openai
-    from stream_stub import PacedEngine
+    from stream_stub import TEXT
     from transformers import AutoTokenizer
 
-    from dspark_jax.serving.openai_server import build_app
+    from tests.serving.live import LiveServer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
-    engine = PacedEngine(tokenizer, tokens_per_chunk=4, interval_s=0.001)
-    with serving(build_app(engine, tokenizer, "stub")) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    server = LiveServer("--api", "--tokenizer", tiny_chat_target, "--interval-ms", "1", "--api-server-count",
+                        str(api_servers), script="scripts/stream_stub.py", startup_s=120)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
         stream = client.chat.completions.create(model="stub", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=10, stream=True, stream_options={"include_usage": True},
                                                 extra_body={"return_token_ids": True})
         chunks = list(stream)
         ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra or {}).get("token_ids") or []]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        expected = [engine.text_ids[i % len(engine.text_ids)] for i in range(10)]
+        text_ids = tokenizer.encode(TEXT, add_special_tokens=False)
+        expected = [text_ids[i % len(text_ids)] for i in range(10)]
         assert ids == expected and text == tokenizer.decode(expected, skip_special_tokens=True)
         assert chunks[-1].usage.completion_tokens == 10 and chunks[-2].choices[0].finish_reason == "length"
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
         out = tmp_path / "out.json"
-        bench_serving.main(["--base-url", url, "--prompts", str(prompts), "--concurrency", "4",
+        bench_serving.main(["--base-url", server.url, "--prompts", str(prompts), "--concurrency", "4",
                             "--num-prompts", "8", "--max-tokens", "12", "--warmup-passes", "1", "--out", str(out)])
         row = json.loads(out.read_text())["rows"][0]
         assert row["requests"] == 8 and row["tokens_per_s"] * row["seconds"] == pytest.approx(8 * 12)
         assert 0 < row["server_cpu"] < 2
+        cpu = [k for k in server.metrics() if k.startswith("dspark_api_server_cpu_seconds")]
+        assert len(cpu) == (api_servers if api_servers > 1 else 0)
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises the signal it drained on
 
 
 def test_the_engine_benchmark_refuses_a_level_given_twice_with_two_counts(capsys):

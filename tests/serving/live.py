@@ -23,24 +23,26 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`python serve.py *args` on a free port; waits until /health answers."""
+    """`python serve.py *args` (or another `script` of the repository taking --host and --port)
+    on a free port; waits until /health answers."""
 
-    def __init__(self, *args: str, startup_s: float = 300, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, startup_s: float = 300, env: dict[str, str] | None = None,
+                 script: str = "serve.py"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
                **(env or {})}
-        if "--compilation-cache" not in args:  # keep tests out of the user's cache
+        if script == "serve.py" and "--compilation-cache" not in args:  # keep tests out of the user's cache
             args = (*args, "--compilation-cache", "off")
-        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, "--host", "127.0.0.1",
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=ROOT)
         deadline = time.monotonic() + startup_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"serve.py exited with {self.process.returncode}:\n{self.output()}")
+                raise RuntimeError(f"{script} exited with {self.process.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -48,7 +50,7 @@ class LiveServer:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"serve.py did not start in {startup_s} s:\n{self.output()}")
+                raise RuntimeError(f"{script} did not start in {startup_s} s:\n{self.output()}")
             time.sleep(0.5)
 
     def output(self) -> str:

@@ -1,8 +1,9 @@
-"""AsyncEngine (and EngineProcess, the engine in a child process) streams each request's
-tokens as rounds commit them, equal to `generate`'s output, and a consumer that stops early
-aborts its request and frees its pages."""
+"""AsyncEngine (and EngineProcess, the engine in a child process, with clients in other
+processes) streams each request's tokens as rounds commit them, equal to `generate`'s
+output, and a consumer that stops early aborts its request and frees its pages."""
 
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from dspark_jax import generate
-from dspark_jax.serving import AsyncEngine, Engine, EngineFull, EngineProcess, SamplingParams
+from dspark_jax.serving import AsyncEngine, Engine, EngineClient, EngineFull, EngineProcess, SamplingParams
 from tests.decoding.test_speculative import SCHEDULER, tiny_draft, tiny_target
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 1, 2, 0, 3], [3], [5, 5], [7, 1], [2, 2, 2], [0, 1, 0], [6, 6, 6, 6, 1, 2, 3, 4]]
@@ -212,3 +213,40 @@ def test_a_parent_that_exits_without_shutdown_takes_the_child_with_it():
     child = int(next(line for line in proc.stdout.splitlines() if line.startswith("child pid")).split()[-1])
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # gone (and reaped)
+
+
+def test_clients_of_one_engine_process_get_their_own_outputs():
+    """`EngineProcess(..., clients=True)`: clients connected from elsewhere (here two in one
+    loop) share the engine, each streaming its own requests; one that stops with a request
+    in flight has it aborted, and a client with the wrong key is turned away."""
+    ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
+                   scheduler=SCHEDULER).tokens
+
+    async def main():
+        supervisor = EngineProcess(build_in_child, clients=True)
+        connect = lambda prefix, key=supervisor.authkey: EngineClient.connect(supervisor.address, key, prefix)
+        with pytest.raises(multiprocessing.AuthenticationError):
+            connect("intruder", b"not the key")
+        a, b = connect("a"), connect("b")
+        assert (a.model_name, a.tokenizer, a.limits) == ("tiny", None, tiny_engine().limits)
+        half = len(PROMPTS) // 2
+        results = await asyncio.wait_for(asyncio.gather(*(collect(a, p, GREEDY) for p in PROMPTS[:half]),
+                                                        *(collect(b, p, GREEDY) for p in PROMPTS[half:])), 120)
+        stream = b.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        await anext(stream)
+        await b.shutdown()  # with that request in flight: the engine aborts it
+        for _ in range(200):
+            if a.stats().pages_used == 0 and a.stats().running == 0:
+                break
+            await asyncio.sleep(0.05)
+        stats = a.stats()
+        after = await collect(a, PROMPTS[0], GREEDY)  # the engine goes on serving the other client
+        await a.shutdown()
+        await supervisor.shutdown()
+        return results, stats, after, supervisor._process.exitcode
+
+    results, stats, after, exitcode = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == ref
+    assert stats.pages_used == 0 and stats.running == 0
+    assert after[0] == ref[0]
+    assert exitcode == 0

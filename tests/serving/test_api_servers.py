@@ -1,0 +1,146 @@
+"""serve.py --api-server-count 2, tested live on 127.0.0.1 with the `openai` client: two HTTP
+processes share the port and one engine process (a tiny random target, decoding
+autoregressively in float32).
+
+- 32 concurrent clients each get exactly their offline greedy answer, whichever process
+  serves them;
+- /metrics, from either process, adds up both processes' request counts and shows each
+  process's CPU seconds;
+- the API key holds in both processes;
+- SIGTERM with streams in flight lets them finish, then every process exits (last test).
+"""
+
+import asyncio
+import os
+import signal
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from dspark_jax import generate
+from dspark_jax.checkpoints.target import save_target
+from tests.decoding.test_speculative import V, tiny_target
+from tests.serving.live import LiveServer
+
+KEY = "two-servers"
+N_CLIENTS = 32
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_target(tiny_target(), str(d / "target"))
+    srv = LiveServer("--model", str(d / "target"), "--api-server-count", "2", "--dtype", "float32",
+                     "--max-num-seqs", "32", "--page-size", "4", "--kv-memory", str(4 << 20),
+                     "--max-num-batched-tokens", "128", "--served-model-name", "tiny", "--api-key", KEY)
+    yield srv
+    srv.stop()
+
+
+def stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` started with multiprocessing's spawn (the HTTP processes and the
+    engine's; not its resource tracker, which outlives it by a moment)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = stat(entry)
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except OSError:
+            continue
+        if fields is not None and int(fields[1]) == pid and spawned:
+            found.append(int(entry))
+    return found
+
+
+def client(server, key=KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_concurrent_clients_get_their_greedy_answers_and_metrics_add_up(server):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, V, int(rng.integers(1, 11))).tolist() for _ in range(N_CLIENTS)]
+    expected = generate(tiny_target(), None, prompts, max_new_tokens=12, temperature=0.0).tokens
+
+    async def main():
+        apis = [client(server) for _ in range(4)]  # several connection pools: connections land on both processes
+        ask = lambda k, p: apis[k % 4].completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0.0,
+                                                          extra_body={"return_token_ids": True})
+        return await asyncio.wait_for(asyncio.gather(*(ask(k, p) for k, p in enumerate(prompts))), 120)
+
+    answers = asyncio.run(main())
+    for prompt, answer, want in zip(prompts, answers, expected):
+        assert answer.choices[0].token_ids == want, prompt
+        assert answer.usage.completion_tokens == len(want) and answer.usage.prompt_tokens == len(prompt)
+    scrapes = [server.wait_idle() for _ in range(8)]  # a new connection each: either process answers
+    for m in scrapes:
+        finished = sum(v for k, v in m.items() if k.startswith("dspark_request_success_total"))
+        assert finished == N_CLIENTS, m
+        assert m["dspark_generation_tokens_total"] == sum(map(len, expected))
+        assert m["dspark_prompt_tokens_total"] == sum(map(len, prompts))
+        assert m["dspark_time_to_first_token_seconds_count"] == N_CLIENTS
+        cpu = {k: v for k, v in m.items() if k.startswith("dspark_api_server_cpu_seconds")}
+        assert len(cpu) == 2 and all(v >= 0 for v in cpu.values()), cpu
+        assert m["dspark_decode_rounds_total"] > 0  # the engine's own counters come along
+
+
+def test_the_api_key_holds_in_every_process(server):
+    async def main():
+        denied = 0
+        for _ in range(8):
+            try:
+                await client(server, key="wrong").models.list()
+            except openai.AuthenticationError:
+                denied += 1
+        return denied, (await client(server).models.list()).data[0].id
+
+    assert asyncio.run(main()) == (8, "tiny")
+
+
+def test_sigterm_drains_streams_in_flight_then_every_process_exits(server):
+    """Runs last: it stops the module's server."""
+    n, length = 16, 48
+
+    async def stream(api, k, started, finished):
+        got = []
+        response = await api.completions.create(model="tiny", prompt=[k % V, 1], max_tokens=length, temperature=0.0,
+                                                stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        async for chunk in response:
+            got += chunk.choices[0].token_ids
+            started.add(k)
+        finished.add(k)
+        return got
+
+    async def main():
+        apis, started, finished = [client(server) for _ in range(4)], set(), set()
+        tasks = [asyncio.ensure_future(stream(apis[k % 4], k, started, finished)) for k in range(n)]
+        while len(started) < n:
+            await asyncio.sleep(0.01)
+        kids = spawned_children(server.process.pid)
+        server.process.send_signal(signal.SIGTERM)
+        in_flight = n - len(finished)
+        return in_flight, kids, await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    in_flight, kids, results = asyncio.run(main())
+    assert in_flight > 0  # the signal came while streams were running
+    expected = generate(tiny_target(), None, [[k % V, 1] for k in range(n)], max_new_tokens=length,
+                        temperature=0.0, stop_ids=[]).tokens
+    assert results == expected
+    code = server.process.wait(60)
+    assert code == 0, server.output()
+    assert "Traceback" not in server.output()
+    assert len(kids) == 3  # two HTTP processes and the engine's
+    assert all(stat(pid) is None or stat(pid)[0] == "Z" for pid in kids)  # gone (or exited, unreaped)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=2)
