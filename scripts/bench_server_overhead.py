@@ -125,8 +125,9 @@ def main(argv=None) -> None:
         p.error(str(e))
     if args.sps and not args.draft:
         p.error("--sps needs --draft (it prices drafted rounds)")
-    if min(args.api_server_count) < 1 or (max(args.api_server_count) > 1 and not args.engine_process):
-        p.error("--api-server-count must be at least 1, and 1 with --no-engine-process")
+    counts = args.api_server_count
+    if min(counts) < 1 or len(set(counts)) < len(counts) or (max(counts) > 1 and not args.engine_process):
+        p.error(f"--api-server-count must be distinct counts of at least 1 (1 with --no-engine-process), got {counts}")
     if args.client_processes < 1:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]

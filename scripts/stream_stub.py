@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import functools
 import json
+import sys
 import time
 
 import uvicorn
@@ -132,7 +133,7 @@ def build_paced(tokenizer: str, tokens_per_chunk: int, interval_s: float):
     return PacedEngine(loaded, tokens_per_chunk, interval_s), loaded, "stub"
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
@@ -147,12 +148,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.api:
         configure_logging()
-        serve(functools.partial(build_paced, args.tokenizer, args.tokens_per_chunk, args.interval_ms / 1e3),
-              host=args.host, port=args.port, api_server_count=args.api_server_count)
-    else:
-        uvicorn.run(make_app(args.chunks, args.tokens_per_chunk, args.interval_ms / 1e3), host=args.host,
-                    port=args.port, log_level="warning")
+        return serve(functools.partial(build_paced, args.tokenizer, args.tokens_per_chunk, args.interval_ms / 1e3),
+                     host=args.host, port=args.port, api_server_count=args.api_server_count)
+    uvicorn.run(make_app(args.chunks, args.tokens_per_chunk, args.interval_ms / 1e3), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ import multiprocessing
 import secrets
 import signal
 import threading
+import time
 import weakref
 from multiprocessing.connection import Client, Connection, Listener, arbitrary_address, wait
 from queue import SimpleQueue
@@ -377,9 +378,11 @@ class _Clients:
         e = self.engine
         return ("ready", e.limits, self.tokenizer, self.name, e.stats(), e.num_queued)
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Connection, announce: bool = True) -> None:
+        """A new client; `announce`: send it "ready" (False: it has it already)."""
         self.taken[conn] = 0
-        self.send(conn, self.ready())
+        if announce:
+            self.send(conn, self.ready())
 
     def drop(self, conn: Connection) -> None:
         """A client that stopped or is gone: its requests are aborted, its connection closed."""
@@ -398,25 +401,28 @@ class _Clients:
 
     def take(self, conn: Connection) -> None:
         """Applies what `conn` sent since the last step."""
-        try:
-            while conn in self.taken and conn.poll():
+        while conn in self.taken:
+            try:
+                if not conn.poll():
+                    return
                 message = conn.recv()
-                if message[0] == "stop":
-                    self.drop(conn)
-                elif message[0] == "abort":
-                    if self.owner.get(message[1]) is conn:
-                        del self.owner[message[1]]
-                        self.engine.abort(message[1])
-                else:
-                    _, rid, prompt, params = message
-                    self.taken[conn] += 1
-                    try:
-                        self.engine.add_request(prompt, params, request_id=rid)
-                        self.owner[rid] = conn
-                    except (ValueError, EngineFull) as error:
-                        self.send(conn, ("refused", rid, error))
-        except (EOFError, OSError):  # the client is gone
-            self.drop(conn)
+            except Exception:  # the client is gone (EOF), or sent what cannot be read: it alone is dropped
+                self.drop(conn)
+                return
+            if message[0] == "stop":
+                self.drop(conn)
+            elif message[0] == "abort":
+                if self.owner.get(message[1]) is conn:
+                    del self.owner[message[1]]
+                    self.engine.abort(message[1])
+            else:
+                _, rid, prompt, params = message
+                self.taken[conn] += 1
+                try:
+                    self.engine.add_request(prompt, params, request_id=rid)
+                    self.owner[rid] = conn
+                except (ValueError, EngineFull) as error:
+                    self.send(conn, ("refused", rid, error))
 
     def publish(self, outputs: list[RequestOutput] | None) -> None:
         """A step's outputs, each to its client, with the engine's statistics to every client
@@ -453,23 +459,26 @@ def _engine_main(conn, build, address: str | None = None, authkey: bytes | None 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging()
+    engine = None
     try:
         engine, tokenizer, name = build()
         freeze_heap()
         listener = None if address is None else Listener(address, family="AF_UNIX", authkey=authkey)
+        clients = _Clients(engine, tokenizer, name)
+        conn.send(clients.ready())  # (a tokenizer that does not pickle fails here, and is reported)
     except Exception as error:  # the parent raises it (a bad flag or checkpoint is the user's error)
+        if engine is not None:
+            engine.close()
         try:
             conn.send(("failed", error))
         except Exception:  # it does not pickle
             conn.send(("failed", RuntimeError(f"the engine did not start: {type(error).__name__}: {error}")))
         return
-    clients = _Clients(engine, tokenizer, name)
     watched: list = []  # what the loop waits on besides the clients: the supervisor, new clients' wake-up
     woken = None
     if listener is None:
-        clients.add(conn)
+        clients.add(conn, announce=False)
     else:
-        conn.send(clients.ready())
         arrived: SimpleQueue = SimpleQueue()
         wake, woken = multiprocessing.Pipe()
         threading.Thread(target=_accept, args=(listener, arrived, wake), name="engine-accept", daemon=True).start()
@@ -502,12 +511,14 @@ def _engine_main(conn, build, address: str | None = None, authkey: bytes | None 
 
 
 def _accept(listener: Listener, arrived: SimpleQueue, wake: Connection) -> None:
-    """The engine process's thread that takes new clients (their handshake checks the key)."""
+    """The engine process's thread that takes new clients (their handshake checks the key; the
+    socket's directory admits only this user, so a client that stalls it is one of ours)."""
     while True:
         try:
             client = listener.accept()
         except (OSError, EOFError, multiprocessing.AuthenticationError) as error:
             log.warning("a client could not connect to the engine: %r", error)
+            time.sleep(0.1)  # (out of file descriptors, say: no busy loop)
             continue
         arrived.put(client)
         wake.send(None)

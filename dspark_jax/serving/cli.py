@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 
 from dspark_jax.console import HelpFormatter, configure_logging, run_cli
 
@@ -192,18 +193,19 @@ def make_scheduler(args, target, draft, temperatures, mesh=None):
     return scheduler_from_table(args.scheduler, table, temperatures)
 
 
-def run(args) -> None:
+def run(args) -> int:
     check_serve_args(args)
-    serve(functools.partial(build_engine, args), host=args.host, port=args.port, api_key=args.api_key,
-          api_server_count=args.api_server_count, engine_process=args.engine_process,
-          drain_timeout=args.drain_timeout)
+    return serve(functools.partial(build_engine, args), host=args.host, port=args.port, api_key=args.api_key,
+                 api_server_count=args.api_server_count, engine_process=args.engine_process,
+                 drain_timeout=args.drain_timeout)
 
 
 def serve(build, *, host: str, port: int, api_key: str | None = None, api_server_count: int = 1,
-          engine_process: bool = True, drain_timeout: float | None = None) -> None:
+          engine_process: bool = True, drain_timeout: float | None = None) -> int:
     """Serves the engine `build()` returns (with its tokenizer and model name; a picklable
     callable) on host:port until SIGTERM or SIGINT: in a child process unless not
-    `engine_process`, with `api_server_count` HTTP processes (module docstring)."""
+    `engine_process`, with `api_server_count` HTTP processes (module docstring). Returns the
+    exit code: 1 if an HTTP process could not start."""
     import uvicorn
 
     from dspark_jax.serving import AsyncEngine, EngineProcess
@@ -211,9 +213,8 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     from dspark_jax.serving.openai_server import build_app
 
     if api_server_count > 1:
-        run_api_servers(build, host=host, port=port, api_key=api_key, count=api_server_count,
-                        drain_timeout=drain_timeout)
-        return
+        return run_api_servers(build, host=host, port=port, api_key=api_key, count=api_server_count,
+                               drain_timeout=drain_timeout)
     if engine_process:
         engine = EngineProcess(build)
         tokenizer, name = engine.tokenizer, engine.model_name
@@ -227,14 +228,18 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     # flight finish, then runs the app's shutdown (which stops the engine).
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=drain_timeout)
+    return 0
 
 
 def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: int,
-                    drain_timeout: float | None) -> None:
+                    drain_timeout: float | None) -> int:
     """`count` HTTP processes over one engine process (module docstring): the engine process,
     then uvicorn's workers, each building its app with `api_server_app`; once they have
-    drained and exited, the engine stops."""
+    drained and exited, the engine stops. An HTTP process that cannot start makes uvicorn stop
+    them all (rather than restart it for ever); it leaves its reason in the shared directory,
+    and this returns 1."""
     import asyncio
+    import glob
     import shutil
     import tempfile
 
@@ -243,31 +248,49 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
     from dspark_jax.serving import EngineProcess
 
     engine = EngineProcess(build, clients=True)
-    metrics_dir = tempfile.mkdtemp(prefix="dspark-metrics-")
+    shared = tempfile.mkdtemp(prefix="dspark-serve-")
     # read by the workers' prometheus_client when it is imported: every process's metrics in files there
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
+    os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     os.environ[API_SERVER_ENV] = json.dumps({"address": engine.address, "authkey": engine.authkey.hex(),
-                                             "api_key": api_key})
+                                             "api_key": api_key, "shared": shared})
     log.info("serving %s on http://%s:%d/v1 from %d processes%s", engine.model_name, host, port, count,
              " (API key required)" if api_key else "")
     try:
         uvicorn.run(f"{__name__}:api_server_app", factory=True, workers=count, host=host, port=port,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=drain_timeout)
+        failures = []
+        for path in sorted(glob.glob(os.path.join(shared, "failed-*"))):
+            with open(path) as f:
+                failures.append(f.read())
     finally:
         asyncio.run(engine.shutdown())
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
+    for failure in failures:
+        log.error("%s", failure)
+    return 1 if failures else 0
 
 
 def api_server_app():
     """The app of one of --api-server-count's processes (uvicorn calls it in each): a client
-    of the engine process that `run_api_servers` started, with request ids of its own."""
+    of the engine process that `run_api_servers` started, with request ids of its own. If it
+    cannot connect, it says why in the shared directory and exits with uvicorn's start-up
+    failure code, on which uvicorn stops every process instead of restarting this one."""
+    from uvicorn.config import STARTUP_FAILURE
+
     from dspark_jax.serving import EngineClient
     from dspark_jax.serving.engine import freeze_heap
     from dspark_jax.serving.openai_server import build_app
 
     configure_logging()
     settings = json.loads(os.environ[API_SERVER_ENV])
-    engine = EngineClient.connect(settings["address"], bytes.fromhex(settings["authkey"]), f"api{os.getpid()}")
+    try:
+        engine = EngineClient.connect(settings["address"], bytes.fromhex(settings["authkey"]), f"api{os.getpid()}")
+    except Exception as error:
+        with open(os.path.join(settings["shared"], f"failed-{os.getpid()}"), "w") as f:
+            f.write(f"HTTP process {os.getpid()} could not connect to the engine process at {settings['address']}: "
+                    f"{error!r}")
+        sys.exit(STARTUP_FAILURE)
     app = build_app(engine, engine.tokenizer, engine.model_name, api_key=settings["api_key"])
     freeze_heap()
     return app
@@ -278,8 +301,7 @@ def main(argv=None) -> int:
     add_serve_args(parser)
     args = parser.parse_args(argv)
     configure_logging()
-    run(args)
-    return 0
+    return run(args)
 
 
 def cli(argv=None) -> int:

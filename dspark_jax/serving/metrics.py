@@ -13,11 +13,12 @@ process's CPU seconds, one series per pid, in place of this process's own proces
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -84,14 +85,29 @@ class EngineCollector:
         yield from (verified, accepted, rate)
 
 
+def forget_exited_processes(directory: str) -> None:
+    """Drops the per-process gauges of HTTP processes that have exited (one uvicorn replaced),
+    so that /metrics shows a series for each live one; their counters and histograms stay in
+    the sums."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = int(os.path.basename(path).rsplit("_", 1)[1].removesuffix(".db"))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, directory)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class ServerMetrics:
     def __init__(self, stats):
         self.engine = EngineCollector(stats)
         self.registry = r = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         if self.multiprocess:
+            forget_exited_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             self.cpu = Gauge("dspark_api_server_cpu_seconds", "CPU seconds used by each HTTP server process so far "
-                             "(as of its last finished request).", multiprocess_mode="all", registry=r)
+                             "(as of its last finished request).", multiprocess_mode="liveall", registry=r)
         else:
             r.register(self.engine)
             ProcessCollector(registry=r)  # process_cpu_seconds_total etc. of the HTTP process (on Linux)

@@ -5,14 +5,19 @@ autoregressively in float32).
 - 32 concurrent clients each get exactly their offline greedy answer, whichever process
   serves them;
 - /metrics, from either process, adds up both processes' request counts and shows each
-  process's CPU seconds;
+  process's CPU seconds (and drops the CPU series of one that exited);
 - the API key holds in both processes;
+- an HTTP process that cannot reach the engine says why and exits with uvicorn's start-up
+  failure code (uvicorn then stops them all, and serve.py exits with 1);
 - SIGTERM with streams in flight lets them finish, then every process exits (last test).
 """
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import time
 
 import httpx
 import numpy as np
@@ -21,6 +26,8 @@ import pytest
 
 from dspark_jax import generate
 from dspark_jax.checkpoints.target import save_target
+from dspark_jax.serving.cli import API_SERVER_ENV, api_server_app
+from dspark_jax.serving.metrics import forget_exited_processes
 from tests.decoding.test_speculative import V, tiny_target
 from tests.serving.live import LiveServer
 
@@ -35,6 +42,10 @@ def server(tmp_path_factory):
     srv = LiveServer("--model", str(d / "target"), "--api-server-count", "2", "--dtype", "float32",
                      "--max-num-seqs", "32", "--page-size", "4", "--kv-memory", str(4 << 20),
                      "--max-num-batched-tokens", "128", "--served-model-name", "tiny", "--api-key", KEY)
+    deadline = time.monotonic() + 120  # /health answered from one process: wait for the other's metrics too
+    while len([k for k in srv.metrics() if k.startswith("dspark_api_server_cpu_seconds")]) < 2:
+        assert time.monotonic() < deadline, srv.output()
+        time.sleep(0.2)
     yield srv
     srv.stop()
 
@@ -91,7 +102,7 @@ def test_concurrent_clients_get_their_greedy_answers_and_metrics_add_up(server):
         assert m["dspark_prompt_tokens_total"] == sum(map(len, prompts))
         assert m["dspark_time_to_first_token_seconds_count"] == N_CLIENTS
         cpu = {k: v for k, v in m.items() if k.startswith("dspark_api_server_cpu_seconds")}
-        assert len(cpu) == 2 and all(v >= 0 for v in cpu.values()), cpu
+        assert len(cpu) == 2 and all(v > 0 for v in cpu.values()), cpu  # set as requests end: both served
         assert m["dspark_decode_rounds_total"] > 0  # the engine's own counters come along
 
 
@@ -106,6 +117,29 @@ def test_the_api_key_holds_in_every_process(server):
         return denied, (await client(server).models.list()).data[0].id
 
     assert asyncio.run(main()) == (8, "tiny")
+
+
+def test_an_http_process_that_cannot_reach_the_engine_says_why_and_stops_the_others(tmp_path, monkeypatch):
+    from uvicorn.config import STARTUP_FAILURE
+
+    monkeypatch.setenv(API_SERVER_ENV, json.dumps({"address": str(tmp_path / "no-engine"), "authkey": "00",
+                                                   "api_key": None, "shared": str(tmp_path)}))
+    with pytest.raises(SystemExit) as exit_:
+        api_server_app()
+    assert exit_.value.code == STARTUP_FAILURE
+    (reason,) = tmp_path.glob("failed-*")
+    assert "could not connect to the engine process" in reason.read_text() and "no-engine" in reason.read_text()
+
+
+def test_the_cpu_series_of_an_exited_process_is_dropped(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped: its pid names no process
+    for pid in (gone.pid, os.getpid()):
+        (tmp_path / f"gauge_liveall_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{gone.pid}.db").write_bytes(b"")  # its counts stay in the sums
+    forget_exited_processes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"counter_{gone.pid}.db",
+                                                                 f"gauge_liveall_{os.getpid()}.db"])
 
 
 def test_sigterm_drains_streams_in_flight_then_every_process_exits(server):

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from multiprocessing.connection import Client
 
 import pytest
 
@@ -215,10 +216,32 @@ def test_a_parent_that_exits_without_shutdown_takes_the_child_with_it():
         os.kill(child, 0)  # gone (and reaped)
 
 
+def raw_client(address: str, authkey: bytes, prompt: list[int], params: SamplingParams):
+    """A client on the bare connection: sends one request ("raw-1") and reads every message until
+    it finishes; returns the request ids of all outputs it was sent, and its tokens."""
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    assert conn.recv()[0] == "ready"
+    conn.send(("add", "raw-1", prompt, params))
+    seen, tokens = set(), []
+    while True:
+        message = conn.recv()
+        if message[0] != "outputs":
+            continue
+        for output in message[1]:
+            seen.add(output.request_id)
+            if output.request_id == "raw-1":
+                tokens += output.new_token_ids
+                if output.finished:
+                    conn.send(("stop",))
+                    conn.close()
+                    return seen, tokens
+
+
 def test_clients_of_one_engine_process_get_their_own_outputs():
-    """`EngineProcess(..., clients=True)`: clients connected from elsewhere (here two in one
-    loop) share the engine, each streaming its own requests; one that stops with a request
-    in flight has it aborted, and a client with the wrong key is turned away."""
+    """`EngineProcess(..., clients=True)`: clients connected from elsewhere (two fronts in one
+    loop, and one on the bare connection) share the engine, each sent only its own requests'
+    outputs; one that stops with a request in flight has it aborted at once, and a client with
+    the wrong key is turned away."""
     ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
                    scheduler=SCHEDULER).tokens
 
@@ -230,10 +253,13 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
         a, b = connect("a"), connect("b")
         assert (a.model_name, a.tokenizer, a.limits) == ("tiny", None, tiny_engine().limits)
         half = len(PROMPTS) // 2
+        raw = asyncio.to_thread(raw_client, supervisor.address, supervisor.authkey, PROMPTS[-1], GREEDY)
         results = await asyncio.wait_for(asyncio.gather(*(collect(a, p, GREEDY) for p in PROMPTS[:half]),
-                                                        *(collect(b, p, GREEDY) for p in PROMPTS[half:])), 120)
-        stream = b.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+                                                        *(collect(b, p, GREEDY) for p in PROMPTS[half:]), raw), 120)
+        long = SamplingParams(temperature=0.0, max_tokens=140, ignore_eos=True)  # would run for 140 tokens
+        stream = b.generate([1, 2, 3], long)
         await anext(stream)
+        before = b.stats().tokens
         await b.shutdown()  # with that request in flight: the engine aborts it
         for _ in range(200):
             if a.stats().pages_used == 0 and a.stats().running == 0:
@@ -243,10 +269,13 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
         after = await collect(a, PROMPTS[0], GREEDY)  # the engine goes on serving the other client
         await a.shutdown()
         await supervisor.shutdown()
-        return results, stats, after, supervisor._process.exitcode
+        return results, before, stats, after, supervisor._process.exitcode
 
-    results, stats, after, exitcode = asyncio.run(main())
-    assert [tokens for tokens, _ in results] == ref
+    results, before, stats, after, exitcode = asyncio.run(main())
+    *streamed, (seen, raw_tokens) = results
+    assert [tokens for tokens, _ in streamed] == ref
+    assert seen == {"raw-1"} and raw_tokens == ref[-1]  # no other client's outputs came to it
     assert stats.pages_used == 0 and stats.running == 0
+    assert stats.tokens - before < 60  # stopped within a few rounds, not after its 140 tokens
     assert after[0] == ref[0]
     assert exitcode == 0
