@@ -29,9 +29,10 @@ server compiled during the measured run (a nonzero count warns that compilation 
 it), and the CPU seconds per second of the level of this client's busiest process and of the
 server's process (its /metrics' process_cpu_seconds_total: serve.py's HTTP process with its
 threads, and its engine too with --no-engine-process; with --api-server-count N, the busiest of
-its HTTP processes, from dspark_api_server_cpu_seconds): a client value near 1.0 means that
-client process was saturated; a server value near 1.0 points at the server's Python work. JSON goes to
---out, a markdown table to stdout.
+its HTTP processes, from dspark_api_server_cpu_seconds, and all of theirs in the JSON's
+server_cpu_total): a client value near 1.0 means that client process was saturated; a server
+value near 1.0 points at the server's Python work. JSON goes to --out, a markdown table to
+stdout.
 """
 
 from __future__ import annotations
@@ -159,12 +160,14 @@ async def counters(http) -> tuple[dict, float]:
     return out, values.get("dspark_engine_compiles_pending", 0.0)
 
 
-def server_cpu_seconds(before: dict, after: dict) -> float:
-    """CPU seconds the server's HTTP process used between two `counters`: with several, the
-    busiest's."""
+def server_cpu_seconds(before: dict, after: dict) -> tuple[float, float]:
+    """CPU seconds the server's HTTP process used between two `counters`; with several, the
+    busiest's and all of theirs (one process: the same twice)."""
     if not after["api_server_cpu"]:
-        return after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]
-    return max(cpu - before["api_server_cpu"].get(pid, 0.0) for pid, cpu in after["api_server_cpu"].items())
+        cpu = after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]
+        return cpu, cpu
+    used = [cpu - before["api_server_cpu"].get(pid, 0.0) for pid, cpu in after["api_server_cpu"].items()]
+    return max(used), sum(used)
 
 
 async def settled(http, every: float = 10.0) -> dict:
@@ -206,6 +209,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
     results, elsewhere, processes = await run()
     seconds, cpu = time.perf_counter() - start, max(time.process_time() - cpu, elsewhere)
     after, _ = await counters(http)
+    busiest, total = server_cpu_seconds(before, after)
     delta = {name: after[name] - before[name] for name in COUNTERS}
     rounds = delta["dspark_decode_rounds_total"]
     ttft = [r["ttft"] for r in results]
@@ -220,7 +224,7 @@ async def measure(http, args, prompts, load: str, level: float, total: int, pool
                             delta["dspark_engine_wait_seconds_total"]),
             "new_program_shapes": delta["dspark_engine_program_shapes"], "warmup_passes": passes,
             "client_processes": processes,
-            "client_cpu": cpu / seconds, "server_cpu": server_cpu_seconds(before, after) / seconds}
+            "client_cpu": cpu / seconds, "server_cpu": busiest / seconds, "server_cpu_total": total / seconds}
 
 
 async def run(args) -> dict:
