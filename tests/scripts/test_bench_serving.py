@@ -193,7 +193,8 @@ def test_serve_over_a_paced_engine_streams_every_token_and_counts_its_cpu(tmp_pa
         cpu = [k for k in server.metrics() if k.startswith("dspark_api_server_cpu_seconds")]
         assert len(cpu) == (api_servers if api_servers > 1 else 0)
     finally:
-        assert server.stop() in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises the signal it drained on
+        code = server.stop()
+    assert code in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises the signal it drained on
 
 
 def test_the_engine_benchmark_refuses_a_level_given_twice_with_two_counts(capsys):

@@ -24,7 +24,8 @@ def free_port() -> int:
 
 class LiveServer:
     """`python serve.py *args` (or another `script` of the repository taking --host and --port)
-    on a free port; waits until /health answers."""
+    on a free port; waits until /health answers and, with --api-server-count N, until all N
+    HTTP processes are up (each exports its CPU series once its app is built)."""
 
     def __init__(self, *args: str, startup_s: float = 300, env: dict[str, str] | None = None,
                  script: str = "serve.py"):
@@ -39,12 +40,13 @@ class LiveServer:
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, "--host", "127.0.0.1",
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=ROOT)
+        workers = int(args[args.index("--api-server-count") + 1]) if "--api-server-count" in args else 1
         deadline = time.monotonic() + startup_s
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{script} exited with {self.process.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if self.up(workers):
                     return
             except httpx.TransportError:
                 pass
@@ -52,6 +54,12 @@ class LiveServer:
                 self.stop()
                 raise RuntimeError(f"{script} did not start in {startup_s} s:\n{self.output()}")
             time.sleep(0.5)
+
+    def up(self, workers: int) -> bool:
+        """/health answers, and each of `workers` HTTP processes (> 1) shows its CPU series."""
+        if httpx.get(self.url + "/health", timeout=2).status_code != 200:
+            return False
+        return workers == 1 or sum(k.startswith("dspark_api_server_cpu_seconds") for k in self.metrics()) == workers
 
     def output(self) -> str:
         self.log.flush()
