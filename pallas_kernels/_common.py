@@ -6,14 +6,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
+NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max, and exp(NEG - max) is 0
 
 
-def first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(max over the last axis, index of its first occurrence + offset), keeping dims."""
-    best = jnp.max(values, axis=-1, keepdims=True)
+def first_max(values: jax.Array, offset, keepdims: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(max over the last axis, index of its first occurrence + offset), the last axis kept with
+    length 1 or (keepdims=False, as the Triton kernels take them) dropped."""
+    best = jnp.max(values, axis=-1, keepdims=keepdims)
     lanes = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
-    return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[-1]), axis=-1, keepdims=True)
+    wide = best if keepdims or values.ndim == 1 else best[..., None]  # broadcasts against values
+    return best, offset + jnp.min(jnp.where(values == wide, lanes, values.shape[-1]), axis=-1, keepdims=keepdims)
 
 
 def pow2_at_most(x: int) -> int:

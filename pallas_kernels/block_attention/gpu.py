@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-_MASKED = -1e30  # a finite "minus infinity" for scores a query must not see
+from pallas_kernels._common import NEG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def _own_blocks(block_q: int, slots: int) -> jax.Array:
 def _online(carry, scores, visible, v):
     """One step of the online softmax: carry (acc [M, D], peak [M], total [M]) fp32."""
     acc, peak, total = carry
-    scores = jnp.where(visible, scores, _MASKED)
+    scores = jnp.where(visible, scores, NEG)
     new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
     probs = jnp.where(visible, jnp.exp(scores - new_peak[:, None]), 0.0)
     rescale = jnp.exp(peak - new_peak)
@@ -86,7 +86,7 @@ def _forward_kernel(q_ref, ctx_ref, keep_ref, kc_ref, vc_ref, kb_ref, vb_ref, o_
         visible = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1) < ctx[:, None]
         return _online(carry, scores, visible, v)
 
-    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
+    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), NEG, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
     carry = lax.fori_loop(0, pl.cdiv(jnp.max(ctx), block_k), body, init)
     scores = _dot(q, kb_ref[...], trans_b=True) * scale  # [M, M]

@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-_NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
+from pallas_kernels._common import NEG, first_max
+
 
 
 class Blocks(NamedTuple):
@@ -40,13 +41,6 @@ def unsupported(rank: int | None) -> str | None:
     if rank is not None and (rank < 16 or rank & (rank - 1)):
         return f"Markov rank {rank} is not a power of two >= 16 (the tensor-core product's width)"
     return None
-
-
-def _first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(row max [rows], index of its first occurrence + offset [rows]) of a [rows, tile] block."""
-    best = jnp.max(values, axis=1)
-    lanes = lax.broadcasted_iota(jnp.int32, values.shape, 1)
-    return best, offset + jnp.min(jnp.where(values == best[:, None], lanes, values.shape[1]), axis=1)
 
 
 def _kernel(base_ref, temp_ref, noise_ref, *refs, rows: int, tile: int, steps: int, batch: int, vocab: int,
@@ -78,18 +72,18 @@ def _kernel(base_ref, temp_ref, noise_ref, *refs, rows: int, tile: int, steps: i
             z = z + pl_triton.dot(vec, w, trans_b=True, allow_tf32=False)
         zt = z / divisor
         pl_triton.store(zt_ref.at[block], zt, mask=mask)
-        zt = jnp.where(col_ok[None, :], zt, _NEG)
-        tile_peak, tile_arg = _first_max(zt, c0)
+        zt = jnp.where(col_ok[None, :], zt, NEG)
+        tile_peak, tile_arg = first_max(zt, c0, keepdims=False)
         new_peak = jnp.maximum(peak, tile_peak)
         scaled = jnp.where(col_ok[None, :], jnp.exp(zt - new_peak[:, None]), 0.0)
         total = total * jnp.exp(peak - new_peak) + jnp.sum(scaled, axis=1)
         arg = jnp.where(tile_peak > peak, tile_arg, arg)
         g = pl_triton.load(noise_ref.at[block], mask=mask, other=0.0)
-        tile_best, tile_pick = _first_max(jnp.where(col_ok[None, :], zt + g, _NEG), c0)
+        tile_best, tile_pick = first_max(jnp.where(col_ok[None, :], zt + g, NEG), c0, keepdims=False)
         pick = jnp.where(tile_best > best, tile_pick, pick)
         return new_peak, total, arg, jnp.maximum(best, tile_best), pick
 
-    neg = jnp.full((rows,), _NEG, jnp.float32)
+    neg = jnp.full((rows,), NEG, jnp.float32)
     zero = jnp.zeros((rows,), jnp.int32)
     carry = lax.fori_loop(0, steps, body, (neg, jnp.zeros((rows,), jnp.float32), zero, neg, zero))
     for ref, value in zip((peak_ref, total_ref, arg_ref, best_ref, pick_ref), carry):

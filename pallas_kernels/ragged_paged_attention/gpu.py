@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-_MASKED = -1e30  # a finite "minus infinity" for scores a query must not see
+from pallas_kernels._common import NEG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         visible = (slots <= qpos[:, None]) & (slots < needed)
         if window is not None:
             visible = visible & (qpos[:, None] - slots < window)
-        scores = jnp.where(visible, scores, _MASKED)
+        scores = jnp.where(visible, scores, NEG)
         new_peak = jnp.maximum(peak, jnp.max(scores, axis=1))
         probs = jnp.where(visible, jnp.exp(scores - new_peak[:, None]), 0.0)
         rescale = jnp.exp(peak - new_peak)
@@ -97,7 +97,7 @@ def _kernel(q_ref, qpos_ref, length_ref, table_ref, k_ref, v_ref, o_ref, lse_ref
         acc = acc * rescale[:, None] + pl_triton.dot(probs.astype(v.dtype), v, allow_tf32=False)
         return acc, new_peak, total
 
-    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
+    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), NEG, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
     acc, peak, total = lax.fori_loop(first, last, body, init)
     seen = total > 0

@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-_MASKED = -1e30  # a finite "minus infinity" for scores a query must not see
+from pallas_kernels._common import NEG
+
 SUBLANES = 8  # query rows are padded to a multiple of this
 
 
@@ -56,7 +57,7 @@ def _kernel(table_ref, length_ref, first_ref, last_ref, q_ref, qpos_ref, k_hbm, 
     @pl.when(step == 0)
     def _():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        peak_ref[...] = jnp.full(peak_ref.shape, _MASKED, jnp.float32)
+        peak_ref[...] = jnp.full(peak_ref.shape, NEG, jnp.float32)
         total_ref[...] = jnp.zeros(total_ref.shape, jnp.float32)
 
     @pl.when((step == first) & (step < last))
@@ -83,7 +84,7 @@ def _kernel(table_ref, length_ref, first_ref, last_ref, q_ref, qpos_ref, k_hbm, 
             k = k_buf[slot, h]  # [block_k, D]
             v = v_buf[slot, h]
             scores = lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            scores = jnp.where(visible, scores * scale, _MASKED)  # [rows, block_k]
+            scores = jnp.where(visible, scores * scale, NEG)  # [rows, block_k]
             peak = peak_ref[h]
             new_peak = jnp.maximum(peak, jnp.max(scores, axis=1, keepdims=True))
             probs = jnp.where(visible, jnp.exp(scores - new_peak), 0.0)

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-_NEG = -1e30  # a finite "minus infinity": a masked lane never wins a max
+from pallas_kernels._common import NEG, first_max
+
 PROGRAMS = 1024  # (row, slice) programs to aim for: several per SM of a Hopper GPU (132 SMs)
 
 
@@ -47,13 +48,6 @@ def splits(rows: int, vocab: int, tile: int, wanted: int | None = None) -> tuple
     return pl.cdiv(tiles, per_slice), per_slice * tile
 
 
-def _first_max(values: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(max, index of its first occurrence + offset) of a [tile] vector."""
-    best = jnp.max(values)
-    lanes = lax.broadcasted_iota(jnp.int32, values.shape, 0)
-    return best, offset + jnp.min(jnp.where(values == best, lanes, values.shape[0]))
-
-
 def _put(vector: jax.Array, index: int, value) -> jax.Array:
     """vector with entry `index` (static) set to value (a register write Triton can lower)."""
     return jnp.where(lax.broadcasted_iota(jnp.int32, vector.shape, 0) == index, value, vector)
@@ -63,7 +57,7 @@ def _slice_tiles(vocab: int, tile: int, span: int):
     """(z_tile, steps, start) for this program's slice, which starts at vocabulary index
     `start`: z_tile(logits_ref, row, divisor, step) loads tile `step` of the slice from logit
     row `row` of a [rows, V] block as (vocabulary indices, z = logits / T with masked lanes at
-    _NEG)."""
+    NEG)."""
     start = pl.program_id(1) * span
     steps = pl.cdiv(jnp.minimum(span, vocab - start), tile)
     lanes = lax.broadcasted_iota(jnp.int32, (tile,), 0)
@@ -71,8 +65,8 @@ def _slice_tiles(vocab: int, tile: int, span: int):
     def z_tile(logits_ref, row, divisor, step):
         cols = start + step * tile + lanes
         inside = cols < vocab
-        x = pl_triton.load(logits_ref.at[row, pl.ds(start + step * tile, tile)], mask=inside, other=_NEG)
-        return cols, jnp.where(inside, x.astype(jnp.float32) / divisor, _NEG)
+        x = pl_triton.load(logits_ref.at[row, pl.ds(start + step * tile, tile)], mask=inside, other=NEG)
+        return cols, jnp.where(inside, x.astype(jnp.float32) / divisor, NEG)
 
     return z_tile, steps, start
 
@@ -94,13 +88,13 @@ def _scan_kernel(logits_ref, temp_ref, tok_ref, peak_ref, arg_ref, total_ref, at
         def body(step, carry, j=j, token=token):
             peak, arg, total, at_token = carry
             cols, z = z_tile(logits_ref, jnp.int32(j), divisor, step)
-            tile_peak, tile_arg = _first_max(z, start + step * tile)
+            tile_peak, tile_arg = first_max(z, start + step * tile, keepdims=False)
             new_peak = jnp.maximum(peak, tile_peak)
             total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(z - new_peak))
             arg = jnp.where(tile_peak > peak, tile_arg, arg)
             return new_peak, arg, total, at_token + jnp.sum(jnp.where(cols == token, z, 0.0))
 
-        init = (jnp.float32(_NEG), jnp.int32(0), jnp.float32(0), jnp.float32(0))
+        init = (jnp.float32(NEG), jnp.int32(0), jnp.float32(0), jnp.float32(0))
         # both bounds int32 (a Python 0 beside a traced bound gives Triton's loop mixed types)
         peak, arg, total, at_token = lax.fori_loop(jnp.int32(0), steps.astype(jnp.int32), body, init)
         peaks, args = _put(peaks, j, peak), _put(args, j, arg)
@@ -129,12 +123,12 @@ def _draw_kernel(logits_ref, q_ref, noise_ref, row_ref, stat_ref, best_ref, whic
         noise = pl_triton.load(noise_ref.at[pl.ds(start + step * tile, tile)], mask=inside, other=0.0)
         r = jnp.where(rejected, jnp.maximum(p - q, 0.0), p)
         offset = start + step * tile
-        tile_r, tile_arg_r = _first_max(jnp.where(inside & (r > 0), jnp.log(r) + noise, _NEG), offset)
-        tile_p, tile_arg_p = _first_max(jnp.where(inside & (p > 0), jnp.log(p) + noise, _NEG), offset)
+        tile_r, tile_arg_r = first_max(jnp.where(inside & (r > 0), jnp.log(r) + noise, NEG), offset, keepdims=False)
+        tile_p, tile_arg_p = first_max(jnp.where(inside & (p > 0), jnp.log(p) + noise, NEG), offset, keepdims=False)
         return (jnp.maximum(best_r, tile_r), jnp.where(tile_r > best_r, tile_arg_r, arg_r), mass + jnp.sum(r),
                 jnp.maximum(best_p, tile_p), jnp.where(tile_p > best_p, tile_arg_p, arg_p))
 
-    init = (jnp.float32(_NEG), jnp.int32(0), jnp.float32(0), jnp.float32(_NEG), jnp.int32(0))
+    init = (jnp.float32(NEG), jnp.int32(0), jnp.float32(0), jnp.float32(NEG), jnp.int32(0))
     best_r, arg_r, mass, best_p, arg_p = lax.fori_loop(jnp.int32(0), steps.astype(jnp.int32), body, init)
     best_ref[...] = _put(_put(_put(jnp.zeros((4,), jnp.float32), 0, best_r), 1, mass), 2, best_p)
     which_ref[...] = _put(_put(jnp.zeros((2,), jnp.int32), 0, arg_r), 1, arg_p)

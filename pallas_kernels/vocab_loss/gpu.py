@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-_NEG = -1e30  # a finite "minus infinity": exp(_NEG - max) is 0
+from pallas_kernels._common import NEG
 
 
 class Blocks(NamedTuple):
@@ -49,7 +49,7 @@ def _kernel(d_ref, y_ref, labels_ref, a_ref, b_ref, ce_ref, l1_ref, grad_ref, *,
 
     def load(ref, step):
         where, columns, mask = block(step)
-        return pl_triton.load(ref.at[where], mask=mask, other=_NEG), columns
+        return pl_triton.load(ref.at[where], mask=mask, other=NEG), columns
 
     def softmax_stats(step, carry):
         peak_d, sum_d, peak_y, sum_y, at_label = carry
@@ -61,7 +61,7 @@ def _kernel(d_ref, y_ref, labels_ref, a_ref, b_ref, ce_ref, l1_ref, grad_ref, *,
         at_label = at_label + jnp.sum(jnp.where(columns == label[:, None], d, 0.0), axis=1)
         return new_d, sum_d, new_y, sum_y, at_label
 
-    neg, zero = jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32)
+    neg, zero = jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32)
     peak_d, sum_d, peak_y, sum_y, at_label = lax.fori_loop(0, steps, softmax_stats, (neg, zero, neg, zero, zero))
     lse_d, lse_y = peak_d + jnp.log(sum_d), peak_y + jnp.log(sum_y)
 
