@@ -23,7 +23,7 @@ steps as fast but less of the time waits between steps: for requests, or for the
 of its process), and the CPU seconds per second of the level of the load generator's busiest
 process and of the server's process (bench_serving.py says what each counts). `--no-engine-process` serves
 from the engine in the HTTP process instead, which separates the process hop from the HTTP
-layer. JSON (the runs and the ratios) goes to --out.
+layer. JSON (the runs and the ratios) goes to --out, rewritten after each server.
 """
 
 from __future__ import annotations
@@ -84,6 +84,15 @@ def compare(engine: dict, server: dict) -> list[dict]:
                      "engine_step_ms": e["step_ms"], "server_step_ms": s["step_ms"],
                      "engine_stepping": e["stepping"], "server_stepping": s["stepping"],
                      "client_cpu": s.get("client_cpu", math.nan), "server_cpu": s.get("server_cpu", math.nan)})
+    return rows
+
+
+def write_out(args, engine: dict, servers: dict) -> list[dict]:
+    """--out with the engine's run, the servers measured so far and their rows; returns the rows."""
+    rows = [{"api_server_count": count, **row} for count, served in servers.items() for row in compare(engine, served)]
+    with open(args.out, "w") as f:
+        json.dump({"engine": engine, "servers": {str(count): served for count, served in servers.items()},
+                   "engine_process": args.engine_process, "rows": rows}, f, indent=1)
     return rows
 
 
@@ -148,6 +157,8 @@ def main(argv=None) -> None:
         "--engine-process" if args.engine_process else "--no-engine-process"]
     if args.draft:  # the engine run's SPS table (--sps's, or the one it profiled), with its draft seconds
         flags += ["--draft", args.draft, "--scheduler", "prefix", "--sps", engine_json]
+    with open(engine_json) as f:
+        engine = json.load(f)
     servers = {}
     for count in args.api_server_count:
         server_json = os.path.join(work, f"server{count}.json")
@@ -162,13 +173,8 @@ def main(argv=None) -> None:
             server.wait(timeout=120)
         with open(server_json) as f:
             servers[count] = json.load(f)
+        rows = write_out(args, engine, servers)  # after each server: a run cut short keeps what it measured
 
-    with open(engine_json) as f:
-        engine = json.load(f)
-    rows = [{"api_server_count": count, **row} for count, served in servers.items() for row in compare(engine, served)]
-    with open(args.out, "w") as f:
-        json.dump({"engine": engine, "servers": {str(count): served for count, served in servers.items()},
-                   "engine_process": args.engine_process, "rows": rows}, f, indent=1)
     print(f"\n{engine['device']}, {args.model}, {'DSpark + prefix scheduler' if args.draft else 'AR'}, server engine "
           f"{'in its own process' if args.engine_process else 'in the HTTP process'}, "
           f"{args.max_tokens} tokens per request (logs in {work})")
