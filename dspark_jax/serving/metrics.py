@@ -86,9 +86,9 @@ class EngineCollector:
 
 
 def forget_exited_processes(directory: str) -> None:
-    """Drops the per-process gauges of HTTP processes that have exited (one uvicorn replaced),
-    so that /metrics shows a series for each live one; their counters and histograms stay in
-    the sums."""
+    """Drops the per-process gauges of HTTP processes that have exited (one that died, or that
+    uvicorn replaced on SIGHUP or stopped on SIGTTOU), so that /metrics shows a series for each
+    live one; their counters and histograms stay in the sums."""
     for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
         pid = int(os.path.basename(path).rsplit("_", 1)[1].removesuffix(".db"))
         try:
@@ -105,7 +105,6 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         if self.multiprocess:
-            forget_exited_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
             self.cpu = Gauge("dspark_api_server_cpu_seconds", "CPU seconds used by each HTTP server process so far "
                              "(as of its last finished request).", multiprocess_mode="liveall", registry=r)
         else:
@@ -141,6 +140,7 @@ class ServerMetrics:
         added up, with the engine's."""
         if not self.multiprocess:
             return generate_latest(self.registry)
+        forget_exited_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # (a few files: cheap per scrape)
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         registry.register(self.engine)
