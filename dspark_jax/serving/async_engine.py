@@ -1,6 +1,6 @@
 """Asyncio fronts of an `Engine`, streaming each request's tokens.
 
-Both take requests and aborts from the event loop and route each `RequestOutput` to the queue
+Each takes requests and aborts from the event loop and routes each `RequestOutput` to the queue
 of its request; `generate`/`stream` are async generators over those deltas, and leaving one
 early (break, cancellation, a closed HTTP connection) aborts the request, which frees its
 slot and pages before the next step.
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 class _Front:
-    """What both fronts share: per-request queues, streaming, aborting, failing."""
+    """What the fronts share: per-request queues, streaming, aborting, failing. `on_failure`, if
+    set, is called once on the event loop when the engine fails (serve.py then stops: as vLLM's
+    server does, it exits to be restarted rather than answer 503 for ever)."""
 
     limits: RequestLimits
 
@@ -50,6 +52,7 @@ class _Front:
         self._ids = itertools.count()
         self._id_prefix = id_prefix
         self._failure: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None) -> str:
@@ -59,7 +62,7 @@ class _Front:
         params = SamplingParams() if params is None else params
         self.limits.check(prompt_ids, params)
         if self._failure is not None:
-            raise RuntimeError("the engine stopped after a failed step") from self._failure
+            raise RuntimeError(f"the engine failed ({self._failure})") from self._failure
         if self._queued() >= self.limits.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.limits.max_waiting} waiting requests); retry later")
         rid = f"{self._id_prefix}-{next(self._ids)}" if request_id is None else str(request_id)
@@ -115,8 +118,14 @@ class _Front:
 
     @property
     def failed(self) -> bool:
-        """True once a step has failed (every request then fails; the process should restart)."""
+        """True once the engine has failed (a step raised, or its process is gone): every
+        request then fails."""
         return self._failure is not None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine failed (None while it has not)."""
+        return self._failure
 
     def _deliver(self, rid: str, item) -> None:
         queue = self._queues.get(rid)
@@ -126,8 +135,14 @@ class _Front:
     def _fail(self, error: BaseException) -> None:
         """The device state is lost: every request fails, loudly."""
         self._failure = error
+        self._end_streams(RuntimeError(f"the engine failed: {error}"))
+        if self.on_failure is not None:
+            self.on_failure(error)
+
+    def _end_streams(self, error: BaseException) -> None:
+        """Every open stream raises `error` (the engine will send them nothing more)."""
         for queue in self._queues.values():
-            queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
+            queue.put_nowait(error)
 
 
 class AsyncEngine(_Front):
@@ -142,17 +157,21 @@ class AsyncEngine(_Front):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._closed = False
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
     async def shutdown(self) -> None:
+        """Stops stepping; streams still open raise RuntimeError."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._worker.shutdown(wait=True)
         self.engine.close()
+        self._end_streams(RuntimeError("the engine was shut down"))
 
     def _queued(self) -> int:
         return len(self._adds) + self.engine.num_queued
@@ -166,7 +185,7 @@ class AsyncEngine(_Front):
         self._kick()
 
     def _kick(self) -> None:
-        if self._failure is not None:  # a failed engine is not stepped again
+        if self._failure is not None or self._closed:  # a failed or closed engine is not stepped again
             return
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -210,9 +229,10 @@ class EngineClient(_Front):
     build returned; request ids start with `id_prefix`, which must differ between the
     clients of one engine. `connect` opens one to an `EngineProcess(..., clients=True)`.
 
-    Two threads move messages so that the event loop never waits on the pipe: one sends the
-    loop's requests and aborts in order, one receives the engine's messages and hands them to
-    the loop."""
+    The constructor reads the engine's "ready"; from `start` (or the first request) on, two
+    threads move messages so that the event loop never waits on the pipe: one sends the loop's
+    requests and aborts in order, one receives the engine's messages and hands them to the
+    loop."""
 
     def __init__(self, conn: Connection, id_prefix: str = "async"):
         super().__init__(id_prefix)
@@ -240,7 +260,8 @@ class EngineClient(_Front):
         return self._stats
 
     async def shutdown(self) -> None:
-        """Says "stop": the engine aborts what this client still has and forgets it."""
+        """Says "stop": the engine aborts what this client still has and forgets it (streams
+        still open raise RuntimeError)."""
         self._stopping = True
         self._outbox.put(("stop",))
         if self._loop is None:  # nothing was ever sent: no sender thread
@@ -248,6 +269,7 @@ class EngineClient(_Front):
                 self._conn.send(("stop",))
             except OSError:  # the engine is gone already
                 pass
+        self._end_streams(RuntimeError("the engine client was shut down"))
 
     def _queued(self) -> int:
         return self._child_queued + self._sent - self._consumed
@@ -334,7 +356,7 @@ class EngineProcess(EngineClient):
     client. Blocks until the engine is ready; raises what `build` raised if it could not be
     built. With `clients=True` the child also takes `EngineClient.connect(address, authkey,
     ...)` from other processes; it then sends this object nothing after "ready" (a
-    supervisor's handle, which only starts and stops the engine: add no requests to it)."""
+    supervisor's handle, which only starts and stops the engine, and takes no requests)."""
 
     def __init__(self, build: Callable[[], tuple[Engine, object, str]], clients: bool = False):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited device state
@@ -354,6 +376,23 @@ class EngineProcess(EngineClient):
             self._process.join(10)
             self._process.kill()
             raise
+
+    @property
+    def sentinel(self) -> int:
+        """Ready (for `multiprocessing.connection.wait`) when the child process has ended."""
+        return self._process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code (negative: the signal that ended it); None while it runs."""
+        return self._process.exitcode
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None) -> str:
+        if self.address is not None:
+            raise RuntimeError("an engine process with clients takes requests from them (EngineClient.connect), "
+                               "not from its supervisor's handle")
+        return super().add_request(prompt_ids, params, request_id=request_id)
 
     async def shutdown(self) -> None:
         """Stops the engine (its clients' requests end with it) and waits for the child."""
@@ -409,20 +448,32 @@ class _Clients:
             except Exception:  # the client is gone (EOF), or sent what cannot be read: it alone is dropped
                 self.drop(conn)
                 return
-            if message[0] == "stop":
+            try:
+                kind, *body = message
+                if kind == "stop":
+                    self.drop(conn)
+                elif kind == "abort":
+                    (rid,) = body
+                    if self.owner.get(rid) is conn:
+                        del self.owner[rid]
+                        self.engine.abort(rid)
+                elif kind == "add":
+                    self._add(conn, *body)
+                else:
+                    raise ValueError(f"unknown message kind {kind!r}")
+            except Exception as error:  # a message no client of ours sends: that client is dropped, not the engine
+                log.warning("dropping an engine client that sent %.80r: %r", message, error)
                 self.drop(conn)
-            elif message[0] == "abort":
-                if self.owner.get(message[1]) is conn:
-                    del self.owner[message[1]]
-                    self.engine.abort(message[1])
-            else:
-                _, rid, prompt, params = message
-                self.taken[conn] += 1
-                try:
-                    self.engine.add_request(prompt, params, request_id=rid)
-                    self.owner[rid] = conn
-                except (ValueError, EngineFull) as error:
-                    self.send(conn, ("refused", rid, error))
+                return
+
+    def _add(self, conn: Connection, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        self.taken[conn] += 1
+        try:
+            self.engine.add_request(prompt, params, request_id=rid)
+        except (ValueError, EngineFull) as error:
+            self.send(conn, ("refused", rid, error))
+            return
+        self.owner[rid] = conn
 
     def publish(self, outputs: list[RequestOutput] | None) -> None:
         """A step's outputs, each to its client, with the engine's statistics to every client

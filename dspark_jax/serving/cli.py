@@ -14,6 +14,10 @@ connects to it (`EngineClient`) and gets its own requests' outputs, so the per-t
 the HTTP layer (detokenizing, JSON, socket writes) spreads over N cores. /metrics then adds
 up the processes' request metrics (prometheus_client's multiprocess mode) and shows each
 one's CPU seconds in dspark_api_server_cpu_seconds{pid=...}.
+
+If the engine fails (a step raises, or its process dies), the server stops and exits with 1,
+as vLLM's does, so that whatever supervises it restarts it: the device state is lost, and a
+server that stayed up would only answer 503.
 """
 
 from __future__ import annotations
@@ -205,7 +209,7 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     """Serves the engine `build()` returns (with its tokenizer and model name; a picklable
     callable) on host:port until SIGTERM or SIGINT: in a child process unless not
     `engine_process`, with `api_server_count` HTTP processes (module docstring). Returns the
-    exit code: 1 if an HTTP process could not start."""
+    exit code: 1 if the server could not start or its engine failed."""
     import uvicorn
 
     from dspark_jax.serving import AsyncEngine, EngineProcess
@@ -226,9 +230,14 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     log.info("serving %s on http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
     # uvicorn's SIGTERM/SIGINT handling is the drain: it stops accepting, lets the requests in
     # flight finish, then runs the app's shutdown (which stops the engine).
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=drain_timeout)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=drain_timeout))
+    engine.on_failure = lambda error: setattr(server, "should_exit", True)  # the same drain, then exit 1
+    server.run()
+    if engine.failed:
+        log.error("the engine failed (%s); the server stopped", engine.failure)
+        return 1
+    return 0 if server.started else 1  # (not started: uvicorn has said why, e.g. the port is taken)
 
 
 def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: int,
@@ -237,11 +246,15 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
     then uvicorn's workers, each building its app with `api_server_app`; once they have
     drained and exited, the engine stops. An HTTP process that cannot start makes uvicorn stop
     them all (rather than restart it for ever); it leaves its reason in the shared directory,
-    and this returns 1."""
+    and this returns 1. If the engine process ends while serving, a thread here sends this
+    process SIGTERM (uvicorn's supervisor then stops the HTTP processes), and this returns 1."""
     import asyncio
     import glob
     import shutil
+    import signal
     import tempfile
+    import threading
+    from multiprocessing.connection import wait
 
     import uvicorn
 
@@ -250,22 +263,43 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
     engine = EngineProcess(build, clients=True)
     shared = tempfile.mkdtemp(prefix="dspark-serve-")
     # read by the workers' prometheus_client when it is imported: every process's metrics in files there
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
-    os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    os.environ[API_SERVER_ENV] = json.dumps({"address": engine.address, "authkey": engine.authkey.hex(),
-                                             "api_key": api_key, "shared": shared})
+    env = {"PROMETHEUS_MULTIPROC_DIR": os.path.join(shared, "metrics"),
+           API_SERVER_ENV: json.dumps({"address": engine.address, "authkey": engine.authkey.hex(),
+                                       "api_key": api_key, "shared": shared})}
+    os.mkdir(env["PROMETHEUS_MULTIPROC_DIR"])
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    serving = threading.Event()
+
+    def watch_engine() -> None:
+        wait([engine.sentinel])
+        if serving.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
     log.info("serving %s on http://%s:%d/v1 from %d processes%s", engine.model_name, host, port, count,
              " (API key required)" if api_key else "")
+    serving.set()
+    threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
         uvicorn.run(f"{__name__}:api_server_app", factory=True, workers=count, host=host, port=port,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=drain_timeout)
+        serving.clear()
         failures = []
+        if engine.exitcode is not None:
+            failures.append(f"the engine process ended while serving (exit code {engine.exitcode}); "
+                            "the HTTP processes were stopped")
         for path in sorted(glob.glob(os.path.join(shared, "failed-*"))):
             with open(path) as f:
                 failures.append(f.read())
     finally:
+        serving.clear()
         asyncio.run(engine.shutdown())
         shutil.rmtree(shared, ignore_errors=True)
+        for key, value in saved.items():  # this process's environment as it was
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     for failure in failures:
         log.error("%s", failure)
     return 1 if failures else 0
@@ -276,6 +310,8 @@ def api_server_app():
     of the engine process that `run_api_servers` started, with request ids of its own. If it
     cannot connect, it says why in the shared directory and exits with uvicorn's start-up
     failure code, on which uvicorn stops every process instead of restarting this one."""
+    import signal
+
     from uvicorn.config import STARTUP_FAILURE
 
     from dspark_jax.serving import EngineClient
@@ -291,6 +327,9 @@ def api_server_app():
             f.write(f"HTTP process {os.getpid()} could not connect to the engine process at {settings['address']}: "
                     f"{error!r}")
         sys.exit(STARTUP_FAILURE)
+    # its connection lost: uvicorn drains this process and starts another, which connects again (or,
+    # the engine process gone, cannot, and then uvicorn stops them all)
+    engine.on_failure = lambda error: os.kill(os.getpid(), signal.SIGTERM)
     app = build_app(engine, engine.tokenizer, engine.model_name, api_key=settings["api_key"])
     freeze_heap()
     return app

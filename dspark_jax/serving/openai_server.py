@@ -140,7 +140,8 @@ def build_app(engine: AsyncEngine | EngineClient, tokenizer, model_name: str, ap
     @app.get("/health")
     async def health():
         if engine.failed:
-            return error_response(503, "the engine stopped after a failed step", kind="server_error")
+            return error_response(503, f"the engine failed ({engine.failure}); the server is stopping",
+                                  kind="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -252,7 +253,7 @@ def build_app(engine: AsyncEngine | EngineClient, tokenizer, model_name: str, ap
         except EngineFull as e:
             abort(submitted)
             raise APIError(503, str(e), kind="server_overloaded") from e
-        except RuntimeError as e:  # the engine failed: the process needs a restart (/health says so)
+        except RuntimeError as e:  # the engine failed: the server is stopping (/health says so)
             abort(submitted)
             raise APIError(503, str(e), kind="server_error") from e
         return choices
@@ -277,20 +278,22 @@ def build_app(engine: AsyncEngine | EngineClient, tokenizer, model_name: str, ap
                              time.perf_counter())
 
     async def collect(choices: list[Choice], request: Request) -> None:
-        """Runs the choices to their end, or aborts them if the client leaves first."""
+        """Runs the choices to their end, or aborts them all if the client leaves first or one
+        of them fails."""
         tasks = [asyncio.ensure_future(run_choice(c, None)) for c in choices]
         watch = cancel_on_disconnect(request, tasks)
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             watch.cancel()
+            for t in tasks:  # those still running (one failed, or the client left): their requests are aborted
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            raise api_error(failures[0]) from failures[0]
         if any(isinstance(r, asyncio.CancelledError) for r in results):
             raise APIError(499, "client disconnected")
-        for r in results:
-            if isinstance(r, EngineFull):  # refused by an engine in another process after the check here
-                raise APIError(503, str(r), kind="server_overloaded") from r
-            if isinstance(r, BaseException):
-                raise APIError(500, str(r), kind="server_error") from r
 
     def stream_choices(choices: list[Choice], request: Request):
         """Starts the choices now and returns an async iterator of (choice, text, token ids) as
@@ -350,10 +353,20 @@ def build_app(engine: AsyncEngine | EngineClient, tokenizer, model_name: str, ap
             if include_usage:
                 yield chunk([], usage=usage())
         except Exception as e:  # noqa: BLE001 -- the stream's status is sent; the error goes in it
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+            error = api_error(e)
+            body = {"error": {"message": error.message, "type": error.kind, "param": None, "code": error.status}}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def api_error(e: Exception) -> APIError:
+    """The error a choice's failure is answered with: 503 if an engine in another process refused
+    it after this process's queue check let it through (`EngineClient`), 500 otherwise."""
+    if isinstance(e, EngineFull):
+        return APIError(503, str(e), kind="server_overloaded")
+    return APIError(500, str(e), kind="server_error")
 
 
 def choice_seed(seed: int, i: int) -> int:

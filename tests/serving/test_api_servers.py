@@ -9,6 +9,8 @@ autoregressively in float32).
 - the API key holds in both processes;
 - an HTTP process that cannot reach the engine says why and exits with uvicorn's start-up
   failure code (uvicorn then stops them all, and serve.py exits with 1);
+- an engine process that dies stops the server, which exits with 1 (with one HTTP process or
+  two);
 - SIGTERM with streams in flight lets them finish, then every process exits (last test).
 """
 
@@ -131,6 +133,45 @@ def test_an_http_process_that_cannot_reach_the_engine_says_why_and_stops_the_oth
     assert exit_.value.code == STARTUP_FAILURE
     (reason,) = tmp_path.glob("failed-*")
     assert "could not connect to the engine process" in reason.read_text() and "no-engine" in reason.read_text()
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_server_whose_engine_process_dies_fails_its_requests_then_exits_1(tmp_path, count):
+    """A streamed and a non-streamed request (n=2) are in flight when the engine process is
+    killed: the stream ends with an error event, the other gets a 500 naming the failure, and
+    serve.py stops and exits with 1."""
+    save_target(tiny_target(), str(tmp_path / "target"))
+    srv = LiveServer("--model", str(tmp_path / "target"), "--api-server-count", str(count), "--dtype", "float32",
+                     "--max-num-seqs", "4", "--page-size", "4", "--kv-memory", str(1 << 20),
+                     "--served-model-name", "tiny")
+    body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 250, "temperature": 0.0, "ignore_eos": True}
+
+    async def main(engine: int):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+            whole = asyncio.ensure_future(http.post("/v1/completions", json={**body, "n": 2}))
+            events = []
+            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 1:
+                            os.kill(engine, signal.SIGKILL)  # mid-stream: what the out-of-memory killer does
+            return events, await whole
+
+    try:
+        http = {srv.process.pid} if count == 1 else {
+            int(k.split("pid=")[1].rstrip("}")) for k in srv.metrics() if k.startswith("dspark_api_server_cpu_seconds")}
+        (engine,) = set(spawned_children(srv.process.pid)) - http
+        events, whole = asyncio.run(main(engine))
+        code = srv.process.wait(60)
+    finally:
+        srv.stop()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 500 and "the engine failed" in error["message"]
+    assert whole.status_code == 500 and "the engine failed" in whole.json()["error"]["message"]
+    assert code == 1, srv.output()
+    assert ("the engine failed" if count == 1 else "the engine process ended while serving") in srv.output()
 
 
 def test_the_cpu_series_of_an_exited_process_is_dropped(tmp_path):

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Client
 
 import pytest
@@ -96,7 +97,12 @@ def test_leaving_early_aborts_and_frees_pages():
         await stream.aclose()  # what a closed connection does
         other, _ = await collect(eng, [4, 5], GREEDY)  # the engine keeps serving
         stats = eng.stats()
+        open_stream = eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        await anext(open_stream)
         await eng.shutdown()
+        with pytest.raises(RuntimeError, match="the engine was shut down"):  # a stream open then ends
+            async for _ in open_stream:
+                pass
         return got, other, stats
 
     got, other, stats = asyncio.run(main())
@@ -189,11 +195,11 @@ def test_engine_process_that_dies_fails_every_request_loudly():
         stream = eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
         await anext(stream)
         eng._process.kill()  # what the out-of-memory killer would do
-        with pytest.raises(RuntimeError, match="engine step failed: the engine process stopped unexpectedly"):
+        with pytest.raises(RuntimeError, match="the engine failed: the engine process stopped unexpectedly"):
             async for _ in stream:
                 pass
         assert eng.failed
-        with pytest.raises(RuntimeError, match="failed step"):
+        with pytest.raises(RuntimeError, match="the engine failed"):
             eng.add_request([1], GREEDY)
         await eng.shutdown()
 
@@ -237,11 +243,28 @@ def raw_client(address: str, authkey: bytes, prompt: list[int], params: Sampling
                     return seen, tokens
 
 
+def malformed_client(address: str, authkey: bytes) -> bool:
+    """A client on the bare connection that sends an "add" without its fields; True once the
+    engine has dropped it (its connection closed), False if it has not within a minute."""
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    assert conn.recv()[0] == "ready"
+    conn.send(("add", "bad-1"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if conn.poll(1):
+            try:
+                conn.recv()  # (statistics may come first)
+            except EOFError:
+                return True
+    return False
+
+
 def test_clients_of_one_engine_process_get_their_own_outputs():
     """`EngineProcess(..., clients=True)`: clients connected from elsewhere (two fronts in one
     loop, and one on the bare connection) share the engine, each sent only its own requests'
-    outputs; one that stops with a request in flight has it aborted at once, and a client with
-    the wrong key is turned away."""
+    outputs; one that stops with a request in flight has it aborted at once (and its open
+    stream raises), one that sends a malformed message is dropped while the engine goes on,
+    a client with the wrong key is turned away, and the supervisor's handle takes no requests."""
     ref = generate(tiny_target(), tiny_draft("dspark"), PROMPTS, max_new_tokens=20, temperature=0.0,
                    scheduler=SCHEDULER).tokens
 
@@ -252,6 +275,8 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
             connect("intruder", b"not the key")
         a, b = connect("a"), connect("b")
         assert (a.model_name, a.tokenizer, a.limits) == ("tiny", None, tiny_engine().limits)
+        with pytest.raises(RuntimeError, match="not from its supervisor's handle"):
+            supervisor.add_request([1], GREEDY)
         half = len(PROMPTS) // 2
         raw = asyncio.to_thread(raw_client, supervisor.address, supervisor.authkey, PROMPTS[-1], GREEDY)
         results = await asyncio.wait_for(asyncio.gather(*(collect(a, p, GREEDY) for p in PROMPTS[:half]),
@@ -261,6 +286,10 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
         await anext(stream)
         before = b.stats().tokens
         await b.shutdown()  # with that request in flight: the engine aborts it
+        with pytest.raises(RuntimeError, match="the engine client was shut down"):
+            async for _ in stream:
+                pass
+        dropped = await asyncio.to_thread(malformed_client, supervisor.address, supervisor.authkey)
         for _ in range(200):
             if a.stats().pages_used == 0 and a.stats().running == 0:
                 break
@@ -269,13 +298,13 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
         after = await collect(a, PROMPTS[0], GREEDY)  # the engine goes on serving the other client
         await a.shutdown()
         await supervisor.shutdown()
-        return results, before, stats, after, supervisor._process.exitcode
+        return results, before, stats, after, dropped, supervisor.exitcode
 
-    results, before, stats, after, exitcode = asyncio.run(main())
+    results, before, stats, after, dropped, exitcode = asyncio.run(main())
     *streamed, (seen, raw_tokens) = results
     assert [tokens for tokens, _ in streamed] == ref
     assert seen == {"raw-1"} and raw_tokens == ref[-1]  # no other client's outputs came to it
     assert stats.pages_used == 0 and stats.running == 0
     assert stats.tokens - before < 60  # stopped within a few rounds, not after its 140 tokens
-    assert after[0] == ref[0]
+    assert dropped and after[0] == ref[0]
     assert exitcode == 0
