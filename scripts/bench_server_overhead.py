@@ -14,7 +14,9 @@ Runs, one after the other and each in its own processes (so each has the device 
 Both see the same prompts, requests per level, tokens per request (EOS ignored), pages, rounds
 per step, kernels (--kernels), slots (the largest concurrency) and prefill budget (2048 tokens
 a step). The server
-runs with --no-precompile, so that each compiles only the shapes its warm-up meets.
+runs with --no-precompile, so that each compiles only the shapes its warm-up meets, and finds
+the engine run's programs in their shared persistent compilation cache ($JAX_COMPILATION_CACHE_DIR,
+else one under the run's log directory), so that it loads them rather than compiling them again.
 
 Prints, per concurrency, both rows and the server's share of the engine's output tokens/s and
 its TPOT p50 over the engine's (goal: within 10%), and where the difference lies: each engine's
@@ -47,11 +49,11 @@ ROOT = os.path.dirname(HERE)
 PREFILL_TOKENS = 2048  # bench_engine.py's engines take this many prefill tokens a step
 
 
-def serve(args, flags: list[str], log_path: str) -> subprocess.Popen:
+def serve(args, flags: list[str], log_path: str, env: dict) -> subprocess.Popen:
     """serve.py with `flags`, once its /health answers."""
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *flags], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -140,6 +142,10 @@ def main(argv=None) -> None:
     if args.client_processes < 1:
         p.error(f"--client-processes must be at least 1, got {args.client_processes}")
     per_level = [] if args.num_prompts is None else ["--num-prompts", *map(str, args.num_prompts)]
+    # one persistent compilation cache for the engine run and the servers, which compile the same
+    # programs: a server then loads them rather than compiling them again (JAX's own setting if set)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+           or os.path.join(work, "xla")}
     subprocess.run([sys.executable, os.path.join(HERE, "bench_engine.py"), "--target", args.model,
                     *(["--draft", args.draft] if args.draft else []),
                     *(["--sps", os.path.abspath(args.sps)] if args.sps else []), "--prompts", args.prompts,
@@ -147,7 +153,7 @@ def main(argv=None) -> None:
                     "--max-tokens", str(args.max_tokens), "--static-batch", "0", "--kv-memory", kv,
                     "--page-size", str(args.page_size), "--scheduler-steps", str(args.num_scheduler_steps),
                     "--dtype", args.dtype, "--kernels", args.kernels, *per_level, "--out", engine_json],
-                   check=True, cwd=ROOT)
+                   check=True, cwd=ROOT, env=env)
 
     flags = ([] if args.model == "smollm2" else ["--model", args.model]) + [
         "--dtype", args.dtype, "--page-size", str(args.page_size), "--kv-memory", kv,
@@ -162,7 +168,7 @@ def main(argv=None) -> None:
     servers = {}
     for count in args.api_server_count:
         server_json = os.path.join(work, f"server{count}.json")
-        server = serve(args, [*flags, "--api-server-count", str(count)], os.path.join(work, f"server{count}.log"))
+        server = serve(args, [*flags, "--api-server-count", str(count)], os.path.join(work, f"server{count}.log"), env)
         try:
             subprocess.run([sys.executable, os.path.join(HERE, "bench_serving.py"), "--base-url",
                             f"http://127.0.0.1:{args.port}", "--prompts", args.prompts, "--concurrency", *levels,
