@@ -52,6 +52,7 @@ class _Front:
         self._ids = itertools.count()
         self._id_prefix = id_prefix
         self._failure: BaseException | None = None
+        self._closed = False  # shut down: takes no more requests
         self.on_failure: Callable[[BaseException], None] | None = None
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -63,6 +64,8 @@ class _Front:
         self.limits.check(prompt_ids, params)
         if self._failure is not None:
             raise RuntimeError(f"the engine failed ({self._failure})") from self._failure
+        if self._closed:
+            raise RuntimeError("the engine was shut down")
         if self._queued() >= self.limits.max_waiting:
             raise EngineFull(f"the engine's queue is full ({self.limits.max_waiting} waiting requests); retry later")
         rid = f"{self._id_prefix}-{next(self._ids)}" if request_id is None else str(request_id)
@@ -157,7 +160,6 @@ class AsyncEngine(_Front):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._closed = False
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -248,7 +250,6 @@ class EngineClient(_Front):
         self._sent = self._consumed = 0  # add messages sent, and taken by the engine
         self._outbox: SimpleQueue = SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
 
     @classmethod
     def connect(cls, address: str, authkey: bytes, id_prefix: str) -> EngineClient:
@@ -262,7 +263,7 @@ class EngineClient(_Front):
     async def shutdown(self) -> None:
         """Says "stop": the engine aborts what this client still has and forgets it (streams
         still open raise RuntimeError)."""
-        self._stopping = True
+        self._closed = True
         self._outbox.put(("stop",))
         if self._loop is None:  # nothing was ever sent: no sender thread
             try:
@@ -315,7 +316,7 @@ class EngineClient(_Front):
             try:
                 message = self._conn.recv()
             except Exception as error:  # EOF when the engine is gone, or a message that cannot be read
-                if not self._stopping:
+                if not self._closed:
                     self._call(self._failed, f"the engine process stopped unexpectedly ({error!r})")
                 return
             self._call(self._receive, message)

@@ -209,8 +209,10 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     """Serves the engine `build()` returns (with its tokenizer and model name; a picklable
     callable) on host:port until SIGTERM or SIGINT: in a child process unless not
     `engine_process`, with `api_server_count` HTTP processes (module docstring). Returns the
-    exit code: 1 if the server could not start or its engine failed."""
+    exit code: 0 after SIGINT, 1 if the engine failed or an HTTP process could not start, and
+    uvicorn's start-up failure code if the app could not start."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from dspark_jax.serving import AsyncEngine, EngineProcess
     from dspark_jax.serving.engine import freeze_heap
@@ -233,11 +235,14 @@ def serve(build, *, host: str, port: int, api_key: str | None = None, api_server
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=drain_timeout))
     engine.on_failure = lambda error: setattr(server, "should_exit", True)  # the same drain, then exit 1
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises SIGINT again once it has drained (as uvicorn.run, an exit 0)
+        pass
     if engine.failed:
         log.error("the engine failed (%s); the server stopped", engine.failure)
         return 1
-    return 0 if server.started else 1  # (not started: uvicorn has said why, e.g. the port is taken)
+    return 0 if server.started else STARTUP_FAILURE  # (uvicorn has said why)
 
 
 def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: int,
@@ -246,17 +251,17 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
     then uvicorn's workers, each building its app with `api_server_app`; once they have
     drained and exited, the engine stops. An HTTP process that cannot start makes uvicorn stop
     them all (rather than restart it for ever); it leaves its reason in the shared directory,
-    and this returns 1. If the engine process ends while serving, a thread here sends this
-    process SIGTERM (uvicorn's supervisor then stops the HTTP processes), and this returns 1."""
+    and this returns 1. If the engine process ends while serving, a thread here stops uvicorn's
+    supervisor (which stops the HTTP processes), and this returns 1."""
     import asyncio
     import glob
     import shutil
-    import signal
     import tempfile
     import threading
     from multiprocessing.connection import wait
 
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from dspark_jax.serving import EngineProcess
 
@@ -269,21 +274,23 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
     os.mkdir(env["PROMETHEUS_MULTIPROC_DIR"])
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    serving = threading.Event()
-
-    def watch_engine() -> None:
-        wait([engine.sentinel])
-        if serving.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-
     log.info("serving %s on http://%s:%d/v1 from %d processes%s", engine.model_name, host, port, count,
              " (API key required)" if api_key else "")
-    serving.set()
-    threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
     try:
-        uvicorn.run(f"{__name__}:api_server_app", factory=True, workers=count, host=host, port=port,
-                    log_level="warning", access_log=False, timeout_graceful_shutdown=drain_timeout)
-        serving.clear()
+        # what uvicorn.run does with workers, with the supervisor at hand for the engine's watch
+        config = uvicorn.Config(f"{__name__}:api_server_app", factory=True, workers=count, host=host, port=port,
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=drain_timeout)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+
+        def watch_engine() -> None:  # (after a normal stop too, when it changes nothing)
+            wait([engine.sentinel])
+            supervisor.should_exit.set()
+
+        threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
+        try:
+            supervisor.run()
+        except KeyboardInterrupt:  # (as uvicorn.run)
+            pass
         failures = []
         if engine.exitcode is not None:
             failures.append(f"the engine process ended while serving (exit code {engine.exitcode}); "
@@ -292,7 +299,6 @@ def run_api_servers(build, *, host: str, port: int, api_key: str | None, count: 
             with open(path) as f:
                 failures.append(f.read())
     finally:
-        serving.clear()
         asyncio.run(engine.shutdown())
         shutil.rmtree(shared, ignore_errors=True)
         for key, value in saved.items():  # this process's environment as it was

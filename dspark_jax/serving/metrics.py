@@ -13,6 +13,7 @@ process's CPU seconds, one series per pid, in place of this process's own proces
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
@@ -94,7 +95,8 @@ def forget_exited_processes(directory: str) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            mark_process_dead(pid, directory)
+            with contextlib.suppress(FileNotFoundError):  # another process's scrape removed it first
+                mark_process_dead(pid, directory)
         except PermissionError:  # alive, another user's
             pass
 

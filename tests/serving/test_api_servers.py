@@ -146,9 +146,16 @@ def test_a_server_whose_engine_process_dies_fails_its_requests_then_exits_1(tmp_
                      "--served-model-name", "tiny")
     body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 250, "temperature": 0.0, "ignore_eos": True}
 
+    async def running(http) -> float:
+        text = (await http.get("/metrics")).text
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("dspark_num_requests_running "))
+
     async def main(engine: int):
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
             whole = asyncio.ensure_future(http.post("/v1/completions", json={**body, "n": 2}))
+            while await running(http) < 2:  # both its choices in the engine
+                await asyncio.sleep(0.01)
             events = []
             async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
                 async for line in stream.aiter_lines():

@@ -45,6 +45,11 @@ def build_that_fails():
     return tiny_engine(max_num_seqs=0), None, "tiny"
 
 
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 async def collect(eng, prompt, params):
     deltas = [o async for o in eng.generate(prompt, params)]
     assert all(not o.finished for o in deltas[:-1]) and deltas[-1].finished
@@ -101,8 +106,9 @@ def test_leaving_early_aborts_and_frees_pages():
         await anext(open_stream)
         await eng.shutdown()
         with pytest.raises(RuntimeError, match="the engine was shut down"):  # a stream open then ends
-            async for _ in open_stream:
-                pass
+            await asyncio.wait_for(drain(open_stream), 30)
+        with pytest.raises(RuntimeError, match="the engine was shut down"):  # and no request is taken
+            eng.add_request([1], GREEDY)
         return got, other, stats
 
     got, other, stats = asyncio.run(main())
@@ -196,8 +202,7 @@ def test_engine_process_that_dies_fails_every_request_loudly():
         await anext(stream)
         eng._process.kill()  # what the out-of-memory killer would do
         with pytest.raises(RuntimeError, match="the engine failed: the engine process stopped unexpectedly"):
-            async for _ in stream:
-                pass
+            await asyncio.wait_for(drain(stream), 60)
         assert eng.failed
         with pytest.raises(RuntimeError, match="the engine failed"):
             eng.add_request([1], GREEDY)
@@ -287,8 +292,7 @@ def test_clients_of_one_engine_process_get_their_own_outputs():
         before = b.stats().tokens
         await b.shutdown()  # with that request in flight: the engine aborts it
         with pytest.raises(RuntimeError, match="the engine client was shut down"):
-            async for _ in stream:
-                pass
+            await asyncio.wait_for(drain(stream), 30)
         dropped = await asyncio.to_thread(malformed_client, supervisor.address, supervisor.authkey)
         for _ in range(200):
             if a.stats().pages_used == 0 and a.stats().running == 0:
