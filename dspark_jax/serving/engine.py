@@ -727,8 +727,8 @@ class Engine:
         budget's) at which it computes the most context tokens, given the prefilling requests
         and then those that the free slots admit from the queue, in arrival order, in at most
         bucket(budget) // width rows (ties: the wider). Contexts of mixed lengths are then cut
-        rather than one longer than the rest halving the rows of the step: GSM8K's prompts
-        (20% over 128 tokens) at a budget of 2048 fill 16 rows of 128, not 8 of 256."""
+        rather than one longer than the rest halving the rows of the step: prompts of 12 and 20
+        tokens at a budget of 64 fill 4 rows of 16, not 2 of 32."""
         budget = bucket(self.max_num_batched_tokens)
         most = budget // 16  # rows at the narrowest width
         left = [len(r.context) - r.computed for r in prefilling[:most]]
