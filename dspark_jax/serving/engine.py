@@ -8,8 +8,7 @@ A request goes waiting -> prefilling -> decoding -> finished:
 - prefilling: its context runs in chunks of at most `max_num_batched_tokens` tokens per step
   (all prefilling requests together), mixed into the same step as the decoding rounds (the
   chunks of a step are padded to a power-of-two width, in a power-of-two number of rows that
-  the budget holds, the width chosen so that the step prefills the most tokens: a context
-  longer than it goes on in the next step);
+  the budget holds);
 - decoding: each step runs `num_scheduler_steps` rounds in a row for every decoding request
   (`spec_round`: the draft proposes, the scheduler picks verify lengths, the target verifies,
   rejection sampling commits), after the host has given it pages for those rounds' writes.
@@ -686,24 +685,20 @@ class Engine:
 
     def _plan_prefill(self) -> list[tuple[_Request, int]]:
         """(request, chunk length) for the prefilling requests, then admitted waiting ones, in
-        arrival order, within the token budget and the free pages, each chunk at most
-        `_prefill_width()` long (a longer context goes on in the next steps). The batch holds at
-        most bucket(budget) // width rows of `width` tokens, width the power of two that holds the
-        longest chunk; chunks beyond those rows wait for the next step (their requests keep their
-        slot)."""
-        prefilling = sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival)
-        widest = self._prefill_width(prefilling)
+        arrival order, within the token budget and the free pages. The batch holds at most
+        bucket(budget) // width rows of `width` tokens, width the power of two that holds the longest
+        chunk; chunks beyond those rows wait for the next step (their requests keep their slot)."""
         budget = self.max_num_batched_tokens
         chunks = []
-        for r in prefilling:
-            n = min(len(r.context) - r.computed, budget, widest)
+        for r in sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival):
+            n = min(len(r.context) - r.computed, budget)
             if n <= 0 or not self._grow(r, r.computed + n):
                 break
             chunks.append((r, n))
             budget -= n
         while self._waiting and budget > 0 and None in self._slots:
             r = self._waiting[0]
-            n = min(len(r.context), budget, widest)
+            n = min(len(r.context), budget)
             if not self._grow(r, n):
                 break
             self._waiting.popleft()
@@ -721,26 +716,6 @@ class Engine:
                 self._waiting.appendleft(r)
                 self._preempted_waiting += r.preempted
         return chunks[:rows]
-
-    def _prefill_width(self, prefilling: list[_Request]) -> int:
-        """The longest chunk this step's prefill takes: the power of two (from 16 to the token
-        budget's) at which it computes the most context tokens, given the prefilling requests
-        and then those that the free slots admit from the queue, in arrival order, in at most
-        bucket(budget) // width rows (ties: the wider). Contexts of mixed lengths are then cut
-        rather than one longer than the rest halving the rows of the step: prompts of 12 and 20
-        tokens at a budget of 64 fill 4 rows of 16, not 2 of 32."""
-        budget = bucket(self.max_num_batched_tokens)
-        most = budget // 16  # rows at the narrowest width
-        left = [len(r.context) - r.computed for r in prefilling[:most]]
-        left += [len(r.context) for r in itertools.islice(self._waiting, min(self._slots.count(None), most))]
-        left = np.asarray(left[:most], np.int64)
-        best = (-1, 16)
-        width = 16
-        while width <= budget:
-            tokens = min(int(np.minimum(left[:budget // width], width).sum()), self.max_num_batched_tokens)
-            best = max(best, (tokens, width))
-            width *= 2
-        return best[1]
 
     def _prefill_shape(self, chunks) -> tuple[int, int]:
         """(rows, width) of the prefill batch: the powers of two that hold the chunks and the

@@ -272,25 +272,6 @@ def test_pool_far_too_small_for_the_load():
     assert_drained(eng)
 
 
-def test_prompts_of_mixed_lengths_are_cut_to_fill_the_prefill_rows():
-    """A budget of 64 prefill tokens a step, prompts of 12 and 20 tokens: prefilling whole
-    prompts, one of 20 makes the batch 32 wide and so 2 rows (32 tokens a step); cut at 16, the
-    step takes 4 rows (52 tokens), and the last request has its first token 2 steps earlier."""
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, V, n).tolist() for n in [12, 12, 12, 20] * 4]
-    eng = Engine(tiny_target(), None, max_num_seqs=8, page_size=16, num_pages=40, max_num_batched_tokens=64)
-    ids = [eng.add_request(p, greedy(3, ignore_eos=True)) for p in prompts]
-    tokens, first, steps = {i: [] for i in ids}, {}, 0
-    while eng.has_unfinished():
-        for out in eng.step():
-            tokens[out.request_id] += out.new_token_ids
-            first.setdefault(out.request_id, steps)
-        steps += 1
-    assert [tokens[i] for i in ids] == generate(tiny_target(), None, prompts, max_new_tokens=3, temperature=0.0,
-                                                stop_ids=[]).tokens
-    assert max(first.values()) == 6  # prefilling whole prompts: 8
-
-
 def test_abort_frees_pages_and_leaves_other_requests_alone():
     eng = tiny_engine("dspark")
     # a request still prefilling: its first chunk of 16 tokens is in one page
